@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test command: sets everything up on a fresh machine, then runs the whole suite against real servers
+# (kube-apiserver + etcd + kube-controller-manager, SeaweedFS, a local Ray cluster, DeepSpeed, vLLM on CPU),
+# each started by the test fixtures on free 127.0.0.1 ports and stopped by them.
+#   scripts/test.sh                 # everything
+#   scripts/test.sh -m unit         # extra arguments go to pytest
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  DO_NOT_TRACK=1 VLLM_NO_USAGE_STATS=1 PYTHONUNBUFFERED=1
+
+# The vLLM server has its own environment (its own image in production); build it beside the main one.
+serving_log=$(mktemp)
+bash tools/serving-venv.sh >"$serving_log" 2>&1 &
+serving_pid=$!
+bash scripts/setup.sh
+if ! wait "$serving_pid"; then
+  echo "test: the vLLM serving environment failed to build:"; tail -30 "$serving_log"; exit 1
+fi
+export KUBETUNE_VLLM_VENV=$(tail -1 "$serving_log")
+
+venv=${KUBETUNE_VENV:-$root/.venv}
+set +e
+"$venv/bin/python" -m pytest "$@"
+rc=$?
+set -e
+[ "$rc" = 5 ] && { echo "test: pytest collected no tests"; exit 1; }
+exit "$rc"
