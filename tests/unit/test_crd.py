@@ -83,3 +83,10 @@ def test_schema_refuses_what_the_models_refuse():
         jsonschema.validate(doc, schema)
     with pytest.raises(api.SpecError):
         api.parse_manifest(doc)
+
+
+def test_committed_reference_matches_the_models():
+    from kubetune import reference
+
+    committed = (ROOT / "docs" / "reference.md").read_text()
+    assert committed == reference.render(), "regenerate: python -m kubetune.reference > docs/reference.md"
