@@ -1,0 +1,196 @@
+"""Checkpoints in S3 that resume a run exactly, and the rule for which one to resume from.
+
+Layout of one checkpoint, `<run_uri>/checkpoints/step-00000040/`:
+
+    ds/                        DeepSpeed's own files (tag "ds"): mp_rank_00_model_states.pt (module weights;
+                               with LoRA only the trainable ones, plus the LR scheduler and engine counters),
+                               *zero_pp_rank_<r>_*optim_states.pt (rank r's ZeRO shard of the optimizer, and
+                               under ZeRO-3 zero_pp_rank_<r>_*model_states.pt with its shard of the weights)
+    rng/rank-00000.pt          python, numpy and torch (and CUDA) RNG states of each rank
+    trainer_state.json         step, epoch, micro-batch position in the epoch, samples/tokens consumed, early
+                               stopping state, world size, data fingerprint
+    config.json                the resolved trainer config the run used
+    _COMPLETE                  written last, by rank 0, after every rank has uploaded its files
+
+Every rank uploads the files it wrote itself, so this works when ranks sit on different nodes with no shared
+disk. A checkpoint without `_COMPLETE` is never resumed from: a run that dies while writing step 40 resumes
+from step 30, and the half-written step-00000040 is deleted before step 40 is written again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.api import CheckpointRef, TrainerConfig
+
+from kubetune_trainer import storage
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "_COMPLETE"
+_FOLDER = re.compile(r"^step-(\d{8})$")
+_DS_TAG = "ds"
+
+
+@dataclass
+class TrainState:
+    """Where the loop is, besides the model, optimizer and scheduler (which DeepSpeed saves)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    micro_batch: int = 0  # micro-batches of `epoch` already consumed on each rank
+    samples: int = 0  # sequences consumed over all ranks
+    tokens: int = 0  # non-padding tokens consumed over all ranks
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    last_eval_loss: float | None = None
+    world_size: int = 1
+    data_fingerprint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainState:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def checkpoint_uri(cfg: TrainerConfig, step: int) -> str:
+    return f"{cfg.checkpoints_uri}/step-{step:08d}"
+
+
+def _steps(client: Any, cfg: TrainerConfig) -> list[int]:
+    return sorted(int(m.group(1)) for name in storage.list_folders(client, cfg.checkpoints_uri)
+                  if (m := _FOLDER.match(name)))
+
+
+def find_latest(client: Any, cfg: TrainerConfig) -> str | None:
+    """URI of the newest checkpoint that has its _COMPLETE marker, or None."""
+    for step in reversed(_steps(client, cfg)):
+        uri = checkpoint_uri(cfg, step)
+        if storage.exists(client, f"{uri}/{COMPLETE}"):
+            return uri
+        log.warning("ignoring incomplete checkpoint %s (no %s marker)", uri, COMPLETE)
+    return None
+
+
+def rng_states() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save(engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, client: Any, staging: Path,
+         exclude_frozen: bool) -> str:
+    """Write a checkpoint of `state.step` to S3 (collective: every rank calls it); returns its URI."""
+    import torch
+    import torch.distributed as dist
+
+    uri = checkpoint_uri(cfg, state.step)
+    if rank == 0:
+        # Leftovers of an attempt that died while writing this very step must not mix with the new files.
+        if storage.delete_prefix(client, uri):
+            log.info("removed an incomplete earlier attempt at %s", uri)
+    dist.barrier()
+
+    local = staging / f"save-rank-{rank}"
+    shutil.rmtree(local, ignore_errors=True)
+    (local / "rng").mkdir(parents=True)
+    engine.save_checkpoint(str(local), tag=_DS_TAG, save_latest=False, exclude_frozen_parameters=exclude_frozen)
+    torch.save(rng_states(), local / "rng" / f"rank-{rank:05d}.pt")
+    if rank == 0:
+        import json
+
+        (local / "trainer_state.json").write_text(json.dumps(state.to_json(), indent=1))
+        (local / "config.json").write_text(json.dumps(cfg.wire(), indent=1))
+    storage.upload_dir(client, local, uri)
+    shutil.rmtree(local, ignore_errors=True)
+
+    dist.barrier()  # every rank's files are in S3
+    if rank == 0:
+        storage.put_json(client, f"{uri}/{COMPLETE}", {
+            "step": state.step,
+            "evalLoss": state.last_eval_loss,
+            "time": _now(),
+            "worldSize": state.world_size,
+        })
+    return uri
+
+
+def load(engine: Any, uri: str, *, rank: int, world_size: int, client: Any, staging: Path,
+         exclude_frozen: bool) -> TrainState:
+    """Restore engine (weights, optimizer, scheduler), RNG states and loop position from checkpoint `uri`."""
+    import torch
+
+    state = TrainState.from_json(storage.get_json(client, f"{uri}/trainer_state.json"))
+    if state.world_size != world_size:
+        raise RuntimeError(
+            f"checkpoint {uri} was written by {state.world_size} workers but this run has {world_size}: "
+            "DeepSpeed ZeRO shards load only into the same number of workers. Set spec.resources.workers "
+            f"back to {state.world_size}, or write to a new output.uri to start over."
+        )
+    local = staging / f"load-rank-{rank}"
+    shutil.rmtree(local, ignore_errors=True)
+    mine = f"rng/rank-{rank:05d}.pt"
+    # ZeRO-1/2 read every rank's optimizer file (they are merged to allow elastic resizing), so all of ds/.
+    storage.download(client, uri, local, want=lambda rel: rel.startswith(f"{_DS_TAG}/") or rel == mine)
+    load_path, _ = engine.load_checkpoint(
+        str(local), tag=_DS_TAG, load_module_strict=not exclude_frozen,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {uri}")
+    set_rng_states(torch.load(local / mine, weights_only=False))
+    shutil.rmtree(local, ignore_errors=True)
+    return state
+
+
+def apply_retention(client: Any, cfg: TrainerConfig, keep: int) -> list[CheckpointRef]:
+    """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest
+    complete one (debris of failed attempts). Returns the kept ones, newest first. Rank 0 only."""
+    complete, incomplete = [], []
+    for step in _steps(client, cfg):
+        uri = checkpoint_uri(cfg, step)
+        (complete if storage.exists(client, f"{uri}/{COMPLETE}") else incomplete).append(step)
+    newest = complete[-1] if complete else -1
+    doomed = complete[:-keep] + [s for s in incomplete if s < newest]
+    for step in doomed:
+        uri = checkpoint_uri(cfg, step)
+        # The marker goes first: a deletion cut short must leave an incomplete checkpoint, never a
+        # "complete" one with files missing.
+        storage.delete(client, f"{uri}/{COMPLETE}")
+        storage.delete_prefix(client, uri)
+    refs = []
+    for step in reversed(complete[-keep:]):
+        uri = checkpoint_uri(cfg, step)
+        marker = storage.get_json(client, f"{uri}/{COMPLETE}")
+        refs.append(CheckpointRef(step=step, uri=uri, eval_loss=marker.get("evalLoss"), time=marker.get("time")))
+    return refs
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

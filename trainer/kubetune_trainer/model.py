@@ -1,0 +1,193 @@
+"""The base model: fetched from S3 once per node, loaded (safetensors or GGUF), wrapped for the task and method.
+
+Why a node-local cache with a lock: several Ray Train workers share a node (8 GPUs, 8 workers), and each
+downloading a 15 GB checkpoint would multiply the traffic and the time by eight. The first worker on a node
+takes an exclusive file lock and downloads; the others block on the lock and then find the completion
+marker. The marker records the ETags of what was downloaded, so a base model rewritten at the same URI is
+fetched again instead of being served stale from a long-lived cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kubetune.api import FineTuneJobSpec
+
+from kubetune_trainer import storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = "/tmp/kubetune-models"
+_MARKER = ".kubetune-complete"
+# Enough to build the tokenizer (and read the config) without the weights, for the data preparation step.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "config.json", "generation_config.json",
+})
+
+
+def cache_dir() -> Path:
+    """The node-local model cache: $KUBETUNE_MODEL_CACHE, else /tmp/kubetune-models."""
+    return Path(os.environ.get("KUBETUNE_MODEL_CACHE") or DEFAULT_CACHE_DIR)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def fetch(client: Any, uri: str, root: Path, *, endpoint: str | None = None,
+          only: frozenset[str] | None = None) -> Path:
+    """Download the s3:// prefix `uri` into `root` once per node; returns the local folder.
+
+    `only` limits the download to those file names (the tokenizer for data preparation); a later full
+    fetch completes the same folder. Safe to call from many processes at once.
+    """
+    if not uri.startswith("s3://"):
+        raise ValueError(f"only s3:// model URIs can be fetched on this cluster, not {uri!r}")
+    digest = hashlib.sha256(f"{endpoint or ''}|{uri}".encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1])[:40]
+    folder = root / f"{name}-{digest}"
+    want = (lambda rel: rel in only) if only is not None else (lambda rel: True)
+
+    listing = {o["rel"]: o["etag"] for o in storage.list_keys(client, uri) if want(o["rel"])}
+    if not listing:
+        raise FileNotFoundError(f"no model files under {uri}")
+
+    def complete() -> bool:
+        try:
+            done = json.loads((folder / _MARKER).read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return all(done.get(rel) == etag for rel, etag in listing.items())
+
+    if complete():
+        log.info("model %s: node cache hit (%s)", uri, folder)
+        return folder
+    with _file_lock(root / f".{folder.name}.lock"):
+        if complete():  # another worker on this node downloaded it while we waited for the lock
+            log.info("model %s: downloaded by another worker on this node", uri)
+            return folder
+        t0 = time.monotonic()
+        try:
+            done = json.loads((folder / _MARKER).read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            done = {}
+        stale = {rel for rel, etag in listing.items() if done.get(rel) != etag}
+        nbytes = storage.download(client, uri, folder, want=lambda rel: rel in stale)
+        done.update(listing)
+        tmp = folder / f"{_MARKER}.tmp"
+        tmp.write_text(json.dumps({"uri": uri, "files": done, "pid": os.getpid()}))
+        os.replace(tmp, folder / _MARKER)
+        log.info("model %s: downloaded %d files, %.1f MB in %.1fs into %s",
+                 uri, len(stale), nbytes / 1e6, time.monotonic() - t0, folder)
+    return folder
+
+
+def fetch_base(spec: FineTuneJobSpec, client: Any, root: Path | None = None, *, tokenizer_only: bool = False) -> Path:
+    """The base model of `spec` in the node cache (only the tokenizer's files when `tokenizer_only`)."""
+    only = None
+    if tokenizer_only:
+        # A GGUF file carries its tokenizer inside, so for GGUF bases the file itself is needed.
+        only = TOKENIZER_FILES | {spec.model.gguf_file} if spec.model.gguf_file else TOKENIZER_FILES
+    return fetch(client, spec.model.uri, root or cache_dir(), endpoint=spec.dataset.endpoint, only=only)
+
+
+def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path) -> Any:
+    """The base model's tokenizer, with a pad token (eos when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": spec.model.gguf_file} if spec.model.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(spec: FineTuneJobSpec, precision: str) -> Any:
+    """dtype to load weights in: spec.model.dtype, where auto follows the training precision."""
+    import torch
+
+    name = spec.model.dtype
+    if name == "auto":
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    return getattr(torch, name)
+
+
+def load_model(spec: FineTuneJobSpec, model_dir: Path, *, precision: str, pad_token_id: int | None) -> Any:
+    """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
+
+    With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path
+    keeps no master copy, so training bf16 weights there would lose updates to rounding.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec, precision)}
+    if spec.model.gguf_file:
+        kwargs["gguf_file"] = spec.model.gguf_file
+    if spec.model.task == "sequence-classification":
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=spec.model.num_labels, **kwargs
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    strip_quantization(model)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        # Sequence classification finds each row's last token by the pad id; batches need one.
+        model.config.pad_token_id = pad_token_id
+    model.config.use_cache = False  # the KV cache only costs memory in training
+    if precision == "fp32":
+        model = model.float()
+
+    if spec.training.method == "lora":
+        model = wrap_lora(spec, model)
+    model.train()
+    return model
+
+
+def wrap_lora(spec: FineTuneJobSpec, model: Any) -> Any:
+    """Freeze the base and add LoRA adapters (plus a trainable classification head for that task)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = spec.training.lora_settings
+    targets: Any = lora.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type=TaskType.SEQ_CLS if spec.model.task == "sequence-classification" else TaskType.CAUSAL_LM,
+    )
+    return get_peft_model(model, config)
+
+
+def strip_quantization(model: Any) -> None:
+    """Forget that the weights came from a quantised GGUF file: transformers dequantised them on load, but
+    the leftover quantizer and config entry make peft and save_pretrained treat the model as quantised."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

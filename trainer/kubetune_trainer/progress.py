@@ -1,0 +1,253 @@
+"""Rank 0's reports: the FineTuneJob status (progress, data, checkpoints, model) and metrics.jsonl in S3.
+
+Two rules shape this module:
+- Reporting never fails or stalls training. Patches and uploads run on a background thread; the training
+  thread only merges fields into a pending dict. A refused or timed-out patch is logged and the next one
+  carries the fields again (the pending dict is kept until a patch succeeds).
+- The API server is not flooded: progress patches go out at most once per `reporting.minIntervalSeconds`,
+  coalesced. Data statistics, checkpoints and the model are rare and important, so they go out at once.
+
+Patches are JSON merge patches of the status subresource (`status.progress` merges key by key; lists such as
+`status.checkpoints` are replaced whole). The ServiceAccount token comes from the pod (in-cluster config), or
+from KUBECONFIG when that is set (tests, local runs).
+
+metrics.jsonl is the history that outlives the cluster: one JSON object per line (per step, per evaluation,
+per event). S3 has no append, so the whole object is rewritten from memory every METRICS_FLUSH_SECONDS and
+at the end. On resume the lines of steps after the checkpoint (work that is about to be redone) are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any
+
+from kubetune.api import GROUP, PLURAL, VERSION, CheckpointRef, DataStats, ModelArtifact, Progress, TrainerConfig
+
+from kubetune_trainer import storage
+
+log = logging.getLogger(__name__)
+
+METRICS_FLUSH_SECONDS = 30.0
+_PATCH_TIMEOUT = (5, 15)  # connect, read seconds: a hung API server must not hold reports back for long
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fix_bearer_auth(configuration: Any) -> None:
+    """kubernetes==36 puts the token (kubeconfig and in-cluster alike) in api_key["authorization"] but only
+    sends api_key["BearerToken"] (kubernetes-client/python#2592), so requests would go out anonymous."""
+    original = configuration.auth_settings
+
+    def auth_settings() -> dict[str, Any]:
+        auth = original()
+        if "BearerToken" not in auth:
+            if configuration.refresh_api_key_hook is not None:  # in-cluster tokens rotate; the hook re-reads
+                configuration.refresh_api_key_hook(configuration)
+            token = configuration.api_key.get("authorization")
+            if token:
+                auth["BearerToken"] = {"type": "api_key", "in": "header", "key": "authorization", "value": token}
+        return auth
+
+    configuration.auth_settings = auth_settings
+
+
+def kube_status_api() -> Any | None:
+    """CustomObjectsApi from KUBECONFIG (when set) or the pod's ServiceAccount; None when neither exists."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        if os.environ.get("KUBECONFIG"):
+            config.load_kube_config(client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException as exc:
+        log.warning("status reporting is off: no KUBECONFIG and no in-cluster ServiceAccount (%s)", exc)
+        return None
+    _fix_bearer_auth(configuration)
+    return client.CustomObjectsApi(client.ApiClient(configuration))
+
+
+def _clean(value: Any) -> Any:
+    """JSON cannot carry NaN or infinity (and the API server refuses them): report them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class Reporter:
+    """Status patches and metrics history for one run. Create on rank 0 only; call close() at the end."""
+
+    def __init__(self, cfg: TrainerConfig, s3: Any, *, kube_api: Any | None = None, resumed_step: int | None = None):
+        self._cfg = cfg
+        self._s3 = s3
+        self._api = kube_api if kube_api is not None else (kube_status_api() if cfg.reporting.kubernetes else None)
+        self._interval = cfg.reporting.min_interval_seconds
+        self._lock = threading.Condition()
+        self._pending: dict[str, Any] = {}
+        self._urgent = False
+        self._last_patch = -math.inf
+        self._backoff_until = 0.0
+        self._failures = 0
+        self.patches_sent = 0
+        self._lines = self._load_history(resumed_step)
+        self._metrics_dirty = bool(self._lines)
+        self._last_metrics_flush = time.monotonic()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kubetune-reporter", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- what the training loop calls
+
+    def progress(self, **fields: Any) -> None:
+        """Progress fields by their Python names (step=, loss=, eval_loss=, ...); sent rate-limited."""
+        wire = Progress(updated_at=now_rfc3339(), **_clean(fields)).wire()
+        with self._lock:
+            self._pending.setdefault("progress", {}).update(wire)
+            self._lock.notify()
+
+    def data(self, stats: dict[str, Any]) -> None:
+        """status.data from the data side's statistics (DataStats wire names); sent at once."""
+        self._urgent_update("data", DataStats.model_validate(_clean(stats)).wire())
+
+    def checkpoints(self, refs: list[CheckpointRef]) -> None:
+        self._urgent_update("checkpoints", [r.wire() for r in refs])
+
+    def model(self, artifact: ModelArtifact) -> None:
+        self._urgent_update("model", artifact.wire())
+
+    def metric(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (a step, an evaluation or an event)."""
+        line = json.dumps(_clean({"time": now_rfc3339(), **record}), sort_keys=True)
+        with self._lock:
+            self._lines.append(line)
+            self._metrics_dirty = True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Send what is pending and upload metrics.jsonl, waiting at most `timeout` seconds."""
+        with self._lock:
+            self._closed = True
+            self._urgent = True
+            self._backoff_until = 0.0
+            self._lock.notify()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("status reporter did not finish within %.0fs; the last report may be missing", timeout)
+
+    # ---------------------------------------------------------------- background thread
+
+    def _urgent_update(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._pending[key] = value
+            self._urgent = True
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    now = time.monotonic()
+                    patch_at = max(self._backoff_until, now if self._urgent else self._last_patch + self._interval)
+                    send = bool(self._pending) and now >= patch_at
+                    flush = self._metrics_dirty and (
+                        self._closed or now - self._last_metrics_flush >= METRICS_FLUSH_SECONDS)
+                    done = self._closed and not self._pending and not self._metrics_dirty
+                    if send or flush or done:
+                        break
+                    timeout = METRICS_FLUSH_SECONDS / 3
+                    if self._pending:
+                        timeout = min(timeout, patch_at - now)
+                    self._lock.wait(max(0.01, timeout))
+                if done:
+                    return
+                body = dict(self._pending) if send else None
+                lines = list(self._lines) if flush else None
+                closing = self._closed
+            if body is not None:
+                ok = self._patch(body)
+                with self._lock:
+                    self._last_patch = time.monotonic()
+                    if ok:
+                        for key, value in body.items():  # keep fields that changed while the patch ran
+                            if self._pending.get(key) == value:
+                                del self._pending[key]
+                        self._urgent = False
+                        self._backoff_until = 0.0
+                    elif closing:
+                        self._pending.clear()  # the last try was made; do not retry forever at shutdown
+                    else:  # the API server refused or is away: retry later, not in a tight loop
+                        self._backoff_until = self._last_patch + max(5.0, self._interval)
+            if lines is not None:
+                self._flush_metrics(lines)
+
+    def _patch(self, status: dict[str, Any]) -> bool:
+        if self._api is None:
+            return True
+        job = self._cfg.job
+        body: dict[str, Any] = {"status": status}
+        if job.uid:
+            # A precondition: never write into a different FineTuneJob that reuses the name.
+            body["metadata"] = {"uid": job.uid}
+        try:
+            self._api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, job.namespace, PLURAL, job.name, body,
+                _content_type="application/merge-patch+json", _request_timeout=_PATCH_TIMEOUT,
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed report must never fail training
+            self._failures += 1
+            if self._failures <= 3 or self._failures % 50 == 0:
+                # Only the status and reason: an exception's full text can carry request headers.
+                status = getattr(exc, "status", None)
+                reason = getattr(exc, "reason", None) or type(exc).__name__
+                log.warning("status patch of %s/%s failed (%s %s; failure %d); training continues",
+                            job.namespace, job.name, status or "", reason, self._failures)
+            return False
+        self.patches_sent += 1
+        return True
+
+    def _flush_metrics(self, lines: list[str]) -> None:
+        try:
+            storage.put_bytes(self._s3, self._cfg.metrics_uri, ("\n".join(lines) + "\n").encode(),
+                              content_type="application/x-ndjson")
+        except Exception as exc:  # noqa: BLE001 - history is best effort; training goes on
+            log.warning("could not write %s (%s); will retry", self._cfg.metrics_uri, type(exc).__name__)
+            with self._lock:
+                self._last_metrics_flush = time.monotonic()
+                if self._closed:
+                    self._metrics_dirty = False
+            return
+        with self._lock:
+            self._last_metrics_flush = time.monotonic()
+            if len(self._lines) == len(lines):
+                self._metrics_dirty = False
+
+    def _load_history(self, resumed_step: int | None) -> list[str]:
+        """Earlier attempts' lines up to the resumed step (later ones describe work that will be redone)."""
+        if resumed_step is None:
+            return []
+        try:
+            raw = storage.get_bytes(self._s3, self._cfg.metrics_uri)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not read earlier metrics (%s); starting a new history", type(exc).__name__)
+            return []
+        kept = []
+        for line in (raw or b"").decode().splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except ValueError:
+                continue
+            if step is None or step <= resumed_step:
+                kept.append(line)
+        kept.append(json.dumps({"time": now_rfc3339(), "event": "resumed", "step": resumed_step}))
+        return kept
