@@ -1,16 +1,273 @@
-"""S3 access for the trainer (STUB: being written)."""
+"""S3 access for the trainer: the client, URIs, listing, streaming reads and small writes.
+
+Credentials are never passed around in code or config: boto3 reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+(/ AWS_SESSION_TOKEN) from the environment, where the pod mounts the job's credentialsSecret. Nothing here logs
+a request, a header or an exception's full repr, so a key can never reach a log line through this module.
+"""
+
 from __future__ import annotations
 
+import io
+import logging
 from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from kubetune_trainer.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Errors that can break a long streaming GET half-way; boto3's retries only cover the request, not the body.
+_STREAM_ERRORS: tuple[type[BaseException], ...]
+try:
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import ProtocolError
+
+    _STREAM_ERRORS = (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+        ProtocolError,
+        ConnectionError,
+    )
+except ImportError:  # older botocore: fall back to what every version has
+    _STREAM_ERRORS = (ConnectionError,)
+
+_STREAM_RETRIES = 5
 
 
 def s3_client(endpoint: str | None, region: str) -> Any:
-    raise NotImplementedError
+    """A boto3 S3 client for the job's endpoint.
+
+    Path-style addressing because S3-compatible servers (SeaweedFS, MinIO, Ceph) rarely have wildcard DNS for
+    virtual-hosted buckets; standard retry mode with 10 attempts rides out throttling and brief outages.
+    """
+    config = Config(
+        region_name=region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 10, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=120,
+    )
+    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
-    raise NotImplementedError
+    """s3://bucket/some/key -> ("bucket", "some/key"); the key is "" for a bare bucket."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise DataError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket or "@" in bucket:
+        raise DataError(f"not an s3://bucket/key URI: {uri!r}")
+    return bucket, key
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join an s3:// prefix and relative parts with single slashes."""
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+def _is_hidden(key: str) -> bool:
+    # Markers and side files that writers leave next to data (_SUCCESS, _COMPLETE, .crc, .DS_Store) are not data.
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith("_") or name.startswith(".")
 
 
 def list_objects(client: Any, uri: str) -> list[dict]:
-    raise NotImplementedError
+    """The object the URI names, or every object under it as a folder, sorted by key.
+
+    Each entry: {"uri", "bucket", "key", "size", "etag"}. A URI that names an existing object is that object
+    alone; otherwise it is a folder prefix (a trailing "/" is implied, so s3://b/data does not pick up
+    s3://b/data-old.jsonl). Folder markers (keys ending in "/") and hidden files (_*, .*) are skipped.
+    """
+    bucket, key = parse_uri(uri)
+    if key and not key.endswith("/"):
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+            return [_entry(bucket, key, head["ContentLength"], head.get("ETag", ""))]
+        except ClientError as exc:
+            if _status(exc) not in (404, 403):
+                raise
+    prefix = key.rstrip("/") + "/" if key else ""
+    out = []
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                k = obj["Key"]
+                if k.endswith("/") or _is_hidden(k):
+                    continue
+                out.append(_entry(bucket, k, obj["Size"], obj.get("ETag", "")))
+    except ClientError as exc:
+        if _code(exc) == "NoSuchBucket":
+            raise DataError(f"bucket {bucket!r} does not exist ({uri})") from None
+        raise
+    out.sort(key=lambda e: e["key"])
+    return out
+
+
+def _entry(bucket: str, key: str, size: int, etag: str) -> dict:
+    return {"uri": f"s3://{bucket}/{key}", "bucket": bucket, "key": key, "size": int(size), "etag": etag.strip('"')}
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def exists(client: Any, uri: str) -> bool:
+    bucket, key = parse_uri(uri)
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError as exc:
+        if _status(exc) in (404, 403) or _code(exc) in ("NoSuchKey", "404"):
+            return False
+        raise
+
+
+def get_bytes(client: Any, uri: str) -> bytes:
+    bucket, key = parse_uri(uri)
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def put_bytes(client: Any, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    bucket, key = parse_uri(uri)
+    client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+
+def upload_file(client: Any, path: str, uri: str) -> None:
+    """Upload a local file; boto3's transfer manager switches to multipart for large shards."""
+    bucket, key = parse_uri(uri)
+    client.upload_file(path, bucket, key)
+
+
+def delete_prefix(client: Any, uri: str) -> int:
+    """Delete every object under a folder prefix (hidden ones included); returns how many."""
+    bucket, key = parse_uri(uri)
+    prefix = key.rstrip("/") + "/"
+    paginator = client.get_paginator("list_objects_v2")
+    n = 0
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            n += len(keys)
+    return n
+
+
+class ObjectStream(io.RawIOBase):
+    """A sequential read of one object that survives a dropped connection.
+
+    A multi-gigabyte GET can break half-way; instead of failing the job (or starting over) it re-opens the
+    object at the byte it had reached, pinned to the same ETag so a rewritten object is never spliced in.
+    """
+
+    def __init__(self, client: Any, obj: dict):
+        self._client = client
+        self._obj = obj
+        self._pos = 0
+        self._body = self._open()
+
+    def _open(self) -> Any:
+        kw: dict[str, Any] = {"Bucket": self._obj["bucket"], "Key": self._obj["key"]}
+        if self._obj.get("etag"):
+            kw["IfMatch"] = f'"{self._obj["etag"]}"'
+        if self._pos:
+            kw["Range"] = f"bytes={self._pos}-"
+        try:
+            return self._client.get_object(**kw)["Body"]
+        except ClientError as exc:
+            if _status(exc) == 412:
+                raise DataError(f"{self._obj['uri']} changed while it was being read") from None
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        for attempt in range(_STREAM_RETRIES + 1):
+            try:
+                data = self._body.read(len(buf))
+                break
+            except _STREAM_ERRORS as exc:
+                if attempt == _STREAM_RETRIES:
+                    raise
+                log.warning("re-opening %s at byte %d after %s", self._obj["uri"], self._pos, type(exc).__name__)
+                self._body = self._open()
+        n = len(data)
+        buf[:n] = data
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        try:
+            self._body.close()
+        finally:
+            super().close()
+
+
+def open_stream(client: Any, obj: dict, buffer_size: int = 1 << 20) -> io.BufferedReader:
+    """A buffered, line-iterable stream of one listed object (see list_objects)."""
+    return io.BufferedReader(ObjectStream(client, obj), buffer_size=buffer_size)
+
+
+class RangeFile(io.RawIOBase):
+    """A seekable read-only file over ranged GETs, so pyarrow reads a Parquet footer and one row group at a
+    time instead of the whole object."""
+
+    def __init__(self, client: Any, obj: dict):
+        self._client = client
+        self._obj = obj
+        self._size = int(obj["size"])
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._size - self._pos)
+        if n <= 0:
+            return 0
+        kw: dict[str, Any] = {
+            "Bucket": self._obj["bucket"],
+            "Key": self._obj["key"],
+            "Range": f"bytes={self._pos}-{self._pos + n - 1}",
+        }
+        if self._obj.get("etag"):
+            kw["IfMatch"] = f'"{self._obj["etag"]}"'
+        data = self._client.get_object(**kw)["Body"].read()
+        buf[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+

@@ -1,0 +1,154 @@
+"""Tokenisation of clean examples into token ids and loss labels, per format.
+
+- chat / instruction: the turns are rendered with the tokenizer's chat template (instruction records are a
+  [system], user, assistant chat), so the fine-tuned model is queried the way vLLM's /v1/chat/completions
+  renders requests. Loss is on assistant turns only: each assistant turn's character span in the rendered text
+  runs from the end of the conversation-so-far rendered with add_generation_prompt (so the "assistant" header
+  is masked) to the end of the conversation rendered through that turn (so the end-of-turn token is learned and
+  the model learns to stop). The whole text is tokenised once, and a token is a target when its first character
+  lies inside an assistant span. A tokenizer without a chat template gets a plain "### Instruction / ###
+  Response" layout instead.
+- completion: the text (with the tokenizer's own BOS, if it adds one) plus EOS, every token a target.
+- classification: the text (with BOS if the tokenizer adds one); the label is the class id.
+
+Everything is truncated to maxSeqLength tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.data.records import Example
+
+IGNORE = -100  # the label value torch's cross-entropy skips
+
+
+@dataclass(slots=True)
+class Encoded:
+    input_ids: np.ndarray  # int32, 1-D
+    labels: np.ndarray | None  # int32 token targets (IGNORE where masked); None for classification
+    label: int | None  # class id for classification
+
+
+class Encoder:
+    """Tokenises batches of Examples of one format with one tokenizer."""
+
+    def __init__(self, tokenizer: Any, fmt: str, max_seq_length: int):
+        self.tok = tokenizer
+        self.fmt = fmt
+        self.max_len = max_seq_length
+        self._fast = getattr(tokenizer, "backend_tokenizer", None)
+        self.eos_id = tokenizer.eos_token_id
+        self.eos_text = tokenizer.eos_token or ""
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        # Control tokens written by the template must never come from the data: a "<|im_end|>" inside a message
+        # would be tokenised as the real end-of-turn token and silently change what the model learns.
+        specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._template = bool(getattr(tokenizer, "chat_template", None))
+        if fmt in ("chat", "instruction") and self._fast is None:
+            raise DataError(f"format {fmt} needs a fast tokenizer: masking maps tokens to characters by offsets")
+
+    # -------------------------------------------------------------------------------------- rendering
+
+    def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
+        if self._template:
+            return self.tok.apply_chat_template(
+                [{"role": r, "content": c} for r, c in turns],
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        return _render_plain(turns, generation_prompt, self.eos_text)
+
+    def render_with_spans(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant turns (the loss targets)."""
+        full = self._render(turns, False)
+        spans = []
+        last = len(turns) - 1
+        for i, (role, content) in enumerate(turns):
+            if role != "assistant" or not content:
+                continue
+            start_text = self._render(turns[:i], True)
+            end = len(full) if i == last else len(self._render(turns[: i + 1], False))
+            if full.startswith(start_text) and start_text:
+                start = len(start_text)
+            else:
+                # The template does not render this prefix as a prefix of the whole (e.g. it injects a default
+                # system prompt only when rendering from the first message): fall back to finding the content.
+                start = full.find(content, spans[-1][1] if spans else 0)
+                if start < 0:
+                    continue
+                end = max(end, start + len(content))
+            spans.append((start, end))
+        return full, spans
+
+    # -------------------------------------------------------------------------------------- encoding
+
+    def _tokenize(self, texts: list[str], special: bool) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        if self._fast is not None:
+            encs = self._fast.encode_batch(texts, add_special_tokens=special)
+            return [e.ids for e in encs], [e.offsets for e in encs]
+        out = self.tok(texts, add_special_tokens=special, return_offsets_mapping=True)
+        return out["input_ids"], out["offset_mapping"]
+
+    def has_control_token(self, ex: Example) -> bool:
+        if self._special_re is None or ex.messages is None:
+            return False
+        return any(self._special_re.search(c) for _, c in ex.messages)
+
+    def encode(self, examples: list[Example]) -> list[Encoded | None]:
+        """One Encoded per example, or None when nothing is left to learn after truncation (e.g. a prompt longer
+        than maxSeqLength leaves no response tokens)."""
+        if not examples:
+            return []
+        if self.fmt in ("chat", "instruction"):
+            return self._encode_turns(examples)
+        ids_list, _ = self._tokenize([ex.text or "" for ex in examples], special=True)
+        out: list[Encoded | None] = []
+        for ex, ids in zip(examples, ids_list):
+            if self.fmt == "completion":
+                if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                    ids = ids + [self.eos_id]  # the document boundary the model learns to emit
+                arr = np.asarray(ids[: self.max_len], dtype=np.int32)
+                out.append(Encoded(arr, arr.copy(), None))
+            else:
+                out.append(Encoded(np.asarray(ids[: self.max_len], dtype=np.int32), None, ex.label))
+        return out
+
+    def _encode_turns(self, examples: list[Example]) -> list[Encoded | None]:
+        rendered = [self.render_with_spans(ex.messages or []) for ex in examples]
+        # A chat template writes its own BOS if the model wants one; the plain layout relies on the tokenizer's.
+        ids_list, offsets_list = self._tokenize([r[0] for r in rendered], special=not self._template)
+        out: list[Encoded | None] = []
+        for (_, spans), ids, offsets in zip(rendered, ids_list, offsets_list):
+            ids_arr = np.asarray(ids[: self.max_len], dtype=np.int32)
+            starts = np.asarray([o[0] for o in offsets[: self.max_len]], dtype=np.int64)
+            target = np.zeros(len(ids_arr), dtype=bool)
+            for s, e in spans:
+                target |= (starts >= s) & (starts < e)
+            if not target.any():
+                out.append(None)
+                continue
+            labels = np.where(target, ids_arr, IGNORE).astype(np.int32)
+            out.append(Encoded(ids_arr, labels, None))
+        return out
+
+
+def _render_plain(turns: list[tuple[str, str]], generation_prompt: bool, eos: str) -> str:
+    # A prefix-stable layout for tokenizers without a chat template (base models).
+    parts = []
+    for role, content in turns:
+        if role == "system":
+            parts.append(f"{content}\n\n")
+        elif role == "user":
+            parts.append(f"### Instruction:\n{content}\n\n")
+        else:
+            parts.append(f"### Response:\n{content}{eos}\n\n")
+    if generation_prompt:
+        parts.append("### Response:\n")
+    return "".join(parts)

@@ -1,0 +1,49 @@
+"""The identity of a preparation: same fingerprint, same prepared shards, so a finished one can be reused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kubetune.api import TrainerConfig
+
+# Bump when the prepared layout or any preprocessing rule changes, so old outputs are not reused.
+PREPARED_FORMAT_VERSION = 1
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A hash of everything about the tokenizer that changes token ids: vocabulary, merges, normalisers and
+    special tokens (the serialised fast tokenizer), plus the chat template and special-token ids."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    h.update(str(getattr(tokenizer, "chat_template", None) or "").encode("utf-8"))
+    ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, type(tokenizer).__name__]
+    h.update(json.dumps(ids).encode("utf-8"))
+    return h.hexdigest()
+
+
+def fingerprint(cfg: TrainerConfig, train_objects: list[dict], validation_objects: list[dict],
+                tokenizer_id: str, num_shards: int) -> str:
+    ds = cfg.spec.dataset
+    # Where the data is read from (endpoint, region, credentials) does not change what it contains; the
+    # objects' ETags and sizes do.
+    spec = ds.wire()
+    for k in ("endpoint", "region", "credentialsSecret"):
+        spec.pop(k, None)
+    doc = {
+        "version": PREPARED_FORMAT_VERSION,
+        "dataset": spec,
+        "task": cfg.spec.model.task,
+        "numLabels": cfg.spec.model.num_labels,
+        "seed": cfg.spec.training.seed,  # drives the validation split and the shard shuffle
+        "numShards": num_shards,
+        "tokenizer": tokenizer_id,
+        "train": [(o["uri"], o["etag"], o["size"]) for o in train_objects],
+        "validation": [(o["uri"], o["etag"], o["size"]) for o in validation_objects],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode("utf-8")).hexdigest()[:16]

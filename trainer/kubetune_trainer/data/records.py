@@ -1,0 +1,163 @@
+"""Turning one raw record into a clean example of its format, or the reason it cannot be used.
+
+Formats: chat (a list of {role, content}), instruction (prompt/response, optional system), completion (text),
+classification (text + label id or name). Instruction records become a three-turn chat so one code path
+renders and masks both (see encode.py). Every text is normalised here, before dedup and length filters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api import DatasetSpec
+from kubetune_trainer.data.normalize import normalize_text
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(slots=True)
+class Example:
+    """A valid, normalised record."""
+
+    messages: list[tuple[str, str]] | None  # chat and instruction: (role, content) turns
+    text: str | None  # completion and classification
+    label: int | None  # classification class id
+    content: str  # every text of the record joined (with role tags for chat): what dedup hashes
+    chars: int  # characters of text, summed over the record's text fields: what the length filters measure
+
+
+@dataclass(frozen=True)
+class RecordRules:
+    """What parse_record needs from the spec, resolved once."""
+
+    format: str
+    messages: str
+    prompt: str
+    response: str
+    system: str
+    text: str
+    label: str
+    label_names: tuple[str, ...] | None
+    num_labels: int | None
+    unicode_form: str
+    whitespace: bool
+
+    @classmethod
+    def from_spec(cls, ds: DatasetSpec, num_labels: int | None) -> RecordRules:
+        f, p = ds.fields, ds.preprocessing
+        return cls(
+            format=ds.format, messages=f.messages, prompt=f.prompt, response=f.response, system=f.system,
+            text=f.text, label=f.label, label_names=tuple(ds.labels) if ds.labels else None,
+            num_labels=num_labels if num_labels is not None else (len(ds.labels) if ds.labels else None),
+            unicode_form=p.unicode_normalization, whitespace=p.normalize_whitespace,
+        )
+
+    def columns(self) -> list[str]:
+        """The record keys this format reads (Parquet reads only these columns)."""
+        return {
+            "chat": [self.messages],
+            "instruction": [self.system, self.prompt, self.response],
+            "completion": [self.text],
+            "classification": [self.text, self.label],
+        }[self.format]
+
+
+# Separates fields in Example.content; a control character no normalised text contains.
+_SEP = "\x1f"
+
+
+def parse_record(value: dict[str, Any], rules: RecordRules) -> Example | str:
+    """An Example, or the invalid reason (see invalid.REASONS).
+
+    Presence and type of every field are checked before emptiness, and emptiness before label membership, so
+    a record's reason does not depend on the order of its fields.
+    """
+    if rules.format == "chat":
+        return _chat(value, rules)
+    if rules.format == "instruction":
+        return _instruction(value, rules)
+    if rules.format == "completion":
+        text, reason = _text(value, rules.text, rules)
+        return reason or Example(None, text, None, text, len(text))
+    return _classification(value, rules)
+
+
+def _text(value: dict[str, Any], key: str, rules: RecordRules, required: bool = True) -> tuple[str, str | None]:
+    """(normalised text, None) or ("", reason)."""
+    v = value.get(key)
+    if v is None:
+        return "", ("missing_field" if required else None)
+    if not isinstance(v, str):
+        return "", "wrong_type"
+    v = normalize_text(v, rules.unicode_form, rules.whitespace)
+    if not v and required:
+        return "", "empty_text"
+    return v, None
+
+
+def _first_reason(*reasons: str | None) -> str | None:
+    for r in ("missing_field", "wrong_type", "empty_text"):
+        if r in reasons:
+            return r
+    return None
+
+
+def _chat(value: dict[str, Any], rules: RecordRules) -> Example | str:
+    msgs = value.get(rules.messages)
+    if msgs is None:
+        return "missing_field"
+    if not isinstance(msgs, list):
+        return "wrong_type"
+    turns: list[tuple[str, str]] = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            return "wrong_type"
+        role, content = m.get("role"), m.get("content")
+        if role is None or content is None:
+            return "missing_field"
+        if not isinstance(role, str) or not isinstance(content, str):
+            return "wrong_type"
+        if role not in ROLES:
+            return "unknown_role"
+        turns.append((role, normalize_text(content, rules.unicode_form, rules.whitespace)))
+    if not any(c for _, c in turns):
+        return "empty_text"
+    if not any(r == "assistant" and c for r, c in turns):
+        return "no_assistant_turn"
+    return Example(turns, None, None, _SEP.join(f"{r}:{c}" for r, c in turns), sum(len(c) for _, c in turns))
+
+
+def _instruction(value: dict[str, Any], rules: RecordRules) -> Example | str:
+    system, r1 = _text(value, rules.system, rules, required=False)
+    prompt, r2 = _text(value, rules.prompt, rules)
+    response, r3 = _text(value, rules.response, rules)
+    reason = _first_reason(r1, r2, r3)
+    if reason:
+        return reason
+    turns = ([("system", system)] if system else []) + [("user", prompt), ("assistant", response)]
+    return Example(turns, None, None, _SEP.join((system, prompt, response)), len(system) + len(prompt) + len(response))
+
+
+def _classification(value: dict[str, Any], rules: RecordRules) -> Example | str:
+    text, r1 = _text(value, rules.text, rules)
+    raw = value.get(rules.label)
+    r2 = None
+    if raw is None:
+        r2 = "missing_field"
+    elif isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        # bool is an int subclass in Python; True as a class id is almost surely a mistake in the data.
+        r2 = "wrong_type"
+    reason = _first_reason(r1, r2)
+    if reason:
+        return reason
+    if isinstance(raw, str):
+        name = raw.strip()
+        if rules.label_names is None or name not in rules.label_names:
+            return "unknown_label"
+        label = rules.label_names.index(name)
+    else:
+        label = raw
+    if label < 0 or (rules.num_labels is not None and label >= rules.num_labels):
+        return "unknown_label"
+    return Example(None, text, label, f"{label}{_SEP}{text}", len(text))
