@@ -42,13 +42,14 @@ class Packer:
     """Turns Encoded examples into rows of `width` tokens and appends them to a RowSpill in blocks."""
 
     def __init__(self, spill: RowSpill, width: int, pad_id: int, pack: bool, classification: bool,
-                 block_rows: int = 512):
+                 block_tokens: int = 1 << 17):
         self.spill = spill
         self.width = width
         self.pad_id = pad_id
         self.pack = pack and not classification
         self.classification = classification
-        self.block_rows = block_rows
+        # Rows are built in a block of about block_tokens tokens (a few MB) and then spilled to disk.
+        self.block_rows = max(1, block_tokens // width)
         self.max_fill = 0  # longest used length of any row, so shards can be trimmed to it
         self.examples = 0
         self._block = self._new_block()

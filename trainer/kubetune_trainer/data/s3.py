@@ -86,7 +86,7 @@ def _is_hidden(key: str) -> bool:
     return name.startswith("_") or name.startswith(".")
 
 
-def list_objects(client: Any, uri: str) -> list[dict]:
+def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict]:
     """The object the URI names, or every object under it as a folder, sorted by key.
 
     Each entry: {"uri", "bucket", "key", "size", "etag"}. A URI that names an existing object is that object
@@ -105,7 +105,7 @@ def list_objects(client: Any, uri: str) -> list[dict]:
     out = []
     paginator = client.get_paginator("list_objects_v2")
     try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 if k.endswith("/") or _is_hidden(k):

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 
 from kubetune_trainer.data.s3 import get_bytes, s3_client, upload_file
 
-ROW_GROUP_ROWS = 1024
+# Rows per Parquet row group (and per read of the spilled rows): about 128k tokens, so a group costs a few MB
+# whatever the sequence length.
+ROW_GROUP_TOKENS = 1 << 17
 
 
 def _table(columns: dict[str, np.ndarray], width: int) -> pa.Table:
@@ -38,8 +40,9 @@ def write_shard(columns: dict[str, np.ndarray], rows: np.ndarray, width: int, lo
     schema = _table({k: v[:0] for k, v in columns.items()}, width).schema
     with pq.ParquetWriter(local_path, schema, compression="zstd") as writer:
         # Row-group by row-group, so memory stays at one group however large the shard is.
-        for start in range(0, len(rows), ROW_GROUP_ROWS):
-            idx = rows[start:start + ROW_GROUP_ROWS]
+        step = max(1, ROW_GROUP_TOKENS // max(width, 1))
+        for start in range(0, len(rows), step):
+            idx = rows[start:start + step]
             block = {k: np.asarray(v[idx]) for k, v in columns.items()}
             tokens += int(block["attention_mask"][:, :width].sum())
             writer.write_table(_table(block, width))
