@@ -3,7 +3,7 @@
 
 Why a copy and not a symlink: `helm package` and OCI pushes do not follow links out of the chart, and Argo CD
 renders charts from a Git checkout where the chart must be self-contained. tests/chart/test_chart_static.py
-fails when the two differ; run this after `python -m kubetune.crd > crds/finetunejob.yaml`.
+fails when the two differ (files listed in CHART_ONLY are the chart's own); run this after `python -m kubetune.crd > crds/finetunejob.yaml`.
 
     python tools/sync-chart-crds.py          # write
     python tools/sync-chart-crds.py --check  # exit 1 when the chart's copies are stale (CI)
@@ -17,13 +17,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "crds"
 TARGET = ROOT / "charts" / "kubetune" / "crds"
+# CRDs the chart ships that kubetune.api does not generate (kopf's peering resources, for leader election).
+CHART_ONLY = {"kopf-peering.yaml"}
 
 
 def plan() -> tuple[list[tuple[Path, Path]], list[Path]]:
     """(source, target) pairs to copy, and chart CRD files with no source (to remove)."""
     pairs = [(src, TARGET / src.name) for src in sorted(SOURCE.glob("*.yaml"))]
     wanted = {t.name for _, t in pairs}
-    extra = [p for p in sorted(TARGET.glob("*.yaml")) if p.name not in wanted]
+    extra = [p for p in sorted(TARGET.glob("*.yaml")) if p.name not in wanted | CHART_ONLY]
     return pairs, extra
 
 

@@ -117,5 +117,5 @@ Whether the operator watches every namespace (ClusterRole) or a list (Role per n
 URL path of the operator's validating handler: kopf routes admission requests by handler id.
 */}}
 {{- define "kubetune.webhookPath" -}}
-/validate-finetunejob
+/validate
 {{- end -}}

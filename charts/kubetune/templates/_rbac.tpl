@@ -5,39 +5,40 @@ docs/helm.md explains every one. No secrets, pods or nodes: the trainer pods rea
 Secret themselves (secretKeyRef), and KubeRay, not kubetune, creates the Ray pods.
 */}}
 {{- define "kubetune.rbac.jobRules" -}}
-# Watch FineTuneJobs; patch their metadata (kopf's handler annotations and finalizer), never their spec.
+# Watch FineTuneJobs and read them; patch only their metadata (kopf's bookkeeping annotations), never spec.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch"]
-# Write status. The per-job trainer Role grants get/patch on finetunejobs/status and get on finetunejobs,
-# and RBAC only lets the operator grant what it holds itself.
+# Write status. get is also there because the per-job trainer Role grants get/patch on this job's status
+# (and get on the job), and RBAC lets the operator grant only what it holds itself.
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]
-# The RayJob that runs the training (KubeRay turns it into a RayCluster and pods).
+# The RayJob that runs the training (KubeRay turns it into a RayCluster and pods); watched for status,
+# patched for the live fields (suspend, activeDeadlineSeconds), deleted when a job is stopped.
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The resolved trainer config.
+# The resolved trainer config; patched while no RayJob has used it yet.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The trainer's identity and its permission to report progress into the job's status.
+  verbs: ["get", "create", "patch"]
+# The trainer's identity and its permission to report progress into its own job's status.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Serving the fine-tuned model: the vLLM Deployment and its Service.
+  verbs: ["get", "create"]
+# Serving the fine-tuned model: the vLLM Deployment (watched for availability) and its Service.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Events on FineTuneJobs for every transition (kopf posts them with create; repeats are patched).
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["get", "create", "patch", "delete"]
+# Events on FineTuneJobs for every transition (the operator's and kopf's).
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
