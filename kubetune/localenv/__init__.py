@@ -27,12 +27,22 @@ _EXPORTS = {
     "find_kubectl": "tools",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ControlPlane", "ControlPlaneError", "KubeBinaries", "KubeRayCRDs", "S3Server", "S3ServerError", "ToolNotFound",
+    "find_etcd", "find_helm", "find_kube_binaries", "find_kubectl", "install_crds", "install_kuberay_crds",
+]
 
 if TYPE_CHECKING:
     from kubetune.localenv.kube import ControlPlane, ControlPlaneError, KubeRayCRDs, install_crds, install_kuberay_crds
     from kubetune.localenv.s3 import S3Server, S3ServerError
-    from kubetune.localenv.tools import KubeBinaries, ToolNotFound, find_etcd, find_helm, find_kube_binaries, find_kubectl
+    from kubetune.localenv.tools import (
+        KubeBinaries,
+        ToolNotFound,
+        find_etcd,
+        find_helm,
+        find_kube_binaries,
+        find_kubectl,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -5,8 +5,8 @@ SeaweedFS behind holding ports and memory on a 2-core machine. So every server i
 - in its own process group (so `stop` can kill it together with anything it forked),
 - with PR_SET_PDEATHSIG=SIGKILL on Linux (so it dies even when Python itself is SIGKILLed),
 - registered in an atexit list (so an interpreter that exits without calling `stop` still cleans up).
-PDEATHSIG fires when the *thread* that forked the child exits: start servers from a long-lived thread
-(the main thread, as pytest fixtures and the CLI do).
+PDEATHSIG fires when the *thread* that forked the child exits, so it is only set for children started from
+the main thread (pytest fixtures, the CLI); servers started from other threads rely on stop()/atexit.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +62,38 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+_OWNER_FILE = ".kubetune-owner-pid"
+
+
+def make_workdir(prefix: str) -> Path:
+    """A fresh temp dir stamped with our pid; first sweeps same-prefix dirs whose owner died.
+
+    Why: a SIGKILLed test run cannot remove its temp dirs (its servers die with it, via PDEATHSIG, but
+    etcd data and logs stay); the next run removes them. Dirs without a stamp, or whose owner lives, stay.
+    """
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{prefix}*"):
+        try:
+            pid = int((old / _OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    (path / _OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def tail(path: Path, lines: int = 30) -> str:
     """Last `lines` lines of a log file, for error messages that explain why a server did not come up."""
     try:
@@ -88,7 +122,7 @@ class ManagedProcess:
         self.argv = list(argv)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = open(log_path, "ab")
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.popen = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -97,7 +131,7 @@ class ManagedProcess:
             env=dict(env) if env is not None else None,
             cwd=str(cwd) if cwd else None,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         _register(self)
 
@@ -116,10 +150,8 @@ class ManagedProcess:
         try:
             if self.alive():
                 _signal_group(self.pid, signal.SIGTERM)
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self.popen.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    pass
             # The leader may be gone while children it forked still hold ports: always sweep the group.
             _signal_group(self.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
