@@ -52,6 +52,7 @@ class TrainState:
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     last_eval_loss: float | None = None
+    last_eval_step: int | None = None
     world_size: int = 1
     data_fingerprint: str = ""
 
@@ -134,7 +135,7 @@ def save(engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, clien
     if rank == 0:
         storage.put_json(client, f"{uri}/{COMPLETE}", {
             "step": state.step,
-            "evalLoss": state.last_eval_loss,
+            "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
             "time": _now(),
             "worldSize": state.world_size,
         })

@@ -131,16 +131,11 @@ def torch_dtype(spec: FineTuneJobSpec, precision: str) -> Any:
     return getattr(torch, name)
 
 
-def load_model(spec: FineTuneJobSpec, model_dir: Path, *, precision: str, pad_token_id: int | None) -> Any:
-    """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
-
-    With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path
-    keeps no master copy, so training bf16 weights there would lose updates to rounding.
-    """
-    import torch
+def load_base(spec: FineTuneJobSpec, model_dir: Path, dtype: Any) -> Any:
+    """The base model with the task's head (a new, randomly initialised classifier for classification)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(spec, precision)}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if spec.model.gguf_file:
         kwargs["gguf_file"] = spec.model.gguf_file
     if spec.model.task == "sequence-classification":
@@ -150,6 +145,16 @@ def load_model(spec: FineTuneJobSpec, model_dir: Path, *, precision: str, pad_to
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     strip_quantization(model)
+    return model
+
+
+def load_model(spec: FineTuneJobSpec, model_dir: Path, *, precision: str, pad_token_id: int | None) -> Any:
+    """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
+
+    With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path
+    keeps no master copy, so training bf16 weights there would lose updates to rounding.
+    """
+    model = load_base(spec, model_dir, torch_dtype(spec, precision))
     if pad_token_id is not None and model.config.pad_token_id is None:
         # Sequence classification finds each row's last token by the pad id; batches need one.
         model.config.pad_token_id = pad_token_id

@@ -65,7 +65,8 @@ def kube_status_api() -> Any | None:
     configuration = client.Configuration()
     try:
         if os.environ.get("KUBECONFIG"):
-            config.load_kube_config(client_configuration=configuration)
+            # Named explicitly: the client reads $KUBECONFIG only once, when it is first imported.
+            config.load_kube_config(config_file=os.environ["KUBECONFIG"], client_configuration=configuration)
         else:
             config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException as exc:
@@ -100,6 +101,7 @@ class Reporter:
         self._last_patch = -math.inf
         self._backoff_until = 0.0
         self._failures = 0
+        self._uid_checked = False
         self.patches_sent = 0
         self._lines = self._load_history(resumed_step)
         self._metrics_dirty = bool(self._lines)
@@ -195,26 +197,43 @@ class Reporter:
         if self._api is None:
             return True
         job = self._cfg.job
-        body: dict[str, Any] = {"status": status}
-        if job.uid:
-            # A precondition: never write into a different FineTuneJob that reuses the name.
-            body["metadata"] = {"uid": job.uid}
         try:
+            if not self._uid_checked:
+                self._check_uid()
+            if self._api is None:
+                return True
             self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, job.namespace, PLURAL, job.name, body,
+                GROUP, VERSION, job.namespace, PLURAL, job.name, {"status": status},
                 _content_type="application/merge-patch+json", _request_timeout=_PATCH_TIMEOUT,
             )
         except Exception as exc:  # noqa: BLE001 - a failed report must never fail training
             self._failures += 1
             if self._failures <= 3 or self._failures % 50 == 0:
                 # Only the status and reason: an exception's full text can carry request headers.
-                status = getattr(exc, "status", None)
+                code = getattr(exc, "status", None)
                 reason = getattr(exc, "reason", None) or type(exc).__name__
                 log.warning("status patch of %s/%s failed (%s %s; failure %d); training continues",
-                            job.namespace, job.name, status or "", reason, self._failures)
+                            job.namespace, job.name, code or "", reason, self._failures)
             return False
         self.patches_sent += 1
         return True
+
+    def _check_uid(self) -> None:
+        """Report only into the FineTuneJob this run belongs to, not a newer one that reuses its name.
+
+        The status subresource ignores metadata in a patch, so a uid there is no precondition; the job is
+        read once instead, and reporting stops if it is a different object.
+        """
+        job = self._cfg.job
+        if job.uid:
+            current = self._api.get_namespaced_custom_object(
+                GROUP, VERSION, job.namespace, PLURAL, job.name, _request_timeout=_PATCH_TIMEOUT)
+            uid = (current.get("metadata") or {}).get("uid")
+            if uid != job.uid:
+                log.warning("FineTuneJob %s/%s is a different object now (uid %s, this run's is %s); "
+                            "status reporting is off", job.namespace, job.name, uid, job.uid)
+                self._api = None
+        self._uid_checked = True
 
     def _flush_metrics(self, lines: list[str]) -> None:
         try:

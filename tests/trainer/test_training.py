@@ -1,0 +1,258 @@
+"""The trainer end to end: S3 data -> prepare -> Ray Train + DeepSpeed (2 workers) -> checkpoints -> export.
+
+The matrix is covered in four trainings (plus two for resuming), each combination appearing at least once:
+
+    format          file     method  ZeRO  also checks
+    completion      jsonl    LoRA    2     exact resume, retention, merged export, status in the apiserver
+    chat            parquet  full    3     ZeRO-3 gathered full export generates, loss goes down
+    instruction     jsonl    LoRA    3     ZeRO-3 gathered adapter (non-zero B matrices) generates
+    classification  jsonl    full    2     accuracy evaluated, classifier exported
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from helpers_k8s import create_job, install_finetunejob_crd, trainer_kubeconfig, wait_for_status
+from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl, put_parquet
+
+pytestmark = [pytest.mark.training]
+
+
+def _steps(metrics: list[dict]) -> dict[int, dict]:
+    return {m["step"]: m for m in metrics if "loss" in m and "event" not in m}
+
+
+def _trace(folder: Path) -> dict[int, list[dict]]:
+    """rank -> the micro-batches it trained on, in order."""
+    out: dict[int, list[dict]] = {}
+    for path in sorted(folder.glob("rank-*.jsonl")):
+        out[int(path.stem.split("-")[1])] = [json.loads(line) for line in path.read_text().splitlines()]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- completion
+
+
+@pytest.mark.timeout(1500)
+def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_plane, k8s_client, namespace,
+                                               tmp_path: Path) -> None:
+    env = trainer_env
+    data = put_jsonl(env.client, f"s3://{BUCKET}/data/completion/fortunes.jsonl",
+                     [{"text": t} for t in fortunes("computers", limit=60)])
+    spec = {
+        "model": {"uri": env.model_uri},
+        "dataset": {"train": data, "format": "completion", "validationSplit": 0.1,
+                    "preprocessing": {"maxSeqLength": 32}},
+        "training": {
+            "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: resume must restore RNG
+            "maxSteps": 8, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 2, "learningRate": 3e-3,
+            "warmupRatio": 0.2, "evalIntervalSteps": 4, "checkpoint": {"intervalSteps": 3, "keep": 2},
+            "deepspeed": {"zeroStage": 2},
+        },
+        "output": {"uri": f"s3://{BUCKET}/runs", "exportMerged": True},
+    }
+
+    # The uninterrupted run reports to a real kube-apiserver, as its trainer ServiceAccount would in a pod.
+    install_finetunejob_crd(control_plane)
+    job = create_job(k8s_client, namespace, "straight", env.model_uri)
+    kubeconfig = trainer_kubeconfig(control_plane, k8s_client, job)
+    straight_cfg = env.config("straight", spec, reporting={"kubernetes": True, "minIntervalSeconds": 0},
+                              job={"name": "straight", "namespace": namespace, "uid": job["metadata"]["uid"]})
+    straight = env.run(straight_cfg, env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-straight")),
+                                          "KUBECONFIG": str(kubeconfig)})
+    assert straight.returncode == 0, straight.output[-6000:]
+    assert straight.final_line.startswith("kubetune-trainer: succeeded: step 8/8"), straight.final_line
+
+    # The same run, failing right after the checkpoint at step 6 ...
+    split_cfg = env.config("split", spec)
+    failed = env.run(split_cfg, env={"KUBETUNE_FAIL_AFTER_STEP": "6",
+                                     "KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-split-1"))})
+    assert failed.returncode == 1, failed.output[-6000:]
+    assert "error: training: InjectedFailure: injected failure after step 6" in failed.final_line
+    run_uri = split_cfg["runUri"]
+    assert "step-00000006/_COMPLETE" in env.keys(f"{run_uri}/checkpoints")
+    # ... with a half-written later checkpoint lying around (as if the process died while writing it).
+    env.client.put_object(Bucket=BUCKET, Key=run_uri.split("/", 3)[3] + "/checkpoints/step-00000007/ds/x.pt",
+                          Body=b"partial")
+
+    resumed = env.run(split_cfg, env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-split-2"))})
+    assert resumed.returncode == 0, resumed.output[-6000:]
+    assert "resumed from s3://kubetune-test/runs/tests/split/checkpoints/step-00000006 at step 6" in resumed.output
+
+    # Same losses at the same steps (LoRA dropout included), and the same evaluation at the end.
+    a = _steps(env.metrics(straight_cfg["runUri"]))
+    b = _steps(env.metrics(run_uri))
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert math.isclose(a[step]["loss"], b[step]["loss"], rel_tol=1e-5), (step, a[step], b[step])
+        assert math.isclose(a[step]["lr"], b[step]["lr"], rel_tol=1e-9)
+    assert math.isclose(a[8]["evalLoss"], b[8]["evalLoss"], rel_tol=1e-5)
+    assert a[8]["loss"] < a[1]["loss"]
+    events = [m.get("event") for m in env.metrics(run_uri)]
+    assert events.count("resumed") == 1
+
+    # Every rank consumed exactly the uninterrupted run's rows, and no row twice within an epoch.
+    straight_trace = _trace(tmp_path / "trace-straight")
+    first, second = _trace(tmp_path / "trace-split-1"), _trace(tmp_path / "trace-split-2")
+    assert sorted(straight_trace) == [0, 1]
+    for rank, batches in straight_trace.items():
+        assert [b["step"] for b in second[rank]] == [7, 7, 8, 8]
+        assert first[rank] + second[rank] == batches
+        seen: dict[int, set[int]] = defaultdict(set)
+        for b in batches:
+            assert not seen[b["epoch"]] & set(b["rows"]), f"rank {rank} reused a row in epoch {b['epoch']}"
+            seen[b["epoch"]] |= set(b["rows"])
+    assert max(b["epoch"] for b in straight_trace[0]) == 1, "the run should cross an epoch boundary"
+
+    # Retention kept the newest two complete checkpoints and removed the half-written one.
+    folders = {k.split("/")[0] for k in env.keys(f"{run_uri}/checkpoints")}
+    assert folders == {"step-00000006", "step-00000008"}
+
+    # The exported adapter names its base, and both it and the merged model generate.
+    keys = env.keys(f"{straight_cfg['runUri']}/model")
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(keys)
+    adapter = env.download(f"{straight_cfg['runUri']}/model", tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == env.model_uri
+    base = env.download(env.model_uri, tmp_path / "base")
+    assert_generates(base, adapter)
+    merged = env.download(f"{straight_cfg['runUri']}/merged", tmp_path / "merged")
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert_generates(merged)
+
+    # The trainer's patches landed in the FineTuneJob's status.
+    status = wait_for_status(k8s_client, namespace, "straight", lambda s: (s.get("model") or {}).get("uri"))
+    assert status["progress"]["step"] == 8 and status["progress"]["totalSteps"] == 8
+    assert status["progress"]["percent"] == 100 and status["progress"]["evalLoss"] > 0
+    assert status["progress"]["tokensPerSecond"] > 0 and status["progress"]["updatedAt"]
+    assert status["data"]["records"] == 60 and status["data"]["sequences"] > 0
+    assert [c["step"] for c in status["checkpoints"]] == [8, 6]
+    assert status["model"] == {"uri": f"{straight_cfg['runUri']}/model", "baseUri": env.model_uri,
+                               "mergedUri": f"{straight_cfg['runUri']}/merged", "kind": "adapter"}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- chat
+
+
+@pytest.mark.timeout(600)
+def test_chat_parquet_full_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None:
+    env = trainer_env
+    texts = fortunes("science", limit=48)
+    records = [{"messages": [{"role": "user", "content": "Tell me something about science."},
+                             {"role": "assistant", "content": t}]} for t in texts]
+    train = put_parquet(env.client, f"s3://{BUCKET}/data/chat/train.parquet", records[:40])
+    validation = put_parquet(env.client, f"s3://{BUCKET}/data/chat/validation.parquet", records[40:])
+    spec = {
+        "model": {"uri": env.model_uri},
+        "dataset": {"train": train, "validation": validation, "format": "chat",
+                    "preprocessing": {"maxSeqLength": 48}},
+        "training": {"method": "full", "maxSteps": 6, "perDeviceBatchSize": 2, "learningRate": 2e-3,
+                     "evalIntervalSteps": 3, "checkpoint": {"intervalSteps": 6},
+                     "deepspeed": {"zeroStage": 3}},
+    }
+    cfg = env.config("chat-full-zero3", spec)
+    run = env.run(cfg)
+    assert run.returncode == 0, run.output[-6000:]
+    steps = _steps(env.metrics(cfg["runUri"]))
+    assert steps[6]["loss"] < steps[1]["loss"]
+    assert steps[6]["evalLoss"] < steps[3]["evalLoss"]
+    assert math.isclose(steps[6]["evalPerplexity"], math.exp(steps[6]["evalLoss"]), rel_tol=1e-6)
+
+    keys = set(env.keys(f"{cfg['runUri']}/model"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= keys
+    model = env.download(f"{cfg['runUri']}/model", tmp_path / "model")
+    _assert_weights_changed(env, model, tmp_path)
+    assert_generates(model)
+
+
+def _assert_weights_changed(env: TrainerEnv, model: Path, tmp_path: Path) -> None:
+    """The ZeRO-3 export holds the full, trained weights (not empty shards, not the initial ones)."""
+    from safetensors.torch import load_file
+
+    trained = load_file(model / "model.safetensors")
+    initial = load_file(env.download(env.model_uri, tmp_path / "initial") / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert trained[name].shape == initial[name].shape
+    assert not trained[name].equal(initial[name])
+
+
+# ------------------------------------------------------------------------------------------- instruction
+
+
+@pytest.mark.timeout(600)
+def test_instruction_lora_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None:
+    env = trainer_env
+    rng = random.Random(3)
+    records = []
+    for t in fortunes("linux", limit=50):
+        records.append({"prompt": f"Quote number {rng.randint(1, 999)}, please.", "response": t})
+    train = put_jsonl(env.client, f"s3://{BUCKET}/data/instruction/train.jsonl", records)
+    spec = {
+        "model": {"uri": env.model_uri},
+        "dataset": {"train": train, "format": "instruction", "validationSplit": 0.15,
+                    "preprocessing": {"maxSeqLength": 48, "packing": False}},
+        "training": {"method": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
+                     "maxSteps": 4, "perDeviceBatchSize": 2, "learningRate": 3e-3, "evalIntervalSteps": 4,
+                     "checkpoint": {"intervalSteps": 4}, "deepspeed": {"zeroStage": 3, "offload": "cpu"}},
+    }
+    cfg = env.config("instruction-lora-zero3", spec)
+    run = env.run(cfg)
+    assert run.returncode == 0, run.output[-6000:]
+    assert "has no effect on a CPU-only run" in run.output
+
+    adapter = env.download(f"{cfg['runUri']}/model", tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and all(t.numel() > 0 for t in lora_b)
+    assert any(t.abs().sum() > 0 for t in lora_b), "lora_B starts at zero: the gathered adapter was not trained"
+    base = env.download(env.model_uri, tmp_path / "base")
+    assert_generates(base, adapter)
+
+
+# ------------------------------------------------------------------------------------------- classification
+
+
+@pytest.mark.timeout(600)
+def test_classification_full_zero2(trainer_env: TrainerEnv, tmp_path: Path) -> None:
+    env = trainer_env
+    records = [{"text": t, "label": "computers"} for t in fortunes("computers", limit=40)[20:]]
+    records += [{"text": t, "label": "riddles"} for t in fortunes("riddles", limit=20)]
+    random.Random(0).shuffle(records)
+    train = put_jsonl(env.client, f"s3://{BUCKET}/data/classification/train.jsonl", records)
+    spec = {
+        "model": {"uri": env.model_uri, "task": "sequence-classification", "numLabels": 2},
+        "dataset": {"train": train, "format": "classification", "validationSplit": 0.2,
+                    "labels": ["computers", "riddles"], "preprocessing": {"maxSeqLength": 32}},
+        "training": {"method": "full", "maxSteps": 4, "perDeviceBatchSize": 4, "learningRate": 1e-3,
+                     "evalIntervalSteps": 2, "checkpoint": {"intervalSteps": 4}, "deepspeed": {"zeroStage": 2},
+                     "earlyStopping": {"patience": 5}},
+    }
+    cfg = env.config("classification-full-zero2", spec)
+    run = env.run(cfg)
+    assert run.returncode == 0, run.output[-6000:]
+    steps = _steps(env.metrics(cfg["runUri"]))
+    assert 0.0 <= steps[4]["evalAccuracy"] <= 1.0 and steps[4]["evalLoss"] > 0
+
+    model_dir = env.download(f"{cfg['runUri']}/model", tmp_path / "model")
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.num_labels == 2
+    with torch.no_grad():
+        logits = model(**tokenizer(["What has keys but no locks?"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2)

@@ -1,0 +1,140 @@
+"""`python -m kubetune_trainer --config FILE [--local]`: the trainer's entry point (the RayJob's entrypoint).
+
+setup (config, Ray) -> prepare data (tokenise, shard to S3) -> train + evaluate + export (on the Ray Train
+workers) -> cleanup. The last line of output always says how it ended:
+
+    kubetune-trainer: succeeded: step 40/40, evalLoss 3.9412, model s3://.../model (adapter)
+    kubetune-trainer: error: data: 12.5% of records are invalid (more than 5%); most common: bad_json ...
+
+Exit codes: 0 succeeded, 2 the config is invalid, 3 the data cannot be used, 1 training failed.
+
+Settings that concern how this process runs rather than what it trains come from the environment:
+KUBETUNE_MODEL_CACHE (node-local base model cache), KUBETUNE_STAGING_DIR (node-local scratch),
+KUBETUNE_RAY_STORAGE (Ray Train's run folder), and for tests KUBETUNE_FAIL_AFTER_STEP (fail right after
+that step's checkpoint) and KUBETUNE_TRACE_DIR (record which rows every micro-batch used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune.api import TrainerConfig, errors_from_validation
+
+log = logging.getLogger("kubetune_trainer")
+
+EXIT_OK, EXIT_TRAINING, EXIT_CONFIG, EXIT_DATA = 0, 1, 2, 3
+_PREFIX = "kubetune-trainer"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="the resolved trainer config (JSON) the operator wrote")
+    parser.add_argument("--local", action="store_true",
+                        help="start a Ray cluster on this machine instead of joining KubeRay's")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    # ---------------------------------------------------------------- setup
+    try:
+        cfg = TrainerConfig.model_validate(json.loads(Path(args.config).read_text()))
+    except (OSError, ValueError) as exc:
+        return _fail(EXIT_CONFIG, "config", _config_message(exc))
+    from kubetune_trainer.train import RunOptions
+
+    options = RunOptions(
+        local=args.local,
+        model_cache=os.environ.get("KUBETUNE_MODEL_CACHE") or "/tmp/kubetune-models",
+        staging_dir=os.environ.get("KUBETUNE_STAGING_DIR", ""),
+        ray_storage=os.environ.get("KUBETUNE_RAY_STORAGE", ""),
+        fail_after_step=int(os.environ["KUBETUNE_FAIL_AFTER_STEP"]) if os.environ.get("KUBETUNE_FAIL_AFTER_STEP") else None,
+        trace_dir=os.environ.get("KUBETUNE_TRACE_DIR") or None,
+    )
+    t0 = time.monotonic()
+    try:
+        summary = run(cfg, options)
+    except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line and an exit code
+        code, kind, message = classify(exc)
+        log.exception("the run failed")
+        return _fail(code, kind, message)
+    model = summary.get("model") or {}
+    eval_loss = summary.get("evalLoss")
+    print(f"{_PREFIX}: succeeded: step {summary.get('step')}/{summary.get('totalSteps')} "
+          f"({summary.get('stopReason')}), evalLoss {eval_loss if eval_loss is None else round(eval_loss, 4)}, "
+          f"{summary.get('tokensPerSecond')} tokens/s, model {model.get('uri')} ({model.get('kind')}), "
+          f"{time.monotonic() - t0:.0f}s", flush=True)
+    return EXIT_OK
+
+
+def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
+    """Prepare the data on the driver, then train on the Ray workers; returns rank 0's summary."""
+    import ray
+
+    from kubetune_trainer import model as model_lib
+    from kubetune_trainer.data import prepare, s3_client
+    from kubetune_trainer.train import fit
+
+    if not ray.is_initialized():
+        if options.local:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init()  # the KubeRay cluster this RayJob's driver runs in (RAY_ADDRESS)
+
+    client = s3_client(cfg.spec.dataset.endpoint, cfg.spec.dataset.region)
+    # The driver needs only the tokenizer (to tokenise the data); workers fetch the weights on their nodes.
+    tokenizer_dir = model_lib.fetch_base(cfg.spec, client, Path(options.model_cache), tokenizer_only=True)
+    tokenizer = model_lib.load_tokenizer(cfg.spec, tokenizer_dir)
+    prepared = prepare(cfg, tokenizer, cfg.spec.resources.workers)
+    log.info("data ready: %s (%d training sequences of %d tokens in %d shards)", prepared.manifest_uri,
+             prepared.num_train_sequences, prepared.seq_length, len(prepared.train_shards))
+    return fit(cfg, prepared, options)
+
+
+def classify(exc: BaseException) -> tuple[int, str, str]:
+    """(exit code, kind, message) for a failure, looking through Ray's wrappers to the worker's exception."""
+    from kubetune_trainer.data import DataError
+
+    root = _root_cause(exc)
+    if isinstance(root, DataError):
+        return EXIT_DATA, "data", str(root)
+    if isinstance(root, ValidationError):
+        return EXIT_CONFIG, "config", _config_message(root)
+    text = str(root).strip().splitlines()
+    return EXIT_TRAINING, "training", f"{type(root).__name__}: {text[0] if text else ''}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> exception
+    if failures:
+        exc = failures[min(failures)]
+    for _ in range(10):
+        inner = getattr(exc, "cause", None) or getattr(exc, "controller_failure", None)  # RayTaskError.cause
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def _config_message(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{path}: {msg}" for path, msg in errors_from_validation(exc, root="config"))
+    return str(exc)
+
+
+def _fail(code: int, kind: str, message: str) -> int:
+    print(f"{_PREFIX}: error: {kind}: {message}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
