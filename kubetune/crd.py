@@ -74,6 +74,9 @@ def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     # Object defaults come from default_factory and are applied by the models; the server only needs scalars.
     if isinstance(s.get("default"), (dict, list)) or s.get("default", 0) is None:
         s.pop("default")
+    # A v1.20 API server refuses empty-string defaults ("must be of type string: null"); "" is the unset value.
+    if s.get("default", 0) == "":
+        s.pop("default")
     keep = {k: v for k, v in s.items() if k in _KEEP or k.startswith("x-kubernetes-")}
     if "type" not in keep and "x-kubernetes-preserve-unknown-fields" not in keep:
         raise ValueError(f"schema without a type: {schema}")
