@@ -1,0 +1,156 @@
+"""The KubeRay RayJob (ray.io/v1) that runs the trainer on a RayCluster of its own.
+
+Shape, and why:
+- `entrypoint` runs the trainer with the mounted config; KubeRay submits it to the head (K8sJobMode), so the
+  driver runs on the head and Ray Train's workers on the worker group.
+- One head group and one worker group. The head gets `num-cpus: "0"` so no training task lands on the
+  coordinator; the worker group is fixed-size (replicas = min = max = spec.resources.workers) because a
+  data-parallel run needs all its workers at once, and GPUs are requested and limited under
+  `resources.gpuResourceName` with `num-gpus` set explicitly (Ray only autodetects nvidia.com/gpu).
+- CPU and memory requests equal limits (Guaranteed QoS: a training pod should not be the first evicted).
+- `shutdownAfterJobFinishes` + `ttlSecondsAfterFinished` free the GPUs once the run ends; the RayJob itself
+  (and its status) stays until the FineTuneJob is deleted.
+- `suspend`, `activeDeadlineSeconds`, `backoffLimit` pass through (KubeRay enforces them); the Kueue queue
+  name passes through as the `kueue.x-k8s.io/queue-name` label, which is where Kueue reads it.
+- S3 credentials come from the named Secret through `secretKeyRef`; no key ever appears in this object.
+- Every pod runs as the job's trainer ServiceAccount, which may patch only this job's status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune import api
+from kubetune_operator import names
+from kubetune_operator.builders.config import CONFIG_DIR, CONFIG_PATH
+from kubetune_operator.meta import ANNOTATION_SPEC_HASH, LABEL_KUEUE_QUEUE, Owner, labels, object_meta
+from kubetune_operator.settings import Settings
+
+ENTRYPOINT = f"python -m kubetune_trainer --config {CONFIG_PATH}"
+WORKER_GROUP = "workers"
+CONFIG_VOLUME = "kubetune-config"
+SHM_VOLUME = "dshm"
+HEAD_PORTS = [
+    {"name": "gcs-server", "containerPort": 6379},
+    {"name": "dashboard", "containerPort": 8265},
+    {"name": "client", "containerPort": 10001},
+]
+
+
+def _env(owner: Owner, spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_JOB_NAME", "value": owner.name},
+        {"name": "KUBETUNE_JOB_NAMESPACE", "value": owner.namespace},
+        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+    ]
+    secret = spec.dataset.credentials_secret
+    if secret:
+        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
+                              ("AWS_SESSION_TOKEN", True)):
+            ref: dict[str, Any] = {"name": secret, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def _volumes(owner: Owner) -> list[dict[str, Any]]:
+    return [
+        {"name": CONFIG_VOLUME, "configMap": {"name": names.config_map(owner.name)}},
+        # Ray's object store lives in /dev/shm; the container default (64 MiB) is far too small.
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+def _mounts() -> list[dict[str, Any]]:
+    return [
+        {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+    ]
+
+
+def _pod_template(
+    owner: Owner,
+    spec: api.FineTuneJobSpec,
+    image: str,
+    container: str,
+    resources: dict[str, Any],
+    ports: list[dict[str, Any]] | None = None,
+    node_selector: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": container,
+        "image": image,
+        "env": _env(owner, spec),
+        "resources": resources,
+        "volumeMounts": _mounts(),
+    }
+    if ports:
+        c["ports"] = ports
+    pod: dict[str, Any] = {
+        "serviceAccountName": names.service_account(owner.name),
+        "containers": [c],
+        "volumes": _volumes(owner),
+    }
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if spec.resources.tolerations:
+        pod["tolerations"] = [dict(t) for t in spec.resources.tolerations]
+    return {"metadata": {"labels": labels(owner, "training")}, "spec": pod}
+
+
+def _guaranteed(cpu: str, memory: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    amounts = {"cpu": cpu, "memory": memory, **(extra or {})}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_hash: str) -> dict[str, Any]:
+    res = spec.resources
+    image = res.images.trainer or settings.trainer_image
+    extra_labels = {LABEL_KUEUE_QUEUE: res.queue} if res.queue else {}
+    metadata = object_meta(owner, names.ray_job(owner.name), "training", **extra_labels)
+    metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash}
+
+    gpus = {res.gpu_resource_name: str(res.gpus_per_worker)} if res.gpus_per_worker > 0 else None
+    worker_start = {"num-gpus": str(res.gpus_per_worker)} if res.gpus_per_worker > 0 else {}
+    head = {
+        "rayStartParams": {"num-cpus": "0"},
+        "template": _pod_template(owner, spec, image, "ray-head", _guaranteed(res.head.cpu, res.head.memory),
+                                  ports=HEAD_PORTS),
+    }
+    worker = {
+        "groupName": WORKER_GROUP,
+        "replicas": res.workers,
+        "minReplicas": res.workers,
+        "maxReplicas": res.workers,
+        "rayStartParams": worker_start,
+        "template": _pod_template(owner, spec, image, "ray-worker",
+                                  _guaranteed(res.cpu_per_worker, res.memory_per_worker, gpus),
+                                  node_selector=res.node_selector),
+    }
+    job_spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "submissionMode": "K8sJobMode",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": settings.ray_ttl_seconds,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": spec.suspend,
+        "rayClusterSpec": {
+            "rayVersion": settings.ray_version,
+            "headGroupSpec": head,
+            "workerGroupSpecs": [worker],
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": job_spec}
+
+
+def live_fields(spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    """The RayJob spec fields that follow the FineTuneJob after creation (see kubetune_operator.policy)."""
+    return {
+        "suspend": spec.suspend,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "backoffLimit": spec.backoff_limit,
+    }

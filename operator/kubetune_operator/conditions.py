@@ -1,0 +1,113 @@
+"""The FineTuneJob's conditions: their types, their reasons, and how one is set.
+
+Why conditions and not a phase: several facts hold at once (a job can be Validated, Suspended and have a
+SpecChangeRejected), each with its own reason, message and transition time; `status.state` is only a one-word
+summary derived from them for `kubectl get ftj`.
+
+Types (PascalCase) and their reasons (CamelCase):
+
+| type               | True when                                  | reasons                                               |
+|--------------------|--------------------------------------------|-------------------------------------------------------|
+| Validated          | the spec passed every check                | Valid / Invalid                                       |
+| Training           | the Ray job is submitted or running        | JobPending, Running, Finishing, Retrying              |
+| Succeeded          | the Ray job succeeded                      | JobSucceeded                                          |
+| Failed             | the run failed for good                    | KubeRay's: AppFailed, SubmissionFailed,               |
+|                    |                                            | DeadlineExceeded, JobDeploymentStatusTransition-      |
+|                    |                                            | GracePeriodExceeded; ours: Invalid, Stopped,          |
+|                    |                                            | RayJobDeleted, RayJobFailed (KubeRay gave no reason), |
+|                    |                                            | ChildRejected (the API refused an object we built)    |
+| Suspended          | the RayJob is suspending or suspended      | Suspending, Suspended                                 |
+| SpecChangeRejected | a training field changed after the start   | TrainingFieldsImmutable / SpecMatchesRun              |
+| Deployed           | (issue 4: serving)                         |                                                       |
+
+While a condition is False its reason says where the run is (`Pending`, `Initializing`, `JobPending`,
+`Running`, ...), the same vocabulary as `Training`'s, so `kubectl describe` reads naturally.
+DeadlineExceeded is a reason of Failed, as in batch/v1 Jobs, rather than a condition of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+VALIDATED = "Validated"
+TRAINING = "Training"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+SPEC_CHANGE_REJECTED = "SpecChangeRejected"
+DEPLOYED = "Deployed"
+
+# Order in which conditions are listed (stable output, readable `kubectl describe`).
+ORDER = (VALIDATED, SPEC_CHANGE_REJECTED, TRAINING, SUSPENDED, SUCCEEDED, FAILED, DEPLOYED)
+
+# Reasons.
+VALID = "Valid"
+INVALID = "Invalid"
+PENDING = "Pending"
+INITIALIZING = "Initializing"
+JOB_PENDING = "JobPending"
+RUNNING = "Running"
+FINISHING = "Finishing"
+RETRYING = "Retrying"
+SUSPENDING = "Suspending"
+SUSPENDED_REASON = "Suspended"
+JOB_SUCCEEDED = "JobSucceeded"
+STOPPED = "Stopped"
+RAYJOB_DELETED = "RayJobDeleted"
+RAYJOB_FAILED = "RayJobFailed"
+APP_FAILED = "AppFailed"
+CHILD_REJECTED = "ChildRejected"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+TRAINING_FIELDS_IMMUTABLE = "TrainingFieldsImmutable"
+SPEC_MATCHES_RUN = "SpecMatchesRun"
+
+TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+
+def get(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
+    for c in conditions or ():
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def is_true(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> bool:
+    c = get(conditions, type_)
+    return c is not None and c.get("status") == TRUE
+
+
+def set_condition(
+    conditions: Iterable[Mapping[str, Any]] | None,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    *,
+    now: str,
+    generation: int | None,
+) -> list[dict[str, Any]]:
+    """A new list with `type_` set; lastTransitionTime changes only when the status does."""
+    out: list[dict[str, Any]] = []
+    found = False
+    for c in conditions or ():
+        if c.get("type") != type_:
+            out.append(dict(c))
+            continue
+        found = True
+        changed = c.get("status") != status
+        out.append(_condition(type_, status, reason, message,
+                              now if changed or not c.get("lastTransitionTime") else c["lastTransitionTime"],
+                              generation))
+    if not found:
+        out.append(_condition(type_, status, reason, message, now, generation))
+    rank = {t: i for i, t in enumerate(ORDER)}
+    return sorted(out, key=lambda c: rank.get(c.get("type", ""), len(ORDER)))
+
+
+def _condition(type_: str, status: str, reason: str, message: str, when: str, generation: int | None) -> dict[str, Any]:
+    c: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message,
+                         "lastTransitionTime": when}
+    if generation is not None:
+        c["observedGeneration"] = generation
+    return c

@@ -1,0 +1,57 @@
+"""kopf handlers: thin. Each one names the object, hands it to the Reconciler, and maps the outcome to kopf.
+
+- FineTuneJob created / spec changed / operator resumed -> `Reconciler.reconcile` (full pass). kopf keeps the
+  handler's progress and the last handled spec in annotations under `kubetune.io/` (status.kopf would be pruned
+  by the structural schema).
+- RayJob of ours (label kubetune.io/job) changed or deleted -> `Reconciler.on_ray_job` (status only).
+- Any FineTuneJob event -> the metrics index (no API calls; trainer progress shows up in /metrics).
+
+There are no deletion handlers and no finalizers: children go with their owner through the garbage collector,
+so deleting a job never waits for the operator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from kubetune import api
+from kubetune_operator import metrics
+from kubetune_operator.meta import LABEL_JOB
+from kubetune_operator.reconcile import Invalid, Reconciler, Retry
+
+FTJ = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
+RAYJOB = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
+
+
+def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    with metrics.time_reconcile("reconcile"):
+        try:
+            reconciler.reconcile(namespace, name)
+        except Invalid as e:
+            raise kopf.PermanentError(str(e)) from None
+        except Retry as e:
+            raise kopf.TemporaryError(str(e), delay=e.delay) from None
+
+
+def ray_job_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    with metrics.time_reconcile("rayjob"):
+        reconciler.on_ray_job(namespace, dict(body), deleted=type == "DELETED")
+
+
+def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+    if type == "DELETED":
+        metrics.forget_job(namespace, name)
+    else:
+        metrics.observe_job(namespace, name, body.get("status"), created=body["metadata"].get("creationTimestamp"))
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """Attach the handlers to `registry` (the webhook is registered separately, when enabled)."""
+    for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        on(**FTJ, id="reconcile", registry=registry)(reconcile_job)
+    kopf.on.event(**RAYJOB, labels={LABEL_JOB: kopf.PRESENT}, id="rayjob", registry=registry)(ray_job_event)
+    kopf.on.event(**FTJ, id="metrics", registry=registry)(job_event)

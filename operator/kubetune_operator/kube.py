@@ -1,0 +1,253 @@
+"""The one module of the operator that talks to the Kubernetes API (kopf's own watching aside).
+
+Why plain JSON over the official client's REST layer instead of its typed models: the operator handles a
+custom resource and KubeRay's RayJob, for which the client has no models anyway, and the v36 client's models
+are generated for a much newer API than some clusters run (a v1.20 server in tests); dicts in, dicts out is
+robust against that skew and keeps one code path for every kind.
+
+What it offers is what reconciling needs and no more: idempotent creates (409 means "already there": the
+existing object is returned, never a second one made), get, JSON merge patches of an object or of its status
+subresource, and Events. Every request is counted (`requests`), for the operator's metrics and the benchmark.
+Errors carry the API's status code and reason; they never include request bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from kubetune import api
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Where a kind lives in the REST API."""
+
+    api_version: str
+    kind: str
+    plural: str
+
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        group_path = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        parts = [group_path]
+        if namespace is not None:
+            parts.append(f"namespaces/{namespace}")
+        parts.append(self.plural)
+        if name is not None:
+            parts.append(name)
+        if subresource is not None:
+            parts.append(subresource)
+        return "/".join(parts)
+
+
+KINDS = {
+    (k.api_version, k.kind): k
+    for k in (
+        Kind("v1", "ConfigMap", "configmaps"),
+        Kind("v1", "ServiceAccount", "serviceaccounts"),
+        Kind("v1", "Service", "services"),
+        Kind("v1", "Secret", "secrets"),
+        Kind("v1", "Event", "events"),
+        Kind("apps/v1", "Deployment", "deployments"),
+        Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
+        Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
+        Kind("ray.io/v1", "RayJob", "rayjobs"),
+        Kind(api.API_VERSION, api.KIND, api.PLURAL),
+    )
+}
+FINETUNEJOB = KINDS[(api.API_VERSION, api.KIND)]
+RAYJOB = KINDS[("ray.io/v1", "RayJob")]
+CONFIGMAP = KINDS[("v1", "ConfigMap")]
+
+
+def kind_of(obj: dict[str, Any]) -> Kind:
+    return KINDS[(obj["apiVersion"], obj["kind"])]
+
+
+class KubeError(RuntimeError):
+    """An API request failed; `status` is the HTTP status (0 when the server was not reached)."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status} {reason}: {message}" if status else message)
+
+
+def _error(e: ApiException, what: str) -> KubeError:
+    reason, message = e.reason or "", ""
+    try:
+        body = json.loads(e.body or "{}")
+        reason = body.get("reason") or reason
+        message = body.get("message") or ""
+    except (ValueError, TypeError):
+        pass
+    return KubeError(e.status or 0, reason, f"{what}: {message}" if message else what)
+
+
+def load_configuration(kubeconfig: str | Path | None = None) -> client.Configuration:
+    """Credentials: the given kubeconfig; else in-cluster; else $KUBECONFIG / ~/.kube/config."""
+    cfg = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+    return _send_bearer_token(cfg)
+
+
+def _send_bearer_token(cfg: client.Configuration) -> client.Configuration:
+    """Work around kubernetes==36.0.0 sending no token (kubernetes-client/python#2592).
+
+    Its config loaders put the token under api_key["authorization"] while auth_settings() only reads
+    api_key["BearerToken"], so requests would go out anonymous. Reading through get_api_key_with_prefix keeps
+    the loaders' refresh hook working (in-cluster tokens rotate).
+    """
+    original = cfg.auth_settings
+
+    def auth_settings() -> dict[str, Any]:
+        auth = original()
+        if "BearerToken" not in auth:
+            value = cfg.get_api_key_with_prefix("authorization")
+            if value:
+                auth["BearerToken"] = {"type": "api_key", "in": "header", "key": "authorization", "value": value}
+        return auth
+
+    cfg.auth_settings = auth_settings  # type: ignore[method-assign]
+    return cfg
+
+
+class Kube:
+    """A small, thread-safe JSON client for the operator's needs."""
+
+    def __init__(self, configuration: client.Configuration, *, pool_size: int = 16, timeout: float = 30.0):
+        configuration.connection_pool_maxsize = max(pool_size, configuration.connection_pool_maxsize or 0)
+        self.configuration = configuration
+        self._api = client.ApiClient(configuration)
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()
+        self.component = "kubetune-operator"
+        self.instance = socket.gethostname()
+
+    def close(self) -> None:
+        self._api.close()
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+
+    def _call(self, verb: str, method: str, path: str, body: Any = None, content_type: str = "application/json",
+              query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        with self._lock:
+            self.requests[verb] += 1
+        resp = self._api.call_api(
+            path, method, query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body, auth_settings=["BearerToken"], _preload_content=False, _request_timeout=self._timeout,
+        )
+        data = resp[0].data if isinstance(resp, tuple) else resp.data
+        return json.loads(data) if data else {}
+
+    # --- objects ----------------------------------------------------------------------------------------
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._call("get", "GET", kind.path(namespace, name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _error(e, f"get {kind.kind} {namespace}/{name}") from None
+
+    def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create `obj`; if it exists already, return the existing one. (object, created)."""
+        kind, meta = kind_of(obj), obj["metadata"]
+        try:
+            return self._call("create", "POST", kind.path(meta["namespace"]), body=obj), True
+        except ApiException as e:
+            if e.status != 409:
+                raise _error(e, f"create {kind.kind} {meta['namespace']}/{meta['name']}") from None
+        existing = self.get(kind, meta["namespace"], meta["name"])
+        if existing is None:  # deleted between the two calls: try once more
+            return self.create(obj)
+        return existing, False
+
+    def ensure(self, obj: dict[str, Any]) -> bool:
+        """Create `obj` unless it exists (no read back). True when this call created it."""
+        kind, meta = kind_of(obj), obj["metadata"]
+        try:
+            self._call("create", "POST", kind.path(meta["namespace"]), body=obj)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise _error(e, f"create {kind.kind} {meta['namespace']}/{meta['name']}") from None
+
+    def patch(self, kind: Kind, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """JSON merge patch of the object."""
+        try:
+            return self._call("patch", "PATCH", kind.path(namespace, name), body=patch, content_type=MERGE_PATCH)
+        except ApiException as e:
+            raise _error(e, f"patch {kind.kind} {namespace}/{name}") from None
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """JSON merge patch of the status subresource; None when the object is gone."""
+        try:
+            return self._call("patch_status", "PATCH", kind.path(namespace, name, "status"),
+                              body={"status": patch}, content_type=MERGE_PATCH)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _error(e, f"patch {kind.kind} {namespace}/{name} status") from None
+
+    def delete(self, kind: Kind, namespace: str, name: str) -> bool:
+        try:
+            self._call("delete", "DELETE", kind.path(namespace, name),
+                       body={"propagationPolicy": "Background"})
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise _error(e, f"delete {kind.kind} {namespace}/{name}") from None
+
+    # --- events -----------------------------------------------------------------------------------------
+
+    def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about `involved` (best effort: a lost Event must not fail a reconcile)."""
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        namespace = involved["namespace"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{involved['name'][:200]}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+            "involvedObject": involved,
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": self.component},
+            "reportingComponent": f"kubetune.io/{self.component}",
+            "reportingInstance": self.instance[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self._call("event", "POST", KINDS[("v1", "Event")].path(namespace), body=event)
+        except ApiException as e:
+            log.warning("could not post Event %s for %s/%s: %s", reason, namespace, involved.get("name"),
+                        _error(e, "post Event"))

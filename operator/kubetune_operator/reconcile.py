@@ -1,0 +1,306 @@
+"""Reconciling one FineTuneJob: a short list of steps, then one status write.
+
+A pass reads the job fresh, runs its steps (each fills in what it observed), and ends in `write_status`, the
+only place the operator writes a job's status: it computes the operator-owned status from the observations
+(`status.desired_status`), sends a merge patch only of what changed, and posts one Event per transition.
+
+Two kinds of pass, both under a per-job lock so that they never interleave for the same job:
+- `reconcile` (the job's spec was created, changed, or the operator restarted): validate, make sure the
+  training objects exist (create-or-get, never a second copy), apply the spec-change policy, then status;
+- `on_ray_job` (KubeRay changed the RayJob): status only.
+
+The seam for serving (issue 4): append a step to `SPEC_STEPS` and `STATUS_STEPS` that, once `Succeeded` is
+True and `spec.deploy.enabled`, creates the Deployment and Service through `ctx.kube` and reports through
+`ctx.obs.extra_conditions` (e.g. `Deployed`) and an owned `endpoint` key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune import api
+from kubetune_operator import builders, metrics, names, policy
+from kubetune_operator import conditions as c
+from kubetune_operator.builders.config import applied_spec
+from kubetune_operator.builders.rayjob import live_fields
+from kubetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube, KubeError
+from kubetune_operator.meta import ANNOTATION_SPEC_HASH, Owner
+from kubetune_operator.settings import Settings
+from kubetune_operator.status import KEEP, Observation, desired_status, now_rfc3339, status_patch, transition_events
+
+log = logging.getLogger(__name__)
+
+
+class Invalid(Exception):
+    """The spec is invalid; the status says why. Not worth retrying until the spec changes."""
+
+
+class Retry(Exception):
+    """Something outside the job is not ready (e.g. KubeRay's CRD); try again after `delay` seconds."""
+
+    def __init__(self, message: str, delay: float):
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclass
+class Context:
+    kube: Kube
+    settings: Settings
+    body: dict[str, Any]
+    owner: Owner
+    raw_spec: dict[str, Any]
+    spec: api.FineTuneJobSpec | None = None
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    obs: Observation = field(default_factory=Observation)
+    created: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.body.get("status") or {}
+
+
+Step = Callable[[Context], None]
+
+
+# --------------------------------------------------------------------------------------------- steps
+
+
+def validate(ctx: Context) -> None:
+    """Parse the spec through the API models; the errors name each bad field."""
+    errors: list[tuple[str, str]] = []
+    if not re.match(api.DNS_LABEL_PATTERN, ctx.owner.name) or len(ctx.owner.name) > 63:
+        errors.append(("metadata.name", "must be a DNS label (lowercase letters, digits, '-'; at most 63)"))
+    try:
+        ctx.spec = api.parse_spec(ctx.raw_spec)
+    except api.SpecError as e:
+        errors.extend(e.errors)
+        ctx.spec = None
+    ctx.errors = errors
+    if errors:
+        ctx.spec = None  # nothing is built from a spec with any error
+    ctx.obs.spec_errors = errors or None
+    ctx.obs.generation = ctx.body["metadata"].get("generation")
+
+
+def observe_spec(ctx: Context) -> None:
+    """Status-only passes: parse the spec (later steps may need it) without re-judging it."""
+    try:
+        ctx.spec = api.parse_spec(ctx.raw_spec)
+    except api.SpecError:
+        ctx.spec = None
+
+
+def ensure_training(ctx: Context) -> None:
+    """Create what training needs, once; afterwards apply the spec-change policy and the live fields."""
+    kube, owner = ctx.kube, ctx.owner
+    ray_name = names.ray_job(owner.name)
+    ctx.obs.ray_job_name = ray_name
+    try:
+        ray = kube.get(RAYJOB, owner.namespace, ray_name)
+        if ray is not None and not _owned_by(ray, owner):
+            raise Retry(f"RayJob {ray_name} exists but belongs to another object; waiting for it to go", 30)
+        if ray is None:
+            if ctx.status.get("specHash"):
+                # It was created before and is gone: never re-run a training behind the user's back.
+                ctx.obs.ray_job, ctx.obs.ray_job_deleted = None, True
+                return
+            if ctx.spec is None:
+                ctx.obs.ray_job = None
+                return
+            ctx.obs.ray_job = _create_children(ctx)
+            ctx.obs.rejected_fields = []
+            return
+        ctx.obs.ray_job = ray
+        ctx.obs.rejected_fields = _rejected_fields(ctx, ray)
+        if ctx.obs.rejected_fields:
+            ctx.obs.rejection_message = policy.rejection_message(ctx.obs.rejected_fields, ray_name)
+        if ctx.spec is not None and not ctx.obs.rejected_fields:
+            for obj in builders.training_children(owner, ctx.spec, ctx.settings, policy.spec_hash(ctx.raw_spec))[:-1]:
+                if kube.ensure(obj):  # someone deleted it while the run goes on: the same content again
+                    ctx.created.append(f"{obj['kind']} {obj['metadata']['name']}")
+        if ctx.spec is not None:
+            ctx.obs.ray_job = _apply_live_fields(kube, ray, ctx.spec)
+    except KubeError as e:
+        if e.status == 422 and ctx.obs.ray_job is KEEP:
+            # The API server (e.g. KubeRay's schema) refused what we built: retrying cannot help.
+            ctx.obs.ray_job = None
+            ctx.obs.failure = (c.CHILD_REJECTED, str(e))
+            raise Invalid(str(e)) from None
+        _raise_for(e)
+
+
+def _create_children(ctx: Context) -> dict[str, Any]:
+    assert ctx.spec is not None
+    kube = ctx.kube
+    children = builders.training_children(ctx.owner, ctx.spec, ctx.settings, policy.spec_hash(ctx.raw_spec))
+    *support, ray_job = children
+    for obj in support:
+        existing, created = kube.create(obj)
+        if created:
+            ctx.created.append(f"{obj['kind']} {obj['metadata']['name']}")
+        elif obj["kind"] == "ConfigMap" and existing.get("data") != obj["data"]:
+            # Left by an earlier pass with an older spec; no RayJob has used it yet, so it may change.
+            kube.patch(CONFIGMAP, ctx.owner.namespace, obj["metadata"]["name"], {"data": obj["data"]})
+    ray, created = kube.create(ray_job)
+    if created:
+        ctx.created.append(f"RayJob {ray_job['metadata']['name']}")
+    return ray
+
+
+def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == owner.uid for r in refs)
+
+
+def _rejected_fields(ctx: Context, ray: dict[str, Any]) -> list[str]:
+    applied_hash = (ray.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+    if applied_hash == policy.spec_hash(ctx.raw_spec):
+        return []
+    cm = ctx.kube.get(CONFIGMAP, ctx.owner.namespace, names.config_map(ctx.owner.name))
+    applied = applied_spec(cm) if cm else None
+    if applied is None:
+        return [f"spec.{f}" for f in policy.TRAINING_FIELDS]  # cannot tell which: name the whole set
+    return policy.training_changes(applied, ctx.spec if ctx.spec is not None else ctx.raw_spec)
+
+
+def _apply_live_fields(kube: Kube, ray: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    current = ray.get("spec") or {}
+    patch = {k: v for k, v in live_fields(spec).items() if current.get(k) != v}
+    if not patch:
+        return ray
+    meta = ray["metadata"]
+    log.info("RayJob %s/%s: applying live fields %s", meta["namespace"], meta["name"], sorted(patch))
+    return kube.patch(RAYJOB, meta["namespace"], meta["name"], {"spec": patch})
+
+
+def _raise_for(e: KubeError) -> None:
+    if e.status == 404:
+        raise Retry(f"{e} (is KubeRay's RayJob CRD ray.io/v1 installed?)", delay=30) from None
+    if e.status == 403:
+        raise Retry(f"{e} (the operator's RBAC lacks a permission)", delay=30) from None
+    raise Retry(str(e), delay=10) from None
+
+
+SPEC_STEPS: list[Step] = [validate, ensure_training]
+STATUS_STEPS: list[Step] = [observe_spec]
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+def write_status(ctx: Context) -> dict[str, Any]:
+    """The one place a job's status is written: only operator-owned keys, only when changed."""
+    current = ctx.status
+    desired = desired_status(current, ctx.obs, now_rfc3339())
+    patch = status_patch(current, desired)
+    new_status = {**current, **desired}
+    if patch:
+        result = ctx.kube.patch_status(FINETUNEJOB, ctx.owner.namespace, ctx.owner.name, patch)
+        if result is None:
+            return new_status  # deleted meanwhile
+        new_status = result.get("status") or new_status
+    involved = ctx.owner.involved_object()
+    if ctx.created:
+        ctx.kube.post_event(involved, "Normal", "Created", "created " + ", ".join(ctx.created))
+    if patch:
+        for ev in transition_events(current, desired):
+            ctx.kube.post_event(involved, ev.type, ev.reason, ev.message)
+    metrics.observe_job(ctx.owner.namespace, ctx.owner.name, new_status,
+                        created=ctx.body["metadata"].get("creationTimestamp"))
+    return new_status
+
+
+# ------------------------------------------------------------------------------------------ reconciler
+
+
+class Reconciler:
+    """Runs passes for jobs; one at a time per job."""
+
+    def __init__(self, kube: Kube, settings: Settings):
+        self.kube = kube
+        self.settings = settings
+        self._guard = threading.Lock()
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], threading.Lock] = weakref.WeakValueDictionary()
+        self._seen: dict[str, str] = {}  # RayJob uid -> digest of the status last synced
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            lock = self._locks.get((namespace, name))
+            if lock is None:
+                lock = threading.Lock()
+                self._locks[(namespace, name)] = lock
+            return lock
+
+    def _context(self, namespace: str, name: str) -> Context | None:
+        body = self.kube.get(FINETUNEJOB, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        return Context(kube=self.kube, settings=self.settings, body=body, owner=Owner.from_body(body),
+                       raw_spec=body.get("spec") or {})
+
+    def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A full pass; raises Invalid (status written) or Retry. Returns the new status."""
+        lock = self._lock(namespace, name)
+        with lock:
+            ctx = self._context(namespace, name)
+            if ctx is None:
+                return None
+            stop: Exception | None = None
+            for step in SPEC_STEPS:
+                try:
+                    step(ctx)
+                except (Retry, Invalid) as e:
+                    stop = e
+                    break
+            status = write_status(ctx)
+        if stop is not None:
+            raise stop
+        if ctx.errors:
+            raise Invalid("; ".join(f"{p}: {m}" for p, m in ctx.errors))
+        return status
+
+    def on_ray_job(self, namespace: str, ray_job: dict[str, Any], *, deleted: bool = False) -> None:
+        """KubeRay changed (or someone deleted) a RayJob of ours: bring the job's status up to date."""
+        meta = ray_job.get("metadata") or {}
+        owner_ref = next((r for r in meta.get("ownerReferences") or []
+                          if r.get("controller") and r.get("kind") == api.KIND), None)
+        if owner_ref is None:
+            return
+        uid = meta.get("uid", "")
+        digest = json.dumps([ray_job.get("status"), (meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH)],
+                            sort_keys=True)
+        if deleted:
+            self._seen.pop(uid, None)
+        elif self._seen.get(uid) == digest:
+            return  # e.g. a finalizer or our own live-field patch: nothing the status shows has changed
+        lock = self._lock(namespace, owner_ref["name"])
+        with lock:
+            ctx = self._context(namespace, owner_ref["name"])
+            if ctx is None or ctx.owner.uid != owner_ref.get("uid"):
+                return
+            for step in STATUS_STEPS:
+                step(ctx)
+            ctx.obs.ray_job_name = meta.get("name", "")
+            if deleted:
+                if self.kube.get(RAYJOB, namespace, meta.get("name", "")) is not None:
+                    return  # already replaced
+                ctx.obs.ray_job, ctx.obs.ray_job_deleted = None, True
+            else:
+                ctx.obs.ray_job = ray_job
+            write_status(ctx)
+        if not deleted:
+            self._seen[uid] = digest
+
+    def forget(self, ray_job_uid: str) -> None:
+        self._seen.pop(ray_job_uid, None)
+
+
+__all__ = ["Context", "Invalid", "Reconciler", "Retry", "SPEC_STEPS", "STATUS_STEPS", "write_status", "KEEP"]
