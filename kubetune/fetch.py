@@ -173,6 +173,7 @@ def fetch_prefix(
     """
     t0 = time.monotonic()
     bucket, prefix = parse_s3_uri(s3_uri)
+    s3_uri = f"s3://{bucket}/{prefix.rstrip('/')}"  # one spelling per folder in the marker
     if client is None:
         client = make_s3_client(endpoint_url, region=region, access_key=access_key, secret_key=secret_key)
     dest = Path(dest_dir)
@@ -257,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         res = fetch_prefix(
             args.s3_uri, args.dest_dir, args.endpoint_url, region=args.region, prune=args.prune, force=args.force
         )
-    except (FetchError, ValueError) as exc:
-        print(f"kubetune.fetch: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - an init container should fail with one clear line
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not isinstance(exc, (FetchError, ValueError, OSError, BotoCoreError, ClientError)):
+            raise
+        print(f"kubetune.fetch: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(res.as_dict()))
     return 0
