@@ -113,7 +113,7 @@ def test_helm_install_upgrade_uninstall(
                   "--set", f"watch.namespaces={{{namespace}}}"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert "kt-life-kubetune" not in _names(kubectl, kubeconfig, "clusterrole", None, selector)
-    assert not _names(kubectl, kubeconfig, "clusterrolebinding", None, selector)
+    assert _names(kubectl, kubeconfig, "clusterrolebinding", None, selector) == {"kt-life-kubetune-observe"}
     assert _names(kubectl, kubeconfig, "role", namespace, selector) == {"kt-life-kubetune"}
     assert _names(kubectl, kubeconfig, "rolebinding", namespace, selector) == {"kt-life-kubetune"}
     deploy = json.loads(run([kubectl, "--kubeconfig", kubeconfig, "-n", namespace, "get", "deployment",

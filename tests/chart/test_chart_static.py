@@ -203,9 +203,17 @@ def test_namespaced_watch_renders_roles_per_namespace(render) -> None:
     for binding in bindings:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": NS}]
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubetune"}
-    # No cluster-wide grant for the operator: only the aggregated user-facing roles remain.
-    assert sorted(o["metadata"]["name"] for o in by_kind(objects, "ClusterRole")) == ["kubetune-edit", "kubetune-view"]
-    assert not by_kind(objects, "ClusterRoleBinding")
+    # Cluster-wide, the operator may only observe namespaces and CRDs (kopf); the rest are the user roles.
+    assert sorted(o["metadata"]["name"] for o in by_kind(objects, "ClusterRole")) == [
+        "kubetune-edit", "kubetune-observe", "kubetune-view"]
+    observe = next(o for o in by_kind(objects, "ClusterRole") if o["metadata"]["name"] == "kubetune-observe")
+    assert _rules(observe) == [(("",), ("namespaces",), ("list", "watch")),
+                               (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch"))]
+    (binding,) = by_kind(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "kubetune-observe"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": NS}]
+    restricted = render({"watch": {"namespaces": ["team-a"]}, "rbac": {"clusterScopedReads": False}})
+    assert not by_kind(restricted, "ClusterRoleBinding")
     assert _env(_container(objects))["KUBETUNE_NAMESPACES"] == "team-a,team-b"
 
 
