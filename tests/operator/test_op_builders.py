@@ -1,0 +1,166 @@
+"""Builders: every object the operator creates for the examples, compared with golden YAML files.
+
+Regenerate after an intended change with `KUBETUNE_UPDATE_GOLDEN=1 pytest tests/operator/test_op_builders.py`
+and review the diff of tests/golden/ like code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune import api
+from kubetune_operator import builders, names, policy
+from kubetune_operator.builders.config import CONFIG_KEY, applied_spec
+from kubetune_operator.meta import LABEL_JOB, Owner
+from kubetune_operator.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+EXAMPLES = ("lora-chat", "sequence-classification")
+OWNER_UID = "00000000-0000-4000-8000-000000000001"
+
+
+class _GoldenDumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's config.json) as literal blocks, so golden diffs read like JSON."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_GoldenDumper.add_representer(str, _str)
+
+
+def _example(name: str) -> tuple[dict, api.FineTuneJobSpec]:
+    manifest = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    _, _, spec = api.parse_manifest(manifest)
+    return manifest, spec
+
+
+def _children(name: str) -> list[dict]:
+    manifest, spec = _example(name)
+    owner = Owner(manifest["metadata"]["name"], "ml-team", OWNER_UID)
+    return builders.training_children(owner, spec, Settings(), policy.spec_hash(manifest["spec"]))
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_children_match_golden(example: str) -> None:
+    rendered = yaml.dump_all(_children(example), Dumper=_GoldenDumper, sort_keys=True, width=120)
+    assert list(yaml.safe_load_all(rendered)) == _children(example)  # the golden file is the objects, exactly
+    path = GOLDEN / f"{example}.yaml"
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1":
+        path.write_text(rendered)
+    assert path.is_file(), f"{path} missing: run with KUBETUNE_UPDATE_GOLDEN=1"
+    assert rendered == path.read_text(), f"{path} differs: review, then regenerate with KUBETUNE_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_child_is_owned_and_labelled(example: str) -> None:
+    for obj in _children(example):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ml-team"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["labels"][LABEL_JOB],
+            "uid": OWNER_UID, "controller": True, "blockOwnerDeletion": True,
+        }]
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+        assert len(meta["name"]) <= 63
+
+
+def test_config_map_holds_the_resolved_config() -> None:
+    cm = _children("lora-chat")[0]
+    config = api.TrainerConfig.model_validate(json.loads(cm["data"][CONFIG_KEY]))
+    assert config.job.name == "lora-chat" and config.job.namespace == "ml-team" and config.job.uid == OWNER_UID
+    assert config.run_uri == "s3://kubetune-runs/chat/ml-team/lora-chat"
+    assert config.spec.training.lora_settings.r == 16
+    # Defaults are filled in, so the trainer never guesses.
+    assert json.loads(cm["data"][CONFIG_KEY])["spec"]["training"]["scheduler"] == "cosine"
+    assert applied_spec(cm) == _example("lora-chat")[1]
+
+
+def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
+    rj = _children("lora-chat")[-1]
+    spec = rj["spec"]
+    assert spec["entrypoint"] == "python -m kubetune_trainer --config /etc/kubetune/config.json"
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["activeDeadlineSeconds"] == 86400 and spec["backoffLimit"] == 1 and spec["suspend"] is False
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    worker = group["template"]["spec"]
+    for pod in (head, worker):
+        assert pod["serviceAccountName"] == "lora-chat-trainer"
+        (c,) = pod["containers"]
+        assert {"name": "kubetune-config", "mountPath": "/etc/kubetune", "readOnly": True} in c["volumeMounts"]
+        assert {"name": "KUBETUNE_JOB_NAME", "value": "lora-chat"} in c["env"]
+        assert c["resources"]["requests"] == c["resources"]["limits"]
+    wres = worker["containers"][0]["resources"]["limits"]
+    assert wres == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    assert group["rayStartParams"] == {"num-gpus": "1"}
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert worker["tolerations"] == head["tolerations"]
+    assert rj["metadata"]["annotations"]["kubetune.io/spec-hash"] == policy.spec_hash(_example("lora-chat")[0]["spec"])
+
+
+def test_credentials_only_by_reference() -> None:
+    manifest, _ = _example("lora-chat")
+    rendered = json.dumps(_children("lora-chat"))
+    env = _children("lora-chat")[-1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+    assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
+    assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert refs["AWS_SESSION_TOKEN"]["optional"] is True
+    assert not any("value" in e for e in env if e["name"].startswith("AWS_"))
+
+
+def test_queue_label_and_images() -> None:
+    manifest, spec = _example("sequence-classification")
+    owner = Owner("ticket-classifier", "ml-team", OWNER_UID)
+    rj = builders.ray_job(owner, spec, Settings(trainer_image="registry.example/trainer:9.9"), "h")
+    assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-team"
+    images = {c["image"] for g in [rj["spec"]["rayClusterSpec"]["headGroupSpec"],
+                                   *rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {"registry.example/trainer:9.9"}
+    override = spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"images": api.ImageSpec(trainer="my/trainer:1.0")})})
+    rj = builders.ray_job(owner, override, Settings(), "h")
+    assert rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "my/trainer:1.0"
+
+
+def test_cpu_only_workers_request_no_gpu() -> None:
+    _, spec = _example("sequence-classification")
+    cpu = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_worker": 0})})
+    rj = builders.ray_job(Owner("t", "ns", "u"), cpu, Settings(), "h")
+    (group,) = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["rayStartParams"] == {}
+    assert set(group["template"]["spec"]["containers"][0]["resources"]["limits"]) == {"cpu", "memory"}
+    assert "activeDeadlineSeconds" not in rj["spec"]
+
+
+def test_trainer_role_reaches_only_its_own_job() -> None:
+    role = builders.role(Owner("job-a", "ns", "u"))
+    assert role["rules"] == [
+        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "resourceNames": ["job-a"], "verbs": ["get"]},
+        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "resourceNames": ["job-a"],
+         "verbs": ["get", "patch"]},
+    ]
+    binding = builders.role_binding(Owner("job-a", "ns", "u"))
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "job-a-trainer", "namespace": "ns"}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_long_names_are_trimmed_with_a_hash() -> None:
+    long = "a" * 63
+    _, spec = _example("lora-chat")
+    for obj in builders.training_children(Owner(long, "ns", "u"), spec, Settings(), "h"):
+        assert len(obj["metadata"]["name"]) <= (47 if obj["kind"] == "RayJob" else 63)
+    assert names.ray_job(long) != names.ray_job(long[:-1] + "b")
