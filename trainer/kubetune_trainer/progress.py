@@ -14,6 +14,10 @@ from KUBECONFIG when that is set (tests, local runs).
 metrics.jsonl is the history that outlives the cluster: one JSON object per line (per step, per evaluation,
 per event). S3 has no append, so the whole object is rewritten from memory every METRICS_FLUSH_SECONDS and
 at the end. On resume the lines of steps after the checkpoint (work that is about to be redone) are dropped.
+
+Local runs (`kubetune run`) have no API server to patch and want more than a 30 s flush: when
+KUBETUNE_PROGRESS_FILE names a file on the worker's machine, every status update and metrics line is also
+appended to it at once, one JSON object per line: {"status": {<key>: <value>}} or {"metric": {...}}.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from kubetune_trainer import storage
 log = logging.getLogger(__name__)
 
 METRICS_FLUSH_SECONDS = 30.0
+PROGRESS_FILE_ENV = "KUBETUNE_PROGRESS_FILE"
 _PATCH_TIMEOUT = (5, 15)  # connect, read seconds: a hung API server must not hold reports back for long
 
 
@@ -76,6 +81,17 @@ def kube_status_api() -> Any | None:
     return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
+def _open_progress_file() -> Any:
+    path = os.environ.get(PROGRESS_FILE_ENV)
+    if not path:
+        return None
+    try:
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by Reporter.close()
+    except OSError as exc:
+        log.warning("cannot append progress to %s (%s)", path, exc.strerror)
+        return None
+
+
 def _clean(value: Any) -> Any:
     """JSON cannot carry NaN or infinity (and the API server refuses them): report them as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -107,6 +123,7 @@ class Reporter:
         self._metrics_dirty = bool(self._lines)
         self._last_metrics_flush = time.monotonic()
         self._closed = False
+        self._local = _open_progress_file()
         self._thread = threading.Thread(target=self._run, name="kubetune-reporter", daemon=True)
         self._thread.start()
 
@@ -115,6 +132,7 @@ class Reporter:
     def progress(self, **fields: Any) -> None:
         """Progress fields by their Python names (step=, loss=, eval_loss=, ...); sent rate-limited."""
         wire = Progress(updated_at=now_rfc3339(), **_clean(fields)).wire()
+        self._mirror({"status": {"progress": wire}})
         with self._lock:
             self._pending.setdefault("progress", {}).update(wire)
             self._lock.notify()
@@ -132,6 +150,7 @@ class Reporter:
     def metric(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl (a step, an evaluation or an event)."""
         line = json.dumps(_clean({"time": now_rfc3339(), **record}), sort_keys=True)
+        self._mirror({"metric": json.loads(line)})
         with self._lock:
             self._lines.append(line)
             self._metrics_dirty = True
@@ -146,10 +165,24 @@ class Reporter:
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("status reporter did not finish within %.0fs; the last report may be missing", timeout)
+        if self._local is not None:
+            self._local.close()
+            self._local = None
 
     # ---------------------------------------------------------------- background thread
 
+    def _mirror(self, obj: dict[str, Any]) -> None:
+        """Append to the local progress file, if any (best effort, like every report)."""
+        if self._local is None:
+            return
+        try:
+            self._local.write(json.dumps(obj, sort_keys=True) + "\n")
+            self._local.flush()
+        except (OSError, ValueError):
+            pass
+
     def _urgent_update(self, key: str, value: Any) -> None:
+        self._mirror({"status": {key: value}})
         with self._lock:
             self._pending[key] = value
             self._urgent = True
