@@ -57,3 +57,9 @@ def render(helm: Path, tmp_path_factory: pytest.TempPathFactory) -> Renderer:
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
     return _render
+
+
+@pytest.fixture(scope="session")
+def chart_crds(control_plane: Any) -> list[str]:
+    """The chart's CRDs (charts/kubetune/crds/*.yaml, exactly as helm sends them) in the session's API server."""
+    return control_plane.install_crds(sorted((CHART / "crds").glob("*.yaml")))

@@ -3,7 +3,6 @@ dry run, the chart's CRDs are accepted as they are, and helm installs, upgrades 
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -18,19 +17,6 @@ pytestmark = pytest.mark.integration
 # their rendering is checked field by field in test_chart_static.py.
 THIRD_PARTY = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer"),
                ("monitoring.coreos.com/v1", "ServiceMonitor")}
-
-
-@pytest.fixture(scope="session")
-def chart_crds(control_plane: Any) -> list[str]:
-    """The chart's CRDs installed in the session's API server.
-
-    The FineTuneJob CRD goes in through kubetune.localenv's v1.20 adapter, which drops empty-string defaults
-    that v1.20 refuses (see test_chart_crds_accepted_as_they_are, which checks the file untouched)."""
-    from kubetune.localenv.crds import adapt_for_1_20, load_documents
-
-    docs = [adapt_for_1_20(copy.deepcopy(d)) for p in sorted((CHART / "crds").glob("*.yaml"))
-            for d in load_documents(p)]
-    return control_plane.install_crds(docs)
 
 
 def _served_and_third_party(objects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[tuple[str, str]]]:
@@ -100,8 +86,8 @@ def test_helm_install_upgrade_uninstall(
     release = "kt-life"
     selector = f"app.kubernetes.io/instance={release}"
     base = [helm, "--kubeconfig", kubeconfig, "--namespace", namespace]
-    # --skip-crds: the session's CRDs are in already (through the v1.20 adapter, see chart_crds).
-    result = run([*base, "install", release, CHART, "--skip-crds", "--wait=hookOnly"], timeout=300)
+    # The session has the CRDs already (chart_crds): helm leaves existing CRDs alone and installs the rest.
+    result = run([*base, "install", release, CHART, "--wait=hookOnly"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert _names(kubectl, kubeconfig, "deployment", namespace, selector) == {"kt-life-kubetune"}
     assert _names(kubectl, kubeconfig, "serviceaccount", namespace, selector) == {"kt-life-kubetune"}
@@ -109,7 +95,7 @@ def test_helm_install_upgrade_uninstall(
     assert _names(kubectl, kubeconfig, "clusterrolebinding", None, selector) == {"kt-life-kubetune"}
 
     # Switch to a namespaced watch: the ClusterRole(Binding) go, a Role(Binding) appears in the namespace.
-    result = run([*base, "upgrade", release, CHART, "--skip-crds", "--wait=hookOnly",
+    result = run([*base, "upgrade", release, CHART, "--wait=hookOnly",
                   "--set", f"watch.namespaces={{{namespace}}}"], timeout=300)
     assert result.returncode == 0, result.stderr
     assert "kt-life-kubetune" not in _names(kubectl, kubeconfig, "clusterrole", None, selector)
