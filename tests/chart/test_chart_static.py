@@ -163,7 +163,7 @@ EXPECTED_JOB_RULES = [
     (("",), ("configmaps",), ("get", "create", "patch")),
     (("",), ("serviceaccounts",), ("get", "create")),
     (("rbac.authorization.k8s.io",), ("roles", "rolebindings"), ("get", "create")),
-    (("apps",), ("deployments",), ("get", "list", "watch", "create", "patch", "delete")),
+    (("apps",), ("deployments",), ("get", "list", "watch", "create", "update", "patch", "delete")),
     (("",), ("services",), ("get", "create", "patch", "delete")),
     (("",), ("events",), ("create",)),
 ]
@@ -179,8 +179,10 @@ def _rules(role: dict[str, Any]) -> list[tuple[tuple[str, ...], ...]]:
 def _assert_least_privilege(role: dict[str, Any]) -> None:
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-        for verb in ("escalate", "bind", "impersonate", "update", "deletecollection"):
+        for verb in ("escalate", "bind", "impersonate", "deletecollection"):
             assert verb not in rule["verbs"], rule
+        # PUT only where the operator owns the whole spec (the inference Deployment).
+        assert "update" not in rule["verbs"] or rule["resources"] == ["deployments"], rule
         for resource in ("secrets", "pods", "pods/exec", "nodes", "clusterroles", "clusterrolebindings",
                          "validatingwebhookconfigurations", "mutatingwebhookconfigurations"):
             assert resource not in rule["resources"], rule

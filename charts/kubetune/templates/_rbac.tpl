@@ -30,10 +30,11 @@ Secret themselves (secretKeyRef), and KubeRay, not kubetune, creates the Ray pod
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create"]
-# Serving the fine-tuned model: the vLLM Deployment (watched for availability) and its Service.
+# Serving the fine-tuned model: the vLLM Deployment (watched for availability; replaced whole when spec.deploy
+# changes, since a merge patch cannot drop a key such as a GPU limit) and its Service.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create", "patch", "delete"]
