@@ -3,7 +3,9 @@
 -- (deploy/argocd/argocd-cm-patch.yaml carries this script; a test keeps the two identical).
 --
 --   Healthy      the model is served (Deployed), or training succeeded and nothing is to be served
---   Degraded     the job failed, its spec is invalid, or a training-field change was rejected
+--                (deploy disabled, not improved enough, scaled to zero)
+--   Degraded     the job failed, its spec is invalid, a training-field change was rejected, or serving
+--                needs a person (ReplicaFailure, ProgressDeadlineExceeded, ModelUnavailable, ...)
 --   Suspended    spec.suspend is true or the RayJob is suspended
 --   Progressing  everything else: waiting for the operator, queued, training, deploying
 -- Messages come from the conditions the operator writes (reason: message).
@@ -109,11 +111,24 @@ if (deployed ~= nil and deployed.status == "True") or status.state == "Deployed"
   return hs
 end
 
+-- Deployed=False reasons (kubetune_operator.conditions): nothing is meant to serve now, or serving needs a
+-- person; any other reason means serving is on its way.
+local NOT_SERVING_ON_PURPOSE = { Disabled = true, NotImproved = true, ScaledToZero = true }
+local SERVING_NEEDS_ATTENTION = { ProgressDeadlineExceeded = true, ReplicaFailure = true, ModelUnavailable = true,
+  UnsupportedModel = true, ServingRejected = true, NameConflict = true }
+
 if is_true(status, "Succeeded") then
   local deploy = spec.deploy or {}
-  -- Nothing to serve: deployment disabled, or the operator decided not to deploy (e.g. minImprovement).
-  local skipped = deployed ~= nil and deployed.status == "False"
-    and (deployed.reason == "Disabled" or deployed.reason == "Skipped" or deployed.reason == "NotImproved")
+  local reason = ""
+  if deployed ~= nil and deployed.status == "False" then
+    reason = deployed.reason or ""
+  end
+  if SERVING_NEEDS_ATTENTION[reason] then
+    hs.status = "Degraded"
+    hs.message = "Training succeeded; serving failed: " .. describe(deployed, reason)
+    return hs
+  end
+  local skipped = NOT_SERVING_ON_PURPOSE[reason] == true
   if deploy.enabled == false or skipped then
     hs.status = "Healthy"
     local model = status.model or {}

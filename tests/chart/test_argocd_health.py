@@ -113,6 +113,15 @@ CASES = [
     ("succeeded, not improved enough to deploy", job({"state": "Succeeded", "conditions": [
         VALID, cond("Succeeded"), cond("Deployed", "False", "NotImproved", "evalLoss improved by 0.001 < 0.01")]}),
      "Healthy", "not deployed: NotImproved"),
+    ("succeeded, scaled to zero", job({"state": "Succeeded", "conditions": [
+        VALID, cond("Succeeded"), cond("Deployed", "False", "ScaledToZero", "spec.deploy.replicas is 0")]}),
+     "Healthy", "not deployed: ScaledToZero"),
+    ("succeeded, serving broken", job({"state": "Deploying", "conditions": [
+        VALID, cond("Succeeded"), cond("Deployed", "False", "ReplicaFailure", "pods cannot be created")]}),
+     "Degraded", "serving failed: ReplicaFailure: pods cannot be created"),
+    ("succeeded, awaiting evaluation", job({"state": "Deploying", "conditions": [
+        VALID, cond("Succeeded"), cond("Deployed", "False", "AwaitingEvaluation", "waiting for the eval report")]}),
+     "Progressing", "AwaitingEvaluation"),
     ("failure wins over suspend", job({"state": "Failed", "conditions": [VALID, cond("Failed", "True", "AppFailed", "exit 1")]},
                                       suspend=True),
      "Degraded", "AppFailed: exit 1"),
@@ -146,3 +155,15 @@ def test_condition_types_match_the_operator() -> None:
     used = set(re.findall(r'condition\(status, "(\w+)"\)|is_true\(status, "(\w+)"\)', SCRIPT.read_text()))
     names = {a or b for a, b in used}
     assert names <= set(conditions.ORDER), names - set(conditions.ORDER)
+
+
+def test_deployed_reasons_match_the_operator() -> None:
+    """The reasons the script treats as 'nothing to serve on purpose' are the operator's."""
+    conditions = pytest.importorskip("kubetune_operator.conditions")
+    on_purpose = getattr(conditions, "NOT_SERVING_ON_PURPOSE", None)
+    if on_purpose is None:
+        pytest.skip("this operator has no serving reasons yet")
+    import re
+
+    block = re.search(r"NOT_SERVING_ON_PURPOSE = \{([^}]*)\}", SCRIPT.read_text()).group(1)
+    assert set(re.findall(r"(\w+) = true", block)) == set(on_purpose)
