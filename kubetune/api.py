@@ -454,6 +454,12 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     if spec.deploy.mode is not None and t.method == "full":
         # A full fine-tune has no adapter to serve or merge: the full model is the only choice.
         errs.append(("spec.deploy.mode", "applies to LoRA only; a full fine-tune is served as a full model"))
+    if spec.deploy.mode == "merged" and t.method == "lora" and not spec.output.export_merged:
+        # The trainer writes merged weights only when asked; without them there is nothing to serve.
+        errs.append(("spec.deploy.mode", "merged needs spec.output.exportMerged: true"))
+    name = spec.deploy.served_model_name
+    if name is not None and (not name or any(ch.isspace() for ch in name) or "=" in name):
+        errs.append(("spec.deploy.servedModelName", "must be non-empty, without whitespace or '='"))
     if spec.deploy.min_improvement is not None and not has_eval:
         errs.append(("spec.deploy.minImprovement", "needs spec.dataset.validation or validationSplit"))
     if spec.tuning is not None:

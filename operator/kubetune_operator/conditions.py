@@ -18,11 +18,20 @@ Types (PascalCase) and their reasons (CamelCase):
 |                    |                                            | ChildRejected (the API refused an object we built)    |
 | Suspended          | the RayJob is suspending or suspended      | Suspending, Suspended                                 |
 | SpecChangeRejected | a training field changed after the start   | TrainingFieldsImmutable / SpecMatchesRun              |
-| Deployed           | (issue 4: serving)                         |                                                       |
+| Deployed           | the inference Deployment has an available  | True: Available. False, serving in progress:          |
+|                    | replica serving the fine-tuned model       | Progressing, AwaitingEvaluation, ServingError         |
+|                    | (set only once training succeeded and      | (API error; retried); False, needs attention:         |
+|                    | serving was asked for)                     | ProgressDeadlineExceeded, ReplicaFailure,             |
+|                    |                                            | ModelUnavailable, UnsupportedModel, ServingRejected,  |
+|                    |                                            | NameConflict; False, nothing to serve on purpose:     |
+|                    |                                            | Disabled, NotImproved (the deployment gate),          |
+|                    |                                            | ScaledToZero                                          |
 
 While a condition is False its reason says where the run is (`Pending`, `Initializing`, `JobPending`,
 `Running`, ...), the same vocabulary as `Training`'s, so `kubectl describe` reads naturally.
 DeadlineExceeded is a reason of Failed, as in batch/v1 Jobs, rather than a condition of its own.
+`Deployed` follows the Deployment's own conditions (Available, Progressing, ReplicaFailure) and
+availableReplicas; see `kubetune_operator.serving`.
 """
 
 from __future__ import annotations
@@ -61,6 +70,22 @@ CHILD_REJECTED = "ChildRejected"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 TRAINING_FIELDS_IMMUTABLE = "TrainingFieldsImmutable"
 SPEC_MATCHES_RUN = "SpecMatchesRun"
+# Deployed
+AVAILABLE = "Available"
+PROGRESSING = "Progressing"
+PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+REPLICA_FAILURE = "ReplicaFailure"
+SCALED_TO_ZERO = "ScaledToZero"
+DISABLED = "Disabled"
+NOT_IMPROVED = "NotImproved"
+AWAITING_EVALUATION = "AwaitingEvaluation"
+MODEL_UNAVAILABLE = "ModelUnavailable"
+UNSUPPORTED_MODEL = "UnsupportedModel"
+SERVING_ERROR = "ServingError"
+SERVING_REJECTED = "ServingRejected"
+NAME_CONFLICT = "NameConflict"
+# Deployed=False for these means "nothing is meant to serve now", not "deploying": the state stays Succeeded.
+NOT_SERVING_ON_PURPOSE = (DISABLED, NOT_IMPROVED, SCALED_TO_ZERO)
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 

@@ -4,7 +4,11 @@
   handler's progress and the last handled spec in annotations under `kubetune.io/` (status.kopf would be pruned
   by the structural schema).
 - RayJob of ours (label kubetune.io/job) changed or deleted -> `Reconciler.on_ray_job` (status only).
-- Any FineTuneJob event -> the metrics index (no API calls; trainer progress shows up in /metrics).
+- Inference Deployment of ours (labels kubetune.io/job, app.kubernetes.io/component=inference) changed or
+  deleted -> `Reconciler.on_deployment` (status, and serving put back as the spec asks).
+- Any FineTuneJob event -> the metrics index (no API calls; trainer progress shows up in /metrics), and
+  `Reconciler.on_job_event`, which acts only when the trainer reported a new model or evaluation after
+  training succeeded (e.g. the evaluation the deployment gate waits for).
 
 There are no deletion handlers and no finalizers: children go with their owner through the garbage collector,
 so deleting a job never waits for the operator.
@@ -23,6 +27,7 @@ from kubetune_operator.reconcile import Invalid, Reconciler, Retry
 
 FTJ = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
 RAYJOB = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
+DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
 
 
 def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
@@ -42,6 +47,18 @@ def ray_job_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.
         reconciler.on_ray_job(namespace, dict(body), deleted=type == "DELETED")
 
 
+def deployment_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    with metrics.time_reconcile("deployment"):
+        reconciler.on_deployment(namespace, dict(body), deleted=type == "DELETED")
+
+
+def serving_inputs_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                         **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    reconciler.on_job_event(namespace, name, dict(body), deleted=type == "DELETED")
+
+
 def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
     if type == "DELETED":
         metrics.forget_job(namespace, name)
@@ -54,4 +71,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
         on(**FTJ, id="reconcile", registry=registry)(reconcile_job)
     kopf.on.event(**RAYJOB, labels={LABEL_JOB: kopf.PRESENT}, id="rayjob", registry=registry)(ray_job_event)
+    kopf.on.event(**DEPLOYMENT, labels={LABEL_JOB: kopf.PRESENT, "app.kubernetes.io/component": "inference"},
+                  id="deployment", registry=registry)(deployment_event)
     kopf.on.event(**FTJ, id="metrics", registry=registry)(job_event)
+    kopf.on.event(**FTJ, id="serving-inputs", registry=registry)(serving_inputs_event)

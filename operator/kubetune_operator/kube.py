@@ -7,7 +7,7 @@ robust against that skew and keeps one code path for every kind.
 
 What it offers is what reconciling needs and no more: idempotent creates (409 means "already there": the
 existing object is returned, never a second one made), get, JSON merge patches of an object or of its status
-subresource, and Events. Every request is counted (`requests`), for the operator's metrics and the benchmark.
+subresource, replace (PUT) of an object whose spec the operator owns whole, delete, and Events. Every request is counted (`requests`), for the operator's metrics and the benchmark.
 Errors carry the API's status code and reason; they never include request bodies.
 """
 
@@ -73,6 +73,8 @@ KINDS = {
 FINETUNEJOB = KINDS[(api.API_VERSION, api.KIND)]
 RAYJOB = KINDS[("ray.io/v1", "RayJob")]
 CONFIGMAP = KINDS[("v1", "ConfigMap")]
+DEPLOYMENT = KINDS[("apps/v1", "Deployment")]
+SERVICE = KINDS[("v1", "Service")]
 
 
 def kind_of(obj: dict[str, Any]) -> Kind:
@@ -204,6 +206,18 @@ class Kube:
             return self._call("patch", "PATCH", kind.path(namespace, name), body=patch, content_type=MERGE_PATCH)
         except ApiException as e:
             raise _error(e, f"patch {kind.kind} {namespace}/{name}") from None
+
+    def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """PUT `obj`: with metadata.resourceVersion a concurrent change fails with 409; without, it is replaced.
+
+        For objects whose spec the operator owns whole (the inference Deployment): a merge patch cannot drop a
+        key the new spec no longer has (e.g. the GPU limit when a deployment moves to CPU), a replace does.
+        """
+        kind, meta = kind_of(obj), obj["metadata"]
+        try:
+            return self._call("replace", "PUT", kind.path(meta["namespace"], meta["name"]), body=obj)
+        except ApiException as e:
+            raise _error(e, f"replace {kind.kind} {meta['namespace']}/{meta['name']}") from None
 
     def patch_status(self, kind: Kind, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """JSON merge patch of the status subresource; None when the object is gone."""

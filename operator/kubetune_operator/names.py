@@ -7,6 +7,7 @@ short hash of the untrimmed name is appended so that two long parents that share
 
 Limits that apply here:
 - most objects (ConfigMap, ServiceAccount, Role, RoleBinding): DNS-1123 label, at most 63 characters;
+- the inference Service (and its Deployment, named alike): DNS-1035 label (starts with a letter), at most 63;
 - label values: at most 63 characters;
 - RayJob: KubeRay refuses names over 47 characters (it appends a suffix for the RayCluster and its Services,
   which must stay under 63) and names that are not DNS-1035 labels (must start with a letter).
@@ -62,6 +63,13 @@ def ray_job(job: str) -> str:
     """The RayJob: DNS-1035 (starts with a letter) and at most 47 characters, as KubeRay demands."""
     base = job if re.match(r"^[a-z]", job) else f"ftj-{job}"
     return trimmed(base, MAX_RAYJOB_NAME)
+
+
+def inference(job: str) -> str:
+    """The inference Deployment and its Service (same name): a Service name must be a DNS-1035 label (start
+    with a letter), so a job named like `7b-chat` gets `ftj-7b-chat-inference`."""
+    base = job if re.match(r"^[a-z]", job) else f"ftj-{job}"
+    return child_name(base, "inference")
 
 
 def label_value(value: str) -> str:

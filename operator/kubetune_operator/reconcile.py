@@ -8,10 +8,13 @@ Two kinds of pass, both under a per-job lock so that they never interleave for t
 - `reconcile` (the job's spec was created, changed, or the operator restarted): validate, make sure the
   training objects exist (create-or-get, never a second copy), apply the spec-change policy, then status;
 - `on_ray_job` (KubeRay changed the RayJob): status only.
+- `on_deployment` (the inference Deployment's status moved), `on_job_event` (the trainer reported its model
+  or evaluation after the run), `serve` (a requeued retry): status passes.
 
-The seam for serving (issue 4): append a step to `SPEC_STEPS` and `STATUS_STEPS` that, once `Succeeded` is
-True and `spec.deploy.enabled`, creates the Deployment and Service through `ctx.kube` and reports through
-`ctx.obs.extra_conditions` (e.g. `Deployed`) and an owned `endpoint` key.
+Serving (`kubetune_operator.serving.ensure_serving`) is the last step of both kinds of pass: once `Succeeded`
+is True it keeps the inference Deployment and Service as `spec.deploy` asks and reports `Deployed` and
+`status.endpoint`. kopf retries a failed spec pass; a status pass that hit an API error is requeued here
+(`_requeue`, in memory, cancelled by `close`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import api
-from kubetune_operator import builders, metrics, names, policy
+from kubetune_operator import builders, metrics, names, policy, serving
 from kubetune_operator import conditions as c
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.builders.rayjob import live_fields
@@ -189,8 +192,18 @@ def _raise_for(e: KubeError) -> None:
     raise Retry(str(e), delay=10) from None
 
 
-SPEC_STEPS: list[Step] = [validate, ensure_training]
-STATUS_STEPS: list[Step] = [observe_spec]
+SPEC_STEPS: list[Step] = [validate, ensure_training, serving.ensure_serving]
+STATUS_STEPS: list[Step] = [observe_spec, serving.ensure_serving]
+
+
+def run_status_steps(ctx: Context) -> Retry | None:
+    """The status-only steps; a Retry stops them and is returned (the status is still written)."""
+    for step in STATUS_STEPS:
+        try:
+            step(ctx)
+        except Retry as e:
+            return e
+    return None
 
 
 # --------------------------------------------------------------------------------------------- status
@@ -229,7 +242,10 @@ class Reconciler:
         self.settings = settings
         self._guard = threading.Lock()
         self._locks: weakref.WeakValueDictionary[tuple[str, str], threading.Lock] = weakref.WeakValueDictionary()
-        self._seen: dict[str, str] = {}  # RayJob uid -> digest of the status last synced
+        self._seen: dict[str, str] = {}  # RayJob / Deployment uid -> digest of the status last synced
+        self._inputs: dict[str, str] = {}  # FineTuneJob uid -> digest of the trainer-reported serving inputs
+        self._timers: dict[tuple[str, str], threading.Timer] = {}
+        self._closed = False
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
@@ -286,8 +302,6 @@ class Reconciler:
             ctx = self._context(namespace, owner_ref["name"])
             if ctx is None or ctx.owner.uid != owner_ref.get("uid"):
                 return
-            for step in STATUS_STEPS:
-                step(ctx)
             ctx.obs.ray_job_name = meta.get("name", "")
             if deleted:
                 if self.kube.get(RAYJOB, namespace, meta.get("name", "")) is not None:
@@ -295,12 +309,113 @@ class Reconciler:
                 ctx.obs.ray_job, ctx.obs.ray_job_deleted = None, True
             else:
                 ctx.obs.ray_job = ray_job
+            retry = run_status_steps(ctx)  # after the RayJob is observed: serving starts on its success
             write_status(ctx)
+        if retry is not None:
+            self._requeue(namespace, owner_ref["name"], retry)
         if not deleted:
             self._seen[uid] = digest
 
     def forget(self, ray_job_uid: str) -> None:
         self._seen.pop(ray_job_uid, None)
+
+    # --- serving ------------------------------------------------------------------------------------------
+
+    def serve(self, namespace: str, name: str) -> None:
+        """A status pass for one job (serving follows its spec and status); requeued on API errors."""
+        with self._lock(namespace, name):
+            ctx = self._context(namespace, name)
+            if ctx is None:
+                return
+            retry = run_status_steps(ctx)
+            write_status(ctx)
+        if retry is not None:
+            self._requeue(namespace, name, retry)
+
+    def on_deployment(self, namespace: str, deployment: dict[str, Any], *, deleted: bool = False) -> None:
+        """The inference Deployment of a job changed (availability, replicas) or was deleted."""
+        meta = deployment.get("metadata") or {}
+        owner_ref = next((r for r in meta.get("ownerReferences") or []
+                          if r.get("controller") and r.get("kind") == api.KIND), None)
+        if owner_ref is None:
+            return
+        uid = meta.get("uid", "")
+        digest = json.dumps([deployment.get("status"), meta.get("generation"),
+                             (deployment.get("spec") or {}).get("replicas"), meta.get("annotations")],
+                            sort_keys=True)
+        if deleted:
+            self._seen.pop(uid, None)
+        elif self._seen.get(uid) == digest:
+            return
+        with self._lock(namespace, owner_ref["name"]):
+            ctx = self._context(namespace, owner_ref["name"])
+            if ctx is None or ctx.owner.uid != owner_ref.get("uid"):
+                return
+            retry = run_status_steps(ctx)  # a deleted Deployment that should exist is made again
+            write_status(ctx)
+        if retry is not None:
+            self._requeue(namespace, owner_ref["name"], retry)
+        if not deleted:
+            self._seen[uid] = digest
+
+    def on_job_event(self, namespace: str, name: str, body: dict[str, Any], *, deleted: bool = False) -> None:
+        """Any event of a FineTuneJob: a serving pass when the trainer reported a new model or evaluation
+        after training succeeded (spec changes and RayJob transitions have passes of their own)."""
+        meta = body.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if deleted:
+            self._inputs.pop(uid, None)
+            self._cancel(namespace, name)
+            return
+        st = body.get("status") or {}
+        digest = json.dumps([st.get("model"), st.get("evaluation")], sort_keys=True)
+        previous = self._inputs.get(uid)
+        self._inputs[uid] = digest
+        if not c.is_true(st.get("conditions"), c.SUCCEEDED):
+            return
+        waiting = (c.get(st.get("conditions"), c.DEPLOYED) or {}).get("reason") in (c.AWAITING_EVALUATION,
+                                                                                   c.MODEL_UNAVAILABLE)
+        if previous == digest or (previous is None and not waiting):
+            return  # nothing new (the first sight after a restart is covered by the resume pass)
+        self.serve(namespace, name)
+
+    def _requeue(self, namespace: str, name: str, retry: Retry) -> None:
+        """Run `serve` again after `retry.delay` seconds (kopf does not retry event handlers)."""
+        with self._guard:
+            if self._closed:
+                return
+            old = self._timers.pop((namespace, name), None)
+            if old is not None:
+                old.cancel()
+            log.info("%s/%s: %s; retrying in %.0f s", namespace, name, retry, retry.delay)
+            timer = threading.Timer(retry.delay, self._retry, args=(namespace, name))
+            timer.daemon = True
+            self._timers[(namespace, name)] = timer
+            timer.start()
+
+    def _retry(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._timers.pop((namespace, name), None)
+            if self._closed:
+                return
+        try:
+            self.serve(namespace, name)
+        except Exception:  # noqa: BLE001 - a timer thread has no one to raise to
+            log.exception("%s/%s: serving retry failed", namespace, name)
+
+    def _cancel(self, namespace: str, name: str) -> None:
+        with self._guard:
+            timer = self._timers.pop((namespace, name), None)
+        if timer is not None:
+            timer.cancel()
+
+    def close(self) -> None:
+        """Cancel pending retries (the operator is stopping)."""
+        with self._guard:
+            self._closed = True
+            timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
 
 
 __all__ = ["Context", "Invalid", "Reconciler", "Retry", "SPEC_STEPS", "STATUS_STEPS", "write_status", "KEEP"]

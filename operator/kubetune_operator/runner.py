@@ -90,6 +90,7 @@ async def run(
     """Run the operator until `stop_flag` is set (or forever)."""
     configuration = load_configuration(kubeconfig)
     kube = Kube(configuration, pool_size=op.max_workers + 4)
+    reconciler = Reconciler(kube, op)
     kopf_settings = kopf.OperatorSettings()
     metrics_server = None
     with tempfile.TemporaryDirectory(prefix="kubetune-webhook-") as cert_dir:
@@ -101,7 +102,7 @@ async def run(
             await kopf.operator(
                 registry=make_registry(op, configuration),
                 settings=kopf_settings,
-                memo=kopf.Memo(reconciler=Reconciler(kube, op), kube=kube, settings=op),
+                memo=kopf.Memo(reconciler=reconciler, kube=kube, settings=op),
                 clusterwide=not op.namespaces,
                 namespaces=list(op.namespaces),
                 standalone=op.peering is None,
@@ -111,6 +112,7 @@ async def run(
                 ready_flag=ready_flag,
             )
         finally:
+            reconciler.close()  # pending serving retries
             if metrics_server is not None:
                 metrics_server.shutdown()
             kube.close()

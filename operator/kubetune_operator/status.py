@@ -33,7 +33,8 @@ from typing import Any
 
 from kubetune_operator import conditions as c
 
-OWNED_KEYS = ("observedGeneration", "state", "conditions", "rayJob", "startTime", "completionTime", "specHash")
+OWNED_KEYS = ("observedGeneration", "state", "conditions", "rayJob", "startTime", "completionTime", "specHash",
+              "endpoint")
 KEEP = object()  # "leave as it is" marker for Observation fields
 
 
@@ -115,6 +116,7 @@ class Observation:
     rejection_message: str = ""
     failure: tuple[str, str] | None = None  # (reason, message) when making the RayJob failed for good
     extra_conditions: list[tuple[str, str, str, str]] = field(default_factory=list)  # for later steps
+    endpoint: Mapping[str, Any] | None | object = KEEP  # status.endpoint {url, model}; None: remove it
 
 
 def _run_phase(current: Mapping[str, Any], obs: Observation) -> Phase | None:
@@ -150,7 +152,8 @@ def state_of(conditions: list[Mapping[str, Any]]) -> str:
         return "Failed"
     if c.is_true(conditions, c.SUCCEEDED):
         deployed = c.get(conditions, c.DEPLOYED)
-        if deployed is None:
+        if deployed is None or (deployed.get("status") != c.TRUE
+                                and deployed.get("reason") in c.NOT_SERVING_ON_PURPOSE):
             return "Succeeded"
         return "Deployed" if deployed.get("status") == c.TRUE else "Deploying"
     if c.is_true(conditions, c.SUSPENDED):
@@ -201,6 +204,11 @@ def desired_status(current: Mapping[str, Any] | None, obs: Observation, now: str
 
     for type_, status, reason, message in obs.extra_conditions:
         put(type_, status, reason, message)
+
+    if obs.endpoint is None:
+        out.pop("endpoint", None)
+    elif obs.endpoint is not KEEP:
+        out["endpoint"] = dict(obs.endpoint)  # type: ignore[call-overload]
 
     if isinstance(obs.ray_job, Mapping):
         st = _ray_status(obs)
@@ -265,7 +273,7 @@ class EventSpec:
 
 
 def transition_events(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> list[EventSpec]:
-    """One Event per transition: the run's phase, validation, and spec-change rejection."""
+    """One Event per transition: the run's phase, validation, spec-change rejection, and serving."""
     old = list((before or {}).get("conditions") or [])
     new = list(after.get("conditions") or [])
     events: list[EventSpec] = []
@@ -292,4 +300,10 @@ def transition_events(before: Mapping[str, Any] | None, after: Mapping[str, Any]
     if t is not None and not (failed and failed.get("status") == c.TRUE and failed.get("reason") == c.INVALID):
         warning = failed is not None and failed.get("status") == c.TRUE
         events.append(EventSpec("Warning" if warning else "Normal", t["reason"], t["message"]))
+    d = changed(c.DEPLOYED)
+    if d is not None:
+        calm = d["status"] == c.TRUE or d.get("reason") in (*c.NOT_SERVING_ON_PURPOSE, c.PROGRESSING,
+                                                             c.AWAITING_EVALUATION)
+        reason = "Deployed" if d["status"] == c.TRUE else d.get("reason") or "NotDeployed"
+        events.append(EventSpec("Normal" if calm else "Warning", reason, d.get("message", "")))
     return events
