@@ -1,0 +1,141 @@
+"""A one-node Ray cluster on 127.0.0.1, playing the RayCluster that KubeRay would start for a RayJob.
+
+Development tool: `kubetune run` and the `kubetune dev` runtime start one per training run, so that the
+trainer runs exactly as in a RayJob: its entrypoint joins an existing cluster through RAY_ADDRESS, and Ray
+Train's workers are processes of that cluster, started with the cluster's (the pods') environment.
+
+Why these settings:
+- RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use the loopback address as the node IP on Linux too; with
+  it every Ray port listens on 127.0.0.1 only (`--node-ip-address=127.0.0.1` alone is silently replaced by
+  the machine's outward address). The driver needs the same variable to find its local raylet.
+- Every port is chosen free (GCS, node manager, object manager, agents, metrics), so clusters of parallel
+  runs and test sessions coexist; no dashboard, no usage stats, token auth off (Ray 2.60 enables it).
+- `--num-cpus` is what the RayCluster would advertise: worker replicas x their CPU limit. Ray then sets
+  OMP_NUM_THREADS of each training worker to its CPU share, as on Kubernetes.
+- `--block` keeps `ray start` in the foreground, so stopping its process group stops the whole cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from kubetune.localenv.procs import ManagedProcess, free_ports, make_workdir
+
+RAY_BASE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+_READY_LINE = "Ray runtime started."
+_OBJECT_STORE_BYTES = 512 * 1024 * 1024  # the trainer moves data through S3, not the object store
+
+
+class RayClusterError(RuntimeError):
+    """The local Ray cluster did not come up (the message carries its log tail)."""
+
+
+def ray_executable() -> Path:
+    """`ray` of this interpreter's environment (the trainer's environment)."""
+    candidate = Path(sys.executable).parent / "ray"
+    if candidate.is_file():
+        return candidate
+    found = shutil.which("ray")
+    if found:
+        return Path(found)
+    raise RayClusterError("the `ray` command is not installed: pip install 'ray[train]==2.60.0'")
+
+
+class LocalRayCluster:
+    """`ray start --head --block` on 127.0.0.1 with its own temp dir and free ports; a context manager."""
+
+    def __init__(self, log_path: Path, *, num_cpus: int, num_gpus: int = 0,
+                 env: Mapping[str, str] | None = None, timeout: float = 180.0) -> None:
+        self.log_path = log_path
+        self.num_cpus = max(1, int(num_cpus))
+        self.num_gpus = int(num_gpus)
+        # The whole environment of the Ray processes (the pods'); the host's when none is given.
+        self.env = {**(os.environ if env is None else env), **RAY_BASE_ENV}
+        self.timeout = timeout
+        self.address: str | None = None
+        self.temp_dir: Path | None = None
+        self.startup_seconds: float | None = None
+        self._proc: ManagedProcess | None = None
+
+    def __enter__(self) -> LocalRayCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> LocalRayCluster:
+        if self._proc is not None:
+            return self
+        t0 = time.monotonic()
+        # A short path: Ray's unix sockets live below it and socket paths are limited to 107 bytes.
+        self.temp_dir = make_workdir("kt-ray-")
+        gcs, obj, node, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
+        argv = [
+            str(ray_executable()), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}", "--include-dashboard=false",
+            "--disable-usage-stats", f"--temp-dir={self.temp_dir}", f"--object-store-memory={_OBJECT_STORE_BYTES}",
+            f"--object-manager-port={obj}", f"--node-manager-port={node}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._proc = ManagedProcess("ray-head", argv, self.log_path, env=self.env, cwd=self.temp_dir)
+        deadline = t0 + self.timeout
+        while True:
+            if not self._proc.alive():
+                tail = self._proc.log_tail()
+                self.stop()
+                raise RayClusterError(f"`ray start` exited with {self._proc.popen.returncode}:\n{tail}")
+            if _READY_LINE in _read_from(self.log_path, offset):
+                break
+            if time.monotonic() > deadline:
+                tail = self._proc.log_tail()
+                self.stop()
+                raise RayClusterError(f"Ray not ready after {self.timeout:.0f} s:\n{tail}")
+            time.sleep(0.25)
+        self.address = f"127.0.0.1:{gcs}"
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def driver_env(self) -> dict[str, str]:
+        """What a driver (the RayJob entrypoint) needs to join this cluster."""
+        if self.address is None:
+            raise RayClusterError("the Ray cluster is not started")
+        return {**RAY_BASE_ENV, "RAY_ADDRESS": self.address}
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.alive()
+
+    def stop(self) -> None:
+        """Stop every Ray process of the cluster and remove its temp dir. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.stop(grace=10.0)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+        self.address = None
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
