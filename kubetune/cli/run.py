@@ -148,9 +148,11 @@ def _seed(console: Any, s3: Any, client: Any, spec: api.FineTuneJobSpec) -> None
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     if not s3.kubetune_owned:
-        if items:
-            raise CLIError(f"{items[0].uri} is a kubetune built-in, seeded only into kubetune's local S3; "
-                           f"{s3.description} is not one of those", EXIT_USAGE)
+        # Someone else's S3 is never written to by kubetune itself: built-ins must be there already.
+        missing = [i for i in items if not builtin.is_present(client, i)]
+        if missing:
+            raise CLIError(f"{missing[0].uri} is a kubetune built-in, uploaded only into kubetune's local S3; "
+                           f"{s3.description} does not have it", EXIT_USAGE)
         return
     for uri in (spec.output.uri, spec.dataset.train, spec.model.uri):
         builtin.ensure_bucket(client, uri[len("s3://"):].split("/", 1)[0])

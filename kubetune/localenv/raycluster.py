@@ -12,6 +12,8 @@ Why these settings:
   runs and test sessions coexist; no dashboard, no usage stats, token auth off (Ray 2.60 enables it).
 - `--num-cpus` is what the RayCluster would advertise: worker replicas x their CPU limit. Ray then sets
   OMP_NUM_THREADS of each training worker to its CPU share, as on Kubernetes.
+- RAY_ADDRESS is set for every process of the cluster: Ray helpers that call ray.init() without an address
+  refuse to guess when other Ray clusters run on the machine (parallel test runs).
 - `--block` keeps `ray start` in the foreground, so stopping its process group stops the whole cluster.
 """
 
@@ -94,7 +96,10 @@ class LocalRayCluster:
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._proc = ManagedProcess("ray-head", argv, self.log_path, env=self.env, cwd=self.temp_dir)
+        # Ray's own helper processes (e.g. Train's PlacementGroupCleaner) call ray.init() with no address; with
+        # several clusters on the machine they would refuse to guess, so every process is told its cluster.
+        env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+        self._proc = ManagedProcess("ray-head", argv, self.log_path, env=env, cwd=self.temp_dir)
         deadline = t0 + self.timeout
         while True:
             if not self._proc.alive():

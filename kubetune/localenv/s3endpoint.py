@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 LOCAL_S3_DIR = "local-s3"
+LOCAL_S3_DIR_ENV = "KUBETUNE_LOCAL_S3_DIR"  # where the embedded server keeps data and keys (tests: a temp dir)
 CREDENTIALS_FILE = "credentials.json"
 _CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
@@ -124,11 +125,18 @@ def known_credential_files() -> list[Path]:
     """Where kubetune keeps the keys of its local S3 servers: `kubetune run`'s, then `kubetune dev`'s."""
     from kubetune.localenv.tools import cache_dir
 
-    files = [cache_dir() / LOCAL_S3_DIR / CREDENTIALS_FILE]
+    files = [local_s3_dir() / CREDENTIALS_FILE]
     dev_dirs = [Path(os.environ["KUBETUNE_DEV_DIR"])] if os.environ.get("KUBETUNE_DEV_DIR") else []
     dev_dirs.append(cache_dir() / "dev")
     files += [d / "s3" / CREDENTIALS_FILE for d in dev_dirs]
     return files
+
+
+def local_s3_dir() -> Path:
+    from kubetune.localenv.tools import cache_dir
+
+    env = os.environ.get(LOCAL_S3_DIR_ENV)
+    return Path(env) if env else cache_dir() / LOCAL_S3_DIR
 
 
 def _accepts(endpoint: str, region: str, creds: dict[str, str]) -> bool:
@@ -169,9 +177,7 @@ def start_embedded(endpoint: str, region: str) -> S3Target:
     """SeaweedFS with kept data and keys, answering at `endpoint` through a port forward."""
     from kubetune.localenv.portforward import PortForward
     from kubetune.localenv.s3 import S3Server
-    from kubetune.localenv.tools import cache_dir
-
-    root = cache_dir() / LOCAL_S3_DIR
+    root = local_s3_dir()
     lock = _try_lock(root / ".lock")
     if lock is None:
         # Another run holds the kept data dir (on another endpoint port): use a throw-away one.
