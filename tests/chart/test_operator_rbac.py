@@ -317,11 +317,36 @@ def _reconcile_and_settle(admin: Kubectl, namespace: str, health_port: int, metr
     assert (_sample(text, "kubetune_time_to_training_start_seconds_count") or 0) >= 2
     assert (_sample(text, "kubetune_reconcile_duration_seconds_count", handler="reconcile") or 0) >= 2
 
+    if hasattr(names, "inference"):
+        _serve_with_chart_rbac(admin, namespace)
+
     # Deleted jobs leave the counts.
     admin("delete", "finetunejobs.kubetune.io", *JOBS, "--wait=false")
     _wait("metrics: 0 jobs", lambda: (t := _scrape(metrics_port)) and all(
         (_sample(t, "kubetune_finetunejobs", namespace=namespace, state=s) or 0) == 0
         for s in ("Pending", "Training", "Succeeded")))
+
+
+def _serve_with_chart_rbac(admin: Kubectl, namespace: str) -> None:
+    """Serving with the chart's rights: KubeRay finishes the chat job, the operator creates the inference
+    Deployment and Service; a GitOps change of spec.deploy replaces the Deployment; disabling deploy removes both."""
+    job, name = "support-chat-lora", names.inference("support-chat-lora")
+    ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+    _play_kuberay(admin, job, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": ended})
+    _wait("inference Deployment", lambda: admin.get("deployment", name))
+    _wait("inference Service", lambda: admin.get("service", name))
+    _wait(f"{job} Deploying", lambda: _state(admin, job) == "Deploying")
+
+    doc = yaml.safe_load((EXAMPLES / "jobs" / f"{job}.yaml").read_text())
+    doc["metadata"]["namespace"] = namespace
+    doc["spec"]["deploy"].update({"replicas": 2, "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"}})
+    admin("apply", "-f", "-", input=yaml.safe_dump(doc))
+    _wait("Deployment replaced with 2 replicas", lambda: (d := admin.get("deployment", name)) and
+          d["spec"]["replicas"] == 2)
+    doc["spec"]["deploy"]["enabled"] = False
+    admin("apply", "-f", "-", input=yaml.safe_dump(doc))
+    _wait("serving removed", lambda: admin.get("deployment", name) is None and admin.get("service", name) is None)
+    _wait(f"{job} Succeeded (nothing to serve)", lambda: _state(admin, job) == "Succeeded")
 
 
 def _wait_quiet(admin: Kubectl, namespace: str, quiet_for: float = 4.0, timeout: float = 60.0) -> None:
