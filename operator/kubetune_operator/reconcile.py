@@ -349,8 +349,14 @@ class Reconciler:
             return
         with self._lock(namespace, owner_ref["name"]):
             ctx = self._context(namespace, owner_ref["name"])
-            if ctx is None or ctx.owner.uid != owner_ref.get("uid"):
+            if ctx is None:
                 return
+            if ctx.owner.uid != owner_ref.get("uid"):
+                # A namesake's leftover; once the garbage collector removed it, a job that found its serving
+                # names taken (a job deleted and re-created under the same name) can serve now.
+                blocked = (c.get(ctx.status.get("conditions"), c.DEPLOYED) or {}).get("reason") == c.NAME_CONFLICT
+                if not (deleted and blocked):
+                    return
             retry = run_status_steps(ctx)  # a deleted Deployment that should exist is made again
             write_status(ctx)
         if retry is not None:

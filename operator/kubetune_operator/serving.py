@@ -6,7 +6,8 @@ It runs in every pass (`reconcile.SPEC_STEPS` and `STATUS_STEPS`): a spec change
 evaluation. What it decides, in order:
 
 1. Training has not succeeded (or the spec does not parse): nothing; serving is left as it is.
-2. A Deployment or Service of that name exists and belongs to something else: `NameConflict`, hands off.
+2. A Deployment or Service of that name exists and belongs to something else: `NameConflict`, hands off
+   (and looks again later: usually the leftovers of a deleted namesake job, about to be garbage-collected).
 3. Nothing is to be served: `spec.deploy.enabled` false (`Disabled`), the deployment gate
    `spec.deploy.minImprovement` not met (`NotImproved`, with the base and fine-tuned figures) or not yet
    decidable (`AwaitingEvaluation`: the trainer has not reported `status.evaluation.improvement`), or the
@@ -160,7 +161,10 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
     if foreign:
         _report(ctx, c.FALSE, c.NAME_CONFLICT, f"{' and '.join(foreign)} {name} already exist(s) and belong(s) "
                 "to something else; delete or rename it, or rename this job")
-        return
+        from kubetune_operator.reconcile import Retry
+
+        # Often a namesake job's leftovers that the garbage collector is about to remove: look again.
+        raise Retry(f"serving: {' and '.join(foreign)} {name} belong(s) to something else", delay=30)
 
     verdict = None if spec.deploy.enabled else (c.DISABLED, "spec.deploy.enabled is false")
     if verdict is None:
@@ -189,20 +193,25 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
 
     endpoint = inference.endpoint(owner, spec)
     deployment = None
+    created: list[str] = []
     for obj in inference.serving_children(owner, spec, ctx.settings, plan):
         current = existing[obj["kind"]]
-        result = _create(ctx, obj) if current is None else _update(ctx, current, obj)
+        result = _create(ctx, obj, created) if current is None else _update(ctx, current, obj)
         if obj["kind"] == "Deployment":
             deployment = result
     assert deployment is not None
+    if created:
+        # Its own reason (not the training children's `Created`), like ServingUpdated and ServingRemoved.
+        kube.post_event(owner.involved_object(), "Normal", "ServingCreated",
+                        f"created {', '.join(created)} ({plan.mode}: {plan.model_uri})")
     ctx.obs.endpoint = endpoint
     _report(ctx, *deployed_condition(deployment, endpoint))
 
 
-def _create(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:
+def _create(ctx: Context, obj: dict[str, Any], created_names: list[str]) -> dict[str, Any]:
     created_obj, created = ctx.kube.create(obj)
     if created:
-        ctx.created.append(f"{obj['kind']} {obj['metadata']['name']}")
+        created_names.append(f"{obj['kind']} {obj['metadata']['name']}")
         return created_obj
     return _update(ctx, created_obj, obj)  # made meanwhile by another pass: bring it in line
 

@@ -137,6 +137,7 @@ def test_serving_follows_training_and_spec_deploy(
     assert cols["STATUS"] == "Deployed" and cols["ENDPOINT"].startswith("http://chat-inference.")
     reasons = [e[1] for e in events(kubectl, ns, job)]
     assert reasons[-2:] == ["Progressing", "Deployed"] and reasons.count("Deployed") == 1
+    assert reasons.count("ServingCreated") == 1 and reasons.index("ServingCreated") > reasons.index("Running")
 
     # spec.deploy is live: replicas.
     _patch_spec(kube, ns, job, {"replicas": 2})
@@ -189,6 +190,10 @@ def test_serving_follows_training_and_spec_deploy(
     deployments.available(ns, dep["metadata"]["name"])
     body = _deployed(kube, ns, job, "True", "Available")
     assert body["status"]["endpoint"]["model"] == "chat-v2"
+
+    reasons = [e[1] for e in events(kubectl, ns, job)]
+    assert {"ServingUpdated", "ServingRemoved", "ScaledToZero", "Disabled"} <= set(reasons)
+    assert reasons.count("ServingCreated") == 3  # first deploy, the deleted Deployment, re-enabled
 
     # None of it retrained: the same RayJob, still complete, and no second one.
     ray = kube.get(RAYJOB, ns, rj_name)
