@@ -142,12 +142,14 @@ class Replica:
         log_path = self.root / f"{container['name']}.log"
         proc = ManagedProcess(container["name"], argv, log_path, env=env, cwd=self.root)
         self.proc = proc
+        self.runner.rt.record_pids(f"pod-{self.name}", [proc.pid])
         deadline = time.monotonic() + INIT_TIMEOUT_S
         while proc.popen.poll() is None:
             if self.stopping.wait(0.5) or time.monotonic() > deadline:
                 proc.stop()
                 return False
         self.proc = None
+        self.runner.rt.record_pids(f"pod-{self.name}", [])
         if proc.popen.returncode != 0:
             self._fail("BackOff", f"init container {container['name']} exited with {proc.popen.returncode}: "
                        f"{proc.log_tail(3)}")
@@ -162,6 +164,8 @@ class Replica:
         log_path = self.root / f"{container['name']}.log"
         self.proc = ManagedProcess(container["name"], argv, log_path, env=env, cwd=self.root)
         self.runner.rt.record_pids(f"pod-{self.name}", [self.proc.pid])
+        if self.stopping.is_set():  # stop() ran while we were spawning
+            self.proc.stop(grace=1.0)
         probe = container.get("readinessProbe") or container.get("startupProbe") or {}
         url = self._probe_url(container, probe)
         while not self.stopping.is_set():

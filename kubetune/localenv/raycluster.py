@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from kubetune.localenv.procs import ManagedProcess, free_ports, make_workdir
@@ -36,6 +36,10 @@ RAY_BASE_ENV = {
 }
 _READY_LINE = "Ray runtime started."
 _OBJECT_STORE_BYTES = 512 * 1024 * 1024  # the trainer moves data through S3, not the object store
+_START_ATTEMPTS = 3
+# Failures worth another try: Ray waits a fixed 30 s for its raylet to register, which a heavily loaded
+# machine can exceed, and a free port can be taken between choosing and binding it.
+_TRANSIENT = ("timed out during startup", "address already in use", "Address already in use")
 
 
 class RayClusterError(RuntimeError):
@@ -57,7 +61,8 @@ class LocalRayCluster:
     """`ray start --head --block` on 127.0.0.1 with its own temp dir and free ports; a context manager."""
 
     def __init__(self, log_path: Path, *, num_cpus: int, num_gpus: int = 0,
-                 env: Mapping[str, str] | None = None, timeout: float = 180.0) -> None:
+                 env: Mapping[str, str] | None = None, timeout: float = 180.0,
+                 on_spawn: Callable[[int], None] | None = None) -> None:
         self.log_path = log_path
         self.num_cpus = max(1, int(num_cpus))
         self.num_gpus = int(num_gpus)
@@ -68,6 +73,8 @@ class LocalRayCluster:
         self.temp_dir: Path | None = None
         self.startup_seconds: float | None = None
         self._proc: ManagedProcess | None = None
+        self._on_spawn = on_spawn  # told the process group at once, so a crashed owner's cluster can be found
+        self._stopped = False
 
     def __enter__(self) -> LocalRayCluster:
         return self.start()
@@ -80,16 +87,32 @@ class LocalRayCluster:
         return self._proc.pid if self._proc else None
 
     def start(self) -> LocalRayCluster:
+        """Start the cluster; retried when Ray gives up on its own start-up (see _TRANSIENT)."""
         if self._proc is not None:
             return self
         t0 = time.monotonic()
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            if self._stopped:
+                raise RayClusterError("stopped while starting")
+            try:
+                self._start_once(t0 + self.timeout)
+                break
+            except RayClusterError as e:
+                if attempt == _START_ATTEMPTS or not any(t in str(e) for t in _TRANSIENT):
+                    raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def _start_once(self, deadline: float) -> None:
         # A short path: Ray's unix sockets live below it and socket paths are limited to 107 bytes.
         self.temp_dir = make_workdir("kt-ray-")
-        gcs, obj, node, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
+        gcs, obj, node, agent_http, agent_grpc, runtime_env, metrics, dashboard = free_ports(8)
         argv = [
             str(ray_executable()), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
             f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}", "--include-dashboard=false",
-            "--disable-usage-stats", f"--temp-dir={self.temp_dir}", f"--object-store-memory={_OBJECT_STORE_BYTES}",
+            # Ray 2.60 runs a minimal dashboard process even without the dashboard, on 8265 unless told.
+            f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+            f"--object-store-memory={_OBJECT_STORE_BYTES}",
             f"--object-manager-port={obj}", f"--node-manager-port={node}",
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
@@ -99,23 +122,24 @@ class LocalRayCluster:
         # Ray's own helper processes (e.g. Train's PlacementGroupCleaner) call ray.init() with no address; with
         # several clusters on the machine they would refuse to guess, so every process is told its cluster.
         env = {**self.env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-        self._proc = ManagedProcess("ray-head", argv, self.log_path, env=env, cwd=self.temp_dir)
-        deadline = t0 + self.timeout
+        proc = self._proc = ManagedProcess("ray-head", argv, self.log_path, env=env, cwd=self.temp_dir)
+        if self._on_spawn is not None:
+            self._on_spawn(proc.pid)
+        if self._stopped:  # stop() ran in another thread while we were spawning
+            proc.stop(grace=1.0)
         while True:
-            if not self._proc.alive():
-                tail = self._proc.log_tail()
+            if not proc.alive():
+                problem = f"`ray start` exited with {proc.popen.returncode}:\n{proc.log_tail()}"
                 self.stop()
-                raise RayClusterError(f"`ray start` exited with {self._proc.popen.returncode}:\n{tail}")
+                raise RayClusterError(problem)
             if _READY_LINE in _read_from(self.log_path, offset):
                 break
             if time.monotonic() > deadline:
-                tail = self._proc.log_tail()
+                problem = f"Ray not ready after {self.timeout:.0f} s:\n{proc.log_tail()}"
                 self.stop()
-                raise RayClusterError(f"Ray not ready after {self.timeout:.0f} s:\n{tail}")
+                raise RayClusterError(problem)
             time.sleep(0.25)
         self.address = f"127.0.0.1:{gcs}"
-        self.startup_seconds = time.monotonic() - t0
-        return self
 
     def driver_env(self) -> dict[str, str]:
         """What a driver (the RayJob entrypoint) needs to join this cluster."""
@@ -123,11 +147,17 @@ class LocalRayCluster:
             raise RayClusterError("the Ray cluster is not started")
         return {**RAY_BASE_ENV, "RAY_ADDRESS": self.address}
 
+    @property
+    def ready(self) -> bool:
+        return self.address is not None and self.alive()
+
     def alive(self) -> bool:
         return self._proc is not None and self._proc.alive()
 
     def stop(self) -> None:
-        """Stop every Ray process of the cluster and remove its temp dir. Idempotent."""
+        """Stop every Ray process of the cluster and remove its temp dir. Idempotent; also from another thread
+        while `start()` runs (start then fails)."""
+        self._stopped = True
         proc, self._proc = self._proc, None
         if proc is not None:
             proc.stop(grace=10.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,12 @@ class LocalRayJobRun:
     """One attempt: `start()` brings up the cluster and submits the entrypoint; `poll()` reports its exit."""
 
     def __init__(self, ray_job: Mapping[str, Any], workdir: Path, *, config_maps: Lookup, secrets: Lookup,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None,
+                 on_spawn: Callable[[list[int]], None] | None = None) -> None:
         self.ray_job = ray_job
         self.workdir = workdir.resolve()  # paths are handed to processes with other working dirs
         self.extra_env = dict(extra_env or {})
+        self._on_spawn = on_spawn  # told every process group at once (the dev runtime's pid files)
         meta = ray_job["metadata"]
         cluster = ray_job["spec"]["rayClusterSpec"]
         self._head_pod = cluster["headGroupSpec"]["template"]["spec"]
@@ -91,7 +93,17 @@ class LocalRayJobRun:
         self.worker.materialise()
         container = self._worker_pod["containers"][0]
         env = image_env({**_host_env(), **self.worker.env(container), **self.extra_env})
-        self.cluster = LocalRayCluster(self.ray_log, num_cpus=self.cpus, num_gpus=self.gpus, env=env).start()
+        self.cluster = LocalRayCluster(self.ray_log, num_cpus=self.cpus, num_gpus=self.gpus, env=env,
+                                       on_spawn=lambda pid: self._spawned())
+        self.cluster.start()  # stop() from another thread makes this fail instead of leaving a cluster behind
+
+    @property
+    def cluster_ready(self) -> bool:
+        return self.cluster is not None and self.cluster.ready
+
+    def _spawned(self) -> None:
+        if self._on_spawn is not None:
+            self._on_spawn(self.pids())
 
     def submit(self) -> None:
         """Run the entrypoint through a shell with the head pod's environment and RAY_ADDRESS."""
@@ -101,6 +113,7 @@ class LocalRayJobRun:
         command = self.head.localize(self.ray_job["spec"]["entrypoint"], container)
         self.started_at = time.time()
         self.driver = start_entrypoint(command, env, self.driver_log, self.workdir)
+        self._spawned()
 
     def poll(self) -> int | None:
         """The entrypoint's exit code once it has ended, else None."""
@@ -124,7 +137,8 @@ class LocalRayJobRun:
             cluster.stop()
 
     def pids(self) -> list[int]:
-        return [p for p in (self.driver.pid if self.driver else None, self.cluster.pid if self.cluster else None) if p]
+        driver, cluster = self.driver, self.cluster
+        return [p for p in (driver.pid if driver else None, cluster.pid if cluster else None) if p]
 
 
 # Host variables a pod would not have but a local process needs (locale, home, temp); the rest of the host's

@@ -254,7 +254,6 @@ class RayJobController:
             return
         if run.driver is None:
             run.submit()
-            self.rt.record_pids(self.uid, run.pids())
             self._job_start = datetime.now(timezone.utc)
             self._reconcile(kuberay.World(job=kuberay.JobInfo("PENDING")))
             self._reconcile(kuberay.World(job=kuberay.JobInfo("RUNNING", start_time=self._job_start)))
@@ -284,7 +283,7 @@ class RayJobController:
 
     def _cluster_ready(self, rj: dict[str, Any]) -> bool:
         """Start the local cluster in the background; True once it is up."""
-        if self.run_ is not None and self.run_.cluster is not None:
+        if self.run_ is not None and self.run_.cluster_ready:
             return True
         if self._starting is not None:
             if self._starting.is_alive():
@@ -296,7 +295,7 @@ class RayJobController:
                 self._start_error = None
                 self._stop_run()
                 return False
-            return self.run_ is not None and self.run_.cluster is not None
+            return self.run_ is not None and self.run_.cluster_ready
         if time.monotonic() < self._next_try:
             return False
         self._starting = threading.Thread(target=self._start_cluster, args=(rj,), daemon=True)
@@ -320,13 +319,13 @@ class RayJobController:
                 config_maps=lambda n: self.rt.configmap_data(self.ns, n),
                 secrets=lambda n: self.rt.secret_data(self.ns, n),
                 extra_env=self._extra_env(kubeconfig, workdir),
+                on_spawn=lambda pids: self.rt.record_pids(self.uid, pids),
             )
             self._seed(rj)
             self.run_ = run
             log.info("RayJob %s/%s attempt %d: starting a local Ray cluster (%d CPUs)", self.ns, self.name,
                      self.attempt, run.cpus)
             run.start_cluster()
-            self.rt.record_pids(self.uid, run.pids())
         except (PodConfigError, RayClusterError, RestError, ValueError) as e:
             self._start_error = str(e)
         except Exception as e:  # noqa: BLE001
