@@ -159,7 +159,7 @@ def test_image_tag_and_digest(render) -> None:
 EXPECTED_JOB_RULES = [
     (("kubetune.io",), ("finetunejobs",), ("get", "list", "watch", "patch")),
     (("kubetune.io",), ("finetunejobs/status",), ("get", "patch")),
-    (("ray.io",), ("rayjobs",), ("get", "list", "watch", "create", "patch", "delete")),
+    (("ray.io",), ("rayjobs",), ("get", "list", "watch", "create", "patch")),
     (("",), ("configmaps",), ("get", "create", "patch")),
     (("",), ("serviceaccounts",), ("get", "create")),
     (("rbac.authorization.k8s.io",), ("roles", "rolebindings"), ("get", "create")),

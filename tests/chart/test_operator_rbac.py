@@ -229,7 +229,8 @@ def _check_rbac_is_no_more(sa: Kubectl, namespace: str) -> None:
         assert can_i(verb, resource) == "yes", (verb, resource)
     for verb, resource in (("update", "finetunejobs.kubetune.io"), ("list", "secrets"), ("escalate", "roles"),
                            ("bind", "roles"), ("create", "pods"), ("patch", "rayjobs.ray.io/status"),
-                           ("update", "finetunejobs.kubetune.io/status"), ("create", "pods/exec")):
+                           ("update", "finetunejobs.kubetune.io/status"), ("create", "pods/exec"),
+                           ("delete", "rayjobs.ray.io")):
         assert can_i(verb, resource) == "no", (verb, resource)
 
 

@@ -15,10 +15,11 @@ Secret themselves (secretKeyRef), and KubeRay, not kubetune, creates the Ray pod
   resources: ["finetunejobs/status"]
   verbs: ["get", "patch"]
 # The RayJob that runs the training (KubeRay turns it into a RayCluster and pods); watched for status,
-# patched for the live fields (suspend, activeDeadlineSeconds), deleted when a job is stopped.
+# patched for the live fields (suspend, activeDeadlineSeconds). Never deleted by the operator: the garbage
+# collector removes it with its FineTuneJob (owner reference).
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # The resolved trainer config; patched while no RayJob has used it yet.
 - apiGroups: [""]
   resources: ["configmaps"]
