@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exit-after-query", action="store_true", help="serve, answer the sample question, then exit")
     p.add_argument("--port", type=int, help="port of the OpenAI-compatible server (default: a free one)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the sample answers (default 64)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an earlier run of this job from its checkpoint (default in kubetune's local S3: "
+                        "start afresh; elsewhere the trainer always resumes)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             _seed(console, s3, client, m.spec)
         cfg = _trainer_config(m)
         summary["runUri"] = cfg.run_uri
+        if s3.kubetune_owned and not args.resume:
+            _fresh_start(console, client, cfg.run_uri)
         with timings.phase("train"):
             status = _train(console, m, cfg, s3, run_dir, summary)
         with timings.phase("report"):
@@ -157,6 +162,23 @@ def _seed(console: Any, s3: Any, client: Any, spec: api.FineTuneJobSpec) -> None
     for uri in (spec.output.uri, spec.dataset.train, spec.model.uri):
         builtin.ensure_bucket(client, uri[len("s3://"):].split("/", 1)[0])
     builtin.seed(client, items, say=lambda msg: console.print(f"  {msg}"))
+
+
+def _fresh_start(console: Any, client: Any, run_uri: str) -> None:
+    """Remove an earlier run's outputs under `run_uri` (only ever called for kubetune's own local S3): the
+    trainer resumes from any checkpoint it finds there, and a second `kubetune run` should train again.
+    The prepared data (`prepared/<fingerprint>/`, addressed by its content) is kept for reuse."""
+    from kubetune.fetch import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(run_uri)
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for o in page.get("Contents", []) if not o["Key"].startswith(f"{prefix}/prepared/")]
+    if not keys:
+        return
+    console.print(f"removing {len(keys)} objects of an earlier run under {run_uri} (--resume continues it instead)")
+    for i in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
+                                                     "Quiet": True})
 
 
 def _trainer_config(m: manifest.Manifest) -> api.TrainerConfig:

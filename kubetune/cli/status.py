@@ -76,16 +76,22 @@ def render(job: dict[str, Any], local: str | None = None) -> str:
     return "\n".join(lines)
 
 
+# Deployed=False reasons that mean serving is still on its way (kubetune_operator.conditions).
+_SERVING_IN_PROGRESS = ("Progressing", "AwaitingEvaluation", "ServingError")
+
+
 def finished(job: dict[str, Any]) -> bool:
+    """Whether --watch can stop: failed, or succeeded and serving settled (available, off, or stuck)."""
     conds = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
     if conds.get("Failed", {}).get("status") == "True":
         return True
     if conds.get("Succeeded", {}).get("status") != "True":
         return False
-    deployed = conds.get("Deployed")
     enabled = ((job.get("spec") or {}).get("deploy") or {}).get("enabled", True)
-    return not enabled or (deployed is not None and deployed.get("status") in ("True", "False")
-                           and deployed.get("reason") not in ("Deploying", "Pending", "Progressing"))
+    deployed = conds.get("Deployed")
+    if deployed is None:
+        return not enabled
+    return deployed.get("status") == "True" or deployed.get("reason") not in _SERVING_IN_PROGRESS
 
 
 def run(args: argparse.Namespace) -> int:
