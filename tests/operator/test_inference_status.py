@@ -129,3 +129,67 @@ def test_endpoint_is_owned_set_and_removed() -> None:
     failing = desired_status(up, Observation(extra_conditions=[(c.DEPLOYED, c.FALSE, c.REPLICA_FAILURE, "q")]), "t4")
     assert failing["endpoint"] == ENDPOINT  # KEEP: a status pass that did not look leaves it
     assert [(e.type, e.reason) for e in transition_events(up, failing)] == [("Warning", "ReplicaFailure")]
+
+
+# --- the step's error handling, with a stand-in for the API ---------------------------------------------------
+
+
+class _FailingKube:
+    """Enough of kubetune_operator.kube.Kube for the serving step: nothing exists, creating fails."""
+
+    def __init__(self, status: int):
+        self.status = status
+        self.events: list[tuple[str, str]] = []
+
+    def get(self, kind: Any, namespace: str, name: str) -> None:
+        return None
+
+    def create(self, obj: dict) -> Any:
+        from kubetune_operator.kube import KubeError
+
+        raise KubeError(self.status, "Boom", f"create {obj['kind']}")
+
+    def post_event(self, involved: dict, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason))
+
+
+def _succeeded_context(kube: Any) -> Any:
+    from kubetune_operator.meta import Owner
+    from kubetune_operator.reconcile import Context
+    from kubetune_operator.settings import Settings
+
+    body = {"metadata": {"name": "chat", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": _spec(None).wire(), "status": {"conditions": SUCCEEDED}}
+    ctx = Context(kube=kube, settings=Settings(), body=body, owner=Owner.from_body(body), raw_spec=body["spec"])
+    ctx.spec = _spec(None)
+    return ctx
+
+
+def test_api_errors_are_reported_and_retried_rejections_are_not() -> None:
+    from kubetune_operator.reconcile import Retry
+    from kubetune_operator.serving import ensure_serving
+
+    ctx = _succeeded_context(_FailingKube(500))
+    with pytest.raises(Retry):
+        ensure_serving(ctx)
+    assert ctx.obs.extra_conditions[-1][:3] == (c.DEPLOYED, c.FALSE, c.SERVING_ERROR)
+    ctx = _succeeded_context(_FailingKube(422))
+    ensure_serving(ctx)  # what we built does not fit this cluster: say so, do not spin
+    assert ctx.obs.extra_conditions[-1][:3] == (c.DEPLOYED, c.FALSE, c.SERVING_REJECTED)
+
+
+def test_status_passes_are_requeued_and_close_cancels() -> None:
+    import threading
+
+    from kubetune_operator.reconcile import Reconciler, Retry
+    from kubetune_operator.settings import Settings
+
+    rec = Reconciler(_FailingKube(500), Settings())  # type: ignore[arg-type]
+    served = threading.Event()
+    rec.serve = lambda ns, name: served.set()  # type: ignore[method-assign]
+    rec._requeue("ns", "chat", Retry("x", 0.05))
+    assert served.wait(5), "the requeued pass did not run"
+    served.clear()
+    rec._requeue("ns", "chat", Retry("x", 0.5))
+    rec.close()
+    assert not served.wait(1), "close() must cancel pending retries"
