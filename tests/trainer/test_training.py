@@ -5,8 +5,8 @@ The matrix is covered in four trainings (plus two for resuming), each combinatio
     format          file     method  ZeRO  also checks
     completion      jsonl    LoRA    2     exact resume, retention, merged export, status in the apiserver
     chat            parquet  full    3     ZeRO-3 gathered full export generates, loss goes down
-    instruction     jsonl    LoRA    3     ZeRO-3 gathered adapter (non-zero B matrices) generates
-    classification  jsonl    full    2     accuracy evaluated, classifier exported
+    instruction     jsonl    LoRA    3     ZeRO-3 gathered adapter (non-zero B matrices) generates, offload
+    classification  jsonl    full    2     accuracy evaluated, classifier exported, `--local` (own Ray)
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def test_classification_full_zero2(trainer_env: TrainerEnv, tmp_path: Path) -> N
                      "earlyStopping": {"patience": 5}},
     }
     cfg = env.config("classification-full-zero2", spec)
-    run = env.run(cfg)
+    run = env.run(cfg, local=True)  # this one starts its own Ray, as `--local` runs on a workstation do
     assert run.returncode == 0, run.output[-6000:]
     steps = _steps(env.metrics(cfg["runUri"]))
     assert 0.0 <= steps[4]["evalAccuracy"] <= 1.0 and steps[4]["evalLoss"] > 0

@@ -1,9 +1,11 @@
 """Helpers for the trainer tests: a tiny random Llama in S3, datasets in each format, and running the trainer.
 
-Everything is real: SeaweedFS (the session's `s3_server`), a local Ray cluster started by the trainer
-process, DeepSpeed over gloo, transformers and peft. The trainer runs as `python -m kubetune_trainer
---config FILE --local` in a subprocess, exactly as the RayJob runs it, so exit codes and the final line are
-tested too, and a hung run is killed by the subprocess timeout instead of hanging the suite.
+Everything is real: SeaweedFS (the session's `s3_server`), Ray, DeepSpeed over gloo, transformers and peft.
+The trainer runs as `python -m kubetune_trainer --config FILE` in a subprocess, exactly as a RayJob's
+entrypoint runs it: it joins a Ray cluster through RAY_ADDRESS (one `ray start --head` for the session,
+playing KubeRay's RayCluster; its workers have the cluster's environment, as pods do). One test runs with
+`--local` instead, where the trainer starts its own Ray. Exit codes and the final line are tested too, and a
+hung run is killed by the subprocess timeout instead of hanging the suite.
 
 The machine has 2 cores shared with other test runs: models are tiny (hidden 64, 2 layers, the real
 49,152-token SmolLM2 tokenizer), sequences 32 tokens, a handful of steps, OMP_NUM_THREADS=1.
@@ -56,6 +58,24 @@ def put_parquet(client: Any, uri: str, records: list[dict[str, Any]]) -> str:
     return uri
 
 
+def process_env(s3: Any, workdir: Path) -> dict[str, str]:
+    """Environment of the trainer's processes, the driver's and (through the Ray cluster) the workers'."""
+    return {
+        **s3.env(),  # S3 keys: in a pod they come from the job's Secret
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DEDUP_LOGS": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "KUBETUNE_MODEL_CACHE": str(workdir / "model-cache"),
+        "KUBETUNE_RAY_STORAGE": str(workdir / "ray"),
+        "KUBETUNE_STAGING_DIR": str(workdir),
+    }
+
+
 @dataclass
 class TrainerRun:
     returncode: int
@@ -77,12 +97,14 @@ class TrainerEnv:
     client: Any
     model_uri: str
     workdir: Path
+    ray_cluster: Any
 
     def config(self, name: str, spec: dict[str, Any], reporting: dict[str, Any] | None = None,
                job: dict[str, Any] | None = None) -> dict[str, Any]:
         """A resolved TrainerConfig (wire form) whose outputs go under s3://BUCKET/runs/<name>."""
         spec = {"deploy": {"enabled": False}, "output": {"uri": f"s3://{BUCKET}/runs"}, **spec}
-        spec.setdefault("resources", {"workers": 2, "gpusPerWorker": 0})
+        # One CPU per worker: the session's Ray cluster advertises two.
+        spec.setdefault("resources", {"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": "1"})
         spec["dataset"].setdefault("endpoint", self.s3.endpoint_url)
         return {
             "job": job or {"name": name, "namespace": "tests"},
@@ -91,31 +113,23 @@ class TrainerEnv:
             "reporting": reporting or {"kubernetes": False, "minIntervalSeconds": 0},
         }
 
-    def run(self, config: dict[str, Any], env: dict[str, str] | None = None,
+    def run(self, config: dict[str, Any], env: dict[str, str] | None = None, local: bool = False,
             timeout: float = TRAINER_TIMEOUT_S) -> TrainerRun:
+        """Run the trainer on `config`; `env` adds to the driver's environment (the pods' is the cluster's)."""
         name = config["job"]["name"]
         path = self.workdir / f"{name}-{int(time.time() * 1000)}.json"
         path.write_text(json.dumps(config))
-        full_env = {
-            **os.environ,
-            **self.s3.env(),
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled",
-            "RAY_DEDUP_LOGS": "0",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "KUBETUNE_MODEL_CACHE": str(self.workdir / "model-cache"),
-            "KUBETUNE_RAY_STORAGE": str(self.workdir / "ray"),
-            "KUBETUNE_STAGING_DIR": str(self.workdir),
-            **(env or {}),
-        }
+        full_env = {**os.environ, **process_env(self.s3, self.workdir), **(env or {})}
+        full_env.pop("RAY_ADDRESS", None)
+        argv = [sys.executable, "-m", "kubetune_trainer", "--config", str(path)]
+        if local:
+            argv.append("--local")
+        else:
+            full_env.update(self.ray_cluster.driver_env())
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "kubetune_trainer", "--config", str(path), "--local"],
+                argv,
                 env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
                 start_new_session=True,
             )

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         ray_storage=os.environ.get("KUBETUNE_RAY_STORAGE", ""),
         fail_after_step=int(os.environ["KUBETUNE_FAIL_AFTER_STEP"]) if os.environ.get("KUBETUNE_FAIL_AFTER_STEP") else None,
         trace_dir=os.environ.get("KUBETUNE_TRACE_DIR") or None,
+        # Workers are processes of the Ray cluster, with the cluster's environment, not this process's.
+        kubeconfig=os.environ.get("KUBECONFIG") or None,
     )
     t0 = time.monotonic()
     try:
@@ -84,9 +86,7 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
 
     if not ray.is_initialized():
         if options.local:
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            _start_local_ray()
         else:
             ray.init()  # the KubeRay cluster this RayJob's driver runs in (RAY_ADDRESS)
 
@@ -98,6 +98,25 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
     log.info("data ready: %s (%d training sequences of %d tokens in %d shards)", prepared.manifest_uri,
              prepared.num_train_sequences, prepared.seq_length, len(prepared.train_shards))
     return fit(cfg, prepared, options)
+
+
+def _start_local_ray(attempts: int = 3) -> None:
+    """A Ray cluster on this machine. Ray waits a fixed 30 s for its raylet to register, which a heavily
+    loaded machine can exceed: that one failure is retried."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop("RAY_ADDRESS", None)  # --local means a new cluster, not one named in the environment
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            log.warning("the local Ray cluster did not start in time (attempt %d); trying again", attempt)
+            ray.shutdown()
 
 
 def classify(exc: BaseException) -> tuple[int, str, str]:

@@ -69,19 +69,31 @@ def checkpoint_uri(cfg: TrainerConfig, step: int) -> str:
     return f"{cfg.checkpoints_uri}/step-{step:08d}"
 
 
-def _steps(client: Any, cfg: TrainerConfig) -> list[int]:
-    return sorted(int(m.group(1)) for name in storage.list_folders(client, cfg.checkpoints_uri)
-                  if (m := _FOLDER.match(name)))
+def _scan(client: Any, cfg: TrainerConfig) -> dict[int, bool]:
+    """step -> whether that checkpoint is complete, from one listing of every key under checkpoints/.
+
+    Keys rather than folders: some S3 servers (SeaweedFS) keep a folder listed after its last object is
+    deleted, and an empty folder is not a checkpoint.
+    """
+    steps: dict[int, bool] = {}
+    for obj in storage.list_keys(client, cfg.checkpoints_uri):
+        folder, _, rest = obj["rel"].partition("/")
+        m = _FOLDER.match(folder)
+        if m and rest:
+            step = int(m.group(1))
+            steps[step] = steps.get(step, False) or rest == COMPLETE
+    return steps
 
 
 def find_latest(client: Any, cfg: TrainerConfig) -> str | None:
     """URI of the newest checkpoint that has its _COMPLETE marker, or None."""
-    for step in reversed(_steps(client, cfg)):
-        uri = checkpoint_uri(cfg, step)
-        if storage.exists(client, f"{uri}/{COMPLETE}"):
-            return uri
-        log.warning("ignoring incomplete checkpoint %s (no %s marker)", uri, COMPLETE)
-    return None
+    steps = _scan(client, cfg)
+    complete = [step for step, done in steps.items() if done]
+    latest = max(complete, default=None)
+    for step in sorted(steps):
+        if not steps[step] and (latest is None or step > latest):
+            log.warning("ignoring incomplete checkpoint %s (no %s marker)", checkpoint_uri(cfg, step), COMPLETE)
+    return checkpoint_uri(cfg, latest) if latest is not None else None
 
 
 def rng_states() -> dict[str, Any]:
@@ -173,10 +185,9 @@ def load(engine: Any, uri: str, *, rank: int, world_size: int, client: Any, stag
 def apply_retention(client: Any, cfg: TrainerConfig, keep: int) -> list[CheckpointRef]:
     """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest
     complete one (debris of failed attempts). Returns the kept ones, newest first. Rank 0 only."""
-    complete, incomplete = [], []
-    for step in _steps(client, cfg):
-        uri = checkpoint_uri(cfg, step)
-        (complete if storage.exists(client, f"{uri}/{COMPLETE}") else incomplete).append(step)
+    steps = _scan(client, cfg)
+    complete = sorted(step for step, done in steps.items() if done)
+    incomplete = sorted(step for step, done in steps.items() if not done)
     newest = complete[-1] if complete else -1
     doomed = complete[:-keep] + [s for s in incomplete if s < newest]
     for step in doomed:

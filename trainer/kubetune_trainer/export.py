@@ -42,7 +42,7 @@ def gather_state_dict(module: Any, *, rank: int, trainable_only: bool) -> dict[s
 
 
 def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client: Any, staging: Path,
-           base_dir: Path, precision: str) -> ModelArtifact | None:
+           base_dir: Path | str, precision: str) -> ModelArtifact | None:
     """Save the trained model to S3 (all ranks call; rank 0 writes). Returns the artifact on rank 0."""
     spec = cfg.spec
     lora = spec.training.method == "lora"
@@ -81,7 +81,7 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
     return artifact
 
 
-def merge_adapter(peft_module: Any, adapter_state: dict[str, Any], cfg: TrainerConfig, base_dir: Path,
+def merge_adapter(peft_module: Any, adapter_state: dict[str, Any], cfg: TrainerConfig, base_dir: Path | str,
                   precision: str) -> Any:
     """A plain transformers model: a fresh base with the trained adapter folded into its weights."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict

@@ -101,8 +101,15 @@ def fetch(client: Any, uri: str, root: Path, *, endpoint: str | None = None,
     return folder
 
 
-def fetch_base(spec: FineTuneJobSpec, client: Any, root: Path | None = None, *, tokenizer_only: bool = False) -> Path:
-    """The base model of `spec` in the node cache (only the tokenizer's files when `tokenizer_only`)."""
+def fetch_base(spec: FineTuneJobSpec, client: Any, root: Path | None = None, *,
+               tokenizer_only: bool = False) -> Path | str:
+    """The base model of `spec` in the node cache (only the tokenizer's files when `tokenizer_only`).
+
+    For hf://org/name the Hugging Face repo id is returned instead: transformers downloads it into the HF
+    cache, whose own file locks let the workers of a node share one download.
+    """
+    if spec.model.uri.startswith("hf://"):
+        return spec.model.uri[len("hf://"):]
     only = None
     if tokenizer_only:
         # A GGUF file carries its tokenizer inside, so for GGUF bases the file itself is needed.
@@ -110,12 +117,20 @@ def fetch_base(spec: FineTuneJobSpec, client: Any, root: Path | None = None, *, 
     return fetch(client, spec.model.uri, root or cache_dir(), endpoint=spec.dataset.endpoint, only=only)
 
 
-def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path) -> Any:
+def _source_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if spec.model.gguf_file:
+        kwargs["gguf_file"] = spec.model.gguf_file
+    if spec.model.uri.startswith("hf://") and spec.model.revision:
+        kwargs["revision"] = spec.model.revision
+    return kwargs
+
+
+def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path | str) -> Any:
     """The base model's tokenizer, with a pad token (eos when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": spec.model.gguf_file} if spec.model.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, **_source_kwargs(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -131,13 +146,11 @@ def torch_dtype(spec: FineTuneJobSpec, precision: str) -> Any:
     return getattr(torch, name)
 
 
-def load_base(spec: FineTuneJobSpec, model_dir: Path, dtype: Any) -> Any:
+def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any) -> Any:
     """The base model with the task's head (a new, randomly initialised classifier for classification)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if spec.model.gguf_file:
-        kwargs["gguf_file"] = spec.model.gguf_file
+    kwargs: dict[str, Any] = {"dtype": dtype, **_source_kwargs(spec)}
     if spec.model.task == "sequence-classification":
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=spec.model.num_labels, **kwargs
@@ -148,7 +161,7 @@ def load_base(spec: FineTuneJobSpec, model_dir: Path, dtype: Any) -> Any:
     return model
 
 
-def load_model(spec: FineTuneJobSpec, model_dir: Path, *, precision: str, pad_token_id: int | None) -> Any:
+def load_model(spec: FineTuneJobSpec, model_dir: Path | str, *, precision: str, pad_token_id: int | None) -> Any:
     """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
 
     With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path

@@ -63,15 +63,16 @@ def _fix_bearer_auth(configuration: Any) -> None:
     configuration.auth_settings = auth_settings
 
 
-def kube_status_api() -> Any | None:
-    """CustomObjectsApi from KUBECONFIG (when set) or the pod's ServiceAccount; None when neither exists."""
+def kube_status_api(kubeconfig: str | None = None) -> Any | None:
+    """CustomObjectsApi from `kubeconfig` (else $KUBECONFIG) or the pod's ServiceAccount; None when neither."""
     from kubernetes import client, config
 
     configuration = client.Configuration()
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     try:
-        if os.environ.get("KUBECONFIG"):
+        if kubeconfig:
             # Named explicitly: the client reads $KUBECONFIG only once, when it is first imported.
-            config.load_kube_config(config_file=os.environ["KUBECONFIG"], client_configuration=configuration)
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         else:
             config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException as exc:
@@ -106,10 +107,11 @@ def _clean(value: Any) -> Any:
 class Reporter:
     """Status patches and metrics history for one run. Create on rank 0 only; call close() at the end."""
 
-    def __init__(self, cfg: TrainerConfig, s3: Any, *, kube_api: Any | None = None, resumed_step: int | None = None):
+    def __init__(self, cfg: TrainerConfig, s3: Any, *, resumed_step: int | None = None,
+                 kubeconfig: str | None = None):
         self._cfg = cfg
         self._s3 = s3
-        self._api = kube_api if kube_api is not None else (kube_status_api() if cfg.reporting.kubernetes else None)
+        self._api = kube_status_api(kubeconfig) if cfg.reporting.kubernetes else None
         self._interval = cfg.reporting.min_interval_seconds
         self._lock = threading.Condition()
         self._pending: dict[str, Any] = {}

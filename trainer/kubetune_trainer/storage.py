@@ -44,23 +44,6 @@ def list_keys(client: Any, prefix_uri: str) -> list[dict[str, Any]]:
     return out
 
 
-def list_folders(client: Any, prefix_uri: str) -> list[str]:
-    """Names of the immediate sub-folders of `prefix_uri` (one level, like `ls`)."""
-    bucket, key = parse_uri(prefix_uri)
-    prefix = key.rstrip("/") + "/" if key else ""
-    names = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-        for cp in page.get("CommonPrefixes", []):
-            names.append(cp["Prefix"][len(prefix):].rstrip("/"))
-    return sorted(names)
-
-
-def exists(client: Any, uri: str) -> bool:
-    bucket, key = parse_uri(uri)
-    resp = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-    return any(o["Key"] == key for o in resp.get("Contents", []))
-
-
 def upload_dir(client: Any, local_dir: str | Path, prefix_uri: str) -> list[str]:
     """Upload every file below `local_dir` to `prefix_uri`, keeping relative paths; returns the URIs."""
     bucket, key = parse_uri(prefix_uri)

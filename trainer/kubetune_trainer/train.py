@@ -51,6 +51,7 @@ class RunOptions:
     ray_storage: str = ""  # Ray Train's run folder ("" = Ray's default)
     fail_after_step: int | None = None  # tests: raise after this step (after its checkpoint)
     trace_dir: str | None = None  # tests: each rank appends the rows of every micro-batch it trains on
+    kubeconfig: str | None = None  # the driver's KUBECONFIG, for status reports; None: in-cluster account
 
 
 class InjectedFailure(RuntimeError):
@@ -190,7 +191,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     else:
         _seed_all(training.seed + 1 + rank)  # dropout differs between ranks (different data, different masks)
 
-    reporter = Reporter(cfg, client, resumed_step=state.step if latest[0] else None) if rank == 0 else None
+    reporter = None
+    if rank == 0:
+        reporter = Reporter(cfg, client, resumed_step=state.step if latest[0] else None, kubeconfig=opts.kubeconfig)
     if reporter:
         reporter.data(prepared.stats)
         reporter.metric({"event": "start", "step": state.step, "totalSteps": total_steps, "worldSize": world,

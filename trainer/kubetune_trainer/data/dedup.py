@@ -1,15 +1,16 @@
 """Duplicate removal: exact (hash of the normalised content) and near (MinHash LSH from datasketch).
 
-Memory grows with the number of kept records, not with their size: the exact set holds one 64-bit hash per
-record, the LSH index and the kept signatures about 2 KB per
-record (128 permutations). Near-dedup is therefore meant for
-datasets up to a few million records per job; beyond that, deduplicate upstream.
+Memory grows with the number of kept records, not with their size: the exact set costs about 8 bytes per
+record (sorted numpy runs, see HashSet64), the LSH index and kept signatures about 2 KB per record (128
+permutations). Near-dedup is therefore meant for datasets up to a few million records per job; beyond that,
+deduplicate upstream.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 NUM_PERM = 128
@@ -22,9 +23,46 @@ def content_hash(content: str) -> int:
     return int.from_bytes(hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+class HashSet64:
+    """A set of 64-bit hashes at ~8 bytes each, where a Python set of ints costs ~70.
+
+    New hashes go into a small Python set; when it is full it becomes a sorted uint64 run, and runs of equal
+    size are merged (a binary counter, as in an LSM tree), so there are at most log2(n / BUFFER) runs and each
+    hash is merged O(log n) times. A lookup checks the buffer and binary-searches each run.
+    """
+
+    BUFFER = 8192
+
+    def __init__(self) -> None:
+        self._buffer: set[int] = set()
+        self._runs: list[np.ndarray] = []  # sorted, largest first
+
+    def __len__(self) -> int:
+        return len(self._buffer) + sum(len(r) for r in self._runs)
+
+    def __contains__(self, h: int) -> bool:
+        if h in self._buffer:
+            return True
+        key = np.uint64(h)
+        for run in self._runs:
+            i = int(np.searchsorted(run, key))
+            if i < len(run) and run[i] == key:
+                return True
+        return False
+
+    def add(self, h: int) -> None:
+        self._buffer.add(h)
+        if len(self._buffer) >= self.BUFFER:
+            run = np.sort(np.fromiter(self._buffer, dtype=np.uint64, count=len(self._buffer)))
+            self._buffer = set()
+            while self._runs and len(self._runs[-1]) <= len(run):
+                run = np.union1d(self._runs.pop(), run)
+            self._runs.append(run)
+
+
 class ExactDedup:
     def __init__(self) -> None:
-        self._seen: set[int] = set()
+        self._seen = HashSet64()
 
     def is_duplicate(self, h: int) -> bool:
         """True if h was seen before; otherwise remember it."""

@@ -89,12 +89,24 @@ class Encoder:
 
     # -------------------------------------------------------------------------------------- encoding
 
-    def _tokenize(self, texts: list[str], special: bool) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    def _tokenize(self, texts: list[str], special: bool, offsets: bool = False
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Token ids (and, if asked, each token's first character) per text, truncated to maxSeqLength.
+
+        Each encoding becomes a small int32 array right away: a batch of Python int lists would cost ~36 bytes
+        a token, the arrays 4.
+        """
         if self._fast is not None:
             encs = self._fast.encode_batch(texts, add_special_tokens=special)
-            return [e.ids for e in encs], [e.offsets for e in encs]
-        out = self.tok(texts, add_special_tokens=special, return_offsets_mapping=True)
-        return out["input_ids"], out["offset_mapping"]
+            ids = [np.asarray(e.ids[: self.max_len], dtype=np.int32) for e in encs]
+            starts = [np.asarray([o[0] for o in e.offsets[: self.max_len]], dtype=np.int64) for e in encs] \
+                if offsets else []
+            return ids, starts
+        out = self.tok(texts, add_special_tokens=special, return_offsets_mapping=offsets)
+        ids = [np.asarray(x[: self.max_len], dtype=np.int32) for x in out["input_ids"]]
+        starts = [np.asarray([o[0] for o in x[: self.max_len]], dtype=np.int64) for x in out["offset_mapping"]] \
+            if offsets else []
+        return ids, starts
 
     def has_control_token(self, ex: Example) -> bool:
         if self._special_re is None or ex.messages is None:
@@ -112,30 +124,29 @@ class Encoder:
         out: list[Encoded | None] = []
         for ex, ids in zip(examples, ids_list):
             if self.fmt == "completion":
-                if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
-                    ids = ids + [self.eos_id]  # the document boundary the model learns to emit
-                arr = np.asarray(ids[: self.max_len], dtype=np.int32)
-                out.append(Encoded(arr, arr.copy(), None))
+                fits = len(ids) < self.max_len
+                if self.eos_id is not None and fits and (len(ids) == 0 or ids[-1] != self.eos_id):
+                    # The document boundary the model learns to emit. A text cut at maxSeqLength gets none:
+                    # it does not end there, and the model should not learn to stop mid-sentence.
+                    ids = np.append(ids, np.int32(self.eos_id))
+                out.append(Encoded(ids, ids.copy(), None))
             else:
-                out.append(Encoded(np.asarray(ids[: self.max_len], dtype=np.int32), None, ex.label))
+                out.append(Encoded(ids, None, ex.label))
         return out
 
     def _encode_turns(self, examples: list[Example]) -> list[Encoded | None]:
         rendered = [self.render_with_spans(ex.messages or []) for ex in examples]
         # A chat template writes its own BOS if the model wants one; the plain layout relies on the tokenizer's.
-        ids_list, offsets_list = self._tokenize([r[0] for r in rendered], special=not self._template)
+        ids_list, starts_list = self._tokenize([r[0] for r in rendered], special=not self._template, offsets=True)
         out: list[Encoded | None] = []
-        for (_, spans), ids, offsets in zip(rendered, ids_list, offsets_list):
-            ids_arr = np.asarray(ids[: self.max_len], dtype=np.int32)
-            starts = np.asarray([o[0] for o in offsets[: self.max_len]], dtype=np.int64)
-            target = np.zeros(len(ids_arr), dtype=bool)
+        for (_, spans), ids, starts in zip(rendered, ids_list, starts_list):
+            target = np.zeros(len(ids), dtype=bool)
             for s, e in spans:
                 target |= (starts >= s) & (starts < e)
             if not target.any():
                 out.append(None)
                 continue
-            labels = np.where(target, ids_arr, IGNORE).astype(np.int32)
-            out.append(Encoded(ids_arr, labels, None))
+            out.append(Encoded(ids, np.where(target, ids, IGNORE).astype(np.int32), None))
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any
 
 from kubetune.api import TrainerConfig
@@ -12,13 +13,32 @@ from kubetune.api import TrainerConfig
 PREPARED_FORMAT_VERSION = 1
 
 
+# The serialised tokenizer is several MB: hash it once per tokenizer object, not on every prepare() call.
+_IDENTITIES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
 def tokenizer_identity(tokenizer: Any) -> str:
     """A hash of everything about the tokenizer that changes token ids: vocabulary, merges, normalisers and
     special tokens (the serialised fast tokenizer), plus the chat template and special-token ids."""
+    try:
+        return _IDENTITIES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ident = _tokenizer_hash(tokenizer)
+    try:
+        _IDENTITIES[tokenizer] = ident
+    except TypeError:  # not weak-referenceable: just recompute next time
+        pass
+    return ident
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode("utf-8"))
+        text = backend.to_str()
+        for i in range(0, len(text), 1 << 20):  # in slices, so the UTF-8 copy is never the whole text
+            h.update(text[i:i + (1 << 20)].encode("utf-8"))
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     h.update(str(getattr(tokenizer, "chat_template", None) or "").encode("utf-8"))

@@ -42,7 +42,7 @@ class Packer:
     """Turns Encoded examples into rows of `width` tokens and appends them to a RowSpill in blocks."""
 
     def __init__(self, spill: RowSpill, width: int, pad_id: int, pack: bool, classification: bool,
-                 block_tokens: int = 1 << 17):
+                 block_tokens: int = 1 << 15):
         self.spill = spill
         self.width = width
         self.pad_id = pad_id
@@ -52,7 +52,7 @@ class Packer:
         self.block_rows = max(1, block_tokens // width)
         self.max_fill = 0  # longest used length of any row, so shards can be trimmed to it
         self.examples = 0
-        self._block = self._new_block()
+        self._block: dict[str, np.ndarray] | None = None  # allocated on first use (validation may stay empty)
         self._row = 0  # next free row in the block
         self._fill = 0  # tokens used in the current row
         self._segments = 0
@@ -80,6 +80,8 @@ class Packer:
         assert n <= self.width
         if self._fill and (not self.pack or self._fill + n > self.width):
             self._close_row()
+        if self._block is None:
+            self._block = self._new_block()
         r, a, b = self._row, self._fill, self._fill + n
         blk = self._block
         blk["input_ids"][r, a:b] = enc.input_ids
@@ -102,15 +104,17 @@ class Packer:
         self._fill = 0
         self._segments = 0
         if self._row == self.block_rows:
+            assert self._block is not None
             self.spill.append(self._block)
-            self._block = self._new_block()
+            self._block = None
             self._row = 0
 
     def finish(self) -> None:
         """Close the last row and flush; the spill is then complete."""
         if self._fill:
             self._close_row()
-        if self._row:
+        if self._row and self._block is not None:
             self.spill.append({k: v[: self._row] for k, v in self._block.items()})
-            self._row = 0
+        self._block = None
+        self._row = 0
         self.spill.close()

@@ -223,7 +223,7 @@ class ObjectStream(io.RawIOBase):
             super().close()
 
 
-def open_stream(client: Any, obj: dict, buffer_size: int = 1 << 20) -> io.BufferedReader:
+def open_stream(client: Any, obj: dict, buffer_size: int = 256 << 10) -> io.BufferedReader:
     """A buffered, line-iterable stream of one listed object (see list_objects)."""
     return io.BufferedReader(ObjectStream(client, obj), buffer_size=buffer_size)
 

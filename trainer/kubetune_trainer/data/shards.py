@@ -16,20 +16,21 @@ import pyarrow.parquet as pq
 
 from kubetune_trainer.data.s3 import get_bytes, s3_client, upload_file
 
-# Rows per Parquet row group (and per read of the spilled rows): about 128k tokens, so a group costs a few MB
-# whatever the sequence length.
-ROW_GROUP_TOKENS = 1 << 17
+# Rows per Parquet row group (and per read of the spilled rows): about 32k tokens, so a group costs about half a
+# megabyte whatever the sequence length.
+ROW_GROUP_TOKENS = 1 << 15
 
 
-def _table(columns: dict[str, np.ndarray], width: int) -> pa.Table:
-    arrays = {}
+def _table(columns: dict[str, np.ndarray]) -> pa.Table:
+    arrays, names = [], []
     for name, arr in columns.items():
         if arr.ndim == 2:
-            flat = pa.array(np.ascontiguousarray(arr[:, :width]).reshape(-1))
-            arrays[name] = pa.FixedSizeListArray.from_arrays(flat, width)
+            flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
+            arrays.append(pa.FixedSizeListArray.from_arrays(flat, arr.shape[1]))
         else:
-            arrays[name] = pa.array(np.asarray(arr))
-    return pa.table(arrays)
+            arrays.append(pa.array(np.asarray(arr)))
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def write_shard(columns: dict[str, np.ndarray], rows: np.ndarray, width: int, local_path: str,
@@ -37,15 +38,20 @@ def write_shard(columns: dict[str, np.ndarray], rows: np.ndarray, width: int, lo
     """Write the given rows (indices into the spilled columns) trimmed to `width` as one Parquet file, upload
     it, and return the number of tokens in it (attention_mask ones)."""
     tokens = 0
-    schema = _table({k: v[:0] for k, v in columns.items()}, width).schema
+
+    def gather(idx: np.ndarray) -> dict[str, np.ndarray]:
+        # One copy per column: the rows and the trimmed width in a single indexing step.
+        return {k: (v[idx, :width] if v.ndim == 2 else v[idx]) for k, v in columns.items()}
+
+    schema = _table(gather(rows[:0])).schema
     with pq.ParquetWriter(local_path, schema, compression="zstd") as writer:
         # Row-group by row-group, so memory stays at one group however large the shard is.
         step = max(1, ROW_GROUP_TOKENS // max(width, 1))
         for start in range(0, len(rows), step):
             idx = rows[start:start + step]
-            block = {k: np.asarray(v[idx]) for k, v in columns.items()}
-            tokens += int(block["attention_mask"][:, :width].sum())
-            writer.write_table(_table(block, width))
+            block = gather(idx)
+            tokens += int(block["attention_mask"].sum())
+            writer.write_table(_table(block))
     upload_file(client, local_path, uri)
     os.remove(local_path)
     return tokens
