@@ -9,7 +9,8 @@ evaluation. What it decides, in order:
 2. A Deployment or Service of that name exists and belongs to something else: `NameConflict`, hands off
    (and looks again later: usually the leftovers of a deleted namesake job, about to be garbage-collected).
 3. Nothing is to be served: `spec.deploy.enabled` false (`Disabled`), the deployment gate
-   `spec.deploy.minImprovement` not met (`NotImproved`, with the base and fine-tuned figures) or not yet
+   `spec.deploy.minImprovement` not met or not measurable (`NotImproved`, with the base and fine-tuned
+   figures) or not yet
    decidable (`AwaitingEvaluation`: the trainer has not reported `status.evaluation.improvement`), or the
    artifact cannot be served as asked (`ModelUnavailable`, `UnsupportedModel`, `ServingRejected`). Existing
    serving objects are deleted and `status.endpoint` removed. A job that never served gets no `Deployed`
@@ -61,13 +62,17 @@ def gate(spec: api.FineTuneJobSpec, evaluation: Mapping[str, Any] | None) -> tup
         return None
     ev = evaluation or {}
     improvement = ev.get("improvement")
+    metric = ev.get("metric") or "the objective"
+    figures = f"{metric}: base {_fmt(ev.get('base'))}, fine-tuned {_fmt(ev.get('fineTuned'))}"
     if not isinstance(improvement, (int, float)):
+        if any(ev.get(k) is not None for k in ("metric", "base", "fineTuned", "reportUri")):
+            # Evaluated, but without a comparison (e.g. no base figures): the gate cannot be passed.
+            return (c.NOT_IMPROVED, f"not deployed: the evaluation gives no improvement over the base to compare "
+                    f"with spec.deploy.minImprovement {threshold:g} ({figures})")
         return (c.AWAITING_EVALUATION, f"spec.deploy.minImprovement is {threshold:g}: waiting for the trainer's "
                 "evaluation of the fine-tuned model against the base (status.evaluation.improvement)")
     if improvement >= threshold:
         return None
-    metric = ev.get("metric") or "the objective"
-    figures = f"{metric}: base {_fmt(ev.get('base'))}, fine-tuned {_fmt(ev.get('fineTuned'))}"
     return (c.NOT_IMPROVED, f"not deployed: the fine-tune improves {metric} by {_fmt(improvement)}, less than "
             f"spec.deploy.minImprovement {threshold:g} ({figures})")
 

@@ -92,6 +92,8 @@ def test_gate() -> None:
     reason, message = gate(_spec(0.05), None)
     assert reason == c.AWAITING_EVALUATION and "status.evaluation.improvement" in message
     assert gate(_spec(0.0), {"metric": "evalLoss", "improvement": -0.3})[0] == c.NOT_IMPROVED
+    reason, message = gate(_spec(0.0), {"metric": "evalLoss", "fineTuned": 3.9})  # no base figures
+    assert reason == c.NOT_IMPROVED and "base unknown" in message
 
 
 SUCCEEDED = [{"type": "Succeeded", "status": "True", "reason": "JobSucceeded"}]

@@ -30,7 +30,18 @@ import threading
 import time
 from typing import Any
 
-from kubetune.api import GROUP, PLURAL, VERSION, CheckpointRef, DataStats, ModelArtifact, Progress, TrainerConfig
+from kubetune.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    CheckpointRef,
+    DataStats,
+    EvaluationSummary,
+    ModelArtifact,
+    Progress,
+    TrainerConfig,
+    TrialStatus,
+)
 
 from kubetune_trainer import storage
 
@@ -125,6 +136,7 @@ class Reporter:
         self._metrics_dirty = bool(self._lines)
         self._last_metrics_flush = time.monotonic()
         self._closed = False
+        self.trial: str | None = None  # set by for_trial()
         self._local = _open_progress_file()
         self._thread = threading.Thread(target=self._run, name="kubetune-reporter", daemon=True)
         self._thread.start()
@@ -133,6 +145,9 @@ class Reporter:
 
     def progress(self, **fields: Any) -> None:
         """Progress fields by their Python names (step=, loss=, eval_loss=, ...); sent rate-limited."""
+        if self.trial is not None:  # a tuning trial's figures; the tuning driver owns percent and ETA
+            fields = {k: v for k, v in fields.items() if k not in ("percent", "eta_seconds")}
+            fields["trial"] = self.trial
         wire = Progress(updated_at=now_rfc3339(), **_clean(fields)).wire()
         self._mirror({"status": {"progress": wire}})
         with self._lock:
@@ -144,10 +159,30 @@ class Reporter:
         self._urgent_update("data", DataStats.model_validate(_clean(stats)).wire())
 
     def checkpoints(self, refs: list[CheckpointRef]) -> None:
-        self._urgent_update("checkpoints", [r.wire() for r in refs])
+        if self.trial is None:  # a trial's checkpoints are its own (under <run>/trials/<id>/)
+            self._urgent_update("checkpoints", [r.wire() for r in refs])
 
     def model(self, artifact: ModelArtifact) -> None:
-        self._urgent_update("model", artifact.wire())
+        if self.trial is None:  # the tuning driver reports the job's model: the best trial's
+            self._urgent_update("model", artifact.wire())
+
+    # ---------------------------------------------------------------- evaluation and tuning (kubetune_trainer.evaluate, .tune)
+
+    def for_trial(self, trial_id: str) -> None:
+        """Report as tuning trial `trial_id`: progress carries progress.trial (without percent/ETA, which the
+        tuning driver computes across trials); checkpoints, model and evaluation are left to the driver."""
+        self.trial = trial_id
+
+    def evaluation(self, summary: EvaluationSummary) -> None:
+        """status.evaluation (base vs fine-tuned on the held-out data); sent at once."""
+        if self.trial is None:
+            self._urgent_update("evaluation", _clean(summary.wire()))
+
+    def trials(self, trials: list[TrialStatus], best: str | None) -> None:
+        """status.trials and status.bestTrial (the tuning driver's); sent at once."""
+        self._urgent_update("trials", [_clean(t.wire()) for t in trials])
+        if best is not None:
+            self._urgent_update("bestTrial", best)
 
     def metric(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl (a step, an evaluation or an event)."""
