@@ -97,6 +97,10 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
     prepared = prepare(cfg, tokenizer, cfg.spec.resources.workers)
     log.info("data ready: %s (%d training sequences of %d tokens in %d shards)", prepared.manifest_uri,
              prepared.num_train_sequences, prepared.seq_length, len(prepared.train_shards))
+    if cfg.spec.tuning is not None:  # hyperparameter search: Ray Tune trials of this training, best one exported
+        from kubetune_trainer.tune import run_tuning
+
+        return run_tuning(cfg, prepared, options)
     return fit(cfg, prepared, options)
 
 

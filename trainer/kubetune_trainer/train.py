@@ -61,19 +61,28 @@ class InjectedFailure(RuntimeError):
 # ------------------------------------------------------------------------------------------- driver
 
 
-def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions) -> dict[str, Any]:
-    """Run the training on the Ray cluster; returns rank 0's summary. Raises ray's TrainingFailedError."""
+def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
+        trial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the training on the Ray cluster; returns rank 0's summary. Raises ray's TrainingFailedError.
+
+    `trial` ({"id", "params", "jobRunUri"}) when this run is a Ray Tune trial (kubetune_trainer.tune)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = cfg.spec.resources
     use_gpu = resources.gpus_per_worker > 0
+    run_config = RunConfig(name=f"{cfg.job.namespace}-{cfg.job.name}", storage_path=options.ray_storage or None)
+    if trial is not None:  # a tuning trial: its own run name, its evaluations forwarded to Tune
+        from kubetune_trainer.tune import trial_run_config
+
+        run_config = trial_run_config(cfg, options, trial)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "config": cfg.wire(),
             "prepared": dataclasses.asdict(prepared),
             "options": dataclasses.asdict(options),
+            "trial": trial,
         },
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
@@ -82,7 +91,7 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions) -> dict
         ),
         # NCCL between GPUs; gloo on CPU (DeepSpeed reuses this process group).
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{cfg.job.namespace}-{cfg.job.name}", storage_path=options.ray_storage or None),
+        run_config=run_config,
     )
     result = trainer.fit()
     return result.return_value or {}
@@ -118,6 +127,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = TrainerConfig.model_validate(loop_config["config"])
     prepared = PreparedData(**loop_config["prepared"])
     opts = RunOptions(**loop_config["options"])
+    trial = loop_config.get("trial")  # set when this run is a tuning trial (kubetune_trainer.tune)
     spec, training = cfg.spec, cfg.spec.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -204,6 +214,18 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         return _evaluate(engine, eval_data, rank=rank, world=world, batch=batch, device=device,
                          max_batches=training.max_eval_batches, classification=classification)
 
+    # The base model's figures on the held-out data, before any step (kubetune_trainer.evaluate).
+    evaluator = None
+    if eval_data is not None:
+        from kubetune_trainer.evaluate import Evaluator
+
+        evaluator = Evaluator(cfg, client, tokenizer, eval_data, rank=rank, device=device, lora=lora,
+                              zero_stage=training.deepspeed.zero_stage, classification=classification,
+                              data_fingerprint=prepared.fingerprint, evaluate=evaluate, trial=trial)
+        evaluator.base(engine, state.step)
+    if reporter and trial:
+        reporter.for_trial(trial["id"])
+
     # ---------------------------------------------------------------- train
     log.info("training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); "
              "setup took %.1fs", total_steps, steps_per_epoch, num_rows, world, training.deepspeed.zero_stage,
@@ -258,6 +280,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             stop_early = _early_stopping(training, state, eval_metrics["loss"])
             if stop_early and stop_reason is None:
                 stop_reason = "early stopping"
+            if evaluator:  # a tuning trial reports it to Tune (ASHA decides on it)
+                evaluator.observe(state.step, eval_metrics, last=stop_reason is not None)
 
         tps = attempt_tokens / train_seconds if train_seconds else 0.0
         if reporter:
@@ -293,6 +317,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
     artifact = export(engine, cfg, tokenizer, rank=rank, client=client, staging=staging, base_dir=base_dir,
                       precision=precision)
+    if evaluator and final_eval:
+        evaluator.observe(state.step, final_eval, last=True)
+    evaluation = evaluator.finish(engine, state.step, artifact) if evaluator else None  # report, samples
 
     # ---------------------------------------------------------------- cleanup
     if trace:
@@ -308,6 +335,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     assert reporter is not None
     if artifact:
         reporter.model(artifact)
+    if evaluation:
+        reporter.evaluation(evaluation)
+        summary["evaluation"] = evaluation.wire()
     reporter.progress(step=state.step, total_steps=total_steps, eval_loss=state.last_eval_loss, percent=100,
                       eta_seconds=0)
     reporter.metric({"event": "finished", **summary})
