@@ -53,6 +53,7 @@ class TrainState:
     evals_without_improvement: int = 0
     last_eval_loss: float | None = None
     last_eval_step: int | None = None
+    stop_reason: str | None = None  # set once the run has finished (or stopped early)
     world_size: int = 1
     data_fingerprint: str = ""
 

@@ -1,11 +1,13 @@
-"""Rank 0's reports: the FineTuneJob status (progress, data, checkpoints, model) and metrics.jsonl in S3.
+"""Rank 0's reports: the FineTuneJob status (progress, data, checkpoints, evaluation, model) and metrics.jsonl
+in S3.
 
 Two rules shape this module:
 - Reporting never fails or stalls training. Patches and uploads run on a background thread; the training
   thread only merges fields into a pending dict. A refused or timed-out patch is logged and the next one
   carries the fields again (the pending dict is kept until a patch succeeds).
 - The API server is not flooded: progress patches go out at most once per `reporting.minIntervalSeconds`,
-  coalesced. Data statistics, checkpoints and the model are rare and important, so they go out at once.
+  coalesced. Data statistics, checkpoints, the evaluation and the model are rare and important, so they go
+  out at once.
 
 Patches are JSON merge patches of the status subresource (`status.progress` merges key by key; lists such as
 `status.checkpoints` are replaced whole). The ServiceAccount token comes from the pod (in-cluster config), or

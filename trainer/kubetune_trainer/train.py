@@ -233,7 +233,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # Throughput and ETA count only training steps of this attempt (not evaluation, checkpoints or setup).
     train_seconds, attempt_tokens, attempt_start_step = 0.0, 0, state.step
     last_checkpoint_step = state.step if latest[0] else None
-    stop_reason = "finished" if state.step >= total_steps else None
+    stop_reason = state.stop_reason or ("max steps" if state.step >= total_steps else None)
     epoch_batches: list[Any] = []
     epoch_of_batches = -1
     while stop_reason is None:
@@ -282,6 +282,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 stop_reason = "early stopping"
             if evaluator:  # a tuning trial reports it to Tune (ASHA decides on it)
                 evaluator.observe(state.step, eval_metrics, last=stop_reason is not None)
+        state.stop_reason = stop_reason  # saved with the checkpoint: a finished run is not continued
 
         tps = attempt_tokens / train_seconds if train_seconds else 0.0
         if reporter:
