@@ -24,52 +24,36 @@ def content_hash(content: str) -> int:
 
 
 class HashSet64:
-    """A set of 64-bit hashes at ~8 bytes each, where a Python set of ints costs ~70.
+    """A set of 64-bit hashes at ~8 bytes each (a Python set of ints costs ~70), queried a batch at a time.
 
-    New hashes go into a small Python set; when it is full it becomes a sorted uint64 run, and runs of equal
-    size are merged (a binary counter, as in an LSM tree), so there are at most log2(n / BUFFER) runs and each
-    hash is merged O(log n) times. A lookup checks the buffer and binary-searches each run.
+    Each batch's new hashes become a sorted uint64 run; runs of similar size are merged (a binary counter, as
+    in an LSM tree), so there are at most about log2(n / batch) runs and each hash is merged O(log n) times.
+    A batch lookup is one vectorised binary search per run.
     """
 
-    BUFFER = 8192
-
     def __init__(self) -> None:
-        self._buffer: set[int] = set()
         self._runs: list[np.ndarray] = []  # sorted, largest first
 
     def __len__(self) -> int:
-        return len(self._buffer) + sum(len(r) for r in self._runs)
+        return sum(len(r) for r in self._runs)
 
-    def __contains__(self, h: int) -> bool:
-        if h in self._buffer:
-            return True
-        key = np.uint64(h)
+    def check_and_add(self, hashes: np.ndarray) -> np.ndarray:
+        """For a batch of uint64 hashes in record order: True where the hash was seen before (earlier in the
+        set or earlier in this batch); all of them are then in the set."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        dup = np.ones(len(hashes), dtype=bool)
+        _, first = np.unique(hashes, return_index=True)
+        dup[first] = False  # the first occurrence within the batch is the one kept
         for run in self._runs:
-            i = int(np.searchsorted(run, key))
-            if i < len(run) and run[i] == key:
-                return True
-        return False
-
-    def add(self, h: int) -> None:
-        self._buffer.add(h)
-        if len(self._buffer) >= self.BUFFER:
-            run = np.sort(np.fromiter(self._buffer, dtype=np.uint64, count=len(self._buffer)))
-            self._buffer = set()
-            while self._runs and len(self._runs[-1]) <= len(run):
-                run = np.union1d(self._runs.pop(), run)
-            self._runs.append(run)
-
-
-class ExactDedup:
-    def __init__(self) -> None:
-        self._seen = HashSet64()
-
-    def is_duplicate(self, h: int) -> bool:
-        """True if h was seen before; otherwise remember it."""
-        if h in self._seen:
-            return True
-        self._seen.add(h)
-        return False
+            i = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            dup |= run[i] == hashes
+        new = np.sort(hashes[~dup])
+        if len(new):
+            while self._runs and len(self._runs[-1]) <= 2 * len(new):
+                # Runs are disjoint and sorted: a stable sort (timsort) of the two merges them in linear time.
+                new = np.sort(np.concatenate([self._runs.pop(), new]), kind="stable")
+            self._runs.append(new)
+        return dup
 
 
 def shingles(content: str) -> list[bytes]:

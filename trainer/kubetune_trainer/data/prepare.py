@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from kubetune.api import TrainerConfig
-from kubetune_trainer.data.dedup import ExactDedup, NearDedup, content_hash
+from kubetune_trainer.data.dedup import HashSet64, NearDedup, content_hash
 from kubetune_trainer.data.encode import Encoder
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.fingerprint import PREPARED_FORMAT_VERSION, fingerprint, tokenizer_identity
@@ -115,7 +115,7 @@ class _Run:
         self.validation_split = ds.validation_split
         self.seed = cfg.spec.training.seed
         self.encoder = Encoder(tokenizer, ds.format, self.pp.max_seq_length)
-        self.exact = ExactDedup() if self.pp.deduplicate else None
+        self.exact = HashSet64() if self.pp.deduplicate else None
         near = self.pp.near_duplicate_threshold
         self.near = NearDedup(near) if near is not None else None
         self.invalid = InvalidTally()
@@ -129,6 +129,8 @@ class _Run:
                           self.pp.packing, self.classification)
             for split in ("train", "validation")
         }
+        # Valid, length-filtered examples waiting for the batched dedup, then per split for the tokenizer.
+        self.incoming: list[tuple[Example, int, bool]] = []
         self.pending: dict[str, list[Example]] = {"train": [], "validation": []}
         self._started = time.monotonic()
         self._last_log = self._started
@@ -156,18 +158,26 @@ class _Run:
         if ex.chars < self.pp.min_chars or (self.pp.max_chars is not None and ex.chars > self.pp.max_chars):
             self.filtered += 1
             return
-        h = content_hash(ex.content)
-        if self.exact is not None and self.exact.is_duplicate(h):
-            self.duplicates += 1
-            return
-        if self.near is not None and self.near.is_duplicate(ex.content):
-            self.duplicates += 1
-            return
-        split = "validation" if validation_source or self._held_out(h) else "train"
-        batch = self.pending[split]
-        batch.append(ex)
-        if len(batch) >= BATCH_RECORDS:
-            self._flush(split)
+        self.incoming.append((ex, content_hash(ex.content), validation_source))
+        if len(self.incoming) >= BATCH_RECORDS:
+            self._dedup_and_route()
+
+    def _dedup_and_route(self) -> None:
+        # Exact dedup runs a batch at a time (vectorised lookups in a compact hash set); the first occurrence
+        # in record order is kept, exactly as a one-by-one check would.
+        batch, self.incoming = self.incoming, []
+        if self.exact is not None:
+            dup = self.exact.check_and_add(np.fromiter((h for _, h, _ in batch), np.uint64, len(batch)))
+        else:
+            dup = np.zeros(len(batch), dtype=bool)
+        for (ex, h, validation_source), is_dup in zip(batch, dup):
+            if is_dup or (self.near is not None and self.near.is_duplicate(ex.content)):
+                self.duplicates += 1
+                continue
+            split = "validation" if validation_source or self._held_out(h) else "train"
+            self.pending[split].append(ex)
+            if len(self.pending[split]) >= BATCH_RECORDS:
+                self._flush(split)
 
     def _held_out(self, h: int) -> bool:
         # A pure function of the seed and the content: the same record lands on the same side in every run,
@@ -188,6 +198,7 @@ class _Run:
                 packer.add(enc)
 
     def finish(self) -> None:
+        self._dedup_and_route()
         for split in ("train", "validation"):
             self._flush(split)
             self.packers[split].finish()
