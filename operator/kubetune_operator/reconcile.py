@@ -234,6 +234,13 @@ def write_status(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ reconciler
 
 
+def _ray_job_digest(ray_job: dict[str, Any]) -> str:
+    """What of a RayJob the job's status depends on: its status and the spec hash it was built from."""
+    meta = ray_job.get("metadata") or {}
+    return json.dumps([ray_job.get("status"), (meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH)],
+                      sort_keys=True)
+
+
 class Reconciler:
     """Runs passes for jobs; one at a time per job."""
 
@@ -277,6 +284,9 @@ class Reconciler:
                     stop = e
                     break
             status = write_status(ctx)
+            if isinstance(ctx.obs.ray_job, dict):
+                # The status now reflects this RayJob: its own ADDED/MODIFIED echo needs no second pass.
+                self._seen[ctx.obs.ray_job["metadata"].get("uid", "")] = _ray_job_digest(ctx.obs.ray_job)
         if stop is not None:
             raise stop
         if ctx.errors:
@@ -291,8 +301,7 @@ class Reconciler:
         if owner_ref is None:
             return
         uid = meta.get("uid", "")
-        digest = json.dumps([ray_job.get("status"), (meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH)],
-                            sort_keys=True)
+        digest = _ray_job_digest(ray_job)
         if deleted:
             self._seen.pop(uid, None)
         elif self._seen.get(uid) == digest:
