@@ -5,9 +5,11 @@
   renders requests. Loss is on assistant turns only: each assistant turn's character span in the rendered text
   runs from the end of the conversation-so-far rendered with add_generation_prompt (so the "assistant" header
   is masked) to the end of the conversation rendered through that turn (so the end-of-turn token is learned and
-  the model learns to stop). The whole text is tokenised once, and a token is a target when its first character
-  lies inside an assistant span. A tokenizer without a chat template gets a plain "### Instruction / ###
-  Response" layout instead.
+  the model learns to stop). Rendering every prefix costs a template run per turn, so the template's assistant
+  header and end-of-turn suffix are found once with a probe chat and each record is rendered once, its spans
+  found as header + content + suffix; a record where that does not match takes the prefix renders. The whole
+  text is tokenised once, and a token is a target when its first character lies inside an assistant span. A
+  tokenizer without a chat template gets a plain "### Instruction / ### Response" layout instead.
 - completion: the text (with the tokenizer's own BOS, if it adds one) plus EOS, every token a target.
 - classification: the text (with BOS if the tokenizer adds one); the label is the class id.
 
@@ -53,6 +55,7 @@ class Encoder:
         self._template = bool(getattr(tokenizer, "chat_template", None))
         if fmt in ("chat", "instruction") and self._fast is None:
             raise DataError(f"format {fmt} needs a fast tokenizer: masking maps tokens to characters by offsets")
+        self._turn_markers = self._probe_template() if fmt in ("chat", "instruction") else None
 
     # -------------------------------------------------------------------------------------- rendering
 
@@ -65,15 +68,60 @@ class Encoder:
             )
         return _render_plain(turns, generation_prompt, self.eos_text)
 
+    def _probe_template(self) -> tuple[str, str] | None:
+        """(assistant header, end-of-turn suffix) of the chat template, found by rendering a probe chat, or None
+        when the template does not render turns as header + content + suffix (then every record takes the
+        slow path)."""
+        u, a = "probe-user-7c1e", "probe-assistant-9f3b"
+        try:
+            user_only = self._render([("user", u)], False)
+            prompt = self._render([("user", u)], True)
+            both = self._render([("user", u), ("assistant", a)], False)
+        except Exception:  # a template that refuses the probe (e.g. demands a system turn)
+            return None
+        if not (prompt.startswith(user_only) and both.startswith(prompt + a)):
+            return None
+        header, suffix = prompt[len(user_only):], both[len(prompt) + len(a):]
+        return (header, suffix) if header else None
+
     def render_with_spans(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of its assistant turns (the loss targets)."""
         full = self._render(turns, False)
-        spans = []
+        if self._turn_markers is not None:
+            spans = self._spans_by_markers(full, turns)
+            if spans is not None:
+                return full, spans
+        return full, self._spans_by_prefixes(full, turns)
+
+    def _spans_by_markers(self, full: str, turns: list[tuple[str, str]]) -> list[tuple[int, int]] | None:
+        # One render per record: each assistant turn is found as header + content + suffix, in order. The
+        # header holds control tokens, which records may not contain (control_token), so the match cannot land
+        # inside a user's text.
+        assert self._turn_markers is not None
+        header, suffix = self._turn_markers
+        spans, cursor = [], 0
+        for role, content in turns:
+            if role != "assistant" or not content:
+                continue
+            at = full.find(header + content + suffix, cursor)
+            if at < 0:
+                return None
+            start = at + len(header)
+            cursor = start + len(content) + len(suffix)
+            spans.append((start, cursor))
+        return spans
+
+    def _spans_by_prefixes(self, full: str, turns: list[tuple[str, str]]) -> list[tuple[int, int]]:
+        # Each assistant span runs from the end of the conversation so far rendered with the generation prompt
+        # to the end of the conversation rendered through that turn.
+        spans: list[tuple[int, int]] = []
         last = len(turns) - 1
         for i, (role, content) in enumerate(turns):
             if role != "assistant" or not content:
                 continue
-            start_text = self._render(turns[:i], True)
+            # transformers refuses to render an empty conversation: a chat that opens with the assistant has no
+            # prefix to render and goes straight to the content search below.
+            start_text = self._render(turns[:i], True) if i else ""
             end = len(full) if i == last else len(self._render(turns[: i + 1], False))
             if full.startswith(start_text) and start_text:
                 start = len(start_text)
@@ -85,7 +133,7 @@ class Encoder:
                     continue
                 end = max(end, start + len(content))
             spans.append((start, end))
-        return full, spans
+        return spans
 
     # -------------------------------------------------------------------------------------- encoding
 
