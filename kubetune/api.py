@@ -509,7 +509,38 @@ def _tuning_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
                 errs.append((path, f"randint is for integer fields; {key} is a float"))
         if tuning.algorithm == "grid" and p.type != "choice":
             errs.append((path, "grid search takes choice parameters only"))
+        if not any(e[0].startswith(path) for e in errs):
+            candidates = [(f"{path}.values[{i}]", v) for i, v in enumerate(p.values or [])]
+            candidates += [(f"{path}.{side}", v) for side, v in (("low", p.low), ("high", p.high)) if v is not None]
+            for where, value in candidates:
+                problem = _tunable_value_error(spec.training, key, value)
+                if problem:
+                    errs.append((where, problem))
+    if tuning.algorithm == "grid" and all(p.type == "choice" and p.values for p in tuning.search_space.values()):
+        combinations = 1
+        for p in tuning.search_space.values():
+            combinations *= len(p.values or [])
+        if tuning.trials != combinations:
+            errs.append((f"{base}.trials", f"grid search runs every combination of the choice values once: "
+                                           f"{combinations} trials, so set trials: {combinations}"))
     return errs
+
+
+def _tunable_value_error(training: TrainingSpec, key: str, value: float) -> str | None:
+    """Why a search-space value breaks the tuned field's own rule (e.g. learningRate 2: must be below 1), or None."""
+    wire = training.wire()
+    *parents, leaf = key.split(".")
+    node = wire
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = int(value) if TUNABLE_FIELDS[key] == "int" and value == int(value) else value
+    try:
+        TrainingSpec.model_validate(wire)
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            if ".".join(str(x) for x in e["loc"]) in (key, leaf) or tuple(e["loc"])[-1:] == (leaf,):
+                return f"{value:g} is not a valid {key}: {str(e['msg']).removeprefix('Value error, ')}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------- status
@@ -706,7 +737,7 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{p}: {m}" for p, m in errors))
 
 
-_CROSS_FIELD_LINE = re.compile(r"(spec(?:\.[A-Za-z0-9_\-]+)+): ([^;]+)")
+_CROSS_FIELD_LINE = re.compile(r"(spec(?:\.[A-Za-z0-9_\-]+(?:\[\d+\])?)+): ([^;]+)")
 
 
 _PATTERN_MEANING = {

@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", nargs="?", help="FineTuneJob name (read from the cluster KUBECONFIG points at)")
     p.add_argument("-n", "--namespace", default=None, help="namespace (default: the kubeconfig's)")
     p.add_argument("--metrics", help="a metrics.jsonl file or s3:// URI instead of a job in the cluster")
-    p.add_argument("-o", "--output", help="PNG file to write (default: <name>-loss.png)")
+    p.add_argument("-o", "--output", help="PNG file to write (default: <name>-loss.png, <name>-trials.png)")
+    p.add_argument("--trials", action="store_true",
+                   help="a tuning job: every trial's held-out curve (from <run>/trials/<id>/metrics.jsonl)")
     p.set_defaults(func=run)
 
 
@@ -83,9 +85,81 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path, title: str,
     return path
 
 
+def plot_trials(curves: dict[str, list[dict[str, Any]]], path: Path, title: str, *, best: str | None = None,
+                states: dict[str, str] | None = None, baseline: float | None = None) -> Path:
+    """Each tuning trial's held-out loss by step (training loss faint); the best trial bold, early-stopped
+    trials end in an x. `curves`: trial id -> its metrics lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    states = states or {}
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    drawn = 0
+    for i, (tid, metrics) in enumerate(sorted(curves.items())):
+        train, evals = loss_series(metrics)
+        if not evals and not train:
+            continue
+        color = f"C{i % 10}"
+        is_best = tid == best
+        if train:
+            ax.plot([s for s, _ in train], [v for _, v in train], color=color, lw=0.6, alpha=0.35)
+        if evals:
+            label = f"{tid}" + (" (best)" if is_best else "") + (
+                f" {states[tid].lower().replace('_', ' ')}" if states.get(tid) not in (None, "TERMINATED") else "")
+            ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", color=color, lw=2.5 if is_best else 1.2,
+                    ms=4, label=label)
+            if states.get(tid) == "EARLY_STOPPED":
+                ax.plot([evals[-1][0]], [evals[-1][1]], "x", color=color, ms=10, mew=2)
+        drawn += 1
+    if not drawn:
+        raise CLIError("no loss values in any trial's metrics yet")
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="gray", label=f"base model held-out loss ({baseline:.3f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out loss (training loss faint)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _run_trials(args: argparse.Namespace) -> int:
+    from kubetune.cli import cluster
+
+    if not args.name:
+        raise CLIError("--trials needs a job NAME", EXIT_USAGE)
+    with cluster.connect() as conn:
+        job = conn.get_job(args.name, args.namespace)
+        st = job.get("status") or {}
+        trials = st.get("trials") or []
+        if not trials:
+            raise CLIError(f"{args.name} has no trials (no spec.tuning, or none started yet)")
+        curves = {}
+        for t in trials:
+            text = conn.read_run_object(job, f"trials/{t['id']}/metrics.jsonl")
+            curves[t["id"]] = parse_metrics(text or "")
+        evaluation = st.get("evaluation") or {}
+        baseline = evaluation.get("base") if evaluation.get("metric") in (None, "evalLoss") else None
+    out = Path(args.output or f"{args.name}-trials.png")
+    plot_trials(curves, out, f"{job['metadata']['namespace']}/{args.name}: {len(trials)} trials",
+                best=st.get("bestTrial"), states={t["id"]: t.get("state") for t in trials}, baseline=baseline)
+    print(f"wrote {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from kubetune.cli import cluster
 
+    if getattr(args, "trials", False):
+        return _run_trials(args)
     if args.metrics:
         if args.metrics.startswith("s3://"):
             raise CLIError("for an s3:// URI give the job NAME too (its endpoint and keys come from the job), "

@@ -46,7 +46,8 @@ def render(job: dict[str, Any], local: str | None = None) -> str:
         lines.append(f"  progress  step {p.get('step', '-')}/{p.get('totalSteps', '-')} ({p.get('percent', 0)}%)  "
                      f"loss {fmt_num(p.get('loss'))}  eval {fmt_num(p.get('evalLoss'))}  "
                      f"{fmt_num(p.get('tokensPerSecond'), 0)} tok/s  ETA {fmt_seconds(p.get('etaSeconds'))}  "
-                     f"epoch {fmt_num(p.get('epoch'), 2)}  (at {p.get('updatedAt', '-')})")
+                     f"epoch {fmt_num(p.get('epoch'), 2)}  (at {p.get('updatedAt', '-')})"
+                     + (f"  trial {p['trial']}" if p.get("trial") else ""))
     d = st.get("data") or {}
     if d:
         lines.append(f"  data      {d.get('records', '-')} records, {d.get('trainRecords', '-')} train / "
@@ -55,7 +56,9 @@ def render(job: dict[str, Any], local: str | None = None) -> str:
     ev = st.get("evaluation") or {}
     if ev:
         lines.append(f"  eval      {ev.get('metric', 'evalLoss')}: base {fmt_num(ev.get('base'))} -> fine-tuned "
-                     f"{fmt_num(ev.get('fineTuned'))}")
+                     f"{fmt_num(ev.get('fineTuned'))} (improvement {fmt_num(ev.get('improvement'))})"
+                     + (f"  report {ev['reportUri']}" if ev.get("reportUri") else ""))
+    lines.extend(render_trials(st))
     for c in st.get("checkpoints") or []:
         lines.append(f"  checkpoint step {c.get('step')}: {c.get('uri')} (evalLoss {fmt_num(c.get('evalLoss'))})")
     if st.get("model"):
@@ -78,6 +81,32 @@ def render(job: dict[str, Any], local: str | None = None) -> str:
 
 # Deployed=False reasons that mean serving is still on its way (kubetune_operator.conditions).
 _SERVING_IN_PROGRESS = ("Progressing", "AwaitingEvaluation", "ServingError")
+
+
+MAX_TRIAL_LINES = 20
+
+
+def render_trials(st: dict[str, Any]) -> list[str]:
+    """status.trials as a table (best first marked), at most MAX_TRIAL_LINES rows."""
+    trials = st.get("trials") or []
+    if not trials:
+        return []
+    best = st.get("bestTrial")
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.get("state", "?")] = states.get(t.get("state", "?"), 0) + 1
+    summary = ", ".join(f"{n} {s.lower().replace('_', ' ')}" for s, n in sorted(states.items()))
+    metric = (st.get("evaluation") or {}).get("metric") or "objective"
+    lines = [f"  trials    {len(trials)} ({summary})" + (f"; best {best}" if best else "")]
+    for t in trials[:MAX_TRIAL_LINES]:
+        params = " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                          for k, v in sorted((t.get("params") or {}).items()))
+        mark = "  <- best" if t.get("id") == best else ""
+        lines.append(f"    {t.get('id', '?'):<10} {t.get('state', '?'):<13} step {str(t.get('step', '-')):<6} "
+                     f"{metric} {fmt_num(t.get('objective'))}  {params}{mark}")
+    if len(trials) > MAX_TRIAL_LINES:
+        lines.append(f"    ... {len(trials) - MAX_TRIAL_LINES} more (kubetune status -o json)")
+    return lines
 
 
 def finished(job: dict[str, Any]) -> bool:

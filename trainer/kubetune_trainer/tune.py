@@ -15,11 +15,11 @@ Ray 2.60 runs Ray Train V2, whose Tune integration is a Tune *function trainable
   model/, eval/report.json, params.json). Trial ids are `trial-00`, `trial-01`, ... in Tune's order, so a
   retried driver finds its trials' checkpoints again (and a prefix written with other parameters is wiped).
 - Search: `random` samples `trials` configurations (seeded with training.seed); `grid` is a `tune.grid_search`
-  over every choice value (Tune's order: the first field varies fastest).
+  over every combination of the choice values (fields in name order, the last one varying fastest).
 - Early stopping: `asha` is Tune's ASHAScheduler on the objective, with the optimizer step as its time
   attribute, so trials are compared at the same step; grace period = one evaluation interval.
-- Resources: each trial actor only drives its Ray Train run, so it asks for no CPU; the trial's workers ask
-  for what a worker of the job asks for. `maxConcurrentTrials` bounds the trials (and Train runs) in flight:
+- Resources: each trial actor only drives its Ray Train run, so it asks for no CPU (only a little of Ray's
+  logical memory: Tune refuses an empty request); the trial's workers ask for what a worker of the job asks for. `maxConcurrentTrials` bounds the trials (and Train runs) in flight:
   trials x workers x CPU-per-worker must fit the cluster, or Ray Train waits for resources.
 - The best trial is the best objective among trials that finished (were trained to the end and exported):
   an early-stopped trial's figure is from an earlier step and it has no model. Its model, its report and its
@@ -29,6 +29,7 @@ Ray 2.60 runs Ray Train V2, whose Tune integration is a Tune *function trainable
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ log = logging.getLogger("kubetune_trainer")
 TRIALS_DIR = "trials"
 STATUS_TRIALS_LIMIT = 100  # status.trials is for reading: at most this many entries (the report has them all)
 ASHA_REDUCTION_FACTOR = 3
+TRIAL_DRIVER_MEMORY = 128 * 1024**2  # Ray's logical memory resource of each trial's driver actor (bytes)
 
 PENDING, RUNNING, TERMINATED, EARLY_STOPPED, ERROR = "PENDING", "RUNNING", "TERMINATED", "EARLY_STOPPED", "ERROR"
 
@@ -66,22 +68,39 @@ class TuningError(RuntimeError):
 
 
 def search_space(tuning: TuningSpec) -> dict[str, Any]:
-    """Tune's search space for spec.tuning.searchSpace: {field: tune domain}, in the spec's order."""
+    """Tune's param_space for spec.tuning.searchSpace: {"params": {field: value or domain}}.
+
+    Fields are taken in name order, as the API server returns them (it does not keep a map's key order), so
+    a job samples the same trials from `kubetune run` and from the cluster. random: a domain per field
+    (choice/uniform/loguniform/randint; integer fields stay integers; randint's high is inclusive, Tune's
+    upper bound is not). grid: one `tune.grid_search` over every combination of the choice values like nested
+    loops over the fields in name order (the last field varies fastest; each field's values in their order),
+    so trial-00 is the first combination.
+    """
     from ray import tune
 
+    keys = sorted(tuning.search_space)
+    if tuning.algorithm == "grid":
+        values = [[_typed(k, v) for v in tuning.search_space[k].values or []] for k in keys]
+        return {"params": tune.grid_search([dict(zip(keys, combo)) for combo in itertools.product(*values)])}
     space: dict[str, Any] = {}
-    for key, p in tuning.search_space.items():
+    for key in keys:
+        p = tuning.search_space[key]
         integer = TUNABLE_FIELDS[key] == "int"
         if p.type == "choice":
-            values = [int(v) if integer else float(v) for v in p.values or []]
-            space[key] = tune.grid_search(values) if tuning.algorithm == "grid" else tune.choice(values)
+            space[key] = tune.choice([_typed(key, v) for v in p.values or []])
         elif p.type == "randint" or (integer and p.type == "uniform"):
-            space[key] = tune.randint(int(p.low), int(p.high) + 1)  # Tune's upper bound is exclusive
+            space[key] = tune.randint(int(math.ceil(p.low)), int(p.high) + 1)
         elif p.type == "loguniform":
-            space[key] = tune.lograndint(int(p.low), int(p.high) + 1) if integer else tune.loguniform(p.low, p.high)
+            space[key] = (tune.lograndint(int(math.ceil(p.low)), int(p.high) + 1) if integer
+                          else tune.loguniform(p.low, p.high))
         else:
             space[key] = tune.uniform(p.low, p.high)
-    return space
+    return {"params": space}
+
+
+def _typed(key: str, value: float) -> int | float:
+    return int(value) if TUNABLE_FIELDS[key] == "int" else float(value)
 
 
 def grid_size(tuning: TuningSpec) -> int:
@@ -226,6 +245,11 @@ def _tracker_class() -> Any:
             self.last: dict[str, dict[str, Any]] = {}
             self.errors: dict[str, Any] = {}
 
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its run config (callbacks included) into the experiment folder; the reporter (an
+            # API client, a thread) stays behind. Tune calls this very object, not an unpickled copy.
+            return {**self.__dict__, "reporter": _NullReporter()}
+
         def _entry(self, trial: Any) -> TrialStatus:
             tid = trial_id_of(trial.trial_id)
             if tid not in self.trials:
@@ -281,6 +305,11 @@ def _tracker_class() -> Any:
     return TrialTracker
 
 
+class _NullReporter:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any]:
     """Run spec.tuning's trials with Ray Tune, then make the best trial the job's result; returns a summary
     like train.fit's (step, totalSteps, stopReason, evalLoss, model) plus bestTrial, trials and evaluation."""
@@ -315,9 +344,11 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     trainable = ray.tune.with_parameters(_run_trial, job_config=cfg.wire(), prepared=asdict(prepared),
                                          options=asdict(options))
     tuner = ray.tune.Tuner(
-        # The trial actor only drives its Ray Train run (whose workers ask for their own resources).
-        ray.tune.with_resources(trainable, {"CPU": 0}),
-        param_space={"params": search_space(tuning)},
+        # The trial actor only drives its Ray Train run (whose workers ask for their own resources): no CPU,
+        # so trials x workers x CPU-per-worker is all a tuning job takes. Tune refuses an all-zero request,
+        # and memory is a fair thing for a driver process to ask for.
+        ray.tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}),
+        param_space=search_space(tuning),
         tune_config=ray.tune.TuneConfig(
             num_samples=1 if tuning.algorithm == "grid" else tuning.trials,
             max_concurrent_trials=tuning.max_concurrent_trials,

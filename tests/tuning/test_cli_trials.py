@@ -1,0 +1,56 @@
+"""`kubetune status` shows the evaluation and the trials; `kubetune plot --trials` draws every trial's curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+STATUS = {
+    "state": "Deployed",
+    "progress": {"step": 6, "totalSteps": 6, "percent": 100, "trial": "trial-01"},
+    "evaluation": {"metric": "evalLoss", "base": 10.83, "fineTuned": 10.21, "improvement": 0.62,
+                   "reportUri": "s3://b/runs/ns/tuned/eval/report.json"},
+    "trials": [
+        {"id": "trial-00", "params": {"learningRate": 0.01, "lora.r": 2}, "objective": 10.3, "state": "TERMINATED",
+         "step": 6},
+        {"id": "trial-01", "params": {"learningRate": 0.01, "lora.r": 4}, "objective": 10.21,
+         "state": "TERMINATED", "step": 6},
+        {"id": "trial-02", "params": {"learningRate": 0.5, "lora.r": 2}, "objective": 17.5, "state": "EARLY_STOPPED",
+         "step": 2},
+    ],
+    "bestTrial": "trial-01",
+}
+
+
+def test_status_shows_evaluation_and_trials() -> None:
+    from kubetune.cli.status import render
+
+    text = render({"metadata": {"name": "tuned", "namespace": "ns"}, "status": STATUS})
+    assert "eval      evalLoss: base 10.8300 -> fine-tuned 10.2100 (improvement 0.6200)" in text
+    assert "report s3://b/runs/ns/tuned/eval/report.json" in text
+    assert "trials    3 (1 early stopped, 2 terminated); best trial-01" in text
+    lines = text.splitlines()
+    best = next(ln for ln in lines if "trial-01" in ln and "TERMINATED" in ln)
+    assert "learningRate=0.01 lora.r=4" in best and best.endswith("<- best") and "evalLoss 10.2100" in best
+    assert any("trial-02" in ln and "EARLY_STOPPED" in ln and "step 2" in ln for ln in lines)
+    assert "trial trial-01" in text  # progress says which trial its figures are from
+
+
+def test_plot_trials_writes_a_png(tmp_path: Path) -> None:
+    from kubetune.cli.plot import plot_trials
+
+    def curve(losses: list[float]) -> list[dict]:
+        out = []
+        for step, loss in enumerate(losses, 1):
+            out.append({"step": step, "loss": loss + 0.1})
+            if step % 2 == 0:
+                out.append({"step": step, "loss": loss + 0.1, "evalLoss": loss})
+        return out
+
+    path = plot_trials({"trial-00": curve([10.8, 10.6, 10.5, 10.4]), "trial-01": curve([10.8, 10.5, 10.3, 10.2]),
+                        "trial-02": curve([14.0, 17.5])}, tmp_path / "trials.png", "ns/tuned: 3 trials",
+                       best="trial-01", states={"trial-02": "EARLY_STOPPED"}, baseline=10.83)
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
