@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         check_serving_venv()  # before the training, not after it
     from rich.console import Console
 
-    console = Console()
+    console = Console(soft_wrap=True)  # long lines (commands to copy) must not be broken
     run_dir = Path(args.out) / m.name
     run_dir.mkdir(parents=True, exist_ok=True)
     timings = Timings()
