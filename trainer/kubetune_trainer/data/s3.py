@@ -58,7 +58,9 @@ def s3_client(endpoint: str | None, region: str) -> Any:
         connect_timeout=10,
         read_timeout=120,
     )
-    return boto3.client("s3", endpoint_url=endpoint or None, config=config)
+    # A fresh session, not boto3's default one: the default session caches the first credentials it resolved
+    # for the life of the process, so rotated keys (or a test switching them) would go unnoticed.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
 
 
 def parse_uri(uri: str) -> tuple[str, str]:

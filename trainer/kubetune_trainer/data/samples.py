@@ -45,7 +45,7 @@ def _strip_overstrike(s: str) -> str:
     # Old fortunes underline words with "____^H^H^H^Hword" (terminal overstriking): drop each character that a
     # backspace erases, repeatedly, leaving the word.
     while "\b" in s:
-        s2 = re.sub(r"[^\b]\b", "", s)
+        s2 = re.sub(r"[^\x08]\x08", "", s)  # \x08, not \b: outside a class \b is a word boundary
         if s2 == s:
             return s.replace("\b", "")
         s = s2

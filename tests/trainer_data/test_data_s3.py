@@ -1,0 +1,79 @@
+"""S3 access against the real SeaweedFS: listing, credentials from the environment, ranged Parquet reads."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError
+from data_test_helpers import BUCKET, parquet_bytes
+
+from kubetune_trainer.data import DataError, list_objects, prepare, s3_client
+from kubetune_trainer.data.readers import read_records
+from kubetune_trainer.data.s3 import RangeFile
+
+pytestmark = pytest.mark.integration
+
+
+def test_list_object_prefix_and_pagination(s3, put, prefix):
+    keys = [f"{prefix}/set/part-{i}.jsonl" for i in (3, 0, 4, 1, 2)]
+    for k in keys:
+        put(k, b"{}\n", "raw")
+    put(f"{prefix}/set/_SUCCESS", b"", "raw")
+    put(f"{prefix}/set/.part-0.jsonl.crc", b"x", "raw")
+    put(f"{prefix}/set-sibling.jsonl", b"{}\n", "raw")
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/set/sub/", Body=b"")  # a folder marker
+
+    listed = list_objects(s3, f"s3://{BUCKET}/{prefix}/set", page_size=2)  # 3 pages at least
+    assert [o["key"] for o in listed] == sorted(keys)
+    assert all(o["size"] == 3 and o["etag"] and o["uri"] == f"s3://{BUCKET}/{o['key']}" for o in listed)
+    assert [o["key"] for o in list_objects(s3, f"s3://{BUCKET}/{prefix}/set/")] == sorted(keys)
+    one = list_objects(s3, f"s3://{BUCKET}/{prefix}/set/part-1.jsonl")
+    assert [o["key"] for o in one] == [f"{prefix}/set/part-1.jsonl"]
+    assert list_objects(s3, f"s3://{BUCKET}/{prefix}/nothing") == []
+    with pytest.raises(DataError, match="does not exist"):
+        list_objects(s3, "s3://no-such-bucket-kt/x")
+
+
+def test_client_from_environment_credentials(s3_server, put, prefix, monkeypatch):
+    put(f"{prefix}/env.jsonl", b'{"text": "x"}\n', "raw")
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    client = s3_client(s3_server.endpoint_url, "us-east-1")
+    assert [o["key"] for o in list_objects(client, f"s3://{BUCKET}/{prefix}")] == [f"{prefix}/env.jsonl"]
+
+    # A wrong secret is refused by the server, and the error never carries the secret.
+    wrong = "wrong-" + s3_server.secret_key[::-1]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    client = s3_client(s3_server.endpoint_url, "us-east-1")
+    with pytest.raises(ClientError) as e:
+        list_objects(client, f"s3://{BUCKET}/{prefix}")
+    assert wrong not in str(e.value) and s3_server.secret_key not in str(e.value)
+
+
+def test_parquet_read_by_ranges_row_groups(s3, put, prefix):
+    rows = [{"text": f"row {i}", "other": i} for i in range(2500)]
+    uri = put(f"{prefix}/big.parquet", parquet_bytes(rows, row_group_size=500), "raw")
+    (obj,) = list_objects(s3, uri)
+    got = list(read_records(s3, obj, "auto", columns=["text", "missing"]))
+    assert len(got) == 2500
+    assert got[0] == (f"{uri} row 1", {"text": "row 0"}, None)  # only the requested columns are read
+    assert got[-1][0] == f"{uri} row 2500"
+    f = RangeFile(s3, obj)
+    f.seek(-4, 2)
+    assert f.read(4) == b"PAR1"
+
+
+def test_unreadable_files_fail_clearly(tokenizer, s3, put, prefix, make_cfg):
+    put(f"{prefix}/bad/a.parquet", b"this is not parquet", "raw")
+    cfg = make_cfg({"train": f"s3://{BUCKET}/{prefix}/bad", "format": "completion"})
+    with pytest.raises(DataError, match="a.parquet is not a readable Parquet file"):
+        prepare(cfg, tokenizer, num_shards=1, client=s3)
+    put(f"{prefix}/gz/a.jsonl.gz", b"not gzip at all", "raw")
+    cfg = make_cfg({"train": f"s3://{BUCKET}/{prefix}/gz", "format": "completion"})
+    with pytest.raises(DataError, match="cannot read .*a.jsonl.gz"):
+        prepare(cfg, tokenizer, num_shards=1, client=s3)
+    put(f"{prefix}/csv/a.csv", b"text\nx\n", "raw")
+    cfg = make_cfg({"train": f"s3://{BUCKET}/{prefix}/csv", "format": "completion"})
+    with pytest.raises(DataError, match="set spec.dataset.fileFormat"):
+        prepare(cfg, tokenizer, num_shards=1, client=s3)
