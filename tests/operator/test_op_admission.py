@@ -69,6 +69,14 @@ INVALID = [
 ]
 
 
+def names_field(message: str, path: str) -> bool:
+    """The API server says `spec.training.epochs`; kubectl's own schema check (once the server publishes the
+    CRD's OpenAPI) says `FineTuneJob.spec.training.epochs`, or `missing required field "dataset" in
+    ...FineTuneJob.spec`. Either names the field."""
+    parent, _, leaf = path.rpartition(".")
+    return path in message or (f'FineTuneJob.{parent}' in message and f'"{leaf}"' in message)
+
+
 @pytest.mark.parametrize(("case", "breaker", "field", "by"), INVALID, ids=[c[0] for c in INVALID])
 def test_invalid_manifest_is_refused_naming_the_field(
     case: str, breaker: Callable[[dict], None], field: str, by: str,
@@ -78,7 +86,7 @@ def test_invalid_manifest_is_refused_naming_the_field(
     breaker(manifest)
     proc = kubectl.apply(manifest, namespace, check=False)
     assert proc.returncode != 0, f"{case} was accepted"
-    assert field in proc.stderr, proc.stderr
+    assert names_field(proc.stderr, field), proc.stderr
     if by == "webhook":
         assert "denied the request" in proc.stderr, proc.stderr
     else:

@@ -51,6 +51,15 @@ def _children(name: str) -> list[dict]:
     return builders.training_children(owner, spec, Settings(), policy.spec_hash(manifest["spec"]))
 
 
+@pytest.mark.parametrize("example", sorted(p.stem for p in (ROOT / "examples").glob("*.yaml")))
+def test_every_example_parses_and_builds(example: str) -> None:
+    """Every top-level example (each is also applied to the API server by test_op_lifecycle) parses and builds."""
+    manifest, spec = _example(example)
+    children = builders.training_children(Owner(manifest["metadata"]["name"], "ns", OWNER_UID), spec, Settings(),
+                                          policy.spec_hash(manifest["spec"]))
+    assert [c["kind"] for c in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "RayJob"]
+
+
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_children_match_golden(example: str) -> None:
     rendered = yaml.dump_all(_children(example), Dumper=_GoldenDumper, sort_keys=True, width=120)

@@ -65,7 +65,7 @@ def s3_secret(kube: Any, namespace: str) -> str:
     return "kubetune-secret-value-do-not-leak"
 
 
-@pytest.mark.parametrize("example", ["lora-chat", "sequence-classification"])
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
 def test_example_creates_children_that_servers_accept_unpruned(
     example: str, operator: Any, kubectl: Any, kube: Any, namespace: str, control_plane: Any
 ) -> None:
