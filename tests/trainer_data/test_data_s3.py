@@ -8,7 +8,7 @@ from data_test_helpers import BUCKET, parquet_bytes
 
 from kubetune_trainer.data import DataError, list_objects, prepare, s3_client
 from kubetune_trainer.data.readers import read_records
-from kubetune_trainer.data.s3 import RangeFile
+from kubetune_trainer.data.s3 import ObjectStream, RangeFile
 
 pytestmark = pytest.mark.integration
 
@@ -77,3 +77,26 @@ def test_unreadable_files_fail_clearly(tokenizer, s3, put, prefix, make_cfg):
     cfg = make_cfg({"train": f"s3://{BUCKET}/{prefix}/csv", "format": "completion"})
     with pytest.raises(DataError, match="set spec.dataset.fileFormat"):
         prepare(cfg, tokenizer, num_shards=1, client=s3)
+
+
+def test_stream_survives_a_dropped_connection(s3, put, prefix, caplog):
+    data = b"".join(b"line %06d\n" % i for i in range(100000))
+    uri = put(f"{prefix}/long.jsonl", data, "raw")
+    (obj,) = list_objects(s3, uri)
+    stream = ObjectStream(s3, obj)
+    first = stream.read(1000)
+    stream._body._raw_stream.close()  # the connection drops half-way through the body
+    rest = b"".join(iter(lambda: stream.read(1 << 16), b""))
+    assert first + rest == data
+    assert "re-opening" in caplog.text and "at byte 1000" in caplog.text
+
+
+def test_stream_refuses_an_object_rewritten_while_read(s3, put, prefix):
+    uri = put(f"{prefix}/moving.jsonl", b"a" * 100000, "raw")
+    (obj,) = list_objects(s3, uri)
+    stream = ObjectStream(s3, obj)
+    stream.read(1000)
+    put(f"{prefix}/moving.jsonl", b"b" * 100000, "raw")
+    stream._body._raw_stream.close()
+    with pytest.raises(DataError, match="changed while it was being read"):
+        stream.read(1000)

@@ -10,7 +10,8 @@
   found as header + content + suffix; a record where that does not match takes the prefix renders. The whole
   text is tokenised once, and a token is a target when its first character lies inside an assistant span. A
   tokenizer without a chat template gets a plain "### Instruction / ### Response" layout instead.
-- completion: the text (with the tokenizer's own BOS, if it adds one) plus EOS, every token a target.
+- completion: the text (with the tokenizer's own BOS, if it adds one) plus EOS unless the text was cut at
+  maxSeqLength, every token a target.
 - classification: the text (with BOS if the tokenizer adds one); the label is the class id.
 
 Everything is truncated to maxSeqLength tokens.

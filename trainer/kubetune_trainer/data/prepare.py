@@ -57,7 +57,7 @@ COMPLETE_MARKER = "_COMPLETE"
 class PreparedData:
     manifest_uri: str
     train_shards: list[str]  # exactly num_shards URIs, same row count each; worker r loads train_shards[r]
-    validation_shards: list[str]  # num_shards URIs (possibly empty files); [] when there is no validation data
+    validation_shards: list[str]  # num_shards URIs (sizes differ by at most one row); [] without validation data
     stats: dict[str, Any]  # kubetune.api.DataStats wire fields
     num_train_sequences: int  # rows over all train shards (num_shards * rows_per_shard)
     fingerprint: str
@@ -240,7 +240,11 @@ def _write_outputs(run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: 
     del train_cols
 
     val_uris: list[str] = []
-    if has_validation:
+    if has_validation and val_spill.rows == 0:
+        # Too little data for the split to hold anything out: say so, and train without evaluation rather
+        # than hand the trainer empty evaluation shards.
+        log.warning("no validation sequences (validationSplit on %d records held none out)", run.records)
+    elif has_validation:
         val_cols = val_spill.read()
         for r, rows in enumerate(np.array_split(np.arange(val_spill.rows), num_shards)):
             uri = join_uri(prefix, "validation", f"part-{r:05d}.parquet")
@@ -268,7 +272,7 @@ def _write_outputs(run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: 
         fingerprint=fp,
         seq_length=width,
         rows_per_shard=per_shard,
-        num_validation_sequences=val_spill.rows if has_validation else 0,
+        num_validation_sequences=val_spill.rows if val_uris else 0,
         dropped_sequences=n - per_shard * num_shards,
         task=cfg.spec.model.task,
         invalid_samples=dict(sorted(run.invalid.samples.items())),
