@@ -26,5 +26,24 @@ def trainer_env(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     upload_dir(client, local, model_uri)
     cluster_env = {**os.environ, **process_env(s3_server, workdir)}
     cluster_env.pop("KUBECONFIG", None)
-    with LocalRayCluster(workdir / "ray-head.log", num_cpus=2, env=cluster_env) as cluster:
+    cluster = _start_ray(lambda: LocalRayCluster(workdir / "ray-head.log", num_cpus=2, env=cluster_env))
+    try:
         yield TrainerEnv(s3=s3_server, client=client, model_uri=model_uri, workdir=workdir, ray_cluster=cluster)
+    finally:
+        cluster.stop()
+
+
+def _start_ray(make: Any, attempts: int = 3) -> Any:
+    """Start a fresh cluster object per attempt: Ray gives its raylet a fixed 30 s to register, which a
+    machine loaded by parallel test runs can exceed."""
+    from kubetune.localenv.raycluster import RayClusterError
+
+    for attempt in range(1, attempts + 1):
+        cluster = make()
+        try:
+            return cluster.start()
+        except RayClusterError:
+            cluster.stop()
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")

@@ -1,6 +1,6 @@
 """The trainer end to end: S3 data -> prepare -> Ray Train + DeepSpeed (2 workers) -> checkpoints -> export.
 
-The matrix is covered in four trainings (plus two for resuming), each combination appearing at least once:
+The matrix is covered in four trainings (plus one for resuming), each combination appearing at least once:
 
     format          file     method  ZeRO  also checks
     completion      jsonl    LoRA    2     exact resume, retention, merged export, status in the apiserver
@@ -40,9 +40,13 @@ def _trace(folder: Path) -> dict[int, list[dict]]:
 # ------------------------------------------------------------------------------------------- completion
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(1200)
 def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_plane, k8s_client, namespace,
                                                tmp_path: Path) -> None:
+    """Exact resume, in two trainings instead of three: the uninterrupted run's checkpoint at step 6 is
+    exactly what a run stopped after step 6 leaves behind, so a second job that finds (a copy of) it must
+    train steps 7 and 8 to the same losses on the same rows. That second run is also made to fail right
+    after its last checkpoint, to check how a failed run ends (exit code, last line, history kept)."""
     env = trainer_env
     data = put_jsonl(env.client, f"s3://{BUCKET}/data/completion/fortunes.jsonl",
                      [{"text": t} for t in fortunes("computers", limit=60)])
@@ -69,60 +73,63 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
                                           "KUBECONFIG": str(kubeconfig)})
     assert straight.returncode == 0, straight.output[-6000:]
     assert straight.final_line.startswith("kubetune-trainer: succeeded: step 8/8"), straight.final_line
+    straight_uri = straight_cfg["runUri"]
+    assert {k.split("/")[0] for k in env.keys(f"{straight_uri}/checkpoints")} == {"step-00000006", "step-00000008"}
 
-    # The same run, failing right after the checkpoint at step 6 ...
-    split_cfg = env.config("split", spec)
-    failed = env.run(split_cfg, env={"KUBETUNE_FAIL_AFTER_STEP": "6",
-                                     "KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-split-1"))})
-    assert failed.returncode == 1, failed.output[-6000:]
-    assert "error: training: InjectedFailure: injected failure after step 6" in failed.final_line
-    run_uri = split_cfg["runUri"]
-    assert "step-00000006/_COMPLETE" in env.keys(f"{run_uri}/checkpoints")
-    # ... with a half-written later checkpoint lying around (as if the process died while writing it).
-    env.client.put_object(Bucket=BUCKET, Key=run_uri.split("/", 3)[3] + "/checkpoints/step-00000007/ds/x.pt",
-                          Body=b"partial")
+    # A second job that stopped after step 6: its checkpoint folder holds step 6 (a copy of the first run's)
+    # and a half-written step 7 (the process died while writing it), which must be ignored.
+    resumed_cfg = env.config("resumed", spec)
+    resumed_uri = resumed_cfg["runUri"]
+    step6 = "checkpoints/step-00000006"
+    for rel in env.keys(f"{straight_uri}/{step6}"):
+        env.client.copy_object(Bucket=BUCKET, Key=f"{_key(resumed_uri)}/{step6}/{rel}",
+                               CopySource={"Bucket": BUCKET, "Key": f"{_key(straight_uri)}/{step6}/{rel}"})
+    env.client.put_object(Bucket=BUCKET, Key=f"{_key(resumed_uri)}/checkpoints/step-00000007/ds/x.pt", Body=b"partial")
 
-    resumed = env.run(split_cfg, env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-split-2"))})
-    assert resumed.returncode == 0, resumed.output[-6000:]
-    assert "resumed from s3://kubetune-test/runs/tests/split/checkpoints/step-00000006 at step 6" in resumed.output
+    resumed = env.run(resumed_cfg, env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-resumed")),
+                                        "KUBETUNE_FAIL_AFTER_STEP": "8"})
+    assert f"resumed from {resumed_uri}/checkpoints/step-00000006 at step 6 (epoch 1, micro-batch 0)" in resumed.output
+    assert "data fingerprint differs" not in resumed.output
+    # ... and failed on purpose after its last checkpoint: exit code 1, one clear last line.
+    assert resumed.returncode == 1, resumed.output[-6000:]
+    assert resumed.final_line == ("kubetune-trainer: error: training: InjectedFailure: injected failure after "
+                                  "step 8 (KUBETUNE_FAIL_AFTER_STEP)"), resumed.final_line
 
-    # Same losses at the same steps (LoRA dropout included), and the same evaluation at the end.
-    a = _steps(env.metrics(straight_cfg["runUri"]))
-    b = _steps(env.metrics(run_uri))
-    assert sorted(a) == sorted(b) == list(range(1, 9))
-    for step in range(1, 9):
+    # Same losses and learning rates at the same steps (LoRA dropout included).
+    a = _steps(env.metrics(straight_uri))
+    b_metrics = env.metrics(resumed_uri)
+    b = _steps(b_metrics)
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == [7, 8]
+    for step in (7, 8):
         assert math.isclose(a[step]["loss"], b[step]["loss"], rel_tol=1e-5), (step, a[step], b[step])
         assert math.isclose(a[step]["lr"], b[step]["lr"], rel_tol=1e-9)
     assert math.isclose(a[8]["evalLoss"], b[8]["evalLoss"], rel_tol=1e-5)
     assert a[8]["loss"] < a[1]["loss"]
-    events = [m.get("event") for m in env.metrics(run_uri)]
-    assert events.count("resumed") == 1
+    assert [m.get("event") for m in b_metrics if m.get("event") in ("resumed", "failed")] == ["resumed", "failed"]
+    # The failure came after the step-8 checkpoint was complete; the half-written step 7 is gone.
+    assert {k.split("/")[0] for k in env.keys(f"{resumed_uri}/checkpoints")} == {"step-00000006", "step-00000008"}
 
-    # Every rank consumed exactly the uninterrupted run's rows, and no row twice within an epoch.
-    straight_trace = _trace(tmp_path / "trace-straight")
-    first, second = _trace(tmp_path / "trace-split-1"), _trace(tmp_path / "trace-split-2")
-    assert sorted(straight_trace) == [0, 1]
+    # The resumed run trained on exactly the rows the uninterrupted one used for steps 7 and 8, and the
+    # uninterrupted run used no row twice within an epoch (it crosses into a second epoch at step 6).
+    straight_trace, resumed_trace = _trace(tmp_path / "trace-straight"), _trace(tmp_path / "trace-resumed")
+    assert sorted(straight_trace) == sorted(resumed_trace) == [0, 1]
     for rank, batches in straight_trace.items():
-        assert [b["step"] for b in second[rank]] == [7, 7, 8, 8]
-        assert first[rank] + second[rank] == batches
+        assert [b["step"] for b in batches] == [s for s in range(1, 9) for _ in range(2)]
+        assert resumed_trace[rank] == batches[12:]
         seen: dict[int, set[int]] = defaultdict(set)
         for b in batches:
             assert not seen[b["epoch"]] & set(b["rows"]), f"rank {rank} reused a row in epoch {b['epoch']}"
             seen[b["epoch"]] |= set(b["rows"])
-    assert max(b["epoch"] for b in straight_trace[0]) == 1, "the run should cross an epoch boundary"
-
-    # Retention kept the newest two complete checkpoints and removed the half-written one.
-    folders = {k.split("/")[0] for k in env.keys(f"{run_uri}/checkpoints")}
-    assert folders == {"step-00000006", "step-00000008"}
+    assert [b["epoch"] for b in straight_trace[0]] == [0] * 12 + [1] * 4
 
     # The exported adapter names its base, and both it and the merged model generate.
-    keys = env.keys(f"{straight_cfg['runUri']}/model")
+    keys = env.keys(f"{straight_uri}/model")
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(keys)
-    adapter = env.download(f"{straight_cfg['runUri']}/model", tmp_path / "adapter")
+    adapter = env.download(f"{straight_uri}/model", tmp_path / "adapter")
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == env.model_uri
     base = env.download(env.model_uri, tmp_path / "base")
     assert_generates(base, adapter)
-    merged = env.download(f"{straight_cfg['runUri']}/merged", tmp_path / "merged")
+    merged = env.download(f"{straight_uri}/merged", tmp_path / "merged")
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
     assert_generates(merged)
 
@@ -133,8 +140,12 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
     assert status["progress"]["tokensPerSecond"] > 0 and status["progress"]["updatedAt"]
     assert status["data"]["records"] == 60 and status["data"]["sequences"] > 0
     assert [c["step"] for c in status["checkpoints"]] == [8, 6]
-    assert status["model"] == {"uri": f"{straight_cfg['runUri']}/model", "baseUri": env.model_uri,
-                               "mergedUri": f"{straight_cfg['runUri']}/merged", "kind": "adapter"}
+    assert status["model"] == {"uri": f"{straight_uri}/model", "baseUri": env.model_uri,
+                               "mergedUri": f"{straight_uri}/merged", "kind": "adapter"}
+
+
+def _key(uri: str) -> str:
+    return uri.split("/", 3)[3]
 
 
 def _mkdir(path: Path) -> Path:

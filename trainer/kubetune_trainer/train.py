@@ -226,105 +226,114 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if reporter and trial:
         reporter.for_trial(trial["id"])
 
-    # ---------------------------------------------------------------- train
-    log.info("training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); "
-             "setup took %.1fs", total_steps, steps_per_epoch, num_rows, world, training.deepspeed.zero_stage,
-             training.method, precision, time.monotonic() - t_start)
-    # Throughput and ETA count only training steps of this attempt (not evaluation, checkpoints or setup).
-    train_seconds, attempt_tokens, attempt_start_step = 0.0, 0, state.step
-    last_checkpoint_step = state.step if latest[0] else None
-    stop_reason = state.stop_reason or ("max steps" if state.step >= total_steps else None)
-    epoch_batches: list[Any] = []
-    epoch_of_batches = -1
-    while stop_reason is None:
-        if epoch_of_batches != state.epoch:
-            epoch_batches = batch_indices(num_rows, batch, state.epoch, training.seed)[:micro_per_epoch]
-            epoch_of_batches = state.epoch
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        tokens = 0
-        for _ in range(accum):
-            rows = epoch_batches[state.micro_batch]
-            inputs = _to_tensors(train_data, rows, device, classification)
-            loss = engine(**inputs).loss
-            engine.backward(loss)
-            engine.step()  # applies the update (and steps the LR schedule) on the accumulation boundary
-            loss_sum += loss.detach().double()  # on the device: no host sync per micro-batch
-            tokens += int(train_data["attention_mask"][rows].sum())  # real tokens, counted on the host
-            if trace:
-                trace.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
-                                        "micro": state.micro_batch, "rows": [int(r) for r in rows]}) + "\n")
-                trace.flush()
-            state.micro_batch += 1
-        state.step += 1
-        if state.micro_batch >= micro_per_epoch:
-            state.epoch, state.micro_batch = state.epoch + 1, 0
-        totals = torch.stack([loss_sum / accum, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
-        dist.all_reduce(totals)
-        mean_loss, step_tokens = totals.tolist()
-        step_loss, step_tokens = mean_loss / world, int(step_tokens)
-        state.samples += batch * accum * world
-        state.tokens += step_tokens
-        train_seconds += time.perf_counter() - t0
-        attempt_tokens += step_tokens
-        lr = scheduler.get_last_lr()[0]
-        fraction_epoch = state.epoch + state.micro_batch / micro_per_epoch
+    try:
+        # ---------------------------------------------------------------- train
+        log.info("training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); "
+                 "setup took %.1fs", total_steps, steps_per_epoch, num_rows, world, training.deepspeed.zero_stage,
+                 training.method, precision, time.monotonic() - t_start)
+        # Throughput and ETA count only training steps of this attempt (not evaluation, checkpoints or setup).
+        train_seconds, attempt_tokens, attempt_start_step = 0.0, 0, state.step
+        last_checkpoint_step = state.step if latest[0] else None
+        stop_reason = state.stop_reason or ("max steps" if state.step >= total_steps else None)
+        epoch_batches: list[Any] = []
+        epoch_of_batches = -1
+        while stop_reason is None:
+            if epoch_of_batches != state.epoch:
+                epoch_batches = batch_indices(num_rows, batch, state.epoch, training.seed)[:micro_per_epoch]
+                epoch_of_batches = state.epoch
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            tokens = 0
+            for _ in range(accum):
+                rows = epoch_batches[state.micro_batch]
+                inputs = _to_tensors(train_data, rows, device, classification)
+                loss = engine(**inputs).loss
+                engine.backward(loss)
+                engine.step()  # applies the update (and steps the LR schedule) on the accumulation boundary
+                loss_sum += loss.detach().double()  # on the device: no host sync per micro-batch
+                tokens += int(train_data["attention_mask"][rows].sum())  # real tokens, counted on the host
+                if trace:
+                    trace.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
+                                            "micro": state.micro_batch, "rows": [int(r) for r in rows]}) + "\n")
+                    trace.flush()
+                state.micro_batch += 1
+            state.step += 1
+            if state.micro_batch >= micro_per_epoch:
+                state.epoch, state.micro_batch = state.epoch + 1, 0
+            totals = torch.stack([loss_sum / accum, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+            dist.all_reduce(totals)
+            mean_loss, step_tokens = totals.tolist()
+            step_loss, step_tokens = mean_loss / world, int(step_tokens)
+            state.samples += batch * accum * world
+            state.tokens += step_tokens
+            train_seconds += time.perf_counter() - t0
+            attempt_tokens += step_tokens
+            lr = scheduler.get_last_lr()[0]
+            fraction_epoch = state.epoch + state.micro_batch / micro_per_epoch
 
-        if state.step >= total_steps:
-            stop_reason = "max steps" if training.max_steps else "epochs"
+            if state.step >= total_steps:
+                stop_reason = "max steps" if training.max_steps else "epochs"
 
-        eval_metrics: dict[str, float] = {}
-        if eval_data is not None and (state.step % training.eval_interval_steps == 0 or stop_reason):
-            eval_metrics = evaluate()
-            state.last_eval_loss, state.last_eval_step = eval_metrics["loss"], state.step
-            stop_early = _early_stopping(training, state, eval_metrics["loss"])
-            if stop_early and stop_reason is None:
-                stop_reason = "early stopping"
-            if evaluator:  # a tuning trial reports it to Tune (ASHA decides on it)
-                evaluator.observe(state.step, eval_metrics, last=stop_reason is not None)
-        state.stop_reason = stop_reason  # saved with the checkpoint: a finished run is not continued
+            eval_metrics: dict[str, float] = {}
+            if eval_data is not None and (state.step % training.eval_interval_steps == 0 or stop_reason):
+                eval_metrics = evaluate()
+                state.last_eval_loss, state.last_eval_step = eval_metrics["loss"], state.step
+                stop_early = _early_stopping(training, state, eval_metrics["loss"])
+                if stop_early and stop_reason is None:
+                    stop_reason = "early stopping"
+                if evaluator:  # a tuning trial reports it to Tune (ASHA decides on it)
+                    evaluator.observe(state.step, eval_metrics, last=stop_reason is not None)
+            state.stop_reason = stop_reason  # saved with the checkpoint: a finished run is not continued
 
-        tps = attempt_tokens / train_seconds if train_seconds else 0.0
-        if reporter:
-            eta = (total_steps - state.step) * train_seconds / max(1, state.step - attempt_start_step)
-            record = {"step": state.step, "epoch": round(fraction_epoch, 4), "loss": step_loss, "lr": lr,
-                      "tokens": state.tokens, "tokensPerSecond": round(tps, 1)}
-            if eval_metrics:
-                record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
-            reporter.metric(record)
-            reporter.progress(step=state.step, total_steps=total_steps, epoch=round(fraction_epoch, 4),
-                              loss=round(step_loss, 6), eval_loss=state.last_eval_loss,
-                              tokens_per_second=round(tps, 1), eta_seconds=int(eta),
-                              percent=min(100, int(100 * state.step / total_steps)))
-        if state.step % training.eval_interval_steps == 0:
-            log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s", state.step, total_steps, step_loss,
-                     f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics else "", lr, tps)
-
-        if state.step % training.checkpoint.interval_steps == 0 or stop_reason:
-            uri = ckpt.save(engine, cfg, state, rank=rank, client=client, staging=staging, exclude_frozen=lora)
-            last_checkpoint_step = state.step
+            tps = attempt_tokens / train_seconds if train_seconds else 0.0
             if reporter:
-                refs = ckpt.apply_retention(client, cfg, training.checkpoint.keep)
-                reporter.checkpoints(refs)
-                reporter.metric({"event": "checkpoint", "step": state.step, "uri": uri})
-        if opts.fail_after_step is not None and state.step == opts.fail_after_step:
-            raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
+                eta = (total_steps - state.step) * train_seconds / max(1, state.step - attempt_start_step)
+                record = {"step": state.step, "epoch": round(fraction_epoch, 4), "loss": step_loss, "lr": lr,
+                          "tokens": state.tokens, "tokensPerSecond": round(tps, 1)}
+                if eval_metrics:
+                    record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
+                reporter.metric(record)
+                reporter.progress(step=state.step, total_steps=total_steps, epoch=round(fraction_epoch, 4),
+                                  loss=round(step_loss, 6), eval_loss=state.last_eval_loss,
+                                  tokens_per_second=round(tps, 1), eta_seconds=int(eta),
+                                  percent=min(100, int(100 * state.step / total_steps)))
+            if state.step % training.eval_interval_steps == 0:
+                log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s", state.step, total_steps, step_loss,
+                         f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics else "", lr, tps)
 
-    # ---------------------------------------------------------------- save
-    if last_checkpoint_step != state.step:  # a resumed run that had already finished
-        ckpt.save(engine, cfg, state, rank=rank, client=client, staging=staging, exclude_frozen=lora)
-    final_eval = evaluate() if eval_data is not None and state.last_eval_step != state.step else {}
-    if final_eval:
-        state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
-    artifact = export(engine, cfg, tokenizer, rank=rank, client=client, staging=staging, base_dir=base_dir,
-                      precision=precision)
-    if evaluator and final_eval:
-        evaluator.observe(state.step, final_eval, last=True)
-    evaluation = evaluator.finish(engine, state.step, artifact) if evaluator else None  # report, samples
+            if state.step % training.checkpoint.interval_steps == 0 or stop_reason:
+                uri = ckpt.save(engine, cfg, state, rank=rank, client=client, staging=staging, exclude_frozen=lora)
+                last_checkpoint_step = state.step
+                if reporter:
+                    refs = ckpt.apply_retention(client, cfg, training.checkpoint.keep)
+                    reporter.checkpoints(refs)
+                    reporter.metric({"event": "checkpoint", "step": state.step, "uri": uri})
+            if opts.fail_after_step is not None and state.step == opts.fail_after_step:
+                raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
+
+        # ---------------------------------------------------------------- save
+        if last_checkpoint_step != state.step:  # a resumed run that had already finished
+            ckpt.save(engine, cfg, state, rank=rank, client=client, staging=staging, exclude_frozen=lora)
+        final_eval = evaluate() if eval_data is not None and state.last_eval_step != state.step else {}
+        if final_eval:
+            state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
+        artifact = export(engine, cfg, tokenizer, rank=rank, client=client, staging=staging, base_dir=base_dir,
+                          precision=precision)
+        if evaluator and final_eval:
+            evaluator.observe(state.step, final_eval, last=True)
+        evaluation = evaluator.finish(engine, state.step, artifact) if evaluator else None  # report, samples
+    except BaseException as exc:
+        if reporter:  # a failed attempt still leaves its history in S3: the steps so far, and why it stopped
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            reporter.metric({"event": "failed", "step": state.step,
+                             "error": f"{type(exc).__name__}: {first_line}"})
+            reporter.close(timeout=15)
+        raise
+    finally:
+        if trace:
+            trace.close()
 
     # ---------------------------------------------------------------- cleanup
-    if trace:
-        trace.close()
     shutil.rmtree(staging, ignore_errors=True)
     if rank != 0:
         return None
