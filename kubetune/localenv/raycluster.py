@@ -130,13 +130,13 @@ class LocalRayCluster:
         while True:
             if not proc.alive():
                 problem = f"`ray start` exited with {proc.popen.returncode}:\n{proc.log_tail()}"
-                self.stop()
+                self._cleanup()
                 raise RayClusterError(problem)
             if _READY_LINE in _read_from(self.log_path, offset):
                 break
             if time.monotonic() > deadline:
                 problem = f"Ray not ready after {self.timeout:.0f} s:\n{proc.log_tail()}"
-                self.stop()
+                self._cleanup()
                 raise RayClusterError(problem)
             time.sleep(0.25)
         self.address = f"127.0.0.1:{gcs}"
@@ -158,6 +158,9 @@ class LocalRayCluster:
         """Stop every Ray process of the cluster and remove its temp dir. Idempotent; also from another thread
         while `start()` runs (start then fails)."""
         self._stopped = True
+        self._cleanup()
+
+    def _cleanup(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             proc.stop(grace=10.0)
