@@ -36,7 +36,7 @@ RAY_BASE_ENV = {
 }
 _READY_LINE = "Ray runtime started."
 _OBJECT_STORE_BYTES = 512 * 1024 * 1024  # the trainer moves data through S3, not the object store
-_START_ATTEMPTS = 3
+_START_ATTEMPTS = 5
 # Failures worth another try: Ray waits a fixed 30 s for its raylet to register, which a heavily loaded
 # machine can exceed, and a free port can be taken between choosing and binding it.
 _TRANSIENT = ("timed out during startup", "address already in use", "Address already in use")
