@@ -296,18 +296,27 @@ def _serve(console: Any, stack: contextlib.ExitStack, cfg: api.TrainerConfig, cl
     sample = query.sample_from_record(record, cfg.spec.dataset) if record else None
     if sample is not None:
         with timings.phase("query"):
-            console.print(f"\n[bold]question[/] (held out): {sample.question}")
+            # Text from the data and the models is printed literally (no rich markup: "[...]" is common).
+            plain = {"markup": False, "highlight": False}
+            where = "held out" if cfg.spec.dataset.validation else "from the data"
+            console.print(f"\nquestion ({where}): {sample.question}", **plain)
             if sample.reference:
-                console.print(f"[bold]reference[/]: {sample.reference}")
+                console.print(f"reference: {sample.reference}", **plain)
+            base_answer = None
             if served.base:
-                console.print(f"[bold]base model[/] ({served.base}): "
-                              f"{query.ask(served.server.api_base, served.base, sample, args.max_tokens)}")
+                base_answer = query.ask(served.server.api_base, served.base, sample, args.max_tokens)
+                console.print(f"base model ({served.base}): {_shown(base_answer)}", **plain)
             answer = query.ask(served.server.api_base, served.model, sample, args.max_tokens)
-            console.print(f"[bold]fine-tuned[/] ({served.model}): {answer}\n")
-        summary["sample"] = {"question": sample.question, "answer": answer}
+            console.print(f"fine-tuned ({served.model}): {_shown(answer)}\n", **plain)
+        summary["sample"] = {"question": sample.question, "reference": sample.reference, "answer": answer,
+                             "baseAnswer": base_answer}
     console.print("query it yourself:\n" + query.howto(served.server.api_base, served.model,
                                                          sample.question if sample else "Hello!"),
                   markup=False, highlight=False)
+
+
+def _shown(answer: str) -> str:
+    return answer.strip() or "(no text: only special tokens or whitespace)"
 
 
 def _stop_on_sigterm() -> None:

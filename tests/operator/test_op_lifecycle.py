@@ -96,7 +96,11 @@ def test_example_creates_children_that_servers_accept_unpruned(
     assert condition(job, "Training") | {"lastTransitionTime": None} == {
         "type": "Training", "status": "False", "reason": "Pending", "lastTransitionTime": None,
         "message": f"RayJob {names.ray_job(name)} created; waiting for KubeRay", "observedGeneration": 1}
-    assert [e[1] for e in events(kubectl, namespace, name)] == ["Created", "Pending"]
+    ((kind, reason, message),) = events(kubectl, namespace, name)  # one Event: what was made, what it waits for
+    assert (kind, reason) == ("Normal", "Created")
+    assert message == (f"created ConfigMap {names.config_map(name)}, ServiceAccount {names.service_account(name)}, "
+                       f"Role {names.role(name)}, RoleBinding {names.role_binding(name)}, RayJob {names.ray_job(name)}; "
+                       f"RayJob {names.ray_job(name)} created; waiting for KubeRay")
     # kopf keeps its bookkeeping in annotations under our prefix, not in status (which the schema prunes).
     assert "kopf" not in status
     wait_for("kopf to record the handled spec in a kubetune.io/ annotation", lambda: _settled(ftj(kube, namespace, name)))
@@ -143,9 +147,9 @@ def test_status_and_columns_follow_the_run_to_success(
     cols = get_columns(kubectl, namespace, "lora-chat")
     assert (cols["STATUS"], cols["PROGRESS"], cols["LOSS"]) == (job["status"]["state"], "40", "1.25")
     reasons = [e[1] for e in events(kubectl, namespace, "lora-chat")]
-    expected = ["Created", "Pending", "Initializing", "JobPending", "Running", "JobSucceeded"]
+    expected = ["Created", "Initializing", "JobPending", "Running", "JobSucceeded"]
     seen = reasons[:1] + [r for r in reasons[1:] if r in expected[1:]]  # serving adds Events of its own
-    assert seen[:6] == expected, reasons
+    assert seen[:5] == expected, reasons
 
     # Secrets: referenced by name only; their value appears in no status, Event, child or log line.
     everything = json.dumps([job, kubectl.json("get", "events,cm,rayjob", "-n", namespace)])
