@@ -38,6 +38,14 @@ def local_url(conn: Any, namespace: str, job_name: str) -> str | None:
     return None
 
 
+def local_endpoint(local: str, endpoint_url: str | None) -> str:
+    """The Service's local address plus the endpoint's path (the OpenAI base URL ends in /v1)."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(endpoint_url).path if endpoint_url else ""
+    return local.rstrip("/") + path
+
+
 def render(job: dict[str, Any], local: str | None = None) -> str:
     meta, st = job["metadata"], job.get("status") or {}
     lines = [f"{meta['namespace']}/{meta['name']}: {st.get('state') or 'Pending'}"]
@@ -71,7 +79,8 @@ def render(job: dict[str, Any], local: str | None = None) -> str:
     if ep:
         lines.append(f"  endpoint  {ep.get('url')} model {ep.get('model')}")
     if local:
-        lines.append(f"  local     {local} (served on this machine by the kubetune dev runtime)")
+        lines.append(f"  local     {local_endpoint(local, ep.get('url'))} (served on this machine by the kubetune dev "
+                     "runtime)")
     if st.get("conditions"):
         lines.append("  conditions:")
         for c in st["conditions"]:
