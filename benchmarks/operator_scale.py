@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
 
         log = Path(tempfile.mkstemp(prefix="kubetune-operator-", suffix=".log")[1])
+        print(f"operator log: {log}")
         health_port = _free_port()
         env = {**os.environ, "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_HEALTH_PORT": str(health_port),
                "KUBETUNE_WEBHOOK": "false",
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
         with open(log, "wb") as out:
             operator = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(kubeconfig),
-                                         "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         "--log-level", os.environ.get("KUBETUNE_BENCH_LOG_LEVEL", "warning")], stdout=out, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         # The burst starts once kopf answers its liveness probe (the operator's start-up is not measured).
         t_start = time.monotonic()
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    _preload_content=False)
             applied[body["metadata"]["name"]] = time.monotonic()
 
+        burst_before = request_counts(api)
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             list(pool.map(create, range(args.jobs)))
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
         latencies = [watcher.seen[name] - applied[name] for name in applied]
         before = request_counts(api)
+        burst = {k: (before.get(k, 0) - burst_before.get(k, 0)) / args.jobs for k in before
+                 if k[1] in KUBETUNE_RESOURCES and before.get(k, 0) - burst_before.get(k, 0) >= args.jobs / 2}
         time.sleep(args.idle_seconds)
         after = request_counts(api)
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
@@ -243,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all RayJobs created after              {all_rayjobs:8.1f} s")
         print(f"all statuses written after             {all_status:8.1f} s")
         print(f"operator peak RSS                      {rss:8.1f} MiB")
+        print(f"API requests per job while creating    {sum(burst.values()):8.1f}  "
+              + ", ".join(f"{verb} {res} {n:.1f}" for (verb, res), n in sorted(burst.items())))
         print(f"API requests while idle ({args.idle_seconds:.0f} s), all      {idle_total:8.0f}"
               + (f"  {dict(sorted(delta.items()))}" if delta else ""))
         print(f"  of them on kubetune's resources       {ours:8.0f}  (the rest is the API server's own upkeep)")

@@ -107,19 +107,22 @@ def ensure_training(ctx: Context) -> None:
     ray_name = names.ray_job(owner.name)
     ctx.obs.ray_job_name = ray_name
     try:
-        ray = kube.get(RAYJOB, owner.namespace, ray_name)
+        if not ctx.status.get("specHash") and ctx.spec is not None:
+            # No RayJob was ever recorded: the common case is a new job, so create first, without a read.
+            ray, existed = _create_children(ctx)
+            if not existed:
+                ctx.obs.ray_job, ctx.obs.rejected_fields = ray, []
+                return
+        else:
+            ray = kube.get(RAYJOB, owner.namespace, ray_name)
         if ray is not None and not _owned_by(ray, owner):
             raise Retry(f"RayJob {ray_name} exists but belongs to another object; waiting for it to go", 30)
         if ray is None:
             if ctx.status.get("specHash"):
                 # It was created before and is gone: never re-run a training behind the user's back.
                 ctx.obs.ray_job, ctx.obs.ray_job_deleted = None, True
-                return
-            if ctx.spec is None:
-                ctx.obs.ray_job = None
-                return
-            ctx.obs.ray_job = _create_children(ctx)
-            ctx.obs.rejected_fields = []
+            else:
+                ctx.obs.ray_job = None  # invalid spec: nothing is built
             return
         ctx.obs.ray_job = ray
         ctx.obs.rejected_fields = _rejected_fields(ctx, ray)
@@ -140,22 +143,32 @@ def ensure_training(ctx: Context) -> None:
         _raise_for(e)
 
 
-def _create_children(ctx: Context) -> dict[str, Any]:
+def _create_children(ctx: Context) -> tuple[dict[str, Any] | None, bool]:
+    """Create the children of a job that has no recorded RayJob: (RayJob, whether it existed already).
+
+    The ConfigMap goes first. If it exists, an earlier pass died part-way: when that pass got as far as the
+    RayJob, the run has started and nothing may change (the caller applies the policy to it); otherwise the
+    ConfigMap may still be brought up to date with the current spec.
+    """
     assert ctx.spec is not None
-    kube = ctx.kube
-    children = builders.training_children(ctx.owner, ctx.spec, ctx.settings, policy.spec_hash(ctx.raw_spec))
-    *support, ray_job = children
-    for obj in support:
-        existing, created = kube.create(obj)
-        if created:
+    kube, owner = ctx.kube, ctx.owner
+    config, *rbac, ray_job = builders.training_children(owner, ctx.spec, ctx.settings, policy.spec_hash(ctx.raw_spec))
+    if kube.ensure(config):
+        ctx.created.append(f"ConfigMap {config['metadata']['name']}")
+    else:
+        ray = kube.get(RAYJOB, owner.namespace, ray_job["metadata"]["name"])
+        if ray is not None:
+            return ray, True
+        existing = kube.get(CONFIGMAP, owner.namespace, config["metadata"]["name"]) or {}
+        if existing.get("data") != config["data"]:
+            kube.patch(CONFIGMAP, owner.namespace, config["metadata"]["name"], {"data": config["data"]})
+    for obj in rbac:
+        if kube.ensure(obj):
             ctx.created.append(f"{obj['kind']} {obj['metadata']['name']}")
-        elif obj["kind"] == "ConfigMap" and existing.get("data") != obj["data"]:
-            # Left by an earlier pass with an older spec; no RayJob has used it yet, so it may change.
-            kube.patch(CONFIGMAP, ctx.owner.namespace, obj["metadata"]["name"], {"data": obj["data"]})
     ray, created = kube.create(ray_job)
     if created:
         ctx.created.append(f"RayJob {ray_job['metadata']['name']}")
-    return ray
+    return ray, not created
 
 
 def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:
@@ -221,11 +234,15 @@ def write_status(ctx: Context) -> dict[str, Any]:
             return new_status  # deleted meanwhile
         new_status = result.get("status") or new_status
     involved = ctx.owner.involved_object()
+    transitions = transition_events(current, desired) if patch else []
     if ctx.created:
-        ctx.kube.post_event(involved, "Normal", "Created", "created " + ", ".join(ctx.created))
-    if patch:
-        for ev in transition_events(current, desired):
-            ctx.kube.post_event(involved, ev.type, ev.reason, ev.message)
+        # A new job's first Event says both what was made and what it waits for (one request, not two).
+        waiting = next((ev for ev in transitions if ev.reason == c.PENDING), None)
+        message = "created " + ", ".join(ctx.created) + (f"; {waiting.message}" if waiting else "")
+        ctx.kube.post_event(involved, "Normal", "Created", message)
+        transitions = [ev for ev in transitions if ev is not waiting]
+    for ev in transitions:
+        ctx.kube.post_event(involved, ev.type, ev.reason, ev.message)
     metrics.observe_job(ctx.owner.namespace, ctx.owner.name, new_status,
                         created=ctx.body["metadata"].get("creationTimestamp"))
     return new_status
@@ -308,6 +325,8 @@ class Reconciler:
             return  # e.g. a finalizer or our own live-field patch: nothing the status shows has changed
         lock = self._lock(namespace, owner_ref["name"])
         with lock:
+            if not deleted and self._seen.get(uid) == digest:
+                return  # a spec pass that held the lock has just written the status for this very RayJob
             ctx = self._context(namespace, owner_ref["name"])
             if ctx is None or ctx.owner.uid != owner_ref.get("uid"):
                 return

@@ -45,6 +45,10 @@ def configure(kopf_settings: kopf.OperatorSettings, op: Settings, cert_dir: Path
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     s.persistence.finalizer = f"{PREFIX}/finalizer"
+    # After its own annotation patch kopf waits for that resource version before it looks at the object again.
+    # The default (5 s) runs out on a busy API server, and kopf then takes an older event (e.g. our status
+    # write) for a fresh creation and runs the handler a second time: harmless (idempotent), but wasted work.
+    s.persistence.consistency_timeout = 30.0
     # Our own Events describe transitions; kopf's per-handler "succeeded" Events would double the API traffic.
     s.posting.level = logging.WARNING
     s.posting.reporting_component = "kubetune-operator"
