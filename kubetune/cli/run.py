@@ -195,6 +195,8 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
     from kubetune_operator.settings import Settings
 
     from kubetune.cli.progress_view import FileFollower, TrainingView
+    from kubetune.localenv.podlocal import PodConfigError
+    from kubetune.localenv.raycluster import RayClusterError
     from kubetune.localenv.rayjob_local import LocalRayJobRun
     from kubetune.localenv.tools import cache_dir
 
@@ -222,7 +224,11 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
     view = None
     try:
         console.print(f"Ray: a local cluster with {job.cpus} CPU(s) for {m.spec.resources.workers} worker(s)")
-        job.start_cluster()
+        try:
+            job.start_cluster()
+        except (RayClusterError, PodConfigError) as e:
+            raise CLIError(f"the local Ray cluster did not start (log {job.ray_log}): {str(e)[-1500:]}",
+                           EXIT_ENVIRONMENT) from None
         job.submit()
         console.print(f"trainer: {ray_job['spec']['entrypoint']}  (log: {job.driver_log})")
         view = TrainingView(console, m.name)

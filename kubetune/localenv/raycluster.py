@@ -36,7 +36,6 @@ RAY_BASE_ENV = {
 }
 _READY_LINE = "Ray runtime started."
 _OBJECT_STORE_BYTES = 512 * 1024 * 1024  # the trainer moves data through S3, not the object store
-_START_ATTEMPTS = 5
 # Failures worth another try: Ray waits a fixed 30 s for its raylet to register, which a heavily loaded
 # machine can exceed, and a free port can be taken between choosing and binding it.
 _TRANSIENT = ("timed out during startup", "address already in use", "Address already in use")
@@ -61,7 +60,7 @@ class LocalRayCluster:
     """`ray start --head --block` on 127.0.0.1 with its own temp dir and free ports; a context manager."""
 
     def __init__(self, log_path: Path, *, num_cpus: int, num_gpus: int = 0,
-                 env: Mapping[str, str] | None = None, timeout: float = 180.0,
+                 env: Mapping[str, str] | None = None, timeout: float = 600.0,
                  on_spawn: Callable[[int], None] | None = None) -> None:
         self.log_path = log_path
         self.num_cpus = max(1, int(num_cpus))
@@ -87,18 +86,18 @@ class LocalRayCluster:
         return self._proc.pid if self._proc else None
 
     def start(self) -> LocalRayCluster:
-        """Start the cluster; retried when Ray gives up on its own start-up (see _TRANSIENT)."""
+        """Start the cluster; retried while `timeout` lasts when Ray gives up on its own start-up (_TRANSIENT)."""
         if self._proc is not None:
             return self
         t0 = time.monotonic()
-        for attempt in range(1, _START_ATTEMPTS + 1):
+        while True:
             if self._stopped:
                 raise RayClusterError("stopped while starting")
             try:
                 self._start_once(t0 + self.timeout)
                 break
             except RayClusterError as e:
-                if attempt == _START_ATTEMPTS or not any(t in str(e) for t in _TRANSIENT):
+                if time.monotonic() > t0 + self.timeout or not any(t in str(e) for t in _TRANSIENT):
                     raise
         self.startup_seconds = time.monotonic() - t0
         return self
