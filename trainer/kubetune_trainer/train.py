@@ -123,6 +123,7 @@ def _cpu_quantity(q: str) -> float:
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """One Ray Train worker's whole run (see the module docstring)."""
     import ray.train
+    import ray.train.torch
 
     cfg = TrainerConfig.model_validate(loop_config["config"])
     prepared = PreparedData(**loop_config["prepared"])
@@ -142,7 +143,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's process group
-    device = torch.device("cuda", ctx.get_local_rank()) if use_gpu else torch.device("cpu")
+    # Ray gives each worker its own GPU(s) through CUDA_VISIBLE_DEVICES: get_device() knows which index.
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
     precision = resolve_precision(training.precision, use_gpu)
@@ -451,7 +453,8 @@ def _evaluate(engine: Any, data: dict[str, Any] | None, *, rank: int, world: int
     num_batches = math.ceil(math.ceil(n / world) / batch)
     if max_batches:
         num_batches = min(num_batches, max_batches)
-    sums = torch.zeros(3, dtype=torch.float64)  # loss x weight, weight, correct
+    # On the device: NCCL reduces only GPU tensors. loss x weight, weight, correct.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for b in range(num_batches):
