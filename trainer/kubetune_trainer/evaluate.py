@@ -307,10 +307,13 @@ class Evaluator:
 
 def report_to_tune(step: int, metrics: dict[str, float], *, final: bool) -> None:
     """One result for Ray Tune (through ray.train.report on every worker and the trial's TuneReportCallback,
-    which forwards rank 0's). `step` is ASHA's time attribute; `final` marks the trained-and-exported result."""
+    which forwards rank 0's). `step` is ASHA's time attribute; the final result (the trained and exported
+    model's) carries `trainedSteps` instead, so ASHA leaves it alone: a decision there could only kill a
+    finished trial while it cleans up."""
     import ray.train
 
-    ray.train.report({"step": step, **tune_safe(metrics), "final": 1 if final else 0})
+    when = {"trainedSteps": step} if final else {"step": step}
+    ray.train.report({**when, **tune_safe(metrics), "final": 1 if final else 0})
 
 
 def tune_safe(metrics: dict[str, float]) -> dict[str, float]:

@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -55,6 +56,7 @@ log = logging.getLogger("kubetune_trainer")
 TRIALS_DIR = "trials"
 STATUS_TRIALS_LIMIT = 100  # status.trials is for reading: at most this many entries (the report has them all)
 ASHA_REDUCTION_FACTOR = 3
+TRIAL_WORKER_START_TIMEOUT_S = 1800
 TRIAL_DRIVER_MEMORY = 128 * 1024**2  # Ray's logical memory resource of each trial's driver actor (bytes)
 
 PENDING, RUNNING, TERMINATED, EARLY_STOPPED, ERROR = "PENDING", "RUNNING", "TERMINATED", "EARLY_STOPPED", "ERROR"
@@ -191,6 +193,10 @@ def _run_trial(config: dict[str, Any], *, job_config: dict[str, Any], prepared: 
     from kubetune_trainer.data import PreparedData, s3_client
     from kubetune_trainer.train import RunOptions, fit
 
+    # A trial may wait for another trial's workers to finish (or for the autoscaler) before its own can start;
+    # Ray Train gives a worker group 60 s by default, then fails the trial. The controller gets this process's
+    # environment.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(TRIAL_WORKER_START_TIMEOUT_S))
     cfg = TrainerConfig.model_validate(job_config)
     trial_id = trial_id_of(ray.tune.get_context().get_trial_id())
     params = dict(config["params"])
@@ -265,10 +271,12 @@ def _tracker_class() -> Any:
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             t = self._entry(trial)
             value = result.get(self.metric)
-            t.step = int(result.get("step") or 0)
+            # The final result carries `trainedSteps` instead of `step`, ASHA's time attribute: a trial that
+            # trained to the end is not judged again (and killed mid-cleanup) on its final report.
+            t.step = int(result.get("step") or result.get("trainedSteps") or 0)
             t.objective = float(value) if isinstance(value, (int, float)) else None
             t.state = RUNNING
-            self.last[t.id] = {k: result.get(k) for k in ("step", "final", self.metric)}
+            self.last[t.id] = {"step": t.step, "final": result.get("final"), self.metric: value}
             self.reporter.metric({"event": "trialResult", "trial": t.id, "step": t.step, self.metric: t.objective,
                                   "final": bool(result.get("final")), "stop": bool(result.get("done"))})
             self._publish()
@@ -284,9 +292,10 @@ def _tracker_class() -> Any:
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             t = self._entry(trial)
             t.state = ERROR
-            self.errors[t.id] = getattr(trial, "error_file", None) or True
-            self.reporter.metric({"event": "trialEnded", "trial": t.id, "state": ERROR, "step": t.step})
-            log.warning("%s failed (see the trial's log above)", t.id)
+            self.errors[t.id] = _error_text(trial)
+            self.reporter.metric({"event": "trialEnded", "trial": t.id, "state": ERROR, "step": t.step,
+                                  "error": self.errors[t.id].strip().splitlines()[-1:] or None})
+            log.warning("%s failed:\n%s", t.id, self.errors[t.id][-4000:])
             self._publish()
 
         def listing(self) -> list[TrialStatus]:
@@ -305,9 +314,81 @@ def _tracker_class() -> Any:
     return TrialTracker
 
 
+def _error_text(trial: Any) -> str:
+    """What a failed trial raised (Tune keeps it in the trial's error file)."""
+    path = getattr(trial, "error_file", None) or getattr(trial, "pickled_error_file", None)
+    try:
+        if path and not str(path).endswith(".pkl"):
+            with open(path) as fh:
+                return fh.read()
+    except OSError:
+        pass
+    return str(getattr(trial, "error_msg", "") or "unknown error")
+
+
 class _NullReporter:
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
+
+
+def reclaim_orphaned_placement_groups() -> int:
+    """Remove the placement groups of Ray Train runs whose controller died (returns how many).
+
+    When ASHA stops a trial, Tune ends its trial actor; the trial's Train controller, owned by that actor,
+    dies with it, and its workers' placement group stays reserved until the whole job ends (a placement
+    group lives as long as its creator's *job*). Ray Train's own PlacementGroupCleaner notices a dead
+    controller through the State API, which needs Ray's dashboard (`ray[default]`): without it every early
+    stop would leak the trial's CPUs/GPUs and starve the trials after it. Here the GCS says it directly:
+    a non-detached group of this job whose creating actor is dead is an orphan.
+    """
+    import ray
+    from ray._private.state import state as global_state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in global_state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        # A group made by a driver (Tune's own, for the trial actors) has a nil creator actor, which the GCS
+        # counts as dead: only groups made by an actor (a Train controller) qualify.
+        made_by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
+        if (pg.state == gcs_pb2.PlacementGroupTableData.CREATED and not pg.is_detached and made_by_actor
+                and pg.creator_actor_dead and pg.creator_job_id.hex() == job):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    if removed:
+        log.info("released %d placement group(s) of stopped trials", removed)
+    return removed
+
+
+class _Reclaimer:
+    """Runs reclaim_orphaned_placement_groups every few seconds while Tune runs (driver side)."""
+
+    def __init__(self, interval: float = 5.0):
+        import threading
+
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="kubetune-pg-reclaimer", daemon=True)
+
+    def __enter__(self) -> _Reclaimer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.wait(self._interval):
+            try:
+                reclaim_orphaned_placement_groups()
+            except Exception as exc:  # noqa: BLE001 - an optimisation; Ray's cleaner may still do it
+                failures += 1
+                if failures <= 3:
+                    log.warning("could not check for orphaned placement groups (%s: %s)", type(exc).__name__, exc)
 
 
 def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any]:
@@ -351,8 +432,10 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
         param_space=search_space(tuning),
         tune_config=ray.tune.TuneConfig(
             num_samples=1 if tuning.algorithm == "grid" else tuning.trials,
-            max_concurrent_trials=tuning.max_concurrent_trials,
-            search_alg=BasicVariantGenerator(random_state=cfg.spec.training.seed),
+            # maxConcurrentTrials goes to the search algorithm: Tune ignores TuneConfig.max_concurrent_trials
+            # (with a warning) when it is given a BasicVariantGenerator of its own.
+            search_alg=BasicVariantGenerator(random_state=cfg.spec.training.seed,
+                                             max_concurrent=tuning.max_concurrent_trials),
             scheduler=scheduler,
             trial_name_creator=lambda trial: trial_id_of(trial.trial_id),
             trial_dirname_creator=lambda trial: trial_id_of(trial.trial_id),
@@ -366,15 +449,17 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     )
     t0 = time.monotonic()
     try:
-        grid = tuner.fit()
+        with _Reclaimer():
+            grid = tuner.fit()
         trials = tracker.listing()
         best = select_best(trials, mode)
         if best is None:
             errors = [r.error for r in grid if r.error is not None]
-            if errors:
+            if errors and isinstance(errors[0], BaseException):
                 raise errors[0]  # the entry point classifies it (data, config, training)
-            raise TuningError(f"no trial finished training ({len(trials)} trials: "
-                              f"{', '.join(f'{t.id} {t.state}' for t in trials)})")
+            first = next(iter(tracker.errors.values()), "")
+            raise TuningError(f"no trial finished training ({', '.join(f'{t.id} {t.state}' for t in trials)})"
+                              + (f"; first error: {first.strip().splitlines()[-1]}" if first.strip() else ""))
         log.info("tuning done in %.0fs: best %s %s=%s %s", time.monotonic() - t0, best.id, metric, best.objective,
                  best.params)
         artifact, summary, report = promote(client, cfg, best, trials, reporter)
