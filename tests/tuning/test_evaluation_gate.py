@@ -66,7 +66,7 @@ def _wait(what: str, fn: Any, timeout: float = 60.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(900)
 def test_a_fine_tune_that_does_not_improve_is_not_deployed(tuning_env: TrainerEnv, operator: Any, kuberay: Any,
                                                             control_plane: Any, namespace: str) -> None:
     from kubetune_operator import names
@@ -102,7 +102,7 @@ def test_a_fine_tune_that_does_not_improve_is_not_deployed(tuning_env: TrainerEn
     kubeconfig = control_plane.kubeconfig_for_service_account(namespace, names.service_account(name), create=False)
     kuberay.start(namespace, rj["metadata"]["name"])
 
-    run = env.run(config, env={"KUBECONFIG": str(kubeconfig)}, timeout=360)
+    run = env.run(config, env={"KUBECONFIG": str(kubeconfig)}, timeout=600)
     assert run.returncode == 0, run.output[-6000:]
     kuberay.succeed(namespace, rj["metadata"]["name"])
 

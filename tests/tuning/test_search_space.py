@@ -260,6 +260,10 @@ def test_held_out_prompts_come_from_the_validation_rows() -> None:
     assert out[0] == {"prompt": [1, 2, 3], "reference": [4, 5]}
     assert out[1] == {"prompt": [6, 7], "reference": [8, 9]}  # completion: the first half as the prompt
     assert out[2]["prompt"] == list(range(100, 105)) and out[2]["reference"] == list(range(105, 110))
+    # Completion records whose first token is no target (nothing precedes it in its packed segment).
+    labels[1, 0] = -100
+    out = held_out_examples(data, classification=False, k=3, completion=True)
+    assert out[2]["prompt"] == list(range(100, 105))
     assert COMPLETION_PROMPT_TOKENS >= 5 and NEW_TOKENS >= 2
     cls = {"input_ids": np.array([[5, 6, 7, 0], [8, 9, 0, 0]]), "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]]),
            "label": np.array([1, 0])}

@@ -25,7 +25,7 @@ from trainer_helpers import BUCKET, TrainerEnv, fortunes, put_jsonl
 
 pytestmark = [pytest.mark.training, pytest.mark.integration]
 
-GOOD_LR, BAD_LR = 0.03, 1e-7
+GOOD_LR, BAD_LR = 0.01, 1e-7  # 0.01 lowers the held-out loss at every step (0.03 already overshoots)
 STEPS = 6
 
 
@@ -64,7 +64,7 @@ def _create_job(k8s_client: Any, namespace: str, name: str, spec: dict[str, Any]
         api.GROUP, api.VERSION, namespace, api.PLURAL, body)
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(900)
 def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, control_plane, k8s_client,
                                                        namespace) -> None:
     env = tuning_env
@@ -78,7 +78,7 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
     progress_file = env.workdir / f"progress-{namespace}.jsonl"
 
     run = env.run(cfg, env={"KUBECONFIG": str(kubeconfig), "KUBETUNE_PROGRESS_FILE": str(progress_file)},
-                  timeout=420)
+                  timeout=720)
     assert run.returncode == 0, run.output[-8000:]
     assert "succeeded" in run.final_line and "best of 4 trials" in run.final_line, run.final_line
 

@@ -80,10 +80,12 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def held_out_examples(data: dict[str, Any], classification: bool, k: int = NUM_SAMPLES) -> list[dict[str, Any]]:
+def held_out_examples(data: dict[str, Any], classification: bool, k: int = NUM_SAMPLES,
+                      completion: bool = False) -> list[dict[str, Any]]:
     """The first `k` held-out examples as token lists: {"prompt", "reference"} for causal LM (prompt: what an
-    instruction/chat record asks, or the first tokens of a completion record; reference: what follows), and
-    {"ids", "label"} for classification. A pure function of the prepared rows, identical on every rank."""
+    instruction/chat record asks, i.e. the tokens before its first target, or for `completion` records the
+    first tokens; reference: what follows), and {"ids", "label"} for classification. A pure function of the
+    prepared rows, identical on every rank."""
     import numpy as np
 
     out: list[dict[str, Any]] = []
@@ -105,7 +107,7 @@ def held_out_examples(data: dict[str, Any], classification: bool, k: int = NUM_S
             if len(targets) == 0:
                 continue
             cut = int(targets[0])
-            if cut == 0:  # completion: every token is a target; prompt with the first few
+            if completion or cut == 0:  # (nearly) every token is a target: prompt with the first few
                 cut = min(COMPLETION_PROMPT_TOKENS, max(1, len(ids) // 2))
             if cut >= len(ids):
                 continue
@@ -134,7 +136,7 @@ class Evaluator:
         self.evaluate = evaluate
         self.trial = trial
         self.metric = objective_metric(cfg.spec)
-        self.examples = held_out_examples(data, classification)
+        self.examples = held_out_examples(data, classification, completion=cfg.spec.dataset.format == "completion")
         self.num_rows = len(data["input_ids"])
         # Tuning trials share the job's base figures: same base model, same held-out rows.
         base_dir = f"{trial['jobRunUri']}/eval" if trial else cfg.eval_uri
