@@ -65,7 +65,7 @@ def reported_job(crd: None, control_plane: Any, k8s_client: Any, s3_server: Any,
         _content_type="application/merge-patch+json")
     cfg = api.resolve_trainer_config(name, namespace, created["metadata"]["uid"], api.parse_spec(body["spec"]))
     cfg.reporting.min_interval_seconds = 0
-    reporter = Reporter(cfg, s3_server.client(), kube_api=custom)
+    reporter = Reporter(cfg, s3_server.client(), kubeconfig=str(control_plane.kubeconfig))
     reporter.data({"records": 200, "trainRecords": 180, "validationRecords": 20, "duplicatesRemoved": 3,
                    "invalidRecords": 0, "tokens": 5400, "sequences": 90})
     losses = [4.2, 3.9, 3.7, 3.5, 3.45, 3.4]
