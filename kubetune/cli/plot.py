@@ -131,6 +131,19 @@ def plot_trials(curves: dict[str, list[dict[str, Any]]], path: Path, title: str,
     return path
 
 
+def trial_curves(job_metrics: list[dict[str, Any]], per_trial: dict[str, list[dict[str, Any]]]
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """Each trial's metrics lines: its own metrics.jsonl (training loss; missing when Tune stopped the trial
+    before it was written) plus the held-out figures the tuning driver logged for it (`trialResult` events in
+    the job's metrics.jsonl, one per evaluation of every trial)."""
+    curves = {tid: [{k: v for k, v in m.items() if k != "evalLoss"} for m in lines] for tid, lines in per_trial.items()}
+    for m in job_metrics:
+        if m.get("event") == "trialResult" and m.get("trial") and isinstance(m.get("step"), int):
+            point = {"step": m["step"], "evalLoss": m.get("evalLoss")}
+            curves.setdefault(m["trial"], []).append(point)
+    return curves
+
+
 def _run_trials(args: argparse.Namespace) -> int:
     from kubetune.cli import cluster
 
@@ -142,10 +155,9 @@ def _run_trials(args: argparse.Namespace) -> int:
         trials = st.get("trials") or []
         if not trials:
             raise CLIError(f"{args.name} has no trials (no spec.tuning, or none started yet)")
-        curves = {}
-        for t in trials:
-            text = conn.read_run_object(job, f"trials/{t['id']}/metrics.jsonl")
-            curves[t["id"]] = parse_metrics(text or "")
+        curves = trial_curves(parse_metrics(conn.read_run_object(job, "metrics.jsonl") or ""),
+                              {t["id"]: parse_metrics(conn.read_run_object(job, f"trials/{t['id']}/metrics.jsonl")
+                                                      or "") for t in trials})
         evaluation = st.get("evaluation") or {}
         baseline = evaluation.get("base") if evaluation.get("metric") in (None, "evalLoss") else None
     out = Path(args.output or f"{args.name}-trials.png")

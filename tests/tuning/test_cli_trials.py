@@ -54,3 +54,18 @@ def test_plot_trials_writes_a_png(tmp_path: Path) -> None:
                         "trial-02": curve([14.0, 17.5])}, tmp_path / "trials.png", "ns/tuned: 3 trials",
                        best="trial-01", states={"trial-02": "EARLY_STOPPED"}, baseline=10.83)
     assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trial_curves_take_held_out_points_from_the_tuning_driver() -> None:
+    from kubetune.cli.plot import loss_series, trial_curves
+
+    job = [{"event": "trialResult", "trial": "trial-00", "step": 2, "evalLoss": 10.8},
+           {"event": "trialResult", "trial": "trial-00", "step": 4, "evalLoss": 10.7},
+           {"event": "trialResult", "trial": "trial-01", "step": 2, "evalLoss": 14.0},  # killed: no file of its own
+           {"step": 4, "loss": 10.6, "trial": "trial-00"}]  # the best trial's curve, copied into the job's file
+    own = {"trial-00": [{"step": s, "loss": 11 - s / 10} for s in range(1, 5)] + [{"step": 4, "loss": 10.6,
+                                                                                    "evalLoss": 10.7}]}
+    curves = trial_curves(job, own)
+    assert loss_series(curves["trial-00"])[1] == [(2, 10.8), (4, 10.7)]
+    assert len(loss_series(curves["trial-00"])[0]) == 4
+    assert loss_series(curves["trial-01"]) == ([], [(2, 14.0)])

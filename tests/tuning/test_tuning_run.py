@@ -162,8 +162,25 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
     curve = [m for m in metrics if "loss" in m and "event" not in m]
     assert curve and {m["trial"] for m in curve} == {best["id"]}
     assert max(m["step"] for m in curve) == STEPS
-    for tid in trials:
-        assert env.metrics(f"{run_uri}/trials/{tid}"), tid
+    results = [m for m in metrics if m.get("event") == "trialResult"]
+    assert {m["trial"] for m in results} == set(trials)  # every evaluation of every trial, killed ones too
+    for tid, t in trials.items():
+        assert max(m["step"] for m in results if m["trial"] == tid) == t["step"]
+        if t["state"] == "TERMINATED":  # a trial Tune stopped may be killed before it writes its own file
+            assert max(m["step"] for m in env.metrics(f"{run_uri}/trials/{tid}") if "step" in m) == STEPS
+
+    # ---- kubetune status and plot --trials from exactly these
+    from kubetune.cli.plot import parse_metrics, plot_trials, trial_curves
+    from kubetune.cli.status import render
+
+    text = render({"metadata": {"name": "tuned", "namespace": namespace}, "status": status})
+    assert f"best {best['id']}" in text and "EARLY_STOPPED" in text and "eval      evalLoss: base" in text
+    curves = trial_curves(metrics, {tid: env.metrics(f"{run_uri}/trials/{tid}") for tid in trials
+                                    if trials[tid]["state"] == "TERMINATED"})
+    assert set(curves) == set(trials)
+    png = plot_trials(curves, env.workdir / "trials.png", "tuned", best=best["id"],
+                      states={tid: t["state"] for tid, t in trials.items()}, baseline=ev["base"])
+    assert png.stat().st_size > 10_000
 
     # ---- the local progress file (kubetune run's view) saw the trials too
     lines = [json.loads(x) for x in progress_file.read_text().splitlines()]

@@ -277,7 +277,10 @@ def _tracker_class() -> Any:
             t.objective = float(value) if isinstance(value, (int, float)) else None
             t.state = RUNNING
             self.last[t.id] = {"step": t.step, "final": result.get("final"), self.metric: value}
-            self.reporter.metric({"event": "trialResult", "trial": t.id, "step": t.step, self.metric: t.objective,
+            # Every evaluation of every trial, also of trials killed before their own metrics.jsonl was written
+            # (kubetune plot --trials draws the held-out curves from these lines).
+            figures = {k: result[k] for k in evaluation.METRIC_KEYS if isinstance(result.get(k), (int, float))}
+            self.reporter.metric({"event": "trialResult", "trial": t.id, "step": t.step, **figures,
                                   "final": bool(result.get("final")), "stop": bool(result.get("done"))})
             self._publish()
 
