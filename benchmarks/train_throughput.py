@@ -11,10 +11,14 @@ prepared rows (Debian fortunes, tokenised and packed once by the trainer's own `
 - bare: `torch.multiprocessing` processes, gloo DistributedDataParallel, torch AdamW, the same warmup+cosine
   schedule and gradient clipping: the loop one would write by hand.
 
-Tokens/s is measured the same way on both sides: real (non-padding) tokens of all workers divided by the time
-spent in training steps (forward, backward, optimizer), from the first step to the last. Start-up (Ray,
-DeepSpeed init, model download) and the end (checkpoint, export) are not in that figure; they are printed
-separately as the trainer's wall time, because they are a fixed cost per job, not a per-token one.
+Tokens/s is measured the same way on both sides, per optimizer step: real (non-padding) tokens of all workers
+divided by the step's time (forward, backward, optimizer; for the trainer also its per-step loss all-reduce and
+bookkeeping), as recorded by rank 0. The headline is the median over steps after the first WARMUP_STEPS, which
+resists the bursts of other work on a shared machine; the plain mean (all tokens / all step time) is printed
+beside it. The bare loop runs before and after the trainer (the two medians are averaged), so a change of
+background load during the run shows up as a difference between the two bare figures instead of as a bias.
+Start-up (Ray, DeepSpeed init, model download) and the end (checkpoint, export) are not in these figures;
+the trainer's wall time is printed separately, because it is a fixed cost per job, not a per-token one.
 
 Also printed: the data pipeline's rate (records/s through `prepare`: read, clean, dedup, tokenise, pack,
 shard to S3) against the rate at which the trainer consumes records.
@@ -65,10 +69,10 @@ def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: 
                           num_training_steps=args["steps"])
     data = load_shard([shards[rank]])
     batches = batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
-    step_seconds, tokens = 0.0, 0
+    durations, cpu_durations, step_tokens = [], [], []
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         out_ = ddp(input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
                    position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
                    labels=torch.from_numpy(data["labels"][rows]).long())
@@ -77,14 +81,30 @@ def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step_seconds += time.perf_counter() - t0
-        tokens += int(data["attention_mask"][rows].sum())
-    totals = torch.tensor([float(tokens), step_seconds], dtype=torch.float64)
-    dist.all_reduce(totals)
-    if rank == 0:
-        # Step time: the mean over ranks (they run in lockstep); tokens: the sum over ranks.
-        Path(out).write_text(json.dumps({"tokens": totals[0].item(), "seconds": totals[1].item() / world}))
-    dist.destroy_process_group()
+        durations.append(time.perf_counter() - t0)
+        cpu_durations.append(time.process_time() - cpu0)
+        step_tokens.append(int(data["attention_mask"][rows].sum()))
+    tokens = torch.tensor(step_tokens, dtype=torch.float64)
+    dist.all_reduce(tokens)  # the tokens of all workers in each step
+    if rank == 0:  # rank 0's step times, as the trainer reports them (DDP keeps the ranks in lockstep)
+        Path(out).write_text(json.dumps({"stepTokens": tokens.tolist(), "stepSeconds": durations,
+                                         "stepCpuSeconds": cpu_durations}))
+    # No destroy_process_group(): with gloo it can wait forever for a peer that has already exited.
+
+
+WARMUP_STEPS = 3
+
+
+def rates(steps: dict[str, list[float]]) -> dict[str, float]:
+    """Median tokens/s over the steps after warm-up (by wall time and by rank 0's CPU time) and the mean."""
+    import statistics
+
+    tokens, wall, cpu = steps["stepTokens"], steps["stepSeconds"], steps["stepCpuSeconds"]
+    return {
+        "median": statistics.median([t / s for t, s in zip(tokens, wall)][WARMUP_STEPS:]),
+        "cpu": statistics.median([t / s for t, s in zip(tokens, cpu)][WARMUP_STEPS:]),
+        "mean": sum(tokens) / sum(wall),
+    }
 
 
 def main() -> int:
@@ -151,23 +171,27 @@ def main() -> int:
             print(f"note: {prepared.num_train_sequences // args.workers} rows per worker for {rows_needed} needed; "
                   "the bare loop wraps around, the trainer starts a new epoch", flush=True)
 
-        # 2. The bare PyTorch loop.
+        # 2. The bare PyTorch loop, before and after the trainer.
         import socket
 
         import torch.multiprocessing as mp
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        bare_out = tmpdir / "bare.json"
         bare_args = {"model_dir": str(model_dir), "steps": args.steps, "batch": args.batch, "lr": 1e-3,
                      "threads": threads}
-        mp.start_processes(bare_worker, args=(args.workers, port, bare_args, prepared.train_shards, env,
-                                              str(bare_out)), nprocs=args.workers, start_method="spawn")
-        bare = json.loads(bare_out.read_text())
-        bare_tps = bare["tokens"] / bare["seconds"]
-        print(f"bare PyTorch (DDP, gloo, {args.workers} procs): {bare_tps:.0f} tokens/s "
-              f"({bare['seconds']:.1f}s in steps)", flush=True)
+
+        def run_bare(tag: str) -> dict[str, float]:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            out = tmpdir / f"bare-{tag}.json"
+            mp.start_processes(bare_worker, args=(args.workers, port, bare_args, prepared.train_shards, env,
+                                                  str(out)), nprocs=args.workers, start_method="spawn")
+            r = rates(json.loads(out.read_text()))
+            print(f"bare PyTorch ({tag}; DDP, gloo, {args.workers} procs): median {r['median']:.0f} tokens/s, "
+                  f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}", flush=True)
+            return r
+
+        bare_before = run_bare("before")
 
         # 3. The kubetune trainer, as the RayJob runs it.
         config_path = tmpdir / "config.json"
@@ -180,17 +204,28 @@ def main() -> int:
         if proc.returncode != 0:
             print(proc.stdout[-5000:])
             return 1
-        metrics = [json.loads(x) for x in client.get_object(Bucket=BUCKET, Key="runs/bench/bench/metrics.jsonl")[
-            "Body"].read().decode().splitlines()]
-        last = [m for m in metrics if m.get("step") == args.steps and "tokensPerSecond" in m][-1]
-        trainer_tps = last["tokensPerSecond"]
-        print(f"kubetune trainer (Ray Train + DeepSpeed ZeRO-2, {args.workers} workers): {trainer_tps:.0f} tokens/s "
+        body = client.get_object(Bucket=BUCKET, Key="runs/bench/bench/metrics.jsonl")["Body"].read().decode()
+        steps = {m["step"]: m for m in map(json.loads, body.splitlines()) if "stepSeconds" in m}
+        ordered = [steps[k] for k in sorted(steps)]
+        trainer = rates({key: [m[key] for m in ordered] for key in ("stepTokens", "stepSeconds", "stepCpuSeconds")})
+        print(f"kubetune trainer (Ray Train + DeepSpeed ZeRO-2, {args.workers} workers): median "
+              f"{trainer['median']:.0f} tokens/s, mean {trainer['mean']:.0f}, per CPU-second {trainer['cpu']:.0f} "
               f"(whole job {wall:.0f}s wall, including Ray start, setup, checkpoint and export)", flush=True)
 
-        ratio = trainer_tps / bare_tps
+        bare_after = run_bare("after")
+        bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
+        drift = abs(bare_before["median"] - bare_after["median"]) / bare["median"]
+        ratio = trainer["median"] / bare["median"]
+        print(f"ratio kubetune/bare (median step, wall): {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target: within 10%)")
+        print(f"ratio kubetune/bare (mean, wall):        {trainer['mean'] / bare['mean']:.3f}")
+        print(f"ratio kubetune/bare (median, CPU time):  {trainer['cpu'] / bare['cpu']:.3f}  (insensitive to other "
+              "processes' load, blind to time spent waiting)")
+        print(f"background drift between the two bare runs: {drift * 100:.1f}%"
+              + ("  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
+                 if drift > 0.1 else ""))
+
         tokens_per_record = (prepared.stats.get("tokens") or 1) / max(1, prepared.stats.get("trainRecords") or records)
-        consumed = trainer_tps / tokens_per_record
-        print(f"ratio kubetune/bare: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target: within 10%)")
+        consumed = trainer["median"] / tokens_per_record
         print(f"data pipeline: {records / prepare_seconds:.0f} records/s vs trainer consumption "
               f"{consumed:.0f} records/s ({records / prepare_seconds / consumed:.1f}x headroom)")
     return 0

@@ -243,7 +243,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             if epoch_of_batches != state.epoch:
                 epoch_batches = batch_indices(num_rows, batch, state.epoch, training.seed)[:micro_per_epoch]
                 epoch_of_batches = state.epoch
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
             for _ in range(accum):
@@ -268,7 +268,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             step_loss, step_tokens = mean_loss / world, int(step_tokens)
             state.samples += batch * accum * world
             state.tokens += step_tokens
-            train_seconds += time.perf_counter() - t0
+            step_seconds, step_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+            train_seconds += step_seconds
             attempt_tokens += step_tokens
             lr = scheduler.get_last_lr()[0]
             fraction_epoch = state.epoch + state.micro_batch / micro_per_epoch
@@ -291,7 +292,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             if reporter:
                 eta = (total_steps - state.step) * train_seconds / max(1, state.step - attempt_start_step)
                 record = {"step": state.step, "epoch": round(fraction_epoch, 4), "loss": step_loss, "lr": lr,
-                          "tokens": state.tokens, "tokensPerSecond": round(tps, 1)}
+                          "tokens": state.tokens, "stepTokens": step_tokens, "stepSeconds": round(step_seconds, 4),
+                          # CPU time of rank 0's process: well below stepSeconds when the machine is contended
+                          "stepCpuSeconds": round(step_cpu_seconds, 4), "tokensPerSecond": round(tps, 1)}
                 if eval_metrics:
                     record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
                 reporter.metric(record)
