@@ -112,6 +112,8 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
     assert adapter["base_model_name_or_path"] == env.model_uri
     assert status["progress"]["percent"] == 100 and status["progress"]["trial"] == best["id"]
 
+    assert [c["uri"] for c in status["checkpoints"]] == [f"{run_uri}/trials/{best['id']}/checkpoints/step-{STEPS:08d}"]
+
     # ---- each trial checkpointed under its own prefix; early-stopped ones exported nothing
     for tid, t in trials.items():
         keys = env.keys(f"{run_uri}/trials/{tid}")

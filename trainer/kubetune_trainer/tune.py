@@ -467,6 +467,13 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
                  best.params)
         artifact, summary, report = promote(client, cfg, best, trials, reporter)
         reporter.trials(trials[:STATUS_TRIALS_LIMIT], best.id)
+        try:  # status.checkpoints: the best trial's (under <run>/trials/<id>/checkpoints)
+            from kubetune_trainer import checkpoint as ckpt
+
+            best_cfg = trial_config(cfg, best.id, dict(best.params))
+            reporter.checkpoints(ckpt.apply_retention(client, best_cfg, best_cfg.spec.training.checkpoint.keep))
+        except Exception as exc:  # noqa: BLE001 - informational
+            log.warning("could not list the best trial's checkpoints (%s)", type(exc).__name__)
         reporter.model(artifact)
         if summary is not None:
             reporter.evaluation(summary)
