@@ -268,3 +268,27 @@ def test_held_out_prompts_come_from_the_validation_rows() -> None:
     cls = {"input_ids": np.array([[5, 6, 7, 0], [8, 9, 0, 0]]), "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]]),
            "label": np.array([1, 0])}
     assert held_out_examples(cls, classification=True) == [{"ids": [5, 6, 7], "label": 1}, {"ids": [8, 9], "label": 0}]
+
+
+def test_the_tuning_example_samples_valid_trials() -> None:
+    """examples/lora-tuning.yaml: valid, and every configuration Tune samples from it is a valid training spec;
+    the same seed samples the same configurations (so a retried driver's trial-03 is the same trial-03)."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from kubetune_trainer.tune import search_space, trial_config
+
+    name, namespace, spec = api.parse_manifest(yaml.safe_load((ROOT / "examples" / "lora-tuning.yaml").read_text()))
+    cfg = api.resolve_trainer_config(name, namespace, None, spec)
+
+    def sample(seed: int) -> list[dict[str, Any]]:
+        rng = np.random.default_rng(seed)  # what BasicVariantGenerator(random_state=seed) draws from
+        return [v["params"] for _ in range(spec.tuning.trials)
+                for _, v in generate_variants(search_space(spec.tuning), random_state=rng)]
+
+    configs = sample(spec.training.seed)
+    assert len(configs) == 8 and len({json.dumps(c, sort_keys=True) for c in configs}) == 8
+    for i, params in enumerate(configs):
+        t = trial_config(cfg, f"trial-{i:02d}", params).spec.training
+        assert 1e-5 <= t.learning_rate <= 1e-3 and t.lora_settings.r in (8, 16, 32)
+        assert 0.0 <= t.lora_settings.dropout <= 0.1 and t.max_steps == 400
+    assert sample(spec.training.seed) == configs
