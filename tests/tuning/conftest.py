@@ -54,5 +54,10 @@ def _timed(request: pytest.FixtureRequest) -> Iterator[None]:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if TIMINGS:
         terminalreporter.write_sep("-", "tuning/evaluation test times")
+        quick = [s for s in TIMINGS.values() if s < 1.0]
         for node, seconds in sorted(TIMINGS.items(), key=lambda kv: -kv[1]):
-            terminalreporter.write_line(f"{seconds:7.1f}s  {node}")
+            if seconds >= 1.0:
+                terminalreporter.write_line(f"{seconds:7.1f}s  {node}")
+        if quick:
+            terminalreporter.write_line(f"{sum(quick):7.1f}s  {len(quick)} more tests under a second each")
+        terminalreporter.write_line(f"{sum(TIMINGS.values()):7.1f}s  in all (session fixtures not included)")
