@@ -69,3 +69,33 @@ def test_trial_curves_take_held_out_points_from_the_tuning_driver() -> None:
     assert loss_series(curves["trial-00"])[1] == [(2, 10.8), (4, 10.7)]
     assert len(loss_series(curves["trial-00"])[0]) == 4
     assert loss_series(curves["trial-01"]) == ([], [(2, 14.0)])
+
+
+def test_plot_trials_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubetune plot NAME --trials`: the job from the cluster, the curves from the job's and trials' files."""
+    import argparse
+    import contextlib
+    import json
+
+    from kubetune.cli import cluster, plot
+
+    files = {
+        "metrics.jsonl": "\n".join(json.dumps(m) for m in [
+            {"event": "trialResult", "trial": "trial-00", "step": 2, "evalLoss": 10.8},
+            {"event": "trialResult", "trial": "trial-01", "step": 2, "evalLoss": 10.7},
+            {"event": "trialResult", "trial": "trial-01", "step": 4, "evalLoss": 10.6}]),
+        "trials/trial-01/metrics.jsonl": "\n".join(json.dumps({"step": s, "loss": 11 - s / 10}) for s in range(1, 5)),
+    }
+
+    class Conn:
+        def get_job(self, name: str, namespace: str | None) -> dict:
+            return {"metadata": {"name": name, "namespace": "ns"}, "status": STATUS}
+
+        def read_run_object(self, job: dict, rel: str) -> str | None:
+            return files.get(rel)
+
+    monkeypatch.setattr(cluster, "connect", contextlib.contextmanager(lambda: (yield Conn())))
+    out = tmp_path / "t.png"
+    args = argparse.Namespace(name="tuned", namespace=None, metrics=None, output=str(out), trials=True)
+    assert plot.run(args) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
