@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         model_cache=os.environ.get("KUBETUNE_MODEL_CACHE") or "/tmp/kubetune-models",
         staging_dir=os.environ.get("KUBETUNE_STAGING_DIR", ""),
         ray_storage=os.environ.get("KUBETUNE_RAY_STORAGE", ""),
-        fail_after_step=int(os.environ["KUBETUNE_FAIL_AFTER_STEP"]) if os.environ.get("KUBETUNE_FAIL_AFTER_STEP") else None,
+        fail_after_step=int(os.environ["KUBETUNE_FAIL_AFTER_STEP"]) if os.environ.get("KUBETUNE_FAIL_AFTER_STEP")
+        else None,
         trace_dir=os.environ.get("KUBETUNE_TRACE_DIR") or None,
         # Workers are processes of the Ray cluster, with the cluster's environment, not this process's.
         kubeconfig=os.environ.get("KUBECONFIG") or None,
@@ -66,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line and an exit code
         code, kind, message = classify(exc)
         log.exception("the run failed")
+        _quiet_ray()
         return _fail(code, kind, message)
+    _quiet_ray()
     model = summary.get("model") or {}
     eval_loss = summary.get("evalLoss")
-    print(f"{_PREFIX}: succeeded: step {summary.get('step')}/{summary.get('totalSteps')} "
+    # The leading newline: a log line of Ray's left without its newline must not swallow this one.
+    print(f"\n{_PREFIX}: succeeded: step {summary.get('step')}/{summary.get('totalSteps')} "
           f"({summary.get('stopReason')}), evalLoss {eval_loss if eval_loss is None else round(eval_loss, 4)}, "
           f"{summary.get('tokensPerSecond')} tokens/s, model {model.get('uri')} ({model.get('kind')}), "
           f"{time.monotonic() - t0:.0f}s", flush=True)
@@ -148,6 +152,17 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def _quiet_ray() -> None:
+    """Disconnect from Ray, so that no forwarded worker log (Ray writes some without a final newline) lands
+    on the same line as the final one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def _config_message(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{path}: {msg}" for path, msg in errors_from_validation(exc, root="config"))
@@ -155,7 +170,7 @@ def _config_message(exc: BaseException) -> str:
 
 
 def _fail(code: int, kind: str, message: str) -> int:
-    print(f"{_PREFIX}: error: {kind}: {message}", flush=True)
+    print(f"\n{_PREFIX}: error: {kind}: {message}", flush=True)
     return code
 
 
