@@ -40,7 +40,7 @@ BATCH = 256
 
 
 def build_records(n: int, fmt: str) -> list[dict]:
-    from kubetune_trainer.data.samples import read_fortunes
+    from kubetune_cli.localenv.samples import read_fortunes
 
     fortunes = [f for fs in read_fortunes().values() for f in fs if len(f.text) <= 500]
     out = []
@@ -89,8 +89,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from kubetune.api import parse_spec, resolve_trainer_config
-    from kubetune.localenv.models import smollm2_tokenizer
-    from kubetune.localenv.s3 import S3Server
+    from kubetune_cli.localenv.models import smollm2_tokenizer
+    from kubetune_cli.localenv.s3_server import S3Server
     from kubetune_trainer.data import prepare
 
     tokenizer = smollm2_tokenizer()

@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))  # runnable from a checkout without installing
 
-from kubetune.localenv.kubeclient import api_client  # noqa: E402
+from kubetune_cli.localenv.kubeclient import api_client  # noqa: E402
 
 # What the operator reads and writes; the API server itself touches endpoints/services/namespaces every few
 # seconds (its master-endpoint and namespace upkeep), which the idle figure must not blame on the operator.
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-workers", type=int, default=16, help="operator handler threads")
     args = parser.parse_args(argv)
 
-    from kubetune.localenv.kube import ControlPlane
+    from kubetune_cli.localenv.control_plane import ControlPlane
 
     cp = None
     if args.kubeconfig:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"control plane up in {cp.startup_seconds:.1f} s")
     operator = None
     try:
-        from kubetune.localenv.crds import install_crds, install_kuberay_crds
+        from kubetune_cli.localenv.crds import install_crds, install_kuberay_crds
 
         kr = install_kuberay_crds(kubeconfig)
         install_crds(kubeconfig, [ROOT / "crds" / "finetunejob.yaml"])

@@ -120,8 +120,8 @@ def main() -> int:
     threads = 1  # what Ray gives a 0.5-CPU worker (OMP_NUM_THREADS=1); the bare loop gets the same
 
     from kubetune.api import TrainerConfig
-    from kubetune.localenv.models import smollm2_tokenizer, tiny_llama, upload_dir
-    from kubetune.localenv.s3 import S3Server
+    from kubetune_cli.localenv.models import smollm2_tokenizer, tiny_llama, upload_dir
+    from kubetune_cli.localenv.s3_server import S3Server
     from kubetune_trainer.data import prepare
 
     texts = []

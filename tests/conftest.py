@@ -3,7 +3,7 @@
 Why session scope: the control plane takes ~8 s plus ~7 s for KubeRay's CRDs on a 2-core machine, so every
 test shares one and isolates itself with the function-scoped `namespace` fixture. Servers start lazily:
 a run of unit tests alone never starts them. Each fixture stops what it started (also when tests fail);
-`kubetune.localenv` additionally kills leftovers at interpreter exit and its children die with the process.
+`kubetune_cli.localenv` additionally kills leftovers at interpreter exit and its children die with the process.
 
 Set KUBECONFIG and KUBETUNE_TEST_EXISTING_CLUSTER=1 to run against an existing cluster instead.
 """
@@ -35,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[Any]:
     """etcd + kube-apiserver + kube-controller-manager on loopback, KubeRay CRDs installed (session)."""
-    from kubetune.localenv.kube import ControlPlane
+    from kubetune_cli.localenv.control_plane import ControlPlane
 
     cp = ControlPlane.from_existing() or ControlPlane(controller_manager=True)
     with cp:
@@ -59,7 +59,7 @@ def k8s_client(control_plane: Any) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[Any]:
     """SeaweedFS with random credentials and the bucket `kubetune-test` (session)."""
-    from kubetune.localenv.s3 import S3Server
+    from kubetune_cli.localenv.s3_server import S3Server
 
     with S3Server(buckets=["kubetune-test"]) as server:
         yield server

@@ -3,7 +3,7 @@
 #
 # Why: no package registry ships a current kube-apiserver. Debian bookworm's `kubernetes` source package
 # carries its whole vendor/ tree, so it builds offline with Debian's Go (1.19) and only apt access.
-# kubetune.localenv.tools runs this only when no prebuilt binary is found (KUBEBUILDER_ASSETS, the cache,
+# kubetune_cli.localenv.binaries runs this only when no prebuilt binary is found (KUBEBUILDER_ASSETS, the cache,
 # ../shared/envtest/bin/*.xz): 7 min on a quiet 2-core machine, ~25 min under load; ~1.4 GB RAM; needs root
 # for apt-get install.
 #

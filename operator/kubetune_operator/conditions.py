@@ -31,7 +31,7 @@ While a condition is False its reason says where the run is (`Pending`, `Initial
 `Running`, ...), the same vocabulary as `Training`'s, so `kubectl describe` reads naturally.
 DeadlineExceeded is a reason of Failed, as in batch/v1 Jobs, rather than a condition of its own.
 `Deployed` follows the Deployment's own conditions (Available, Progressing, ReplicaFailure) and
-availableReplicas; see `kubetune_operator.serving`.
+availableReplicas; see `kubetune_operator.reconcile_deploy`.
 """
 
 from __future__ import annotations

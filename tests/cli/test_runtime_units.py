@@ -15,14 +15,14 @@ pytestmark = pytest.mark.unit
 
 
 def _sandbox(tmp_path: Path, pod: dict, secrets: dict | None = None, cms: dict | None = None):
-    from kubetune.localenv.podlocal import PodSandbox
+    from kubetune_cli.localenv.pod_sandbox import PodSandbox
 
     return PodSandbox(tmp_path, pod, namespace="ns", pod_name="p-0",
                       config_maps=lambda n: (cms or {}).get(n), secrets=lambda n: (secrets or {}).get(n))
 
 
 def test_pod_env_and_volumes_resolve_like_the_kubelet(tmp_path: Path) -> None:
-    from kubetune.localenv.podlocal import PodConfigError
+    from kubetune_cli.localenv.pod_sandbox import PodConfigError
 
     pod = {"volumes": [{"name": "cfg", "configMap": {"name": "job-config"}}, {"name": "m", "emptyDir": {}},
                        {"name": "keys", "secret": {"secretName": "s3", "items": [{"key": "id", "path": "k/id"}]}}]}
@@ -55,7 +55,7 @@ def test_operator_rayjob_sizes_the_local_cluster() -> None:
     from kubetune_operator.meta import Owner
     from kubetune_operator.settings import Settings
 
-    from kubetune.localenv.rayjob_local import cluster_resources
+    from kubetune_cli.localenv.rayjob_local import cluster_resources
 
     spec = api.parse_spec({
         "model": {"uri": "s3://bkt/m"}, "dataset": {"train": "s3://bkt/d", "format": "completion"},
@@ -69,7 +69,7 @@ def test_operator_rayjob_sizes_the_local_cluster() -> None:
 
 
 def test_server_listen_address_is_rewritten_to_loopback() -> None:
-    from kubetune.localenv.deployments import _rewrite_listen
+    from kubetune_cli.localenv.deployments import _rewrite_listen
 
     argv = ["python3", "-m", "vllm", "--model", "/m", "--host", "0.0.0.0", "--port", "8000", "--port=8000",
             "--host=0.0.0.0", "--max-model-len", "256"]
@@ -79,7 +79,7 @@ def test_server_listen_address_is_rewritten_to_loopback() -> None:
 
 
 def test_builtin_uris() -> None:
-    from kubetune.localenv import builtin
+    from kubetune_cli.localenv import builtin
 
     items = builtin.referenced(["s3://kubetune-samples/models/tiny-llama",
                                 "s3://kubetune-samples/datasets/fortunes-instruction/train.jsonl",
@@ -92,7 +92,7 @@ def test_builtin_uris() -> None:
 
 
 def test_s3_endpoint_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from kubetune.localenv import s3endpoint
+    from kubetune_cli.localenv import s3endpoint
 
     assert s3endpoint.is_loopback("http://127.0.0.1:8333") and s3endpoint.is_loopback("http://localhost:9000")
     assert not s3endpoint.is_loopback("http://seaweedfs.storage.svc:8333") and not s3endpoint.is_loopback(None)
@@ -116,7 +116,7 @@ def test_s3_endpoint_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 def test_progress_view_follows_a_growing_file(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from kubetune.cli.progress_view import FileFollower, TrainingView
+    from kubetune_cli.progress_view import FileFollower, TrainingView
 
     path = tmp_path / "p.jsonl"
     follower = FileFollower(path)

@@ -41,10 +41,10 @@ def _manifest(name: str, ns: str, endpoint: str) -> dict[str, Any]:
 
 @pytest.fixture
 def reported_job(crd: None, control_plane: Any, k8s_client: Any, s3_server: Any, namespace: str) -> dict[str, Any]:
-    """A job with six steps reported by kubetune_trainer.progress.Reporter (status patches + metrics.jsonl)."""
+    """A job with six steps reported by kubetune_trainer.status_reporter.Reporter (status patches + metrics.jsonl)."""
     from kubernetes import client
 
-    from kubetune_trainer.progress import Reporter
+    from kubetune_trainer.status_reporter import Reporter
 
     core = client.CoreV1Api(k8s_client)
     core.create_namespaced_secret(namespace, {
@@ -88,7 +88,7 @@ def reported_job(crd: None, control_plane: Any, k8s_client: Any, s3_server: Any,
 
 
 def _cli(monkeypatch: pytest.MonkeyPatch, kubeconfig: Path, *args: str) -> int:
-    from kubetune.cli.main import main
+    from kubetune_cli.main import main
 
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     return main(list(args))
@@ -129,7 +129,7 @@ def test_plot_reads_metrics_from_s3_with_the_jobs_secret(
     assert rc == 0, capsys.readouterr()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
-    from kubetune.cli.plot import loss_series, parse_metrics
+    from kubetune_cli.plot import loss_series, parse_metrics
 
     bucket, key = f"{reported_job['run_uri']}/metrics.jsonl"[len("s3://"):].split("/", 1)
 
@@ -141,7 +141,7 @@ def test_plot_reads_metrics_from_s3_with_the_jobs_secret(
 
 
 def _read(job: dict[str, Any], kubeconfig: Path) -> str:
-    from kubetune.cli.cluster import Connection
+    from kubetune_cli.cluster import Connection
 
     conn = Connection(kubeconfig)
     try:
@@ -153,7 +153,7 @@ def _read(job: dict[str, Any], kubeconfig: Path) -> str:
 
 
 def test_plot_from_a_local_metrics_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from kubetune.cli.main import main
+    from kubetune_cli.main import main
 
     lines = [{"event": "start", "step": 0}] + [{"step": s, "loss": 5.0 - s / 10} for s in range(1, 11)] + \
         [{"step": 10, "evalLoss": 4.2, "loss": 4.0}]

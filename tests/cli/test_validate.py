@@ -24,7 +24,7 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 def _kubetune(*args: str, cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kubetune.cli.main", *args], cwd=cwd, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kubetune_cli.main", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
 

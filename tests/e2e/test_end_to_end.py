@@ -34,12 +34,12 @@ DEPLOY_TIMEOUT_S = 300
 
 
 def _kubetune(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kubetune.cli.main", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kubetune_cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def _free_port() -> int:
-    from kubetune.localenv.procs import free_ports
+    from kubetune_cli.localenv.processes import free_ports
 
     return free_ports(1)[0]
 
@@ -54,8 +54,8 @@ class Cluster:
     """kubectl and the REST API of the dev cluster, plus diagnostics for failures."""
 
     def __init__(self, dev_dir: Path, env: dict[str, str]) -> None:
-        from kubetune.localenv.rest import Rest
-        from kubetune.localenv.tools import find_kubectl
+        from kubetune_cli.localenv.rest import Rest
+        from kubetune_cli.localenv.binaries import find_kubectl
 
         self.dir = dev_dir
         self.env = {**env, "KUBECONFIG": str(dev_dir / "kubeconfig")}
@@ -77,7 +77,7 @@ class Cluster:
         return {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
 
     def diagnostics(self) -> str:
-        from kubetune.localenv.procs import tail
+        from kubetune_cli.localenv.processes import tail
 
         parts = [f"FineTuneJob status: {json.dumps((self.job() or {}).get('status'), indent=1)[:4000]}"]
         for rj in self.rest.items("/apis/ray.io/v1/namespaces/default/rayjobs"):
@@ -100,7 +100,7 @@ class Cluster:
 
 @pytest.fixture
 def dev(tmp_path: Path) -> Any:
-    from kubetune.serving import serving_venv_dir, serving_venv_python
+    from kubetune_cli.localenv.vllm_server import serving_venv_dir, serving_venv_python
 
     if serving_venv_python() is None:
         pytest.skip(f"the vLLM serving venv is missing ({serving_venv_dir()}); build it with tools/serving-venv.sh")
@@ -129,8 +129,8 @@ def dev(tmp_path: Path) -> Any:
 def _upload_small_dataset(cluster: Cluster) -> None:
     """300 fortunes (the quickstart's sample, trimmed) into the dev S3, with the keys `dev up` keeps."""
     from kubetune.fetch import make_s3_client
-    from kubetune.localenv.s3endpoint import read_credentials
-    from kubetune_trainer.data.samples import fortune_instructions
+    from kubetune_cli.localenv.s3endpoint import read_credentials
+    from kubetune_cli.localenv.samples import fortune_instructions
 
     creds = read_credentials(cluster.dir / "s3" / "credentials.json")
     assert creds is not None

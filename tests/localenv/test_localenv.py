@@ -80,7 +80,7 @@ def test_rbac_denies_unprivileged_service_account(control_plane: Any, k8s_client
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    from kubetune.localenv.kubeclient import api_client
+    from kubetune_cli.localenv.kubeclient import api_client
 
     sa_kubeconfig = control_plane.kubeconfig_for_service_account(namespace, "nobody")
     with api_client(sa_kubeconfig) as sa_api:
@@ -193,7 +193,7 @@ def test_rayjob_status_subresource_takes_kuberay_style_patches(k8s_client: Any, 
 
 
 def test_kubectl_and_helm_run(kubeconfig: Path) -> None:
-    from kubetune.localenv.tools import find_helm, find_kubectl
+    from kubetune_cli.localenv.binaries import find_helm, find_kubectl
 
     out = subprocess.run([str(find_kubectl()), "--kubeconfig", str(kubeconfig), "get", "crd", "rayjobs.ray.io",
                           "-o", "name"], capture_output=True, text=True, timeout=60)
@@ -259,7 +259,7 @@ def test_s3_rejects_wrong_credentials(s3_server: Any) -> None:
 
 @pytest.mark.slow
 def test_failed_start_reports_logs_and_cleans_up() -> None:
-    from kubetune.localenv.kube import ControlPlane, ControlPlaneError
+    from kubetune_cli.localenv.control_plane import ControlPlane, ControlPlaneError
 
     cp = ControlPlane(controller_manager=False, extra_apiserver_args=["--no-such-flag=1"], timeout=60)
     with pytest.raises(ControlPlaneError) as failed:
@@ -273,7 +273,7 @@ def test_failed_start_reports_logs_and_cleans_up() -> None:
 def test_permissive_rayjob_crd_without_shared(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from kubernetes import client
 
-    from kubetune.localenv.kube import ControlPlane, install_kuberay_crds
+    from kubetune_cli.localenv.control_plane import ControlPlane, install_kuberay_crds
 
     with ControlPlane(controller_manager=False) as cp:
         with caplog.at_level("WARNING"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.localenv import tools
+from kubetune_cli.localenv import binaries as tools
 
 pytestmark = pytest.mark.unit
 

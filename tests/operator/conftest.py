@@ -27,15 +27,15 @@ def ftj_crd(control_plane: Any) -> str:
 
 @pytest.fixture(scope="session")
 def kubectl(kubeconfig: Path) -> Kubectl:
-    from kubetune.localenv.tools import find_kubectl
+    from kubetune_cli.localenv.binaries import find_kubectl
 
     return Kubectl(str(find_kubectl()), kubeconfig)
 
 
 @pytest.fixture(scope="session")
 def kuberay(kubeconfig: Path, control_plane: Any) -> Iterator[Any]:
-    """Plays KubeRay's RayJob controller (kubetune.localenv.kuberay)."""
-    from kubetune.localenv.kuberay import KubeRay
+    """Plays KubeRay's RayJob controller (kubetune_cli.localenv.kuberay)."""
+    from kubetune_cli.localenv.kuberay import KubeRay
 
     with KubeRay(kubeconfig) as kr:
         yield kr

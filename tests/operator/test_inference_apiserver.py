@@ -1,6 +1,6 @@
 """Serving against the real API server, with the operator in-process: the test plays KubeRay (the RayJob
-succeeds, kubetune.localenv.kuberay), the trainer (status.model, status.evaluation through the status
-subresource) and the Deployment controller with its kubelets (Deployment status, kubetune.localenv.kubelet).
+succeeds, kubetune_cli.localenv.kuberay), the trainer (status.model, status.evaluation through the status
+subresource) and the Deployment controller with its kubelets (Deployment status, kubetune_cli.localenv.kubelet).
 
 It sees the Deployment and Service appear once training succeeded (accepted by the API server with nothing
 pruned), `Deployed` follow the Deployment's availability, `status.endpoint`, every `spec.deploy` change
@@ -19,7 +19,7 @@ import pytest
 from op_support import condition, events, first_difference, get_columns, load_example, wait_for
 
 from kubetune import api
-from kubetune.localenv.kubelet import DeploymentController
+from kubetune_cli.localenv.kubelet import DeploymentController
 from kubetune_operator import names
 from kubetune_operator.builders import inference
 from kubetune_operator.kube import DEPLOYMENT, FINETUNEJOB, RAYJOB, SERVICE

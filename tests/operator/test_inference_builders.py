@@ -1,6 +1,6 @@
 """Inference builders: the vLLM Deployment and its Service for each way a model is served, compared with golden
 YAML files, plus the properties every case must have (credentials by reference only, probes on /health,
-owner references and labels, the vLLM command line from kubetune.serving).
+owner references and labels, the vLLM command line from kubetune.vllm).
 
 Regenerate after an intended change with `KUBETUNE_UPDATE_GOLDEN=1 pytest tests/operator/test_inference_builders.py`
 and review the diff of tests/golden/inference-*.yaml like code.
@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kubetune import api
-from kubetune.serving import VLLM_COMMAND, lora_rank_bucket
+from kubetune.vllm import VLLM_COMMAND, lora_rank_bucket
 from kubetune_operator import conditions as c
 from kubetune_operator import names
 from kubetune_operator.builders import inference

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.serving import VLLM_COMMAND
+from kubetune.vllm import VLLM_COMMAND
 from kubetune_operator.builders import inference
 
 pytestmark = pytest.mark.unit

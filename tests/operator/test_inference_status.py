@@ -1,5 +1,5 @@
 """Serving status, pure: the Deployed condition from Deployment status as the Deployment controller writes it
-(kubetune.localenv.kubelet), the deployment gate, status.endpoint, the state summary and the Events.
+(kubetune_cli.localenv.kubelet), the deployment gate, status.endpoint, the state summary and the Events.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from kubetune import api
-from kubetune.localenv.kubelet import deployment_status, replica_set_name
+from kubetune_cli.localenv.kubelet import deployment_status, replica_set_name
 from kubetune_operator import conditions as c
-from kubetune_operator.serving import deployed_condition, gate
+from kubetune_operator.reconcile_deploy import deployed_condition, gate
 from kubetune_operator.status import Observation, desired_status, state_of, status_patch, transition_events
 
 pytestmark = pytest.mark.unit
@@ -169,7 +169,7 @@ def _succeeded_context(kube: Any) -> Any:
 
 def test_api_errors_are_reported_and_retried_rejections_are_not() -> None:
     from kubetune_operator.reconcile import Retry
-    from kubetune_operator.serving import ensure_serving
+    from kubetune_operator.reconcile_deploy import ensure_serving
 
     ctx = _succeeded_context(_FailingKube(500))
     with pytest.raises(Retry):

@@ -1,4 +1,4 @@
-"""kubetune.localenv.kuberay.next_status: one pass of KubeRay's RayJob controller, checked against the
+"""kubetune_cli.localenv.kuberay.next_status: one pass of KubeRay's RayJob controller, checked against the
 transitions rayjob_controller.go makes."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kubetune.localenv.kuberay import JobInfo, World, next_status, status_changed
+from kubetune_cli.localenv.kuberay import JobInfo, World, next_status, status_changed
 
 pytestmark = pytest.mark.unit
 

@@ -1,6 +1,6 @@
 """A FineTuneJob's life against the real API server: `kubectl apply` of the examples, the children the operator
 creates (validated by KubeRay's real CRD, nothing pruned), and the status and `kubectl get ftj` columns
-following the RayJob as KubeRay moves it (played by kubetune.localenv.kuberay).
+following the RayJob as KubeRay moves it (played by kubetune_cli.localenv.kuberay).
 """
 
 from __future__ import annotations

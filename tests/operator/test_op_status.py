@@ -1,6 +1,6 @@
 """Status: KubeRay's RayJob states -> conditions and state, transition times, merge patches, Events.
 
-The RayJob statuses come from `kubetune.localenv.kuberay.next_status` (KubeRay's state machine), so these
+The RayJob statuses come from `kubetune_cli.localenv.kuberay.next_status` (KubeRay's state machine), so these
 tests follow the same sequences the integration tests play against the API server.
 """
 
@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kubetune.localenv.kuberay import JobInfo, World, next_status
+from kubetune_cli.localenv.kuberay import JobInfo, World, next_status
 from kubetune_operator import conditions as c
 from kubetune_operator.status import (
     KEEP,

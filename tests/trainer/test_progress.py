@@ -27,7 +27,7 @@ def _config(namespace: str, name: str, uid: str | None, interval: float) -> Trai
 
 @pytest.mark.timeout(180)
 def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespace, s3_server, monkeypatch) -> None:
-    from kubetune_trainer.progress import Reporter
+    from kubetune_trainer.status_reporter import Reporter
 
     install_finetunejob_crd(control_plane)
     job = create_job(k8s_client, namespace, "reported", f"s3://{BUCKET}/models/x")
@@ -80,7 +80,7 @@ def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespac
 def test_a_refused_patch_never_fails_training(control_plane, k8s_client, namespace, s3_server, monkeypatch,
                                              caplog) -> None:
     """The trainer's Role reaches its own job only; patching another one is refused, logged, and survived."""
-    from kubetune_trainer.progress import Reporter
+    from kubetune_trainer.status_reporter import Reporter
 
     install_finetunejob_crd(control_plane)
     own = create_job(k8s_client, namespace, "own", f"s3://{BUCKET}/models/x")

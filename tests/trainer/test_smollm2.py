@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.training, pytest.mark.slow]
 
 @pytest.mark.timeout(1500)
 def test_lora_on_smollm2_lowers_held_out_loss(trainer_env: TrainerEnv, tmp_path: Path) -> None:
-    from kubetune.localenv.models import SMOLLM2_GGUF, convert_smollm2, smollm2_package_dir
+    from kubetune_cli.localenv.models import SMOLLM2_GGUF, convert_smollm2, smollm2_package_dir
 
     env = trainer_env
     model_uri = f"s3://{BUCKET}/models/smollm2-135m-instruct-gguf"

@@ -29,8 +29,8 @@ def tuning_env(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """The tiny random Llama (hidden 64, 2 layers, SmolLM2 tokenizer) in S3 and a 2-CPU Ray cluster."""
     import os
 
-    from kubetune.localenv.models import tiny_llama, upload_dir
-    from kubetune.localenv.raycluster import LocalRayCluster
+    from kubetune_cli.localenv.models import tiny_llama, upload_dir
+    from kubetune_cli.localenv.raycluster import LocalRayCluster
 
     workdir = tmp_path_factory.mktemp("tuning")
     local = tiny_llama(workdir / "tiny-llama", hidden=64, layers=2, seed=0)

@@ -26,7 +26,7 @@ STATUS = {
 
 
 def test_status_shows_evaluation_and_trials() -> None:
-    from kubetune.cli.status import render
+    from kubetune_cli.status import render
 
     text = render({"metadata": {"name": "tuned", "namespace": "ns"}, "status": STATUS})
     assert "eval      evalLoss: base 10.8300 -> fine-tuned 10.2100 (improvement 0.6200)" in text
@@ -40,7 +40,7 @@ def test_status_shows_evaluation_and_trials() -> None:
 
 
 def test_plot_trials_writes_a_png(tmp_path: Path) -> None:
-    from kubetune.cli.plot import plot_trials
+    from kubetune_cli.plot import plot_trials
 
     def curve(losses: list[float]) -> list[dict]:
         out = []
@@ -57,7 +57,7 @@ def test_plot_trials_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_trial_curves_take_held_out_points_from_the_tuning_driver() -> None:
-    from kubetune.cli.plot import loss_series, trial_curves
+    from kubetune_cli.plot import loss_series, trial_curves
 
     job = [{"event": "trialResult", "trial": "trial-00", "step": 2, "evalLoss": 10.8},
            {"event": "trialResult", "trial": "trial-00", "step": 4, "evalLoss": 10.7},
@@ -77,7 +77,7 @@ def test_plot_trials_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     import contextlib
     import json
 
-    from kubetune.cli import cluster, plot
+    from kubetune_cli import cluster, plot
 
     files = {
         "metrics.jsonl": "\n".join(json.dumps(m) for m in [

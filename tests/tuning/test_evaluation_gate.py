@@ -1,6 +1,6 @@
 """Evaluation of a plain (untuned) job and the deployment gate, end to end against the real API server.
 
-The operator runs in-process; the test plays KubeRay (kubetune.localenv.kuberay) and runs the trainer itself,
+The operator runs in-process; the test plays KubeRay (kubetune_cli.localenv.kuberay) and runs the trainer itself,
 as the RayJob's entrypoint would: with the config from the operator's ConfigMap, reporting as the operator's
 trainer ServiceAccount. The fine-tune is made not to improve (a learning rate of 1e-9: the weights barely
 move), so the operator's gate, fed the `status.evaluation` exactly as the trainer wrote it, must refuse to
@@ -50,7 +50,7 @@ def operator(kubeconfig: Path, control_plane: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def kuberay(kubeconfig: Path) -> Iterator[Any]:
-    from kubetune.localenv.kuberay import KubeRay
+    from kubetune_cli.localenv.kuberay import KubeRay
 
     with KubeRay(kubeconfig) as kr:
         yield kr
@@ -139,7 +139,7 @@ def test_a_fine_tune_that_does_not_improve_is_not_deployed(tuning_env: TrainerEn
     assert f"base {ev['base']:.4g}" in msg and f"fine-tuned {ev['fineTuned']:.4g}" in msg, msg
     assert (kube.get(FINETUNEJOB, namespace, name).get("status") or {}).get("endpoint") is None
 
-    from kubetune.cli.status import render
+    from kubetune_cli.status import render
 
     text = render(kube.get(FINETUNEJOB, namespace, name))
     assert "eval      evalLoss: base" in text and "NotImproved" in text, text

@@ -132,7 +132,7 @@ def test_validate_and_webhook_and_trainer_refuse_before_anything_runs(tmp_path: 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kubetune.cli.main", "validate", str(path)], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "kubetune_cli.main", "validate", str(path)], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     said = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines

@@ -149,7 +149,7 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
         assert trial_report["fineTuned"]["evalLoss"] == pytest.approx(t["objective"])
 
     # ---- the operator's deployment gate reads exactly these fields
-    from kubetune_operator.serving import gate
+    from kubetune_operator.reconcile_deploy import gate
 
     assert gate(api.parse_spec(spec), ev) is None  # improved: deployed
     strict = api.parse_spec({**spec, "deploy": {"enabled": True, "minImprovement": ev["improvement"] + 1.0}})
@@ -172,8 +172,8 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
             assert max(m["step"] for m in env.metrics(f"{run_uri}/trials/{tid}") if "step" in m) == STEPS
 
     # ---- kubetune status and plot --trials from exactly these
-    from kubetune.cli.plot import parse_metrics, plot_trials, trial_curves
-    from kubetune.cli.status import render
+    from kubetune_cli.plot import parse_metrics, plot_trials, trial_curves
+    from kubetune_cli.status import render
 
     text = render({"metadata": {"name": "tuned", "namespace": namespace}, "status": status})
     assert f"best {best['id']}" in text and "EARLY_STOPPED" in text and "eval      evalLoss: base" in text

@@ -155,7 +155,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     _seed_all(training.seed)  # identical on every rank: the new weights (LoRA, heads) must start equal
     from kubetune_trainer import model as model_lib
     from kubetune_trainer.export import export
-    from kubetune_trainer.progress import Reporter
+    from kubetune_trainer.status_reporter import Reporter
 
     client = s3_client(spec.dataset.endpoint, spec.dataset.region)
     base_dir = model_lib.fetch_base(spec, client, Path(opts.model_cache))

@@ -402,7 +402,7 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from kubetune_trainer.data import s3_client
-    from kubetune_trainer.progress import Reporter
+    from kubetune_trainer.status_reporter import Reporter
 
     tuning = cfg.spec.tuning
     assert tuning is not None

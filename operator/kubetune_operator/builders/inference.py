@@ -23,7 +23,7 @@ The Deployment, and why:
   emptyDir shared with the server (one for the model, one for an s3:// base in adapter mode). S3 endpoint and
   region come from spec.dataset; credentials from the job's Secret through `secretKeyRef`, never inline. An
   `hf://` base is not fetched: vLLM loads it from the hub itself (clusters that reach the hub).
-- The server is the command `kubetune.serving.VLLM_COMMAND` with `kubetune.serving.vllm_args(...)`, the one
+- The server is the command `kubetune.vllm.VLLM_COMMAND` with `kubetune.vllm.vllm_args(...)`, the one
   place the vLLM command line is built, the same as a local run. It listens on `0.0.0.0` (see `SERVER_HOST`).
 - GPUs: `spec.deploy.resources.gpus` under `spec.resources.gpuResourceName` (the cluster's GPU resource,
   shared with training); more than one GPU per replica turns on tensor parallelism. The training tolerations
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kubetune import api
-from kubetune.serving import DEFAULT_PORT, HEALTH_PATH, VLLM_COMMAND, lora_rank_bucket, vllm_args, vllm_cpu_env
+from kubetune.vllm import DEFAULT_PORT, HEALTH_PATH, VLLM_COMMAND, lora_rank_bucket, vllm_args, vllm_cpu_env
 from kubetune_operator import conditions as c
 from kubetune_operator import names
 from kubetune_operator.meta import LABEL_JOB, Owner, labels, object_meta
@@ -262,7 +262,7 @@ def _server_env(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[dict[str, 
 
 
 def server_args(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[str]:
-    """The vLLM server's arguments for this plan (through kubetune.serving.vllm_args)."""
+    """The vLLM server's arguments for this plan (through kubetune.vllm.vllm_args)."""
     gpus = spec.deploy.resources.gpus
     dtype = None if spec.model.dtype == "auto" else spec.model.dtype  # as the model was trained on
     extra: list[str] = []

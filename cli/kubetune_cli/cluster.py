@@ -1,0 +1,121 @@
+"""The cluster side of `kubetune status/plot/logs`: one FineTuneJob, and the S3 objects of its run.
+
+Which cluster: $KUBECONFIG, else ~/.kube/config, else a running `kubetune dev` environment. S3 keys for a
+job's outputs come from the Secret its spec names (`credentialsSecret`, read with the user's own rights),
+else from the environment, as the trainer gets them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kubetune import api
+from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_USAGE, CLIError
+
+
+def kubeconfig_path() -> Path:
+    env = os.environ.get("KUBECONFIG")
+    if env:
+        return Path(env.split(os.pathsep)[0])
+    default = Path.home() / ".kube" / "config"
+    if default.is_file():
+        return default
+    from kubetune_cli.localenv import devenv
+
+    dev = devenv.DevEnv(devenv.default_dir())
+    if dev.running():
+        return dev.kubeconfig
+    raise CLIError("no cluster: set KUBECONFIG, or start a local one with `kubetune dev up`", EXIT_ENVIRONMENT)
+
+
+class Connection:
+    def __init__(self, kubeconfig: Path) -> None:
+        from kubetune_cli.localenv.kubeclient import api_client, current_cluster, load_kubeconfig
+
+        self.kubeconfig = kubeconfig
+        self.api = api_client(kubeconfig)
+        doc = load_kubeconfig(kubeconfig)
+        contexts = {c["name"]: c.get("context", {}) for c in doc.get("contexts") or []}
+        self.default_namespace = contexts.get(doc.get("current-context"), {}).get("namespace") or "default"
+        current_cluster(doc)  # fails early on a broken kubeconfig
+
+    def close(self) -> None:
+        self.api.close()
+
+    def _get(self, path: str) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            resp = self.api.call_api(path, "GET", header_params={"Accept": "application/json"},
+                                     auth_settings=["BearerToken"], _preload_content=False, _request_timeout=30)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise CLIError(f"GET {path}: {e.status} {e.reason}") from None
+        except Exception as e:  # noqa: BLE001 - connection refused and the like
+            raise CLIError(f"cannot reach the cluster in {self.kubeconfig}: {type(e).__name__}",
+                           EXIT_ENVIRONMENT) from None
+        data = resp[0].data if isinstance(resp, tuple) else resp.data
+        return json.loads(data)
+
+    def get_job(self, name: str, namespace: str | None) -> dict[str, Any]:
+        ns = namespace or self.default_namespace
+        job = self._get(f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{ns}/{api.PLURAL}/{name}")
+        if job is None:
+            raise CLIError(f"no FineTuneJob {ns}/{name}", EXIT_USAGE)
+        return job
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        return self._get(path)
+
+    def s3_client(self, job: dict[str, Any]) -> Any:
+        from kubetune.fetch import make_s3_client
+
+        spec = api.parse_spec(job.get("spec") or {})
+        keys: dict[str, str] = {}
+        if spec.dataset.credentials_secret:
+            ns = job["metadata"]["namespace"]
+            secret = self._get(f"/api/v1/namespaces/{ns}/secrets/{spec.dataset.credentials_secret}")
+            data = (secret or {}).get("data") or {}
+            keys = {k: base64.b64decode(v).decode() for k, v in data.items() if k.startswith("AWS_")}
+        return make_s3_client(spec.dataset.endpoint, region=spec.dataset.region,
+                              access_key=keys.get("AWS_ACCESS_KEY_ID"), secret_key=keys.get("AWS_SECRET_ACCESS_KEY"),
+                              session_token=keys.get("AWS_SESSION_TOKEN"))
+
+    @staticmethod
+    def run_uri(job: dict[str, Any]) -> str:
+        spec = api.parse_spec(job.get("spec") or {})
+        return api.run_uri(spec.output.uri, job["metadata"]["namespace"], job["metadata"]["name"])
+
+    def read_run_object(self, job: dict[str, Any], rel: str) -> str | None:
+        """An object under the job's run prefix (e.g. metrics.jsonl) as text; None when it is not there."""
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        from kubetune.fetch import parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(f"{self.run_uri(job)}/{rel}")
+        try:
+            body = self.s3_client(job).get_object(Bucket=bucket, Key=prefix)["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
+                return None
+            raise CLIError(f"s3://{bucket}/{prefix}: {e.response.get('Error', {}).get('Code')}") from None
+        except EndpointConnectionError:
+            raise CLIError(f"cannot reach the job's S3 endpoint for s3://{bucket}/{prefix}",
+                           EXIT_ENVIRONMENT) from None
+        return body.decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def connect() -> Iterator[Connection]:
+    conn = Connection(kubeconfig_path())
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -1,0 +1,52 @@
+"""Local environment for tests and `kubetune dev up`: a real kube-apiserver (+etcd, +controller-manager) and
+a real S3 server (SeaweedFS), all on 127.0.0.1 free ports, all torn down by whoever started them.
+
+Why here and not in tests/: the `kubetune dev up` command and the pytest fixtures must start the very same
+environment, so that what the tests verify is what a developer runs. Names are loaded lazily (PEP 562) so
+that importing one submodule does not pull in the Kubernetes client and boto3.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ControlPlane": "kube",
+    "ControlPlaneError": "kube",
+    "KubeRayCRDs": "kube",
+    "install_crds": "kube",
+    "install_kuberay_crds": "kube",
+    "S3Server": "s3",
+    "S3ServerError": "s3",
+    "KubeBinaries": "tools",
+    "ToolNotFound": "tools",
+    "find_etcd": "tools",
+    "find_helm": "tools",
+    "find_kube_binaries": "tools",
+    "find_kubectl": "tools",
+}
+
+__all__ = [
+    "ControlPlane", "ControlPlaneError", "KubeBinaries", "KubeRayCRDs", "S3Server", "S3ServerError", "ToolNotFound",
+    "find_etcd", "find_helm", "find_kube_binaries", "find_kubectl", "install_crds", "install_kuberay_crds",
+]
+
+if TYPE_CHECKING:
+    from kubetune_cli.localenv.control_plane import ControlPlane, ControlPlaneError, KubeRayCRDs, install_crds, install_kuberay_crds
+    from kubetune_cli.localenv.s3_server import S3Server, S3ServerError
+    from kubetune_cli.localenv.binaries import (
+        KubeBinaries,
+        ToolNotFound,
+        find_etcd,
+        find_helm,
+        find_kube_binaries,
+        find_kubectl,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
