@@ -24,6 +24,7 @@ MARKERS = {
     "training": "real Ray + DeepSpeed on CPU with tiny models",
     "e2e": "apply an example manifest, train on CPU, deploy, query the OpenAI API",
     "slow": "takes more than a few seconds even on an idle machine",
+    "faults": "causes a real failure and records what was recovered and what was lost",
 }
 
 
