@@ -337,8 +337,15 @@ class HeadSpec(Model):
 class ResourcesSpec(Model):
     """Where and on what the training runs."""
 
-    workers: int = _field(1, description="Training workers (one Ray Train worker per pod).", ge=1, le=1024)
-    gpus_per_worker: int = _field(1, description="GPUs per worker; 0 trains on CPU.", ge=0, le=16)
+    workers: int = _field(1, description="Training worker pods.", ge=1, le=1024)
+    gpus_per_worker: int = _field(
+        1, description="GPUs per worker pod; 0 trains on CPU. Each GPU runs one training rank (one Ray Train "
+        "worker), so a job has workers x gpusPerWorker ranks.", ge=0, le=16
+    )
+    ranks_per_worker: int | None = _field(
+        None, description="Training ranks per worker pod. Unset: one per GPU (gpusPerWorker), or one on CPU; "
+        "with GPUs it must equal gpusPerWorker.", ge=1, le=64
+    )
     cpu_per_worker: str = _field("8", description="CPU request and limit per worker.", pattern=QUANTITY_PATTERN)
     memory_per_worker: str = _field("32Gi", description="Memory request and limit per worker.", pattern=QUANTITY_PATTERN)
     gpu_resource_name: str = _field(
@@ -430,6 +437,9 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     """Rules that span fields (Kubernetes 1.20 has no CEL): (wire path, message) for each broken rule."""
     errs: list[tuple[str, str]] = []
     t, d, m = spec.training, spec.dataset, spec.model
+    r = spec.resources
+    if r.ranks_per_worker is not None and r.gpus_per_worker > 0 and r.ranks_per_worker != r.gpus_per_worker:
+        errs.append(("spec.resources.ranksPerWorker", "must equal gpusPerWorker (one rank per GPU) or be unset"))
     if t.method == "full" and t.lora is not None:
         errs.append(("spec.training.lora", "LoRA settings are only allowed with method: lora"))
     if m.task == "sequence-classification":

@@ -107,6 +107,35 @@ def test_worker_resources() -> None:
 
 
 @pytest.mark.unit
+def test_rank_layout_one_rank_per_gpu_packed_per_pod() -> None:
+    from pydantic import ValidationError
+
+    from kubetune.api import FineTuneJobSpec, ResourcesSpec
+    from kubetune_trainer.layout import place, scaling_kwargs, world_size
+
+    gpu = ResourcesSpec.model_validate({"workers": 2, "gpusPerWorker": 8, "cpuPerWorker": "64"})
+    assert world_size(gpu) == 16
+    assert scaling_kwargs(gpu, local=False) == {
+        "num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 8.0, "GPU": 1.0},
+        "placement_strategy": "PACK"}
+    cpu = ResourcesSpec.model_validate({"workers": 2, "gpusPerWorker": 0, "ranksPerWorker": 2, "cpuPerWorker": "1"})
+    assert world_size(cpu) == 4
+    assert scaling_kwargs(cpu, local=False)["resources_per_worker"] == {"CPU": 0.5}
+    assert scaling_kwargs(cpu, local=True)["resources_per_worker"] == {"CPU": 0.5}
+    # Real pods: Ray's node and local ranks. One node for all 4 ranks of a 2-pod spec: emulated pods.
+    assert place(gpu, world_rank=9, world=16, local_rank=1, local_world=8, node_rank=1).describe() == \
+        "pod 1 local rank 1/8"
+    emulated = [place(cpu, world_rank=r, world=4, local_rank=r, local_world=4, node_rank=0) for r in range(4)]
+    assert [(p.pod, p.local_rank, p.emulated) for p in emulated] == [(0, 0, True), (0, 1, True), (1, 0, True),
+                                                                       (1, 1, True)]
+    with pytest.raises(ValidationError, match="spec.resources.ranksPerWorker"):
+        FineTuneJobSpec.model_validate({
+            "model": {"uri": "s3://bkt/m"}, "dataset": {"train": "s3://bkt/d.jsonl", "format": "completion"},
+            "output": {"uri": "s3://bkt/o"},
+            "resources": {"gpusPerWorker": 8, "ranksPerWorker": 4}})
+
+
+@pytest.mark.unit
 def test_failures_become_one_line_and_an_exit_code() -> None:
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
