@@ -11,6 +11,12 @@ Limits that apply here:
 - label values: at most 63 characters;
 - RayJob: KubeRay refuses names over 47 characters (it appends a suffix for the RayCluster and its Services,
   which must stay under 63) and names that are not DNS-1035 labels (must start with a letter).
+
+Why a hash also where a prefix is added: a job named `7b` needs a DNS-1035 name for its RayJob and Service,
+and a plain `ftj-7b` would be the very name of a job called `ftj-7b`. The prefixed form therefore always ends
+in a hash of the job's own name (`ftj-7b-<hash>`), so two jobs never derive the same name (short of a job
+named after that hash; even then the ownership check in `kubetune_operator.kube` leaves the other job's
+object untouched and reports the conflict).
 """
 
 from __future__ import annotations
@@ -59,17 +65,25 @@ def role_binding(job: str) -> str:
     return child_name(job, "trainer")
 
 
+def dns1035_base(job: str) -> str:
+    """`job` when it starts with a letter, else `ftj-<job>-<hash of job>` (distinct from any job's own name)."""
+    return job if re.match(r"^[a-z]", job) else f"ftj-{job}-{_digest(job)}"
+
+
 def ray_job(job: str) -> str:
     """The RayJob: DNS-1035 (starts with a letter) and at most 47 characters, as KubeRay demands."""
-    base = job if re.match(r"^[a-z]", job) else f"ftj-{job}"
-    return trimmed(base, MAX_RAYJOB_NAME)
+    return trimmed(dns1035_base(job), MAX_RAYJOB_NAME)
 
 
 def inference(job: str) -> str:
     """The inference Deployment and its Service (same name): a Service name must be a DNS-1035 label (start
-    with a letter), so a job named like `7b-chat` gets `ftj-7b-chat-inference`."""
-    base = job if re.match(r"^[a-z]", job) else f"ftj-{job}"
-    return child_name(base, "inference")
+    with a letter), so a job named like `7b-chat` gets `ftj-7b-chat-<hash>-inference`."""
+    return child_name(dns1035_base(job), "inference")
+
+
+def network_policy(job: str) -> str:
+    """The NetworkPolicy that guards the job's Ray head."""
+    return child_name(job, "ray-head")
 
 
 def label_value(value: str) -> str:

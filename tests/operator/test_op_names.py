@@ -37,4 +37,19 @@ def test_trimmed_names_stay_distinct() -> None:
 
 
 def test_ray_job_names_start_with_a_letter() -> None:
-    assert names.ray_job("7b-chat") == "ftj-7b-chat"
+    name = names.ray_job("7b-chat")
+    assert DNS1035.match(name) and name.startswith("ftj-7b-chat-"), name
+
+
+@pytest.mark.parametrize("a, b", [("7b", "ftj-7b"), ("7b-chat", "ftj-7b-chat"), ("0" * 63, "ftj-" + "0" * 59)])
+def test_prefixed_names_never_collide_with_a_job_of_that_name(a: str, b: str) -> None:
+    """`ftj-` is added to names that start with a digit; a job really called `ftj-...` must not get the same."""
+    assert names.ray_job(a) != names.ray_job(b)
+    assert names.inference(a) != names.inference(b)
+
+
+def test_derived_names_are_distinct_across_many_jobs() -> None:
+    jobs = [f"{p}{i}" for p in ("", "ftj-", "a-", "7b-") for i in range(300)] + ["x" * 63, "x" * 62 + "y"]
+    for derive in (names.ray_job, names.inference, names.config_map, names.network_policy):
+        derived = [derive(j) for j in jobs]
+        assert len(set(derived)) == len(jobs), derive.__name__
