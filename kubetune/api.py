@@ -334,6 +334,19 @@ class HeadSpec(Model):
     memory: str = _field("8Gi", description="Memory request and limit.", pattern=QUANTITY_PATTERN)
 
 
+class ScratchSpec(Model):
+    """Node-local disk of each Ray pod: the base model cache, checkpoint/export staging and spill files."""
+
+    size: str = _field(
+        "100Gi", description="Size of the scratch volume: the emptyDir's sizeLimit (or the claim's request) "
+        "and the pod's ephemeral-storage request.", pattern=QUANTITY_PATTERN
+    )
+    storage_class_name: str | None = _field(
+        None, description="Use a generic ephemeral volume of this StorageClass (a per-pod claim, e.g. local "
+        "NVMe) instead of an emptyDir; deleted with the pod.", max_length=253
+    )
+
+
 class ResourcesSpec(Model):
     """Where and on what the training runs."""
 
@@ -352,6 +365,9 @@ class ResourcesSpec(Model):
         "nvidia.com/gpu", description="Extended resource name of the GPUs.", max_length=253
     )
     head: HeadSpec = _field(default_factory=HeadSpec, description="Ray head pod resources.")
+    scratch: ScratchSpec = _field(
+        default_factory=ScratchSpec, description="Node-local scratch volume of the head and worker pods."
+    )
     node_selector: dict[str, str] | None = _field(None, description="Node selector for worker pods.")
     tolerations: list[dict[str, Any]] | None = _field(
         None, description="Tolerations for the head and worker pods (core/v1 Toleration objects)."

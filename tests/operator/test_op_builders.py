@@ -23,7 +23,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
-EXAMPLES = ("lora-chat", "sequence-classification")
+EXAMPLES = ("lora-chat", "lora-tuning", "sequence-classification")
 OWNER_UID = "00000000-0000-4000-8000-000000000001"
 
 
@@ -110,7 +110,16 @@ def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
         (c,) = pod["containers"]
         assert {"name": "kubetune-config", "mountPath": "/etc/kubetune", "readOnly": True} in c["volumeMounts"]
         assert {"name": "KUBETUNE_JOB_NAME", "value": "lora-chat"} in c["env"]
-        assert c["resources"]["requests"] == c["resources"]["limits"]
+        # Guaranteed QoS (CPU and memory requests = limits); the scratch emptyDir's size is requested only.
+        assert {k: v for k, v in c["resources"]["requests"].items() if k != "ephemeral-storage"} == \
+            c["resources"]["limits"]
+        assert c["resources"]["requests"]["ephemeral-storage"] == "100Gi"
+        assert {"name": "scratch", "mountPath": "/var/lib/kubetune"} in c["volumeMounts"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert {"name": "KUBETUNE_MODEL_CACHE", "value": "/var/lib/kubetune/models"} in c["env"]
+        assert {"name": "TMPDIR", "value": "/var/lib/kubetune/tmp"} in c["env"]
+        assert {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}} in pod["volumes"]
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
     wres = worker["containers"][0]["resources"]["limits"]
     assert wres == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
     assert group["rayStartParams"] == {"num-gpus": "1"}
@@ -143,6 +152,33 @@ def test_queue_label_and_images() -> None:
         update={"images": api.ImageSpec(trainer="my/trainer:1.0")})})
     rj = builders.ray_job(owner, override, Settings(), "h")
     assert rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "my/trainer:1.0"
+
+
+def test_tuning_cluster_holds_the_concurrent_trials() -> None:
+    """maxConcurrentTrials trials of `workers` pods each run side by side: the worker group has room for all."""
+    _, spec = _example("lora-tuning")
+    assert spec.tuning is not None and spec.tuning.max_concurrent_trials == 2 and spec.resources.workers == 2
+    (group,) = builders.ray_job(Owner("t", "ns", "u"), spec, Settings(), "h")["spec"]["rayClusterSpec"][
+        "workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    fewer_trials = spec.model_copy(update={"tuning": spec.tuning.model_copy(update={"trials": 1})})
+    (group,) = builders.ray_job(Owner("t", "ns", "u"), fewer_trials, Settings(), "h")["spec"]["rayClusterSpec"][
+        "workerGroupSpecs"]
+    assert group["replicas"] == 2  # never more pods than trials can use
+
+
+def test_scratch_on_a_named_storage_class() -> None:
+    _, spec = _example("lora-chat")
+    local_nvme = spec.model_copy(update={"resources": spec.resources.model_copy(update={
+        "scratch": api.ScratchSpec(size="500Gi", storage_class_name="local-nvme")})})
+    rj = builders.ray_job(Owner("t", "ns", "u"), local_nvme, Settings(), "h")
+    (group,) = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    (scratch,) = [v for v in pod["volumes"] if v["name"] == "scratch"]
+    assert scratch == {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
+        "accessModes": ["ReadWriteOnce"], "storageClassName": "local-nvme",
+        "resources": {"requests": {"storage": "500Gi"}}}}}}
+    assert "ephemeral-storage" not in pod["containers"][0]["resources"]["requests"]  # the claim holds it
 
 
 def test_cpu_only_workers_request_no_gpu() -> None:

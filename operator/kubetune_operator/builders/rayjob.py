@@ -4,9 +4,19 @@ Shape, and why:
 - `entrypoint` runs the trainer with the mounted config; KubeRay submits it to the head (K8sJobMode), so the
   driver runs on the head and Ray Train's workers on the worker group.
 - One head group and one worker group. The head gets `num-cpus: "0"` so no training task lands on the
-  coordinator; the worker group is fixed-size (replicas = min = max = spec.resources.workers) because a
-  data-parallel run needs all its workers at once, and GPUs are requested and limited under
-  `resources.gpuResourceName` with `num-gpus` set explicitly (Ray only autodetects nvidia.com/gpu).
+  coordinator; the worker group is fixed-size (replicas = min = max) because a data-parallel run needs all
+  its workers at once, and GPUs are requested and limited under `resources.gpuResourceName` with `num-gpus`
+  set explicitly (Ray only autodetects nvidia.com/gpu). Each GPU is one training rank (kubetune_trainer.layout).
+- Size: `workers` pods for a training run; with tuning, `workers x min(maxConcurrentTrials, trials)` pods, so
+  that the concurrent trials (each a Ray Train run of `workers` pods) really run side by side.
+- Scratch: the model cache, staging and spill files (KUBETUNE_MODEL_CACHE, KUBETUNE_STAGING_DIR, TMPDIR) go
+  to a volume at SCRATCH_DIR, not the container's writable layer: an emptyDir with `sizeLimit`
+  (`resources.scratch.size`) or, with `storageClassName`, a generic ephemeral volume (a per-pod claim, e.g.
+  local NVMe). The emptyDir's size is also requested as `ephemeral-storage`, so the scheduler picks a node
+  with that much disk and the kubelet evicts a pod that overfills it instead of filling the node.
+- Multi-node NCCL: /dev/shm is a memory-backed emptyDir (NCCL's intra-node transport and Ray's object store
+  use it; the container default is 64 MiB). Pod-to-pod TCP (NCCL's socket transport) needs nothing more;
+  InfiniBand/RoCE needs the cluster's RDMA device resources and the IPC_LOCK capability (docs/scaling.md).
 - CPU and memory requests equal limits (Guaranteed QoS: a training pod should not be the first evicted).
 - `shutdownAfterJobFinishes` + `ttlSecondsAfterFinished` free the GPUs once the run ends; the RayJob itself
   (and its status) stays until the FineTuneJob is deleted.
@@ -30,6 +40,8 @@ ENTRYPOINT = f"python -m kubetune_trainer --config {CONFIG_PATH}"
 WORKER_GROUP = "workers"
 CONFIG_VOLUME = "kubetune-config"
 SHM_VOLUME = "dshm"
+SCRATCH_VOLUME = "scratch"
+SCRATCH_DIR = "/var/lib/kubetune"
 HEAD_PORTS = [
     {"name": "gcs-server", "containerPort": 6379},
     {"name": "dashboard", "containerPort": 8265},
@@ -43,6 +55,9 @@ def _env(owner: Owner, spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": "KUBETUNE_JOB_NAMESPACE", "value": owner.namespace},
         {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
         {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        {"name": "KUBETUNE_MODEL_CACHE", "value": f"{SCRATCH_DIR}/models"},
+        {"name": "KUBETUNE_STAGING_DIR", "value": f"{SCRATCH_DIR}/staging"},
+        {"name": "TMPDIR", "value": f"{SCRATCH_DIR}/tmp"},
     ]
     secret = spec.dataset.credentials_secret
     if secret:
@@ -55,18 +70,29 @@ def _env(owner: Owner, spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(owner: Owner) -> list[dict[str, Any]]:
+def _volumes(owner: Owner, scratch: api.ScratchSpec) -> list[dict[str, Any]]:
     return [
         {"name": CONFIG_VOLUME, "configMap": {"name": names.config_map(owner.name)}},
-        # Ray's object store lives in /dev/shm; the container default (64 MiB) is far too small.
+        # Ray's object store and NCCL's shared-memory transport live in /dev/shm; the container default
+        # (64 MiB) is far too small.
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+        _scratch_volume(scratch),
     ]
+
+
+def _scratch_volume(scratch: api.ScratchSpec) -> dict[str, Any]:
+    if scratch.storage_class_name:
+        claim = {"accessModes": ["ReadWriteOnce"], "storageClassName": scratch.storage_class_name,
+                 "resources": {"requests": {"storage": scratch.size}}}
+        return {"name": SCRATCH_VOLUME, "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+    return {"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": scratch.size}}
 
 
 def _mounts() -> list[dict[str, Any]]:
     return [
         {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+        {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR},
     ]
 
 
@@ -91,7 +117,7 @@ def _pod_template(
     pod: dict[str, Any] = {
         "serviceAccountName": names.service_account(owner.name),
         "containers": [c],
-        "volumes": _volumes(owner),
+        "volumes": _volumes(owner, spec.resources.scratch),
     }
     if node_selector:
         pod["nodeSelector"] = dict(node_selector)
@@ -100,9 +126,20 @@ def _pod_template(
     return {"metadata": {"labels": labels(owner, "training")}, "spec": pod}
 
 
-def _guaranteed(cpu: str, memory: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
+def _guaranteed(cpu: str, memory: str, extra: dict[str, str] | None = None,
+                scratch: api.ScratchSpec | None = None) -> dict[str, Any]:
     amounts = {"cpu": cpu, "memory": memory, **(extra or {})}
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    out = {"requests": dict(amounts), "limits": dict(amounts)}
+    if scratch is not None and not scratch.storage_class_name:
+        # Requested, not limited: the emptyDir's sizeLimit bounds the scratch; the writable layer stays free.
+        out["requests"]["ephemeral-storage"] = scratch.size
+    return out
+
+
+def worker_replicas(spec: api.FineTuneJobSpec) -> int:
+    """Worker pods: one run's `workers`, times the trials that run at once when tuning."""
+    concurrent = min(spec.tuning.max_concurrent_trials, spec.tuning.trials) if spec.tuning else 1
+    return spec.resources.workers * concurrent
 
 
 def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_hash: str) -> dict[str, Any]:
@@ -116,17 +153,17 @@ def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_ha
     worker_start = {"num-gpus": str(res.gpus_per_worker)} if res.gpus_per_worker > 0 else {}
     head = {
         "rayStartParams": {"num-cpus": "0"},
-        "template": _pod_template(owner, spec, image, "ray-head", _guaranteed(res.head.cpu, res.head.memory),
-                                  ports=HEAD_PORTS),
+        "template": _pod_template(owner, spec, image, "ray-head",
+                                  _guaranteed(res.head.cpu, res.head.memory, scratch=res.scratch), ports=HEAD_PORTS),
     }
     worker = {
         "groupName": WORKER_GROUP,
-        "replicas": res.workers,
-        "minReplicas": res.workers,
-        "maxReplicas": res.workers,
+        "replicas": worker_replicas(spec),
+        "minReplicas": worker_replicas(spec),
+        "maxReplicas": worker_replicas(spec),
         "rayStartParams": worker_start,
         "template": _pod_template(owner, spec, image, "ray-worker",
-                                  _guaranteed(res.cpu_per_worker, res.memory_per_worker, gpus),
+                                  _guaranteed(res.cpu_per_worker, res.memory_per_worker, gpus, res.scratch),
                                   node_selector=res.node_selector),
     }
     job_spec: dict[str, Any] = {
