@@ -15,15 +15,23 @@ Types (PascalCase) and their reasons (CamelCase):
 |                    |                                            | DeadlineExceeded, JobDeploymentStatusTransition-      |
 |                    |                                            | GracePeriodExceeded; ours: Invalid, Stopped,          |
 |                    |                                            | RayJobDeleted, RayJobFailed (KubeRay gave no reason), |
-|                    |                                            | ChildRejected (the API refused an object we built)    |
+|                    |                                            | ChildRejected (the API refused an object we built),   |
+|                    |                                            | S3AccessDenied (the trainer's S3 keys were refused:   |
+|                    |                                            | endpoint and bucket named, never a key)               |
 | Suspended          | the RayJob is suspending or suspended      | Suspending, Suspended                                 |
 | SpecChangeRejected | a training field changed after the start   | TrainingFieldsImmutable / SpecMatchesRun              |
+| Blocked            | something outside the spec stops the run   | True: SecretNotFound, SecretKeyMissing (the Secret    |
+|                    | from being made (retried every 15-30 s)    | and key named), NameConflict (an object by a child's  |
+|                    |                                            | name is not ours; named, left untouched); False:      |
+|                    |                                            | Unblocked                                             |
 | Deployed           | the inference Deployment has an available  | True: Available. False, serving in progress:          |
 |                    | replica serving the fine-tuned model       | Progressing, AwaitingEvaluation, ServingError         |
 |                    | (set only once training succeeded and      | (API error; retried); False, needs attention:         |
 |                    | serving was asked for)                     | ProgressDeadlineExceeded, ReplicaFailure,             |
 |                    |                                            | ModelUnavailable, UnsupportedModel, ServingRejected,  |
-|                    |                                            | NameConflict; False, nothing to serve on purpose:     |
+|                    |                                            | NameConflict, ServerNotFound, ServerInvalid,          |
+|                    |                                            | ServerRefused (spec.deploy.server); False, nothing to |
+|                    |                                            | serve on purpose:                                     |
 |                    |                                            | Disabled, NotImproved (the deployment gate),          |
 |                    |                                            | ScaledToZero                                          |
 
@@ -46,9 +54,10 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 SPEC_CHANGE_REJECTED = "SpecChangeRejected"
 DEPLOYED = "Deployed"
+BLOCKED = "Blocked"
 
 # Order in which conditions are listed (stable output, readable `kubectl describe`).
-ORDER = (VALIDATED, SPEC_CHANGE_REJECTED, TRAINING, SUSPENDED, SUCCEEDED, FAILED, DEPLOYED)
+ORDER = (VALIDATED, SPEC_CHANGE_REJECTED, BLOCKED, TRAINING, SUSPENDED, SUCCEEDED, FAILED, DEPLOYED)
 
 # Reasons.
 VALID = "Valid"
@@ -70,6 +79,12 @@ CHILD_REJECTED = "ChildRejected"
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 TRAINING_FIELDS_IMMUTABLE = "TrainingFieldsImmutable"
 SPEC_MATCHES_RUN = "SpecMatchesRun"
+# Blocked
+SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_KEY_MISSING = "SecretKeyMissing"
+UNBLOCKED = "Unblocked"
+# Failed, from the trainer's last line (see failure_reason)
+S3_ACCESS_DENIED = "S3AccessDenied"
 # Deployed
 AVAILABLE = "Available"
 PROGRESSING = "Progressing"
@@ -84,10 +99,27 @@ UNSUPPORTED_MODEL = "UnsupportedModel"
 SERVING_ERROR = "ServingError"
 SERVING_REJECTED = "ServingRejected"
 NAME_CONFLICT = "NameConflict"
+# Shared inference servers (spec.deploy.server): its declaration is missing or invalid, or it refuses the adapter.
+SERVER_NOT_FOUND = "ServerNotFound"
+SERVER_INVALID = "ServerInvalid"
+SERVER_REFUSED = "ServerRefused"
 # Deployed=False for these means "nothing is meant to serve now", not "deploying": the state stays Succeeded.
 NOT_SERVING_ON_PURPOSE = (DISABLED, NOT_IMPROVED, SCALED_TO_ZERO)
 
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+
+# Markers the trainer writes into its last line ("kubetune-trainer: error: S3AccessDenied: ..."); KubeRay copies
+# the end of the driver's log into the RayJob's status.message, where the operator finds them.
+TRAINER_REASONS = (S3_ACCESS_DENIED,)
+
+
+def failure_reason(message: str, default: str) -> str:
+    """The reason of a failed run: a trainer marker found in KubeRay's message, else `default`."""
+    for reason in TRAINER_REASONS:
+        if f"error: {reason}:" in message:
+            return reason
+    return default
 
 
 def get(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:

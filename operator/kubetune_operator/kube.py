@@ -6,7 +6,9 @@ are generated for a much newer API than some clusters run (a v1.20 server in tes
 robust against that skew and keeps one code path for every kind.
 
 What it offers is what reconciling needs and no more: idempotent creates (409 means "already there": the
-existing object is returned, never a second one made), get, JSON merge patches of an object or of its status
+existing object is returned, never a second one made; but only when its controller ownerReference is the
+same owner as the object we tried to create: anything else by that name raises `NotOwned` and is left
+untouched, so a job never adopts, patches or runs with an object it did not make), get, JSON merge patches of an object or of its status
 subresource, replace (PUT) of an object whose spec the operator owns whole, delete, and Events. Every request is counted (`requests`), for the operator's metrics and the benchmark.
 Errors carry the API's status code and reason; they never include request bodies.
 """
@@ -24,10 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubetune import api
+from kubetune import api, kubeclient
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,36 @@ class KubeError(RuntimeError):
         super().__init__(f"{status} {reason}: {message}" if status else message)
 
 
+class NotOwned(KubeError):
+    """An object by the name we wanted exists and is not controlled by our owner; it is left untouched."""
+
+    def __init__(self, kind: str, namespace: str, name: str, controller: str | None):
+        self.kind, self.namespace, self.name, self.controller = kind, namespace, name, controller
+        by = f"is controlled by {controller}" if controller else "has no controller"
+        super().__init__(409, "NotOwned", f"{kind} {namespace}/{name} already exists and {by}")
+
+
+def controller_ref(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The ownerReference with controller=true, if any."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref
+    return None
+
+
+def check_owned(existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raise NotOwned unless `existing` has the controller ownerReference `wanted` carries (if it carries one)."""
+    want = controller_ref(wanted)
+    if want is None:
+        return
+    have = controller_ref(existing)
+    if have is not None and have.get("uid") == want.get("uid"):
+        return
+    meta = existing.get("metadata") or {}
+    who = f"{have.get('kind')} {have.get('name')}" if have else None
+    raise NotOwned(wanted["kind"], meta.get("namespace", ""), meta.get("name", ""), who)
+
+
 def _error(e: ApiException, what: str) -> KubeError:
     reason, message = e.reason or "", ""
     try:
@@ -102,37 +134,11 @@ def _error(e: ApiException, what: str) -> KubeError:
 
 
 def load_configuration(kubeconfig: str | Path | None = None) -> client.Configuration:
-    """Credentials: the given kubeconfig; else in-cluster; else $KUBECONFIG / ~/.kube/config."""
-    cfg = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
-    return _send_bearer_token(cfg)
+    """Credentials: the given kubeconfig; else in-cluster; else $KUBECONFIG / ~/.kube/config.
 
-
-def _send_bearer_token(cfg: client.Configuration) -> client.Configuration:
-    """Work around kubernetes==36.0.0 sending no token (kubernetes-client/python#2592).
-
-    Its config loaders put the token under api_key["authorization"] while auth_settings() only reads
-    api_key["BearerToken"], so requests would go out anonymous. Reading through get_api_key_with_prefix keeps
-    the loaders' refresh hook working (in-cluster tokens rotate).
+    With the kubernetes==36 bearer-token fix applied (kubetune.kubeclient, the one copy of it).
     """
-    original = cfg.auth_settings
-
-    def auth_settings() -> dict[str, Any]:
-        auth = original()
-        if "BearerToken" not in auth:
-            value = cfg.get_api_key_with_prefix("authorization")
-            if value:
-                auth["BearerToken"] = {"type": "api_key", "in": "header", "key": "authorization", "value": value}
-        return auth
-
-    cfg.auth_settings = auth_settings  # type: ignore[method-assign]
-    return cfg
+    return kubeclient.load_configuration(kubeconfig)
 
 
 class Kube:
@@ -157,13 +163,8 @@ class Kube:
               query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
         with self._lock:
             self.requests[verb] += 1
-        resp = self._api.call_api(
-            path, method, query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body, auth_settings=["BearerToken"], _preload_content=False, _request_timeout=self._timeout,
-        )
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
-        return json.loads(data) if data else {}
+        return kubeclient.call_json(self._api, method, path, body, content_type=content_type, query=query,
+                                    timeout=self._timeout)
 
     # --- objects ----------------------------------------------------------------------------------------
 
@@ -176,8 +177,34 @@ class Kube:
                 return None
             raise _error(e, f"get {kind.kind} {namespace}/{name}") from None
 
+    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of `kind` in `namespace` matching `label_selector` (one request, no paging: small sets)."""
+        try:
+            result = self._call("list", "GET", kind.path(namespace), query=[("labelSelector", label_selector)])
+        except ApiException as e:
+            raise _error(e, f"list {kind.kind} in {namespace} ({label_selector})") from None
+        return list(result.get("items") or [])
+
+    def list(self, kind: Kind, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every object of `kind` in `namespace` (None: all namespaces)."""
+        try:
+            return self._call("list", "GET", kind.path(namespace)).get("items") or []
+        except ApiException as e:
+            raise _error(e, f"list {kind.kind} in {namespace or 'all namespaces'}") from None
+
+    def get_secret_keys(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret with only the names of its keys ({"data": {key: ""}}): the values are dropped here, at
+        once, so that nothing downstream can log or store them. None when it does not exist."""
+        secret = self.get(KINDS[("v1", "Secret")], namespace, name)
+        if secret is None:
+            return None
+        keys = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+        return {"metadata": {"name": name, "namespace": namespace}, "data": {k: "" for k in sorted(keys)}}
+
     def create(self, obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create `obj`; if it exists already, return the existing one. (object, created)."""
+        """Create `obj`; if it exists already and has the same controller, return it. (object, created).
+
+        Raises NotOwned when the existing object belongs to someone else."""
         kind, meta = kind_of(obj), obj["metadata"]
         try:
             return self._call("create", "POST", kind.path(meta["namespace"]), body=obj), True
@@ -187,18 +214,15 @@ class Kube:
         existing = self.get(kind, meta["namespace"], meta["name"])
         if existing is None:  # deleted between the two calls: try once more
             return self.create(obj)
+        check_owned(existing, obj)
         return existing, False
 
     def ensure(self, obj: dict[str, Any]) -> bool:
-        """Create `obj` unless it exists (no read back). True when this call created it."""
-        kind, meta = kind_of(obj), obj["metadata"]
-        try:
-            self._call("create", "POST", kind.path(meta["namespace"]), body=obj)
-            return True
-        except ApiException as e:
-            if e.status == 409:
-                return False
-            raise _error(e, f"create {kind.kind} {meta['namespace']}/{meta['name']}") from None
+        """Create `obj` unless it exists; True when this call created it.
+
+        A new object costs one request. On 409 the existing one is read to check its controller: our own is
+        fine (False), anyone else's raises NotOwned (never patched, never used)."""
+        return self.create(obj)[1]
 
     def patch(self, kind: Kind, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         """JSON merge patch of the object."""

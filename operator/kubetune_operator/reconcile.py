@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import api
-from kubetune_operator import builders, metrics, names, policy, reconcile_deploy
+from kubetune_operator import builders, guards, metrics, names, policy, reconcile_deploy
 from kubetune_operator import conditions as c
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.builders.rayjob import live_fields
-from kubetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube, KubeError
+from kubetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube, KubeError, NotOwned, check_owned
 from kubetune_operator.meta import ANNOTATION_SPEC_HASH, Owner
 from kubetune_operator.settings import Settings
 from kubetune_operator.status import KEEP, Observation, desired_status, now_rfc3339, status_patch, transition_events
@@ -115,8 +115,8 @@ def ensure_training(ctx: Context) -> None:
                 return
         else:
             ray = kube.get(RAYJOB, owner.namespace, ray_name)
-        if ray is not None and not _owned_by(ray, owner):
-            raise Retry(f"RayJob {ray_name} exists but belongs to another object; waiting for it to go", 30)
+        if ray is not None:
+            check_owned(ray, {"kind": "RayJob", "metadata": {"ownerReferences": [owner.reference()]}})
         if ray is None:
             if ctx.status.get("specHash"):
                 # It was created before and is gone: never re-run a training behind the user's back.
@@ -134,6 +134,11 @@ def ensure_training(ctx: Context) -> None:
                     ctx.created.append(f"{obj['kind']} {obj['metadata']['name']}")
         if ctx.spec is not None:
             ctx.obs.ray_job = _apply_live_fields(kube, ray, ctx.spec)
+    except NotOwned as e:
+        # Never adopted, patched or used: the job waits (looked at again every 30 s) and says what is in the way.
+        ctx.obs.extra_conditions.append((c.BLOCKED, c.TRUE, c.NAME_CONFLICT,
+                                         f"{e}; delete or rename it, or rename this job"))
+        raise Retry(str(e), delay=30) from None
     except KubeError as e:
         if e.status == 422 and ctx.obs.ray_job is KEEP:
             # The API server (e.g. KubeRay's schema) refused what we built: retrying cannot help.
@@ -171,11 +176,6 @@ def _create_children(ctx: Context) -> tuple[dict[str, Any] | None, bool]:
     return ray, not created
 
 
-def _owned_by(obj: dict[str, Any], owner: Owner) -> bool:
-    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return any(r.get("uid") == owner.uid for r in refs)
-
-
 def _rejected_fields(ctx: Context, ray: dict[str, Any]) -> list[str]:
     applied_hash = (ray.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
     if applied_hash == policy.spec_hash(ctx.raw_spec):
@@ -205,7 +205,7 @@ def _raise_for(e: KubeError) -> None:
     raise Retry(str(e), delay=10) from None
 
 
-SPEC_STEPS: list[Step] = [validate, ensure_training, reconcile_deploy.ensure_serving]
+SPEC_STEPS: list[Step] = [validate, guards.guard, ensure_training, reconcile_deploy.ensure_serving]
 STATUS_STEPS: list[Step] = [observe_spec, reconcile_deploy.ensure_serving]
 
 

@@ -55,6 +55,8 @@ def configure(kopf_settings: kopf.OperatorSettings, op: Settings, cert_dir: Path
     s.peering.standalone = op.peering is None
     if op.peering is not None:
         s.peering.name = op.peering
+        s.peering.priority = op.peering_priority
+        s.peering.lifetime = op.peering_lifetime
     s.execution.max_workers = op.max_workers
     if op.webhook:
         host = op.webhook_host or op.webhook_addr
@@ -111,6 +113,7 @@ async def run(
                 namespaces=list(op.namespaces),
                 standalone=op.peering is None,
                 peering_name=op.peering,
+                priority=op.peering_priority if op.peering is not None else None,
                 liveness_endpoint=liveness,
                 stop_flag=stop_flag,
                 ready_flag=ready_flag,

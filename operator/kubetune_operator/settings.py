@@ -24,12 +24,24 @@ tag, never `latest`, so that an operator release always starts the trainer it wa
 | KUBETUNE_HEALTH_ADDR              | 127.0.0.1                                 | address of kopf's /healthz                |
 | KUBETUNE_HEALTH_PORT              | 8081 (0 disables)                         | port of kopf's /healthz liveness probe    |
 | KUBETUNE_PEERING                  | (empty: standalone)                       | kopf peering name, for several replicas   |
+| KUBETUNE_PEERING_PRIORITY         | (empty: from a hash of the host name)     | this replica's kopf peering priority      |
+| KUBETUNE_PEERING_LIFETIME         | 20                                        | seconds a silent peer counts as alive     |
 | KUBETUNE_MAX_WORKERS              | 16                                        | threads running (blocking) handlers       |
+| KUBETUNE_ALLOWED_IMAGE_REGISTRIES | (empty: any)                              | comma-separated registries (or registry/  |
+|                                   |                                           | path prefixes) a spec's images may use    |
+
+Peering: kopf pauses every replica that sees a live peer of the same or a higher priority, so replicas that
+all had priority 0 paused each other for good. Each replica takes its own priority (a hash of its pod name,
+unique per pod); the highest live one works, the others stand by. A replica killed without saying goodbye
+counts as alive for KUBETUNE_PEERING_LIFETIME seconds after its last keep-alive (kopf's default, 60 s, is too
+long for a 30 s takeover); a replica stopped normally removes itself at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -61,7 +73,10 @@ class Settings:
     health_addr: str = "127.0.0.1"
     health_port: int = 8081
     peering: str | None = None
+    peering_priority: int = field(default_factory=lambda: default_priority())
+    peering_lifetime: int = 20
     max_workers: int = 16
+    allowed_image_registries: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +112,8 @@ class Settings:
             if image and (":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest")):
                 raise SettingsError(f"{var} must be pinned by tag or digest (not latest), got {image!r}")
         namespaces = tuple(n.strip() for n in (env.get("KUBETUNE_NAMESPACES") or "").split(",") if n.strip())
+        registries = tuple(r.strip() for r in (env.get("KUBETUNE_ALLOWED_IMAGE_REGISTRIES") or "").split(",")
+                           if r.strip())
         return cls(
             trainer_image=text("KUBETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             inference_image=text("KUBETUNE_INFERENCE_IMAGE", DEFAULT_INFERENCE_IMAGE),
@@ -115,5 +132,14 @@ class Settings:
             health_addr=text("KUBETUNE_HEALTH_ADDR", "127.0.0.1"),
             peering=(env.get("KUBETUNE_PEERING") or "").strip() or None,
             health_port=number("KUBETUNE_HEALTH_PORT", 8081, 0, 65535),
+            peering_priority=number("KUBETUNE_PEERING_PRIORITY", default_priority(), 1, 2**31 - 1),
+            peering_lifetime=number("KUBETUNE_PEERING_LIFETIME", 20, 5, 3600),
             max_workers=number("KUBETUNE_MAX_WORKERS", 16, 1, 1024),
+            allowed_image_registries=registries,
         )
+
+
+def default_priority(host: str | None = None) -> int:
+    """A peering priority of its own for this replica: a hash of its host (pod) name, in 1 .. 2**31-1."""
+    digest = hashlib.sha256((host or socket.gethostname()).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31 - 1) + 1

@@ -94,12 +94,13 @@ def phase_of(ray_job: Mapping[str, Any] | None) -> Phase:
         if js == "SUCCEEDED":
             return Phase(c.JOB_SUCCEEDED, f"Ray job {job_id} succeeded", succeeded=True)
         if js == "FAILED":
-            return Phase(c.APP_FAILED, kuberay_message or f"Ray job {job_id} failed",
+            return Phase(c.failure_reason(kuberay_message, c.APP_FAILED), kuberay_message or f"Ray job {job_id} failed",
                          failed=True)
         return Phase(c.STOPPED, kuberay_message or f"Ray job {job_id} was stopped ({js or 'no status'})",
                      failed=True)
     if jds == "Failed":
-        return Phase(kuberay_reason or c.RAYJOB_FAILED, kuberay_message or f"RayJob {name} failed", failed=True)
+        return Phase(c.failure_reason(kuberay_message, kuberay_reason or c.RAYJOB_FAILED),
+                     kuberay_message or f"RayJob {name} failed", failed=True)
     return Phase(c.PENDING, f"RayJob {name} is in an unknown deployment status {jds!r}")
 
 
