@@ -150,7 +150,7 @@ def test_validate_and_webhook_and_trainer_refuse_before_anything_runs(tmp_path: 
     assert "Ray" not in out and time.monotonic() - t0 < 60
 
 
-# ------------------------------------------------------------------------------------------ tune.py
+# ------------------------------------------------------------------------------------- tune_space.py
 
 
 def _spec(**tuning: Any) -> api.FineTuneJobSpec:
@@ -161,7 +161,7 @@ def test_search_space_maps_to_tune_domains() -> None:
     from ray.tune.search.sample import Categorical, Float, Integer
     from ray.tune.search.variant_generator import generate_variants
 
-    from kubetune_trainer.tune import grid_size, search_space
+    from kubetune_trainer.tune_space import grid_size, search_space
 
     rnd = _spec(trials=3, searchSpace=_space(
         learningRate={"type": "loguniform", "low": 1e-5, "high": 1e-3},
@@ -190,7 +190,7 @@ def test_search_space_maps_to_tune_domains() -> None:
 
 
 def test_trial_config_applies_params_to_training() -> None:
-    from kubetune_trainer.tune import apply_params, planned_steps, trial_config, trial_id_of
+    from kubetune_trainer.tune_space import apply_params, planned_steps, trial_config, trial_id_of
 
     spec = _spec(trials=2, maxStepsPerTrial=12, searchSpace=_space(lora__r={"type": "choice", "values": [2, 4]}))
     cfg = api.resolve_trainer_config("job", "team", "uid", spec)
@@ -199,9 +199,9 @@ def test_trial_config_applies_params_to_training() -> None:
     assert (t.lora_settings.r, t.learning_rate, t.per_device_batch_size, t.max_steps) == (4, 0.003, 2, 12)
     assert isinstance(t.lora_settings.r, int) and t.lora_settings.alpha == 32  # the rest stays the spec's
     assert tcfg.spec.tuning is None and tcfg.job == cfg.job
-    assert tcfg.run_uri == "s3://outputs/runs/team/job/trials/trial-01"
-    assert tcfg.checkpoints_uri == "s3://outputs/runs/team/job/trials/trial-01/checkpoints"
-    assert tcfg.eval_uri == "s3://outputs/runs/team/job/trials/trial-01/eval"
+    assert tcfg.run_uri == "s3://outputs/runs/team/job/uid/trials/trial-01"
+    assert tcfg.checkpoints_uri == "s3://outputs/runs/team/job/uid/trials/trial-01/checkpoints"
+    assert tcfg.eval_uri == "s3://outputs/runs/team/job/uid/trials/trial-01/eval"
     with pytest.raises(ValueError):
         apply_params(spec, {"learningRate": 3.0}, None)  # a sampled value still obeys the field's rule
     assert trial_id_of("a1b2c_00007") == "trial-07" and trial_id_of("a1b2c_00123") == "trial-123"
@@ -211,7 +211,7 @@ def test_trial_config_applies_params_to_training() -> None:
 
 
 def test_best_trial_is_the_best_finished_one() -> None:
-    from kubetune_trainer.tune import select_best, trial_state
+    from kubetune_trainer.tune_space import select_best, trial_state
 
     T = api.TrialStatus
     trials = [T(id="trial-00", objective=3.1, state="TERMINATED", step=6),
@@ -275,7 +275,7 @@ def test_the_tuning_example_samples_valid_trials() -> None:
     the same seed samples the same configurations (so a retried driver's trial-03 is the same trial-03)."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from kubetune_trainer.tune import search_space, trial_config
+    from kubetune_trainer.tune_space import search_space, trial_config
 
     name, namespace, spec = api.parse_manifest(yaml.safe_load((ROOT / "examples" / "lora-tuning.yaml").read_text()))
     cfg = api.resolve_trainer_config(name, namespace, None, spec)

@@ -172,7 +172,7 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
             assert max(m["step"] for m in env.metrics(f"{run_uri}/trials/{tid}") if "step" in m) == STEPS
 
     # ---- kubetune status and plot --trials from exactly these
-    from kubetune_cli.plot import parse_metrics, plot_trials, trial_curves
+    from kubetune_cli.plot import plot_trials, trial_curves
     from kubetune_cli.status import render
 
     text = render({"metadata": {"name": "tuned", "namespace": namespace}, "status": status})

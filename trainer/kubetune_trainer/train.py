@@ -1,13 +1,15 @@
 """The training run: a Ray Train TorchTrainer whose workers train with DeepSpeed.
 
-`fit` runs on the driver and launches `train_loop` on every worker. `train_loop` reads top to bottom:
+`fit` runs on the driver and launches `train_loop` on every worker. `train_loop` is a recipe (torchtune's
+shape): a `Recipe` object whose methods are the stages, called in this order:
 
-    setup     process group, seeds, S3, base model (node cache), this rank's data shard, DeepSpeed engine,
-              resume from the newest complete checkpoint, the reporter (rank 0)
-    train     one optimizer step (gradient_accumulation_steps micro-batches) at a time; evaluate every
-              evalIntervalSteps; checkpoint every checkpoint.intervalSteps; stop at the planned steps or early
-    save      a final checkpoint, a final evaluation, the exported model
-    cleanup   reporter flushed, staging files removed
+    setup            process group, seeds, S3, base model (node cache), this rank's data shard, DeepSpeed
+                     engine, resume from the newest complete checkpoint, the reporter (rank 0), base evaluation
+    train            train_step (gradient_accumulation_steps micro-batches) until the planned steps or early
+                     stopping; evaluate_at_interval, report_step, checkpoint at their intervals
+    save_and_export  a final checkpoint, a final evaluation, the exported model, the evaluation report
+    finish           rank 0's summary and final status
+    cleanup          (in `finally`) trace closed, reporter flushed, staging files removed
 
 Data order is a pure function of (epoch, seed) (`batch_indices`), so a resumed run that knows its epoch and
 micro-batch position consumes exactly the batches the uninterrupted run would have, and no record twice.
@@ -65,7 +67,7 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
         trial: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the training on the Ray cluster; returns rank 0's summary. Raises ray's TrainingFailedError.
 
-    `trial` ({"id", "params", "jobRunUri"}) when this run is a Ray Tune trial (kubetune_trainer.tune)."""
+    `trial` ({"id", "params", "jobRunUri"}) when this run is a Ray Tune trial (kubetune_trainer.tune_trial)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -73,7 +75,7 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
     use_gpu = resources.gpus_per_worker > 0
     run_config = RunConfig(name=f"{cfg.job.namespace}-{cfg.job.name}", storage_path=options.ray_storage or None)
     if trial is not None:  # a tuning trial: its own run name, its evaluations forwarded to Tune
-        from kubetune_trainer.tune import trial_run_config
+        from kubetune_trainer.tune_trial import trial_run_config
 
         run_config = trial_run_config(cfg, options, trial)
     trainer = TorchTrainer(
@@ -121,244 +123,382 @@ def _cpu_quantity(q: str) -> float:
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """One Ray Train worker's whole run (see the module docstring)."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = TrainerConfig.model_validate(loop_config["config"])
-    prepared = PreparedData(**loop_config["prepared"])
-    opts = RunOptions(**loop_config["options"])
-    trial = loop_config.get("trial")  # set when this run is a tuning trial (kubetune_trainer.tune)
-    spec, training = cfg.spec, cfg.spec.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _worker_logging(rank)
-    t_start = time.monotonic()
-
-    # ---------------------------------------------------------------- setup
-    use_gpu = spec.resources.gpus_per_worker > 0
-    deepspeed = _import_deepspeed(use_gpu)
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # reuses Ray's process group
-    # Ray gives each worker its own GPU(s) through CUDA_VISIBLE_DEVICES: get_device() knows which index.
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    if use_gpu:
-        torch.cuda.set_device(device)
-    precision = resolve_precision(training.precision, use_gpu)
-    if training.deepspeed.offload == "cpu" and not offload_applies(training, use_gpu):
-        log.info("deepspeed.offload=cpu has no effect on a CPU-only run; everything is in host memory already")
-    staging = Path(tempfile.mkdtemp(prefix=f"kubetune-{cfg.job.name}-rank{rank}-", dir=opts.staging_dir or None))
-
-    _seed_all(training.seed)  # identical on every rank: the new weights (LoRA, heads) must start equal
-    from kubetune_trainer import model as model_lib
-    from kubetune_trainer.export import export
-    from kubetune_trainer.status_reporter import Reporter
-
-    client = s3_client(spec.dataset.endpoint, spec.dataset.region)
-    base_dir = model_lib.fetch_base(spec, client, Path(opts.model_cache))
-    tokenizer = model_lib.load_tokenizer(spec, base_dir)
-    model = model_lib.load_model(spec, base_dir, precision=precision, pad_token_id=tokenizer.pad_token_id)
-    classification = spec.model.task == "sequence-classification"
-    lora = training.method == "lora"
-
-    if len(prepared.train_shards) != world:
-        raise DataError(f"the data was prepared in {len(prepared.train_shards)} shards for {world} workers")
-    train_data = load_shard([prepared.train_shards[rank]], client)  # this rank's shard only
-    eval_data = load_shard(prepared.validation_shards, client) if prepared.validation_shards else None
-    num_rows = len(train_data["input_ids"])
-    batch, accum = training.per_device_batch_size, training.gradient_accumulation_steps
-    # An incomplete accumulation group at the end of an epoch is dropped, so that every optimizer step
-    # starts on an epoch-aligned group and a checkpoint position is always (epoch, micro_batch).
-    micro_per_epoch = len(batch_indices(num_rows, batch, 0, training.seed)) // accum * accum
-    steps_per_epoch = micro_per_epoch // accum
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"each worker has {num_rows} training sequences, fewer than one optimizer step needs "
-            f"({batch} x {accum}); add data or lower perDeviceBatchSize / gradientAccumulationSteps"
-        )
-    total_steps = training.max_steps or max(1, math.ceil(training.epochs * steps_per_epoch))
-
-    ds_config = deepspeed_config(training, world_size=world, use_gpu=use_gpu)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda optimizer: _lr_schedule(optimizer, training, total_steps),
-    )
-
-    state = TrainState(world_size=world, data_fingerprint=prepared.fingerprint)
-    latest = [ckpt.find_latest(client, cfg) if rank == 0 else None]
-    dist.broadcast_object_list(latest, src=0)  # every rank resumes from the same checkpoint
-    if latest[0]:
-        state = ckpt.load(engine, latest[0], rank=rank, world_size=world, client=client, staging=staging,
-                          exclude_frozen=lora)
-        if state.data_fingerprint != prepared.fingerprint:
-            log.warning("resuming %s, whose data fingerprint differs from this run's: the data or its "
-                        "preprocessing changed, so the data position is only approximate", latest[0])
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", latest[0], state.step, state.epoch,
-                 state.micro_batch)
-    else:
-        _seed_all(training.seed + 1 + rank)  # dropout differs between ranks (different data, different masks)
-
-    reporter = None
-    if rank == 0:
-        reporter = Reporter(cfg, client, resumed_step=state.step if latest[0] else None, kubeconfig=opts.kubeconfig)
-    if reporter:
-        reporter.data(prepared.stats)
-        reporter.metric({"event": "start", "step": state.step, "totalSteps": total_steps, "worldSize": world,
-                         "stepsPerEpoch": steps_per_epoch, "resumedFrom": latest[0]})
-    trace = open(Path(opts.trace_dir) / f"rank-{rank}.jsonl", "a") if opts.trace_dir else None
-
-    def evaluate() -> dict[str, float]:
-        return _evaluate(engine, eval_data, rank=rank, world=world, batch=batch, device=device,
-                         max_batches=training.max_eval_batches, classification=classification)
-
-    # The base model's figures on the held-out data, before any step (kubetune_trainer.evaluate).
-    evaluator = None
-    if eval_data is not None:
-        from kubetune_trainer.evaluate import Evaluator
-
-        evaluator = Evaluator(cfg, client, tokenizer, eval_data, rank=rank, device=device, lora=lora,
-                              zero_stage=training.deepspeed.zero_stage, classification=classification,
-                              data_fingerprint=prepared.fingerprint, evaluate=evaluate, trial=trial)
-        evaluator.base(engine, state.step)
-    if reporter and trial:
-        reporter.for_trial(trial["id"])
-
+    """One Ray Train worker's whole run: the recipe's steps in order, cleanup always (see the module docstring)."""
+    recipe = Recipe(loop_config)
     try:
-        # ---------------------------------------------------------------- train
-        log.info("training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); "
-                 "setup took %.1fs", total_steps, steps_per_epoch, num_rows, world, training.deepspeed.zero_stage,
-                 training.method, precision, time.monotonic() - t_start)
-        # Throughput and ETA count only training steps of this attempt (not evaluation, checkpoints or setup).
-        train_seconds, attempt_tokens, attempt_start_step = 0.0, 0, state.step
-        last_checkpoint_step = state.step if latest[0] else None
-        stop_reason = state.stop_reason or ("max steps" if state.step >= total_steps else None)
-        epoch_batches: list[Any] = []
-        epoch_of_batches = -1
-        while stop_reason is None:
-            if epoch_of_batches != state.epoch:
-                epoch_batches = batch_indices(num_rows, batch, state.epoch, training.seed)[:micro_per_epoch]
-                epoch_of_batches = state.epoch
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            tokens = 0
-            for _ in range(accum):
-                rows = epoch_batches[state.micro_batch]
-                inputs = _to_tensors(train_data, rows, device, classification)
-                loss = engine(**inputs).loss
-                engine.backward(loss)
-                engine.step()  # applies the update (and steps the LR schedule) on the accumulation boundary
-                loss_sum += loss.detach().double()  # on the device: no host sync per micro-batch
-                tokens += int(train_data["attention_mask"][rows].sum())  # real tokens, counted on the host
-                if trace:
-                    trace.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
-                                            "micro": state.micro_batch, "rows": [int(r) for r in rows]}) + "\n")
-                    trace.flush()
-                state.micro_batch += 1
-            state.step += 1
-            if state.micro_batch >= micro_per_epoch:
-                state.epoch, state.micro_batch = state.epoch + 1, 0
-            totals = torch.stack([loss_sum / accum, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
-            dist.all_reduce(totals)
-            mean_loss, step_tokens = totals.tolist()
-            step_loss, step_tokens = mean_loss / world, int(step_tokens)
-            state.samples += batch * accum * world
-            state.tokens += step_tokens
-            step_seconds, step_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-            train_seconds += step_seconds
-            attempt_tokens += step_tokens
-            lr = scheduler.get_last_lr()[0]
-            fraction_epoch = state.epoch + state.micro_batch / micro_per_epoch
-
-            if state.step >= total_steps:
-                stop_reason = "max steps" if training.max_steps else "epochs"
-
-            eval_metrics: dict[str, float] = {}
-            if eval_data is not None and (state.step % training.eval_interval_steps == 0 or stop_reason):
-                eval_metrics = evaluate()
-                state.last_eval_loss, state.last_eval_step = eval_metrics["loss"], state.step
-                stop_early = _early_stopping(training, state, eval_metrics["loss"])
-                if stop_early and stop_reason is None:
-                    stop_reason = "early stopping"
-                if evaluator:  # a tuning trial reports it to Tune (ASHA decides on it)
-                    evaluator.observe(state.step, eval_metrics, last=stop_reason is not None)
-            state.stop_reason = stop_reason  # saved with the checkpoint: a finished run is not continued
-
-            tps = attempt_tokens / train_seconds if train_seconds else 0.0
-            if reporter:
-                eta = (total_steps - state.step) * train_seconds / max(1, state.step - attempt_start_step)
-                record = {"step": state.step, "epoch": round(fraction_epoch, 4), "loss": step_loss, "lr": lr,
-                          "tokens": state.tokens, "stepTokens": step_tokens, "stepSeconds": round(step_seconds, 4),
-                          # CPU time of rank 0's process: well below stepSeconds when the machine is contended
-                          "stepCpuSeconds": round(step_cpu_seconds, 4), "tokensPerSecond": round(tps, 1)}
-                if eval_metrics:
-                    record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
-                reporter.metric(record)
-                reporter.progress(step=state.step, total_steps=total_steps, epoch=round(fraction_epoch, 4),
-                                  loss=round(step_loss, 6), eval_loss=state.last_eval_loss,
-                                  tokens_per_second=round(tps, 1), eta_seconds=int(eta),
-                                  percent=min(100, int(100 * state.step / total_steps)))
-            if state.step % training.eval_interval_steps == 0:
-                log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s", state.step, total_steps, step_loss,
-                         f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics else "", lr, tps)
-
-            if state.step % training.checkpoint.interval_steps == 0 or stop_reason:
-                uri = ckpt.save(engine, cfg, state, rank=rank, client=client, staging=staging, exclude_frozen=lora)
-                last_checkpoint_step = state.step
-                if reporter:
-                    refs = ckpt.apply_retention(client, cfg, training.checkpoint.keep)
-                    reporter.checkpoints(refs)
-                    reporter.metric({"event": "checkpoint", "step": state.step, "uri": uri})
-            if opts.fail_after_step is not None and state.step == opts.fail_after_step:
-                raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
-
-        # ---------------------------------------------------------------- save
-        if last_checkpoint_step != state.step:  # a resumed run that had already finished
-            ckpt.save(engine, cfg, state, rank=rank, client=client, staging=staging, exclude_frozen=lora)
-        final_eval = evaluate() if eval_data is not None and state.last_eval_step != state.step else {}
-        if final_eval:
-            state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
-        artifact = export(engine, cfg, tokenizer, rank=rank, client=client, staging=staging, base_dir=base_dir,
-                          precision=precision)
-        if evaluator and final_eval:
-            evaluator.observe(state.step, final_eval, last=True)
-        evaluation = evaluator.finish(engine, state.step, artifact) if evaluator else None  # report, samples
+        recipe.setup()
+        recipe.train()
+        recipe.save_and_export()
+        return recipe.finish()
     except BaseException as exc:
-        if reporter:  # a failed attempt still leaves its history in S3: the steps so far, and why it stopped
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            reporter.metric({"event": "failed", "step": state.step,
-                             "error": f"{type(exc).__name__}: {first_line}"})
-            reporter.close(timeout=15)
+        recipe.report_failure(exc)
         raise
     finally:
-        if trace:
-            trace.close()
+        recipe.cleanup()
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's figures, summed over all ranks."""
+
+    loss: float  # mean loss over the step's micro-batches and ranks
+    tokens: int  # real (non-padding) tokens of all ranks
+    seconds: float  # wall time of the step on this rank
+    cpu_seconds: float  # CPU time of this rank's process during the step
+    lr: float
+
+
+class Recipe:
+    """The state one worker carries through setup, training, saving and cleanup; one method per stage.
+
+    Methods are called in the order of `train_loop`; every rank calls every method (each step, evaluation,
+    checkpoint and export contains collectives). Only rank 0 has a reporter.
+    """
+
+    def __init__(self, loop_config: dict[str, Any]):
+        import ray.train
+
+        self.cfg = TrainerConfig.model_validate(loop_config["config"])
+        self.prepared = PreparedData(**loop_config["prepared"])
+        self.opts = RunOptions(**loop_config["options"])
+        self.trial: dict[str, Any] | None = loop_config.get("trial")  # a tuning trial (kubetune_trainer.tune_trial)
+        self.spec, self.training = self.cfg.spec, self.cfg.spec.training
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.t_start = time.monotonic()
+        self.use_gpu = self.spec.resources.gpus_per_worker > 0
+        self.classification = self.spec.model.task == "sequence-classification"
+        self.lora = self.training.method == "lora"
+        self.state = TrainState(world_size=self.world, data_fingerprint=self.prepared.fingerprint)
+        self.staging: Path | None = None
+        self.trace: Any = None
+        self.reporter: Any = None
+        self.evaluator: Any = None
+        self.eval_data: dict[str, Any] | None = None
+        self.resumed_from: str | None = None
+        self.artifact: Any = None
+        self.evaluation: Any = None
+        # Throughput and ETA count only training steps of this attempt (not evaluation, checkpoints or setup).
+        self.train_seconds, self.attempt_tokens, self.attempt_start_step = 0.0, 0, 0
+        self.last_checkpoint_step: int | None = None
+        self.stop_reason: str | None = None
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Process group and device, the base model, this rank's data, the DeepSpeed engine, the checkpoint
+        to resume from, and (rank 0) the reporter and the base model's evaluation."""
+        _worker_logging(self.rank)
+        self._setup_device()
+        self._setup_model()
+        self._setup_data()
+        self._setup_engine()
+        self._resume()
+        self._setup_reporting()
+
+    def _setup_device(self) -> None:
+        import torch
+
+        self.deepspeed = _import_deepspeed(self.use_gpu)
+        self.deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo")  # Ray's process group
+        # Ray gives each worker its own GPU(s) through CUDA_VISIBLE_DEVICES: get_device() knows which index.
+        if self.use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.precision = resolve_precision(self.training.precision, self.use_gpu)
+        if self.training.deepspeed.offload == "cpu" and not offload_applies(self.training, self.use_gpu):
+            log.info("deepspeed.offload=cpu has no effect on a CPU-only run; everything is in host memory already")
+        self.staging = Path(tempfile.mkdtemp(prefix=f"kubetune-{self.cfg.job.name}-rank{self.rank}-",
+                                             dir=self.opts.staging_dir or None))
+
+    def _setup_model(self) -> None:
+        from kubetune_trainer import model as model_lib
+
+        _seed_all(self.training.seed)  # identical on every rank: the new weights (LoRA, heads) must start equal
+        self.client = s3_client(self.spec.dataset.endpoint, self.spec.dataset.region)
+        self.base_dir = model_lib.fetch_base(self.spec, self.client, Path(self.opts.model_cache))
+        self.tokenizer = model_lib.load_tokenizer(self.spec, self.base_dir)
+        self.model = model_lib.load_model(self.spec, self.base_dir, precision=self.precision,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+
+    def _setup_data(self) -> None:
+        prepared, training = self.prepared, self.training
+        if len(prepared.train_shards) != self.world:
+            raise DataError(f"the data was prepared in {len(prepared.train_shards)} shards for {self.world} workers")
+        self.train_data = load_shard([prepared.train_shards[self.rank]], self.client)  # this rank's shard only
+        self.eval_data = load_shard(prepared.validation_shards, self.client) if prepared.validation_shards else None
+        self.num_rows = len(self.train_data["input_ids"])
+        batch, accum = training.per_device_batch_size, training.gradient_accumulation_steps
+        # An incomplete accumulation group at the end of an epoch is dropped, so that every optimizer step
+        # starts on an epoch-aligned group and a checkpoint position is always (epoch, micro_batch).
+        self.micro_per_epoch = len(batch_indices(self.num_rows, batch, 0, training.seed)) // accum * accum
+        self.steps_per_epoch = self.micro_per_epoch // accum
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"each worker has {self.num_rows} training sequences, fewer than one optimizer step needs "
+                f"({batch} x {accum}); add data or lower perDeviceBatchSize / gradientAccumulationSteps"
+            )
+        self.total_steps = training.max_steps or max(1, math.ceil(training.epochs * self.steps_per_epoch))
+        self._epoch_batches: list[Any] = []
+        self._epoch_of_batches = -1
+
+    def _setup_engine(self) -> None:
+        training, total_steps = self.training, self.total_steps
+        ds_config = deepspeed_config(training, world_size=self.world, use_gpu=self.use_gpu)
+        self.engine, _, _, self.scheduler = self.deepspeed.initialize(
+            model=self.model,
+            model_parameters=[p for p in self.model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lambda optimizer: _lr_schedule(optimizer, training, total_steps),
+        )
+
+    def _resume(self) -> None:
+        """Every rank resumes from the newest complete checkpoint rank 0 finds (or starts fresh)."""
+        import torch.distributed as dist
+
+        latest = [ckpt.find_latest(self.client, self.cfg) if self.rank == 0 else None]
+        dist.broadcast_object_list(latest, src=0)
+        self.resumed_from = latest[0]
+        if self.resumed_from:
+            assert self.staging is not None
+            self.state = ckpt.load(self.engine, self.resumed_from, rank=self.rank, world_size=self.world,
+                                   client=self.client, staging=self.staging, exclude_frozen=self.lora)
+            if self.state.data_fingerprint != self.prepared.fingerprint:
+                log.warning("resuming %s, whose data fingerprint differs from this run's: the data or its "
+                            "preprocessing changed, so the data position is only approximate", self.resumed_from)
+            log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", self.resumed_from, self.state.step,
+                     self.state.epoch, self.state.micro_batch)
+            self.last_checkpoint_step = self.state.step
+        else:
+            _seed_all(self.training.seed + 1 + self.rank)  # dropout differs between ranks (data, masks)
+        self.attempt_start_step = self.state.step
+        self.stop_reason = self.state.stop_reason or ("max steps" if self.state.step >= self.total_steps else None)
+
+    def _setup_reporting(self) -> None:
+        """Rank 0's reporter, the rows trace (tests), and the base model's figures on the held-out data."""
+        from kubetune_trainer.status_reporter import Reporter
+
+        state = self.state
+        if self.rank == 0:
+            self.reporter = Reporter(self.cfg, self.client, resumed_step=state.step if self.resumed_from else None,
+                                     kubeconfig=self.opts.kubeconfig)
+            self.reporter.data(self.prepared.stats)
+            self.reporter.metric({"event": "start", "step": state.step, "totalSteps": self.total_steps,
+                                  "worldSize": self.world, "stepsPerEpoch": self.steps_per_epoch,
+                                  "resumedFrom": self.resumed_from})
+        if self.opts.trace_dir:
+            self.trace = open(Path(self.opts.trace_dir) / f"rank-{self.rank}.jsonl", "a")
+        if self.eval_data is not None:
+            from kubetune_trainer.evaluate import Evaluator
+
+            self.evaluator = Evaluator(self.cfg, self.client, self.tokenizer, self.eval_data, rank=self.rank,
+                                       device=self.device, lora=self.lora,
+                                       zero_stage=self.training.deepspeed.zero_stage,
+                                       classification=self.classification,
+                                       data_fingerprint=self.prepared.fingerprint, evaluate=self.evaluate,
+                                       trial=self.trial)
+            self.evaluator.base(self.engine, state.step)
+        if self.reporter and self.trial:
+            self.reporter.for_trial(self.trial["id"])
+
+    # ---------------------------------------------------------------- train
+
+    def train(self) -> None:
+        """Optimizer steps until the planned steps are done or early stopping says so; evaluation, reports and
+        checkpoints at their intervals."""
+        training = self.training
+        log.info("training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); "
+                 "setup took %.1fs", self.total_steps, self.steps_per_epoch, self.num_rows, self.world,
+                 training.deepspeed.zero_stage, training.method, self.precision, time.monotonic() - self.t_start)
+        while self.stop_reason is None:
+            step = self.train_step()
+            state = self.state
+            if state.step >= self.total_steps:
+                self.stop_reason = "max steps" if training.max_steps else "epochs"
+            eval_metrics = self.evaluate_at_interval()
+            state.stop_reason = self.stop_reason  # saved with the checkpoint: a finished run is not continued
+            self.report_step(step, eval_metrics)
+            if state.step % training.checkpoint.interval_steps == 0 or self.stop_reason:
+                self.checkpoint()
+            if self.opts.fail_after_step is not None and state.step == self.opts.fail_after_step:
+                raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
+
+    def _next_rows(self) -> Any:
+        """The rows of this rank's next micro-batch (data order is a pure function of epoch and seed)."""
+        state = self.state
+        if self._epoch_of_batches != state.epoch:
+            self._epoch_batches = batch_indices(self.num_rows, self.training.per_device_batch_size, state.epoch,
+                                                self.training.seed)[:self.micro_per_epoch]
+            self._epoch_of_batches = state.epoch
+        return self._epoch_batches[state.micro_batch]
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: gradient_accumulation_steps micro-batches, then the loss and token count summed
+        over the ranks."""
+        import torch
+        import torch.distributed as dist
+
+        state, engine, accum = self.state, self.engine, self.training.gradient_accumulation_steps
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
+        for _ in range(accum):
+            rows = self._next_rows()
+            inputs = _to_tensors(self.train_data, rows, self.device, self.classification)
+            loss = engine(**inputs).loss
+            engine.backward(loss)
+            engine.step()  # applies the update (and steps the LR schedule) on the accumulation boundary
+            loss_sum += loss.detach().double()  # on the device: no host sync per micro-batch
+            tokens += int(self.train_data["attention_mask"][rows].sum())  # real tokens, counted on the host
+            if self.trace:
+                self.trace.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
+                                             "micro": state.micro_batch, "rows": [int(r) for r in rows]}) + "\n")
+                self.trace.flush()
+            state.micro_batch += 1
+        state.step += 1
+        if state.micro_batch >= self.micro_per_epoch:
+            state.epoch, state.micro_batch = state.epoch + 1, 0
+        totals = torch.stack([loss_sum / accum, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(totals)
+        mean_loss, step_tokens = totals.tolist()
+        result = StepResult(loss=mean_loss / self.world, tokens=int(step_tokens), seconds=time.perf_counter() - t0,
+                            cpu_seconds=time.process_time() - cpu0, lr=self.scheduler.get_last_lr()[0])
+        state.samples += self.training.per_device_batch_size * accum * self.world
+        state.tokens += result.tokens
+        self.train_seconds += result.seconds
+        self.attempt_tokens += result.tokens
+        return result
+
+    # ---------------------------------------------------------------- evaluate
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and perplexity (accuracy for classification) on the held-out rows, over all ranks."""
+        return _evaluate(self.engine, self.eval_data, rank=self.rank, world=self.world,
+                         batch=self.training.per_device_batch_size, device=self.device,
+                         max_batches=self.training.max_eval_batches, classification=self.classification)
+
+    def evaluate_at_interval(self) -> dict[str, float]:
+        """Evaluate every evalIntervalSteps and at the last step; updates early stopping (and, in a tuning
+        trial, tells Tune, whose scheduler decides on it)."""
+        state = self.state
+        if self.eval_data is None or (state.step % self.training.eval_interval_steps and not self.stop_reason):
+            return {}
+        metrics = self.evaluate()
+        state.last_eval_loss, state.last_eval_step = metrics["loss"], state.step
+        if _early_stopping(self.training, state, metrics["loss"]) and self.stop_reason is None:
+            self.stop_reason = "early stopping"
+        if self.evaluator:
+            self.evaluator.observe(state.step, metrics, last=self.stop_reason is not None)
+        return metrics
+
+    def report_step(self, step: StepResult, eval_metrics: dict[str, float]) -> None:
+        """Rank 0: the step's metrics line and the progress status (both sent by the reporter's thread)."""
+        state, total_steps = self.state, self.total_steps
+        tps = self.attempt_tokens / self.train_seconds if self.train_seconds else 0.0
+        fraction_epoch = round(state.epoch + state.micro_batch / self.micro_per_epoch, 4)
+        if self.reporter:
+            eta = (total_steps - state.step) * self.train_seconds / max(1, state.step - self.attempt_start_step)
+            record = {"step": state.step, "epoch": fraction_epoch, "loss": step.loss, "lr": step.lr,
+                      "tokens": state.tokens, "stepTokens": step.tokens, "stepSeconds": round(step.seconds, 4),
+                      # CPU time of rank 0's process: well below stepSeconds when the machine is contended
+                      "stepCpuSeconds": round(step.cpu_seconds, 4), "tokensPerSecond": round(tps, 1)}
+            if eval_metrics:
+                record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
+            self.reporter.metric(record)
+            self.reporter.progress(step=state.step, total_steps=total_steps, epoch=fraction_epoch,
+                                   loss=round(step.loss, 6), eval_loss=state.last_eval_loss,
+                                   tokens_per_second=round(tps, 1), eta_seconds=int(eta),
+                                   percent=min(100, int(100 * state.step / total_steps)))
+        if state.step % self.training.eval_interval_steps == 0:
+            log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s", state.step, total_steps, step.loss,
+                     f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics else "", step.lr, tps)
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def checkpoint(self) -> str:
+        """Save the current step to S3 (every rank its own files; rank 0 marks it complete), then rank 0
+        applies the retention and reports the checkpoints."""
+        assert self.staging is not None
+        uri = ckpt.save(self.engine, self.cfg, self.state, rank=self.rank, client=self.client,
+                        staging=self.staging, exclude_frozen=self.lora)
+        self.last_checkpoint_step = self.state.step
+        if self.reporter:
+            refs = ckpt.apply_retention(self.client, self.cfg, self.training.checkpoint.keep)
+            self.reporter.checkpoints(refs)
+            self.reporter.metric({"event": "checkpoint", "step": self.state.step, "uri": uri})
+        return uri
+
+    # ---------------------------------------------------------------- export
+
+    def save_and_export(self) -> None:
+        """After the last step: a final checkpoint if the last step has none (a resumed run that had already
+        finished), a final evaluation, the exported model, and the base-vs-fine-tuned evaluation report."""
+        from kubetune_trainer.export import export
+
+        state = self.state
+        if self.last_checkpoint_step != state.step:
+            assert self.staging is not None
+            ckpt.save(self.engine, self.cfg, state, rank=self.rank, client=self.client, staging=self.staging,
+                      exclude_frozen=self.lora)
+        final_eval = self.evaluate() if self.eval_data is not None and state.last_eval_step != state.step else {}
+        if final_eval:
+            state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
+        self.artifact = export(self.engine, self.cfg, self.tokenizer, rank=self.rank, client=self.client,
+                               staging=self.staging, base_dir=self.base_dir, precision=self.precision)
+        if self.evaluator and final_eval:
+            self.evaluator.observe(state.step, final_eval, last=True)
+        if self.evaluator:
+            self.evaluation = self.evaluator.finish(self.engine, state.step, self.artifact)  # report, samples
+
+    def finish(self) -> dict[str, Any] | None:
+        """Rank 0: the run's summary, reported as the final status and metrics line; other ranks: None."""
+        if self.reporter is None:
+            return None
+        state = self.state
+        summary = {
+            "step": state.step, "totalSteps": self.total_steps, "stopReason": self.stop_reason,
+            "evalLoss": state.last_eval_loss,
+            "tokensPerSecond": round(self.attempt_tokens / self.train_seconds, 1) if self.train_seconds else None,
+            "model": self.artifact.wire() if self.artifact else None,
+        }
+        if self.artifact:
+            self.reporter.model(self.artifact)
+        if self.evaluation:
+            self.reporter.evaluation(self.evaluation)
+            summary["evaluation"] = self.evaluation.wire()
+        self.reporter.progress(step=state.step, total_steps=self.total_steps, eval_loss=state.last_eval_loss,
+                               percent=100, eta_seconds=0)
+        self.reporter.metric({"event": "finished", **summary})
+        self.reporter.close()
+        self.reporter = None
+        log.info("done in %.1fs: %s", time.monotonic() - self.t_start, json.dumps(summary))
+        return summary
 
     # ---------------------------------------------------------------- cleanup
-    shutil.rmtree(staging, ignore_errors=True)
-    if rank != 0:
-        return None
-    summary = {
-        "step": state.step, "totalSteps": total_steps, "stopReason": stop_reason, "evalLoss": state.last_eval_loss,
-        "tokensPerSecond": round(attempt_tokens / train_seconds, 1) if train_seconds else None,
-        "model": artifact.wire() if artifact else None,
-    }
-    assert reporter is not None
-    if artifact:
-        reporter.model(artifact)
-    if evaluation:
-        reporter.evaluation(evaluation)
-        summary["evaluation"] = evaluation.wire()
-    reporter.progress(step=state.step, total_steps=total_steps, eval_loss=state.last_eval_loss, percent=100,
-                      eta_seconds=0)
-    reporter.metric({"event": "finished", **summary})
-    reporter.close()
-    log.info("done in %.1fs: %s", time.monotonic() - t_start, json.dumps(summary))
-    return summary
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Rank 0: a failed attempt still leaves its history in S3: the steps so far, and why it stopped."""
+        if self.reporter:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.reporter.metric({"event": "failed", "step": self.state.step,
+                                  "error": f"{type(exc).__name__}: {first_line}"})
+            self.reporter.close(timeout=15)
+            self.reporter = None
+
+    def cleanup(self) -> None:
+        """Always, success or failure: the trace file closed, the reporter flushed, staging files removed."""
+        if self.trace:
+            self.trace.close()
+            self.trace = None
+        if self.reporter:  # only when neither finish() nor report_failure() ran to the end
+            self.reporter.close(timeout=15)
+            self.reporter = None
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- helpers
