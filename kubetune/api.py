@@ -271,6 +271,17 @@ class TrainingSpec(Model):
     early_stopping: EarlyStoppingSpec | None = _field(
         None, description="Stop early when evalLoss stops improving; needs validation data."
     )
+    max_worker_restarts: int = _field(
+        3, description="Times Ray Train restarts the worker group inside the running Ray cluster after a "
+        "training worker fails (process killed, node lost), each time from the latest complete checkpoint "
+        "(Ray Train's FailureConfig.max_failures); 0 ends the attempt at the first lost worker. Failures "
+        "beyond this count fail the Ray job, which spec.backoffLimit may retry on a new cluster.", ge=0, le=100
+    )
+    max_preemption_restarts: int = _field(
+        10, description="Times the worker group restarts after a node is preempted or drained; each "
+        "preemption first writes a just-in-time checkpoint (Ray Train's FailureConfig."
+        "max_preemption_failures, counted apart from maxWorkerRestarts).", ge=0, le=1000
+    )
 
     @property
     def lora_settings(self) -> LoraSpec:
@@ -385,8 +396,9 @@ class OutputSpec(Model):
     """Where checkpoints, metrics and the final model go."""
 
     uri: str = _field(
-        description="s3:// prefix; the job writes checkpoints/, metrics.jsonl, model/ and eval/ under "
-        "<uri>/<namespace>/<name>/.",
+        description="s3:// prefix; each incarnation of the job (its uid) writes checkpoints/, metrics.jsonl, "
+        "model/ and eval/ under <uri>/<namespace>/<name>/<uid>/, so a job deleted and re-created with the "
+        "same name never resumes, overwrites or deletes an earlier one's files.",
         pattern=S3_URI_PATTERN,
     )
     export_merged: bool = _field(
@@ -439,7 +451,11 @@ class FineTuneJobSpec(Model):
     active_deadline_seconds: int | None = _field(
         None, description="Fail the training when it runs longer than this.", ge=1
     )
-    backoff_limit: int = _field(0, description="Retries of the training after a failure (resumes from checkpoint).", ge=0, le=100)
+    backoff_limit: int = _field(
+        0, description="Retries of the whole Ray job on a new Ray cluster after it failed (KubeRay's RayJob "
+        "backoffLimit); each retry resumes from the latest complete checkpoint. Worker failures inside a running "
+        "cluster are handled first by spec.training.maxWorkerRestarts.", ge=0, le=100
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
@@ -631,6 +647,21 @@ class CheckpointRef(Model):
     time: str | None = _field(None, description="When it was written (RFC 3339).")
 
 
+class Restart(Model):
+    """One restart of the training, and why it happened."""
+
+    time: str | None = _field(None, description="When the restarted workers started (RFC 3339).")
+    cause: Literal["WorkerFailed", "NodePreempted", "JobRetried"] = _field(
+        description="WorkerFailed: Ray Train restarted the worker group after a worker was lost "
+        "(maxWorkerRestarts); NodePreempted: after a node was preempted or drained, from its just-in-time "
+        "checkpoint (maxPreemptionRestarts); JobRetried: a new Ray job (backoffLimit, a new Ray cluster)."
+    )
+    message: str | None = _field(None, description="Detail of the cause.")
+    resumed_step: int = _field(0, description="The step training resumed at (0: from the start).")
+    resumed_from: str | None = _field(None, description="s3:// prefix of the checkpoint resumed from.")
+    trial: str | None = _field(None, description="The tuning trial that restarted, during tuning.")
+
+
 class TrialStatus(Model):
     """One hyperparameter trial."""
 
@@ -683,6 +714,9 @@ class FineTuneJobStatus(Model):
     progress: Progress | None = _field(None, description="Training progress.")
     data: DataStats | None = _field(None, description="Data statistics.")
     checkpoints: list[CheckpointRef] | None = _field(None, description="Latest checkpoints.")
+    restarts: list[Restart] | None = _field(
+        None, description="Restarts of the training within this job (latest 20), each with its cause."
+    )
     trials: list[TrialStatus] | None = _field(None, description="Hyperparameter trials.")
     best_trial: str | None = _field(None, description="Id of the best trial.")
     evaluation: EvaluationSummary | None = _field(None, description="Evaluation summary.")
@@ -718,7 +752,9 @@ class TrainerConfig(Model):
 
     job: JobRef = _field(description="The FineTuneJob.")
     spec: FineTuneJobSpec = _field(description="The FineTuneJob's spec.")
-    run_uri: str = _field(description="s3:// prefix for this job's outputs: <output.uri>/<namespace>/<name>.")
+    run_uri: str = _field(
+        description="s3:// prefix for this job's outputs: <output.uri>/<namespace>/<name>/<uid> (see run_uri)."
+    )
     reporting: ReportingSpec = _field(default_factory=ReportingSpec, description="Progress reporting.")
 
     @property
@@ -738,9 +774,20 @@ class TrainerConfig(Model):
         return f"{self.run_uri}/eval"
 
 
-def run_uri(output_uri: str, namespace: str, name: str) -> str:
-    """The prefix all of one job's outputs live under."""
-    return f"{output_uri.rstrip('/')}/{namespace}/{name}"
+def run_uri(output_uri: str, namespace: str, name: str, uid: str | None) -> str:
+    """The prefix all of one job incarnation's outputs live under: <output>/<namespace>/<name>/<uid>.
+
+    The uid makes each incarnation its own run: a FineTuneJob deleted and re-created with the same name (a new
+    uid) starts from step 0 and never resumes, overwrites or deletes the earlier one's checkpoints or model.
+    The operator always passes the job's metadata.uid and `kubetune run` a fresh one per run; only configs
+    made without a Kubernetes object (library use, tests) have none and write under <output>/<namespace>/<name>.
+    """
+    base = f"{output_uri.rstrip('/')}/{namespace}/{name}"
+    if uid is None:
+        return base
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", uid):
+        raise ValueError(f"a job uid is letters, digits, '.', '_' and '-', got {uid!r}")
+    return f"{base}/{uid}"
 
 
 def resolve_trainer_config(name: str, namespace: str, uid: str | None, spec: FineTuneJobSpec) -> TrainerConfig:
@@ -748,7 +795,7 @@ def resolve_trainer_config(name: str, namespace: str, uid: str | None, spec: Fin
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid),
         spec=spec,
-        run_uri=run_uri(spec.output.uri, namespace, name),
+        run_uri=run_uri(spec.output.uri, namespace, name, uid),
     )
 
 

@@ -91,7 +91,8 @@ class Connection:
     @staticmethod
     def run_uri(job: dict[str, Any]) -> str:
         spec = api.parse_spec(job.get("spec") or {})
-        return api.run_uri(spec.output.uri, job["metadata"]["namespace"], job["metadata"]["name"])
+        meta = job["metadata"]
+        return api.run_uri(spec.output.uri, meta["namespace"], meta["name"], meta.get("uid"))
 
     def read_run_object(self, job: dict[str, Any], rel: str) -> str | None:
         """An object under the job's run prefix (e.g. metrics.jsonl) as text; None when it is not there."""

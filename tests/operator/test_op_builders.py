@@ -88,7 +88,7 @@ def test_config_map_holds_the_resolved_config() -> None:
     cm = _children("lora-chat")[0]
     config = api.TrainerConfig.model_validate(json.loads(cm["data"][CONFIG_KEY]))
     assert config.job.name == "lora-chat" and config.job.namespace == "ml-team" and config.job.uid == OWNER_UID
-    assert config.run_uri == "s3://kubetune-runs/chat/ml-team/lora-chat"
+    assert config.run_uri == f"s3://kubetune-runs/chat/ml-team/lora-chat/{OWNER_UID}"  # one run per incarnation
     assert config.spec.training.lora_settings.r == 16
     # Defaults are filled in, so the trainer never guesses.
     assert json.loads(cm["data"][CONFIG_KEY])["spec"]["training"]["scheduler"] == "cosine"

@@ -126,7 +126,10 @@ def test_manifest_envelope():
 
 def test_trainer_config_paths():
     cfg = api.resolve_trainer_config("j1", "team", "uid-1", api.parse_spec(GOOD))
-    assert cfg.run_uri == "s3://outputs/runs/team/j1"
-    assert cfg.checkpoints_uri.endswith("/team/j1/checkpoints")
+    assert cfg.run_uri == "s3://outputs/runs/team/j1/uid-1"  # each incarnation (uid) is a run of its own
+    assert cfg.checkpoints_uri.endswith("/team/j1/uid-1/checkpoints")
+    assert api.resolve_trainer_config("j1", "team", "uid-2", api.parse_spec(GOOD)).run_uri != cfg.run_uri
+    with pytest.raises(ValueError):
+        api.run_uri("s3://outputs/runs", "team", "j1", "../j2")  # a uid can never step out of the job's prefix
     again = api.TrainerConfig.model_validate_json(cfg.model_dump_json(by_alias=True))
     assert again == cfg

@@ -136,7 +136,7 @@ def _artifact(model_status: dict[str, Any] | None) -> api.ModelArtifact | None:
 def serving_plan(owner: Owner, spec: api.FineTuneJobSpec, model_status: dict[str, Any] | None) -> ServingPlan:
     """What to serve for this job; raises NotServable with a condition reason and an actionable message."""
     artifact = _artifact(model_status)
-    run = api.run_uri(spec.output.uri, owner.namespace, owner.name)
+    run = api.run_uri(spec.output.uri, owner.namespace, owner.name, owner.uid or None)
     name = served_model_name(owner, spec)
     if not name or any(ch.isspace() for ch in name) or "=" in name:
         raise NotServable(c.SERVING_REJECTED, f"spec.deploy.servedModelName {name!r}: vLLM takes a name without "
