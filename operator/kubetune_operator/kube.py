@@ -68,6 +68,7 @@ KINDS = {
         Kind("apps/v1", "Deployment", "deployments"),
         Kind("rbac.authorization.k8s.io/v1", "Role", "roles"),
         Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
+        Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
         Kind("ray.io/v1", "RayJob", "rayjobs"),
         Kind(api.API_VERSION, api.KIND, api.PLURAL),
     )
@@ -177,18 +178,12 @@ class Kube:
                 return None
             raise _error(e, f"get {kind.kind} {namespace}/{name}") from None
 
-    def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        """The objects of `kind` in `namespace` matching `label_selector` (one request, no paging: small sets)."""
+    def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None) -> list[dict[str, Any]]:
+        """Every object of `kind` in `namespace` (None: all namespaces), optionally only those matching
+        `label_selector` (one request, no paging: small sets)."""
+        query = [("labelSelector", label_selector)] if label_selector else None
         try:
-            result = self._call("list", "GET", kind.path(namespace), query=[("labelSelector", label_selector)])
-        except ApiException as e:
-            raise _error(e, f"list {kind.kind} in {namespace} ({label_selector})") from None
-        return list(result.get("items") or [])
-
-    def list(self, kind: Kind, namespace: str | None = None) -> list[dict[str, Any]]:
-        """Every object of `kind` in `namespace` (None: all namespaces)."""
-        try:
-            return self._call("list", "GET", kind.path(namespace)).get("items") or []
+            return self._call("list", "GET", kind.path(namespace), query=query).get("items") or []
         except ApiException as e:
             raise _error(e, f"list {kind.kind} in {namespace or 'all namespaces'}") from None
 

@@ -11,7 +11,8 @@ The policy:
   fields) and posts a Warning Event. Reverting the change clears the condition. To train with new settings,
   create a new FineTuneJob (or delete and re-create this one).
 - **Live fields follow the spec at any time**: `suspend`, `activeDeadlineSeconds` and `backoffLimit` are
-  patched into the RayJob (KubeRay acts on them while the job runs; Kueue toggles `suspend`), and `deploy`
+  patched into the RayJob (KubeRay acts on them while the job runs); `suspend` only when the user changed it
+  (Kueue suspends and resumes the RayJob itself, and the operator never undoes that), and `deploy`
   governs serving, which is reconciled separately after training succeeds.
 - Before the RayJob exists (e.g. while a spec is invalid) every field may change.
 

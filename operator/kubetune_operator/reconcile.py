@@ -32,7 +32,7 @@ from kubetune import api
 from kubetune_operator import builders, guards, metrics, names, policy, reconcile_deploy
 from kubetune_operator import conditions as c
 from kubetune_operator.builders.config import applied_spec
-from kubetune_operator.builders.rayjob import live_fields
+from kubetune_operator.builders.rayjob import live_patch
 from kubetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube, KubeError, NotOwned, check_owned
 from kubetune_operator.meta import ANNOTATION_SPEC_HASH, Owner
 from kubetune_operator.settings import Settings
@@ -188,13 +188,12 @@ def _rejected_fields(ctx: Context, ray: dict[str, Any]) -> list[str]:
 
 
 def _apply_live_fields(kube: Kube, ray: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]:
-    current = ray.get("spec") or {}
-    patch = {k: v for k, v in live_fields(spec).items() if current.get(k) != v}
+    patch = live_patch(ray, spec)  # suspend only when the user changed it: Kueue's own changes stay
     if not patch:
         return ray
     meta = ray["metadata"]
-    log.info("RayJob %s/%s: applying live fields %s", meta["namespace"], meta["name"], sorted(patch))
-    return kube.patch(RAYJOB, meta["namespace"], meta["name"], {"spec": patch})
+    log.info("RayJob %s/%s: applying live fields %s", meta["namespace"], meta["name"], sorted(patch.get("spec", {})))
+    return kube.patch(RAYJOB, meta["namespace"], meta["name"], patch)
 
 
 def _raise_for(e: KubeError) -> None:

@@ -29,6 +29,9 @@ tag, never `latest`, so that an operator release always starts the trainer it wa
 | KUBETUNE_MAX_WORKERS              | 16                                        | threads running (blocking) handlers       |
 | KUBETUNE_ALLOWED_IMAGE_REGISTRIES | (empty: any)                              | comma-separated registries (or registry/  |
 |                                   |                                           | path prefixes) a spec's images may use    |
+| KUBETUNE_OPERATOR_NAMESPACE       | (empty: any)                              | namespace of this operator, admitted to   |
+|                                   |                                           | Ray heads by their NetworkPolicy          |
+| KUBETUNE_KUBERAY_NAMESPACE        | (empty: any)                              | namespace of KubeRay's operator, likewise |
 
 Peering: kopf pauses every replica that sees a live peer of the same or a higher priority, so replicas that
 all had priority 0 paused each other for good. Each replica takes its own priority (a hash of its pod name,
@@ -77,6 +80,8 @@ class Settings:
     peering_lifetime: int = 20
     max_workers: int = 16
     allowed_image_registries: tuple[str, ...] = field(default_factory=tuple)
+    operator_namespace: str | None = None
+    kuberay_namespace: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -136,6 +141,8 @@ class Settings:
             peering_lifetime=number("KUBETUNE_PEERING_LIFETIME", 20, 5, 3600),
             max_workers=number("KUBETUNE_MAX_WORKERS", 16, 1, 1024),
             allowed_image_registries=registries,
+            operator_namespace=(env.get("KUBETUNE_OPERATOR_NAMESPACE") or "").strip() or None,
+            kuberay_namespace=(env.get("KUBETUNE_KUBERAY_NAMESPACE") or "").strip() or None,
         )
 
 

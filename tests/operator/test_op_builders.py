@@ -57,7 +57,8 @@ def test_every_example_parses_and_builds(example: str) -> None:
     manifest, spec = _example(example)
     children = builders.training_children(Owner(manifest["metadata"]["name"], "ns", OWNER_UID), spec, Settings(),
                                           policy.spec_hash(manifest["spec"]))
-    assert [c["kind"] for c in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "RayJob"]
+    assert [c["kind"] for c in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
+                                            "RayJob"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

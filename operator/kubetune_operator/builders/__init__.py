@@ -10,12 +10,13 @@ from typing import Any
 
 from kubetune import api
 from kubetune_operator.builders.config import config_map
+from kubetune_operator.builders.network import head_network_policy
 from kubetune_operator.builders.rayjob import ray_job
 from kubetune_operator.builders.rbac import role, role_binding, service_account
 from kubetune_operator.meta import Owner
 from kubetune_operator.settings import Settings
 
-__all__ = ["config_map", "ray_job", "role", "role_binding", "service_account", "training_children"]
+__all__ = ["config_map", "head_network_policy", "ray_job", "role", "role_binding", "service_account", "training_children"]
 
 
 def training_children(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_hash: str) -> list[dict[str, Any]]:
@@ -25,5 +26,6 @@ def training_children(owner: Owner, spec: api.FineTuneJobSpec, settings: Setting
         service_account(owner),
         role(owner),
         role_binding(owner),
+        head_network_policy(owner, settings),
         ray_job(owner, spec, settings, spec_hash),
     ]

@@ -22,12 +22,22 @@ Shape, and why:
   (and its status) stays until the FineTuneJob is deleted.
 - `suspend`, `activeDeadlineSeconds`, `backoffLimit` pass through (KubeRay enforces them); the Kueue queue
   name passes through as the `kueue.x-k8s.io/queue-name` label, which is where Kueue reads it.
+- `suspend` is shared with Kueue, which suspends and unsuspends the RayJob itself. The value the operator
+  last applied is kept in the annotation `kubetune.io/applied-suspend`, and `live_patch` passes on only a
+  change of the user's `spec.suspend` against it: a full reconcile, an operator restart or a label edit
+  never undoes what Kueue set.
 - S3 credentials come from the named Secret through `secretKeyRef`; no key ever appears in this object.
 - Every pod runs as the job's trainer ServiceAccount, which may patch only this job's status.
+- The head is locked twice: Ray's token authentication through KubeRay's `rayClusterSpec.authOptions`
+  (`mode: token`; KubeRay makes the token Secret and hands it to the head, workers and submitter), and a
+  NetworkPolicy (builders.network). Pods run non-root as Ray's image user (uid 1000, gid 100: the trainer
+  image is built on rayproject/ray and runs as `ray`), with no privilege escalation, every capability dropped
+  and the RuntimeDefault seccomp profile. (InfiniBand's IPC_LOCK needs a derived pod template: docs/scaling.md.)
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from kubetune import api
@@ -37,6 +47,11 @@ from kubetune_operator.meta import ANNOTATION_SPEC_HASH, LABEL_KUEUE_QUEUE, Owne
 from kubetune_operator.settings import Settings
 
 ENTRYPOINT = f"python -m kubetune_trainer --config {CONFIG_PATH}"
+ANNOTATION_APPLIED_SUSPEND = "kubetune.io/applied-suspend"
+RAY_UID, RAY_GID = 1000, 100  # the `ray` user of rayproject/ray images, which the trainer image keeps
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 WORKER_GROUP = "workers"
 CONFIG_VOLUME = "kubetune-config"
 SHM_VOLUME = "dshm"
@@ -111,11 +126,13 @@ def _pod_template(
         "env": _env(owner, spec),
         "resources": resources,
         "volumeMounts": _mounts(),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
     if ports:
         c["ports"] = ports
     pod: dict[str, Any] = {
         "serviceAccountName": names.service_account(owner.name),
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [c],
         "volumes": _volumes(owner, spec.resources.scratch),
     }
@@ -147,7 +164,7 @@ def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_ha
     image = res.images.trainer or settings.trainer_image
     extra_labels = {LABEL_KUEUE_QUEUE: res.queue} if res.queue else {}
     metadata = object_meta(owner, names.ray_job(owner.name), "training", **extra_labels)
-    metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash}
+    metadata["annotations"] = {ANNOTATION_SPEC_HASH: spec_hash, ANNOTATION_APPLIED_SUSPEND: _flag(spec.suspend)}
 
     gpus = {res.gpu_resource_name: str(res.gpus_per_worker)} if res.gpus_per_worker > 0 else None
     worker_start = {"num-gpus": str(res.gpus_per_worker)} if res.gpus_per_worker > 0 else {}
@@ -175,6 +192,7 @@ def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_ha
         "suspend": spec.suspend,
         "rayClusterSpec": {
             "rayVersion": settings.ray_version,
+            "authOptions": {"mode": "token"},
             "headGroupSpec": head,
             "workerGroupSpecs": [worker],
         },
@@ -184,6 +202,10 @@ def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_ha
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": job_spec}
 
 
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
 def live_fields(spec: api.FineTuneJobSpec) -> dict[str, Any]:
     """The RayJob spec fields that follow the FineTuneJob after creation (see kubetune_operator.policy)."""
     return {
@@ -191,3 +213,23 @@ def live_fields(spec: api.FineTuneJobSpec) -> dict[str, Any]:
         "activeDeadlineSeconds": spec.active_deadline_seconds,
         "backoffLimit": spec.backoff_limit,
     }
+
+
+def live_patch(ray: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    """The merge patch that brings an existing RayJob's live fields in line with `spec` ({} when none).
+
+    `suspend` only when the user changed `spec.suspend` since the operator last applied it (the annotation);
+    otherwise the RayJob's suspend is Kueue's (or KubeRay's) and stays as it is. A RayJob without the
+    annotation (made by an older operator) gets it recorded, its suspend untouched."""
+    current = ray.get("spec") or {}
+    wanted = live_fields(spec)
+    spec_patch = {k: v for k, v in wanted.items() if k != "suspend" and current.get(k) != v}
+    applied = ((ray.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_APPLIED_SUSPEND)
+    patch: dict[str, Any] = {}
+    if applied != _flag(spec.suspend):
+        if applied is not None and current.get("suspend", False) != spec.suspend:
+            spec_patch["suspend"] = spec.suspend
+        patch["metadata"] = {"annotations": {ANNOTATION_APPLIED_SUSPEND: _flag(spec.suspend)}}
+    if spec_patch:
+        patch["spec"] = spec_patch
+    return patch
