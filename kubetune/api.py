@@ -29,6 +29,7 @@ SHORT_NAMES = ["ftj"]
 S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s@]*)?$"
 MODEL_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s@]*)?|hf://[A-Za-z0-9][\w.\-]*/[\w.\-]+)$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035 label: a Service name
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
@@ -105,6 +106,10 @@ class FieldMapping(Model):
     system: str = _field("system", description="instruction: optional key of a system prompt.")
     text: str = _field("text", description="completion and classification: key of the text.")
     label: str = _field("label", description="classification: key of the label (an integer id or a class name).")
+    input: str | None = _field(
+        None, description="instruction: optional key of a text appended to the prompt after a blank line (Alpaca's "
+        "`input`; with prompt: instruction, response: output).", max_length=253,
+    )
 
 
 class Preprocessing(Model):
@@ -143,13 +148,39 @@ class Preprocessing(Model):
     )
 
 
+# Record formats one job may mix across sources: they are rendered and masked the same way.
+FORMAT_FAMILIES = ({"chat", "instruction"}, {"completion"}, {"classification"})
+
+
+class DataSource(Model):
+    """One training source of a mixture: where it is, how to read it, and its share of the training records."""
+
+    uri: str = _field(description="An s3:// object or prefix, as for train.", pattern=S3_URI_PATTERN)
+    weight: float = _field(
+        1.0, description="Relative share of the training examples drawn from this source (weights need not sum "
+        "to 1). Sources are interleaved in proportion until the first one runs out.", gt=0, le=1e6,
+    )
+    format: Literal["chat", "instruction", "completion", "classification"] | None = _field(
+        None, description="Record layout of this source; defaults to spec.dataset.format. chat and instruction "
+        "sources mix (both are conversations).",
+    )
+    file_format: Literal["auto", "jsonl", "json", "parquet"] | None = _field(
+        None, description="File format of this source; defaults to spec.dataset.fileFormat."
+    )
+    fields: FieldMapping | None = _field(None, description="Record keys of this source; defaults to spec.dataset.fields.")
+
+
 class DatasetSpec(Model):
     """Training and validation data in S3, and how to read it."""
 
-    train: str = _field(
-        description="Training data: an s3:// object or prefix of JSONL (.jsonl, .json, optionally .gz) or "
-        "Parquet files.",
+    train: str | None = _field(
+        None,
+        description="Training data: an s3:// object or prefix of JSONL (.jsonl, .ndjson), JSON arrays (.json) "
+        "or Parquet files, optionally gzipped. Set either train or sources.",
         pattern=S3_URI_PATTERN,
+    )
+    sources: list[DataSource] | None = _field(
+        None, description="Several training sources mixed by weight, instead of train.", min_length=1, max_length=64
     )
     validation: str | None = _field(
         None, description="Held-out data, same layout as train.", pattern=S3_URI_PATTERN
@@ -164,8 +195,9 @@ class DatasetSpec(Model):
         description="Record layout: chat messages, instruction prompt/response, completion text, or "
         "classification text/label."
     )
-    file_format: Literal["auto", "jsonl", "parquet"] = _field(
-        "auto", description="File format; auto decides by file extension."
+    file_format: Literal["auto", "jsonl", "json", "parquet"] = _field(
+        "auto", description="File format: jsonl (one object a line), json (one array of objects), parquet; auto "
+        "decides Parquet by extension and JSONL or JSON array by the first character."
     )
     fields: FieldMapping = _field(default_factory=FieldMapping, description="Record keys for each format.")
     labels: list[str] | None = _field(
@@ -200,6 +232,19 @@ class DatasetSpec(Model):
             raise ValueError("inline S3 credentials are not accepted; store them in a Secret and name it in "
                              "spec.dataset.credentialsSecret")
         return None
+
+    def train_sources(self) -> list[DataSource]:
+        """The training sources with every default filled in: sources, or train as a single source."""
+        given = self.sources or [DataSource(uri=self.train or "")]
+        return [src.model_copy(update={
+            "format": src.format or self.format,
+            "file_format": src.file_format or self.file_format,
+            "fields": src.fields or self.fields,
+        }) for src in given]
+
+    def train_uris(self) -> list[str]:
+        """Every training URI (train or each source's)."""
+        return [s.uri for s in self.sources] if self.sources else [self.train] if self.train else []
 
 
 class LoraSpec(Model):
@@ -435,6 +480,39 @@ class DeploySpec(Model):
         "(absolute; e.g. 0.01 evalLoss).",
         ge=0.0,
     )
+    server: str | None = _field(
+        None,
+        description="Serve the LoRA adapter on the shared inference server of this name (declared by a "
+        "ConfigMap of that name labelled kubetune.io/inference-server; docs/serving.md) instead of a dedicated "
+        "Deployment; replicas and resources then come from the server's declaration.",
+        pattern=SERVICE_NAME_PATTERN,
+        max_length=63,
+    )
+
+
+class InferenceServerSpec(Model):
+    """A shared multi-LoRA inference server (`server.yaml` of a ConfigMap labelled kubetune.io/inference-server):
+    one vLLM Deployment on `baseModel` serving the adapter of every job whose spec.deploy.server names it."""
+
+    base_model: str = _field(description="The base every adapter was trained on (s3:// prefix or hf://org/name); "
+                             "a job whose base differs is refused.", pattern=MODEL_URI_PATTERN)
+    revision: str | None = _field(None, description="hf:// base: the revision to load.", max_length=255)
+    replicas: int = _field(1, description="Server replicas; each holds every adapter.", ge=0, le=1000)
+    resources: DeployResources = _field(default_factory=DeployResources, description="Resources per replica.")
+    max_lora_rank: int = _field(16, description="vLLM --max-lora-rank: the largest adapter rank served (one "
+                                "of 1, 8, 16, 32, 64, 128, 256, 320, 512).", ge=1, le=512)
+    max_loras: int = _field(4, description="vLLM --max-loras: adapters held on the device at once (others wait "
+                            "in CPU memory).", ge=1, le=256)
+    max_model_len: int | None = _field(None, description="vLLM --max-model-len.", ge=16)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field("auto", description="Weights' dtype.")
+    chat_template: str | None = _field(None, description="Inline Jinja chat template for every model on the "
+                                       "server (vLLM --chat-template); unset: the base's own.", max_length=65536)
+    endpoint: str | None = _field(None, description="S3 endpoint URL of an s3:// base; empty for AWS.",
+                                  max_length=2048)
+    region: str = _field("us-east-1", description="S3 region of the base.", max_length=64)
+    credentials_secret: str | None = _field(None, description="Secret with AWS_ACCESS_KEY_ID and "
+                                            "AWS_SECRET_ACCESS_KEY for an s3:// base.", pattern=DNS_SUBDOMAIN_PATTERN)
+    image: str | None = _field(None, description="Inference image; default: the operator's.", max_length=1024)
 
 
 class FineTuneJobSpec(Model):
@@ -472,6 +550,9 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     r = spec.resources
     if r.ranks_per_worker is not None and r.gpus_per_worker > 0 and r.ranks_per_worker != r.gpus_per_worker:
         errs.append(("spec.resources.ranksPerWorker", "must equal gpusPerWorker (one rank per GPU) or be unset"))
+    if spec.deploy.server and (t.method != "lora" or spec.deploy.mode == "merged"):
+        errs.append(("spec.deploy.server", "a shared inference server serves LoRA adapters on its base: needs "
+                     "training.method lora and deploy.mode adapter (or unset)"))
     if t.method == "full" and t.lora is not None:
         errs.append(("spec.training.lora", "LoRA settings are only allowed with method: lora"))
     if m.task == "sequence-classification":
@@ -485,6 +566,7 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
         errs.append(("spec.dataset.format", "classification data needs task: sequence-classification"))
     if d.labels is not None and m.num_labels is not None and len(d.labels) != m.num_labels:
         errs.append(("spec.dataset.labels", f"has {len(d.labels)} names but numLabels is {m.num_labels}"))
+    errs.extend(_source_errors(d))
     if d.validation is not None and d.validation_split is not None:
         errs.append(("spec.dataset.validationSplit", "set either validation or validationSplit, not both"))
     has_eval = d.validation is not None or d.validation_split is not None
@@ -507,6 +589,15 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     if spec.tuning is not None:
         errs.extend(_tuning_errors(spec))
     return errs
+
+
+def _source_errors(d: DatasetSpec) -> list[tuple[str, str]]:
+    if (d.train is None) == (d.sources is None):
+        return [("spec.dataset.train", "set either train or sources (exactly one)")]
+    family = next(f for f in FORMAT_FAMILIES if d.format in f)
+    return [(f"spec.dataset.sources[{i}].format", f"{s.format} records cannot be mixed with {d.format} "
+             f"(mixable: chat with instruction)") for i, s in enumerate(d.sources or [])
+            if s.format is not None and s.format not in family]
 
 
 def _tuning_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
@@ -624,6 +715,27 @@ class Progress(Model):
     updated_at: str | None = _field(None, description="When this was reported (RFC 3339).")
 
 
+class StartupTimes(Model):
+    """Where the time before the first training step went (seconds), reported by the trainer's rank 0."""
+
+    ray_start_seconds: float | None = _field(None, description="Starting or joining the Ray cluster (driver).")
+    data_seconds: float | None = _field(
+        None, description="Data preparation on the driver (read, clean, tokenise, pack, shard), then loading the "
+        "worker's shard."
+    )
+    worker_start_seconds: float | None = _field(None, description="Ray Train starting the worker group.")
+    model_load_seconds: float | None = _field(None, description="Base model fetched (node cache) and loaded.")
+    deepspeed_init_seconds: float | None = _field(
+        None, description="The process group and the DeepSpeed engine set up."
+    )
+    resume_seconds: float | None = _field(None, description="Finding and loading the checkpoint to resume from.")
+    base_eval_seconds: float | None = _field(None, description="The base model's held-out evaluation.")
+    first_step_seconds: float | None = _field(None, description="The first training step itself.")
+    time_to_first_step_seconds: float | None = _field(
+        None, description="From the trainer's start to the end of its first training step."
+    )
+
+
 class DataStats(Model):
     """What preprocessing saw."""
 
@@ -636,6 +748,9 @@ class DataStats(Model):
     invalid_by_reason: dict[str, int] | None = _field(None, description="Invalid records per reason.")
     tokens: int | None = _field(None, description="Training tokens after tokenisation.")
     sequences: int | None = _field(None, description="Training sequences after packing.")
+    source_records: list[int] | None = _field(
+        None, description="Examples kept from each of spec.dataset.sources, in order (mixtures only)."
+    )
 
 
 class CheckpointRef(Model):
@@ -679,6 +794,11 @@ class ModelArtifact(Model):
     base_uri: str | None = _field(None, description="Base model the adapter applies to.")
     merged_uri: str | None = _field(None, description="Merged weights, when exported.")
     kind: Literal["adapter", "full"] | None = _field(None, description="adapter or full.")
+    chat_template: str | None = _field(
+        None, description="File under uri holding the Jinja chat template the trainer rendered conversations "
+        "with (e.g. chat_template.jinja); the inference server is started with it (--chat-template).",
+        max_length=253,
+    )
 
 
 class EvaluationSummary(Model):
@@ -713,6 +833,7 @@ class FineTuneJobStatus(Model):
     ray_job: RayJobStatus | None = _field(None, description="The RayJob.")
     progress: Progress | None = _field(None, description="Training progress.")
     data: DataStats | None = _field(None, description="Data statistics.")
+    startup: StartupTimes | None = _field(None, description="Where the time before the first training step went.")
     checkpoints: list[CheckpointRef] | None = _field(None, description="Latest checkpoints.")
     restarts: list[Restart] | None = _field(
         None, description="Restarts of the training within this job (latest 20), each with its cause."

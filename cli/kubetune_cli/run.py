@@ -27,7 +27,9 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port of the OpenAI-compatible server (default: a free one)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the sample answers (default 64)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an earlier run of this job from its checkpoint (default in kubetune's local S3: "
-                        "start afresh; elsewhere the trainer always resumes)")
+                   help="continue the previous run of this job from its checkpoint (default: a new run, with a "
+                        "new uid and so its own S3 prefix; earlier runs are left as they are)")
     p.set_defaults(func=run)
 
 
@@ -101,10 +103,8 @@ def run(args: argparse.Namespace) -> int:
         client = s3.client()
         with timings.phase("seed"):
             _seed(console, s3, client, m.spec)
-        cfg = _trainer_config(m)
+        cfg = _trainer_config(m, _run_uid(run_dir, args.resume))
         summary["runUri"] = cfg.run_uri
-        if s3.kubetune_owned and not args.resume:
-            _fresh_start(console, client, cfg.run_uri)
         with timings.phase("train"):
             status = _train(console, m, cfg, s3, run_dir, summary)
         with timings.phase("report"):
@@ -159,30 +159,28 @@ def _seed(console: Any, s3: Any, client: Any, spec: api.FineTuneJobSpec) -> None
             raise CLIError(f"{missing[0].uri} is a kubetune built-in, uploaded only into kubetune's local S3; "
                            f"{s3.description} does not have it", EXIT_USAGE)
         return
-    for uri in (spec.output.uri, spec.dataset.train, spec.model.uri):
+    for uri in (spec.output.uri, *spec.dataset.train_uris(), spec.model.uri):
         builtin.ensure_bucket(client, uri[len("s3://"):].split("/", 1)[0])
     builtin.seed(client, items, say=lambda msg: console.print(f"  {msg}"))
 
 
-def _fresh_start(console: Any, client: Any, run_uri: str) -> None:
-    """Remove an earlier run's outputs under `run_uri` (only ever called for kubetune's own local S3): the
-    trainer resumes from any checkpoint it finds there, and a second `kubetune run` should train again.
-    The prepared data (`prepared/<fingerprint>/`, addressed by its content) is kept for reuse."""
-    from kubetune.fetch import parse_s3_uri
+def _run_uid(run_dir: Path, resume: bool) -> str:
+    """The uid of this run: the previous run's with --resume, else a fresh one (kept in <run_dir>/run-uid).
 
-    bucket, prefix = parse_s3_uri(run_uri)
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for o in page.get("Contents", []) if not o["Key"].startswith(f"{prefix}/prepared/")]
-    if not keys:
-        return
-    console.print(f"removing {len(keys)} objects of an earlier run under {run_uri} (--resume continues it instead)")
-    for i in range(0, len(keys), 1000):
-        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
-                                                     "Quiet": True})
+    Like a FineTuneJob's metadata.uid it names the run's own S3 prefix (<output>/<namespace>/<name>/<uid>), so
+    a new run trains from step 0 without deleting or touching any earlier run's checkpoints or model."""
+    path = run_dir / "run-uid"
+    if resume:
+        if not path.is_file():
+            raise CLIError(f"--resume: no earlier run of this job in {run_dir}", EXIT_USAGE)
+        return path.read_text().strip()
+    uid = str(uuid.uuid4())
+    path.write_text(uid + "\n")
+    return uid
 
 
-def _trainer_config(m: manifest.Manifest) -> api.TrainerConfig:
-    cfg = api.resolve_trainer_config(m.name, m.namespace, None, m.spec)
+def _trainer_config(m: manifest.Manifest, uid: str) -> api.TrainerConfig:
+    cfg = api.resolve_trainer_config(m.name, m.namespace, uid, m.spec)
     cfg.reporting.kubernetes = False  # no API server: progress goes to the local progress file
     return cfg
 
@@ -194,13 +192,12 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
     from kubetune_operator.meta import Owner
     from kubetune_operator.settings import Settings
 
-    from kubetune_cli.progress_view import FileFollower, TrainingView
-    from kubetune_cli.localenv.pod_sandbox import PodConfigError
-    from kubetune_cli.localenv.raycluster import RayClusterError
+    from kubetune_cli.localenv import kuberay
     from kubetune_cli.localenv.rayjob_local import LocalRayJobRun
+    from kubetune_cli.progress_view import FileFollower
     from kubetune_cli.localenv.binaries import cache_dir
 
-    owner = Owner(m.name, m.namespace, "")
+    owner = Owner(m.name, m.namespace, cfg.job.uid or "")
     config_map = builders.config_map(owner, m.spec)
     config_map["data"][builders.config.CONFIG_KEY] = json.dumps(cfg.wire(), indent=2, sort_keys=True) + "\n"
     ray_job = builders.ray_job(owner, m.spec, Settings(), spec_hash="local")
@@ -208,31 +205,67 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
     progress_file = run_dir / "progress.jsonl"
     progress_file.unlink(missing_ok=True)
     secret = m.spec.dataset.credentials_secret
-    attempt = run_dir / "attempt"
-    shutil.rmtree(attempt, ignore_errors=True)  # a fresh attempt: its logs describe this run only
-    job = LocalRayJobRun(
-        ray_job, attempt,
-        config_maps=lambda name: config_map["data"] if name == config_map["metadata"]["name"] else None,
-        secrets=lambda name: s3.credentials if name == secret else None,
-        extra_env={
-            **s3.env(),  # also when the manifest names no Secret: the local stand-in for the pod's keys
-            "KUBETUNE_PROGRESS_FILE": str(progress_file.resolve()),
-            "KUBETUNE_MODEL_CACHE": str(cache_dir() / "node-model-cache"),
-            "KUBETUNE_RAY_STORAGE": str((run_dir / "ray-results").resolve()),
-        },
-    )
+    for old in [run_dir / "attempt", *run_dir.glob("attempt-*")]:
+        shutil.rmtree(old, ignore_errors=True)  # this run's attempts only: their logs describe this run
+
+    def attempt(n: int) -> LocalRayJobRun:
+        return LocalRayJobRun(
+            ray_job, run_dir / f"attempt-{n}",
+            config_maps=lambda name: config_map["data"] if name == config_map["metadata"]["name"] else None,
+            secrets=lambda name: s3.credentials if name == secret else None,
+            extra_env={
+                **s3.env(),  # also when the manifest names no Secret: the local stand-in for the pod's keys
+                "KUBETUNE_PROGRESS_FILE": str(progress_file.resolve()),
+                "KUBETUNE_MODEL_CACHE": str(cache_dir() / "node-model-cache"),
+                "KUBETUNE_RAY_STORAGE": str((run_dir / "ray-results").resolve()),
+            },
+        )
+
+    # KubeRay's state machine decides what happens after each attempt: done, or (within spec.backoffLimit) a new
+    # attempt on a fresh Ray cluster, which resumes from the newest complete checkpoint.
+    state = kuberay.OfflineRayJob(ray_job)
+    n, follower = 0, FileFollower(progress_file)
+    while True:
+        n += 1
+        job = attempt(n)
+        rc, started, view = _run_attempt(console, m, job, ray_job, follower, n)
+        message = job.message()
+        jds = state.attempt_ended(rc == 0, message, started, datetime.now(timezone.utc))
+        if jds != "Retrying":
+            break
+        console.print(f"[yellow]attempt {n} failed[/] (exit {rc}: {message}); spec.backoffLimit "
+                      f"{m.spec.backoff_limit}: a new attempt on a fresh local Ray cluster, from the latest checkpoint")
+        state.retry()
+    summary["trainer"] = {"exitCode": rc, "message": message, "log": str(job.driver_log), "attempts": n,
+                          "failedAttempts": state.status.get("failed", 0)}
+    if rc != 0:
+        tail = "\n".join(job.driver_log.read_text(errors="replace").splitlines()[-15:])
+        raise CLIError(f"training failed (exit {rc}, attempt {n} of {m.spec.backoff_limit + 1}): {message}\n"
+                       f"--- last lines of {job.driver_log} ---\n{tail}", EXIT_FAILED)
+    console.print(f"[green]trained[/]: {message}")
+    return view.status if view is not None else {}
+
+
+def _run_attempt(console: Any, m: manifest.Manifest, job: Any, ray_job: dict[str, Any], follower: Any,
+                 n: int) -> tuple[int, datetime, Any]:
+    """One attempt: a fresh local Ray cluster, the entrypoint, the progress view until it exits."""
+    from kubetune_cli.localenv.pod_sandbox import PodConfigError
+    from kubetune_cli.localenv.raycluster import RayClusterError
+    from kubetune_cli.progress_view import TrainingView
+
     view = None
     try:
-        console.print(f"Ray: a local cluster with {job.cpus} CPU(s) for {m.spec.resources.workers} worker(s)")
+        console.print(f"Ray: a local cluster with {job.cpus} CPU(s) for {m.spec.resources.workers} worker(s)"
+                      + (f" (attempt {n})" if n > 1 else ""))
         try:
             job.start_cluster()
         except (RayClusterError, PodConfigError) as e:
             raise CLIError(f"the local Ray cluster did not start (log {job.ray_log}): {str(e)[-1500:]}",
                            EXIT_ENVIRONMENT) from None
+        started = datetime.now(timezone.utc)
         job.submit()
         console.print(f"trainer: {ray_job['spec']['entrypoint']}  (log: {job.driver_log})")
         view = TrainingView(console, m.name)
-        follower = FileFollower(progress_file)
         while (rc := job.poll()) is None:
             view.update(follower.read())
             time.sleep(POLL_S)
@@ -241,14 +274,7 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
         if view is not None:
             view.stop()
         job.stop()
-    message = job.message()
-    summary["trainer"] = {"exitCode": rc, "message": message, "log": str(job.driver_log)}
-    if rc != 0:
-        tail = "\n".join(job.driver_log.read_text(errors="replace").splitlines()[-15:])
-        raise CLIError(f"training failed (exit {rc}): {message}\n--- last lines of {job.driver_log} ---\n{tail}",
-                       EXIT_FAILED)
-    console.print(f"[green]trained[/]: {message}")
-    return view.status if view is not None else {}
+    return rc, started, view
 
 
 def _report(console: Any, cfg: api.TrainerConfig, client: Any, run_dir: Path, status: dict[str, Any],
@@ -298,7 +324,7 @@ def _serve(console: Any, stack: contextlib.ExitStack, cfg: api.TrainerConfig, cl
     summary["served"] = {"url": served.server.api_base, "model": served.model, "base": served.base}
     console.print(f"[green]serving[/] {served.model} at {served.server.api_base} (ready in "
                   f"{served.server.ready_seconds:.0f} s; log {run_dir / 'vllm.log'})")
-    record = query.first_record(client, cfg.spec.dataset.validation or cfg.spec.dataset.train)
+    record = query.first_record(client, cfg.spec.dataset.validation or cfg.spec.dataset.train_uris()[0])
     sample = query.sample_from_record(record, cfg.spec.dataset) if record else None
     if sample is not None:
         with timings.phase("query"):

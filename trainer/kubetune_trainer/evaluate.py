@@ -242,7 +242,7 @@ class Evaluator:
             "metric": self.metric,
             "baseModel": spec.model.uri,
             "heldOut": {
-                "source": ds.validation or f"{ds.validation_split:g} of {ds.train} (by record hash)",
+                "source": ds.validation or f"{ds.validation_split:g} of {', '.join(ds.train_uris())} (by record hash)",
                 "sequences": self.num_rows,
                 "maxEvalBatches": spec.training.max_eval_batches,
                 "dataFingerprint": self.cache_key["data"],

@@ -87,7 +87,7 @@ def referenced(uris: Iterable[str | None]) -> list[Builtin]:
 
 def spec_uris(spec: Any) -> list[str | None]:
     """Every S3 URI a FineTuneJobSpec reads (the model and the data)."""
-    return [spec.model.uri, spec.dataset.train, spec.dataset.validation]
+    return [spec.model.uri, *spec.dataset.train_uris(), spec.dataset.validation]
 
 
 def is_present(client: Any, item: Builtin) -> bool:

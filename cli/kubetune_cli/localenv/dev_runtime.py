@@ -168,7 +168,7 @@ class LocalRuntime:
         if (cfg.spec.dataset.endpoint or "").rstrip("/") != self.s3.endpoint.rstrip("/"):
             return
         client = self.s3.client()
-        for uri in (cfg.spec.output.uri, cfg.spec.dataset.train, cfg.spec.model.uri):
+        for uri in (cfg.spec.output.uri, *cfg.spec.dataset.train_uris(), cfg.spec.model.uri):
             builtin.ensure_bucket(client, uri[len("s3://"):].split("/", 1)[0])
         builtin.seed(client, builtin.referenced(builtin.spec_uris(cfg.spec)))
 

@@ -38,7 +38,7 @@ from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.fingerprint import PREPARED_FORMAT_VERSION, fingerprint, tokenizer_identity
 from kubetune_trainer.data.invalid import InvalidTally
 from kubetune_trainer.data.packing import Packer, spill_columns
-from kubetune_trainer.data.readers import read_records
+from kubetune_trainer.data.mixture import consume, source_records
 from kubetune_trainer.data.records import Example, RecordRules, parse_record
 from kubetune_trainer.data.s3 import delete_prefix, exists, get_bytes, join_uri, list_objects, put_bytes, s3_client
 from kubetune_trainer.data.shards import batch_indices, load_shard, write_shard
@@ -75,7 +75,9 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
         raise ValueError("num_shards must be at least 1")
     ds = cfg.spec.dataset
     client = client or s3_client(ds.endpoint, ds.region)
-    train_objects = _sources(client, ds.train, "spec.dataset.train")
+    per_source = [_sources(client, src.uri, f"spec.dataset.sources[{i}]" if ds.sources else "spec.dataset.train")
+                  for i, src in enumerate(ds.train_sources())]
+    train_objects = [obj for objs in per_source for obj in objs]
     validation_objects = _sources(client, ds.validation, "spec.dataset.validation") if ds.validation else []
     fp = fingerprint(cfg, train_objects, validation_objects, tokenizer_identity(tokenizer), num_shards)
     prefix = join_uri(cfg.run_uri, "prepared", fp)
@@ -87,8 +89,7 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
         log.info("removed %d objects of an unfinished preparation under %s", removed, prefix)
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp:
         run = _Run(cfg, tokenizer, tmp)
-        for obj in train_objects:
-            run.read_object(client, obj, validation_source=False)
+        run.read_sources(client, per_source)
         for obj in validation_objects:
             run.read_object(client, obj, validation_source=True)
         run.finish()
@@ -110,6 +111,9 @@ class _Run:
         ds = cfg.spec.dataset
         self.pp = ds.preprocessing
         self.rules = RecordRules.from_spec(ds, cfg.spec.model.num_labels)
+        self.sources = ds.train_sources()
+        self.source_rules = [RecordRules.from_spec(ds, cfg.spec.model.num_labels, src) for src in self.sources]
+        self.source_kept: list[int] = []
         self.classification = ds.format == "classification"
         self.file_format = ds.file_format
         self.validation_split = ds.validation_split
@@ -136,31 +140,47 @@ class _Run:
         self._last_log = self._started
 
     def read_object(self, client: Any, obj: dict, validation_source: bool) -> None:
-        log.info("reading %s (%d bytes)", obj["uri"], obj["size"])
-        for where, value, reason in read_records(client, obj, self.file_format, self.rules.columns()):
-            self.records += 1
-            if reason is None:
-                assert value is not None
-                self._add(value, where, validation_source)
-            else:
-                self.invalid.add(reason, where)
-            if time.monotonic() - self._last_log > PROGRESS_SECONDS:
-                self._log_progress()
+        for record in source_records(client, [obj], self.file_format, self.rules.columns()):
+            self._take(record, self.rules, validation_source)
 
-    def _add(self, value: dict[str, Any], where: str, validation_source: bool) -> None:
-        ex = parse_record(value, self.rules)
+    def read_sources(self, client: Any, per_source: list[list[dict]]) -> None:
+        """The training sources, interleaved by weight (see mixture.py); one source is simply read through."""
+        streams = [source_records(client, objs, src.file_format or "auto", rules.columns())
+                   for objs, src, rules in zip(per_source, self.sources, self.source_rules)]
+        self.source_kept, first_out = consume(
+            streams, [s.weight for s in self.sources],
+            lambda i, record: self._take(record, self.source_rules[i], False))
+        if len(self.sources) > 1:
+            log.info("mixture: kept %s examples per source (weights %s); source %s ran out first",
+                     self.source_kept, [s.weight for s in self.sources], first_out)
+
+    def _take(self, record: tuple[str, Any, str | None], rules: RecordRules, validation_source: bool) -> bool:
+        """Count one raw record and pass it on; whether it was kept (valid and within the length filters)."""
+        where, value, reason = record
+        self.records += 1
+        if time.monotonic() - self._last_log > PROGRESS_SECONDS:
+            self._log_progress()
+        if reason is not None:
+            self.invalid.add(reason, where)
+            return False
+        assert value is not None
+        return self._add(value, where, validation_source, rules)
+
+    def _add(self, value: dict[str, Any], where: str, validation_source: bool, rules: RecordRules) -> bool:
+        ex = parse_record(value, rules)
         if isinstance(ex, str):
             self.invalid.add(ex, where)
-            return
+            return False
         if self.encoder.has_control_token(ex):
             self.invalid.add("control_token", where)
-            return
+            return False
         if ex.chars < self.pp.min_chars or (self.pp.max_chars is not None and ex.chars > self.pp.max_chars):
             self.filtered += 1
-            return
+            return False
         self.incoming.append((ex, content_hash(ex.content), validation_source))
         if len(self.incoming) >= BATCH_RECORDS:
             self._dedup_and_route()
+        return True
 
     def _dedup_and_route(self) -> None:
         # Exact dedup runs a batch at a time (vectorised lookups in a compact hash set); the first occurrence
@@ -263,6 +283,8 @@ def _write_outputs(run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: 
         "tokens": tokens,
         "sequences": per_shard * num_shards,
     }
+    if len(run.source_kept) > 1:
+        stats["sourceRecords"] = run.source_kept
     prepared = PreparedData(
         manifest_uri=join_uri(prefix, "manifest.json"),
         train_shards=train_uris,

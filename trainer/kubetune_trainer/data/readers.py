@@ -1,58 +1,131 @@
-"""Streaming raw records out of S3 objects: JSONL line by line (gzip too), Parquet a row-group batch at a time.
+"""Streaming raw records out of S3 objects: JSONL line by line and JSON arrays element by element (gzip too),
+Parquet a row-group batch at a time.
 
-Neither reader ever holds a whole file: JSONL goes through a 1 MiB buffered stream, Parquet through ranged GETs
-of the footer and one row group's columns. Each record comes with a location (object URI + line or row
-number, 1-based) so an invalid one can be pointed at.
+No reader ever holds a whole file: JSONL and JSON arrays go through a buffered stream, Parquet through ranged
+GETs of the footer and one row group's columns. Each record comes with a location (object URI + line, element
+or row number, 1-based) so an invalid one can be pointed at.
+
+Under fileFormat auto the extension decides Parquet; a text file's first bytes decide between JSONL (`{`) and
+a JSON array (`[`, for .json files), and a file that is neither is refused with what it starts with (an HTML
+error page saved as data, a CSV, a zip) instead of being counted as 100% invalid lines.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow.parquet as pq
 
 from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.data.json_array import iter_json_array
 from kubetune_trainer.data.s3 import RangeFile, open_stream
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)  # a JSON array or JSONL: the first character decides
 PARQUET_SUFFIXES = (".parquet", ".pq")
+SNIFF_BYTES = 4096
 
 # (location, record, reason): record is a dict when reason is None.
 RawRecord = tuple[str, "dict[str, Any] | None", "str | None"]
 
 
 def file_format_of(key: str, configured: str) -> str:
-    """jsonl or parquet for one object: the configured fileFormat, or decided by extension under auto."""
+    """parquet, jsonl, json or text (a JSON flavour the first bytes decide) for one object."""
     if configured != "auto":
         return configured
     name = key.lower().removesuffix(".gz")
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
-    raise DataError(
-        f"cannot tell the file format of {key!r} from its extension (expected .jsonl, .json, .ndjson "
-        "(optionally .gz) or .parquet); set spec.dataset.fileFormat"
-    )
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "text"  # .json and unknown extensions: decided by the content (sniff)
 
 
 def read_records(client: Any, obj: dict, configured_format: str, columns: list[str] | None = None
                  ) -> Iterator[RawRecord]:
     """Every record of one listed object (see s3.list_objects)."""
     fmt = file_format_of(obj["key"], configured_format)
-    if fmt == "jsonl":
-        yield from _read_jsonl(client, obj)
-    else:
+    if fmt == "parquet":
         yield from _read_parquet(client, obj, columns)
-
-
-def _read_jsonl(client: Any, obj: dict) -> Iterator[RawRecord]:
+        return
     stream: Any = open_stream(client, obj)
-    if obj["key"].lower().endswith(".gz"):
-        stream = gzip.GzipFile(fileobj=stream, mode="rb")
-    uri = obj["uri"]
+    try:
+        if obj["key"].lower().endswith(".gz"):
+            stream = gzip.GzipFile(fileobj=stream, mode="rb")
+        yield from _read_text(client, obj, stream, fmt, columns, unpacked=False)
+    finally:
+        stream.close()
+
+
+def _read_text(client: Any, obj: dict, stream: Any, fmt: str, columns: list[str] | None, unpacked: bool
+               ) -> Iterator[RawRecord]:
+    try:
+        head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+    except (OSError, EOFError) as exc:  # gzip's "not a gzipped file"
+        raise DataError(f"cannot read {obj['uri']}: {exc}") from None
+    kind = sniff(head, fmt, obj["uri"])
+    if kind == "parquet":  # Parquet under another name: read it as what it is
+        yield from _read_parquet(client, obj, columns)
+    elif kind == "gzip" and not unpacked:  # gzip without .gz
+        yield from _read_text(client, obj, gzip.GzipFile(fileobj=stream, mode="rb"), fmt, columns, True)
+    elif kind == "json":
+        yield from _read_json_array(stream, obj["uri"])
+    elif kind == "jsonl":
+        yield from _read_jsonl(stream, obj["uri"])
+    else:
+        raise DataError(f"{obj['uri']} starts with {describe(head)} — not JSONL, a JSON array or Parquet")
+
+
+def sniff(head: bytes, fmt: str, uri: str) -> str:
+    """What a text object holds, from its first bytes and the file format (jsonl, json or text = either):
+    jsonl, json (an array), parquet or gzip. DataError naming what was found when it is none of them."""
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    first = _first_char(head)
+    if fmt == "json" or (fmt == "text" and first == "["):
+        return "json"  # a configured JSON array that is not one is named by the array parser
+    if first in ("{", "[", ""):
+        return "jsonl"  # an empty file has no records; "[" on a .jsonl line is a not_an_object record
+    try:
+        # A first line that is valid JSON (a string, a number) makes the file JSONL with a non-object record.
+        json.loads(head.split(b"\n", 1)[0].decode("utf-8").lstrip("\ufeff"))
+        return "jsonl"
+    except ValueError:
+        pass
+    hint = "; set spec.dataset.fileFormat if the extension misleads" if fmt == "text" else ""
+    raise DataError(f"{uri} starts with {describe(head)} — not JSONL, a JSON array or Parquet{hint}")
+
+
+def describe(head: bytes) -> str:
+    """A short, printable description of a file's first bytes (e.g. '<html><head>' or a zip archive)."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive's signature (PK)"
+    text = head[:24].decode("utf-8", errors="replace").lstrip("\ufeff").lstrip()
+    return repr(text[:12]) if text else "nothing but whitespace"
+
+
+def _first_char(head: bytes) -> str:
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    return text[:1]
+
+
+def _read_json_array(stream: IO[bytes], uri: str) -> Iterator[RawRecord]:
+    try:
+        for number, value in iter_json_array(stream, uri):
+            where = f"{uri} element {number}"
+            if isinstance(value, dict):
+                yield where, value, None
+            else:
+                yield where, None, "not_an_object"
+    except (OSError, EOFError) as exc:  # truncated gzip
+        raise DataError(f"cannot read {uri}: {exc}") from None
+
+
+def _read_jsonl(stream: IO[bytes], uri: str) -> Iterator[RawRecord]:
     try:
         for lineno, raw in enumerate(stream, start=1):
             where = f"{uri} line {lineno}"
@@ -77,8 +150,6 @@ def _read_jsonl(client: Any, obj: dict) -> Iterator[RawRecord]:
             yield where, value, None
     except (OSError, EOFError) as exc:  # gzip's "not a gzipped file" / truncated stream
         raise DataError(f"cannot read {uri}: {exc}") from None
-    finally:
-        stream.close()
 
 
 def _read_parquet(client: Any, obj: dict, columns: list[str] | None) -> Iterator[RawRecord]:

@@ -1,7 +1,7 @@
 """Turning one raw record into a clean example of its format, or the reason it cannot be used.
 
-Formats: chat (a list of {role, content}), instruction (prompt/response, optional system), completion (text),
-classification (text + label id or name). Instruction records become a three-turn chat so one code path
+Formats: chat (a list of {role, content}), instruction (prompt/response, optional system and input),
+completion (text), classification (text + label id or name). Instruction records become a three-turn chat so one code path
 renders and masks both (see encode.py). Every text is normalised here, before dedup and length filters.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api import DatasetSpec
+from kubetune.api import DataSource, DatasetSpec
 from kubetune_trainer.data.normalize import normalize_text
 
 ROLES = ("system", "user", "assistant")
@@ -42,22 +42,25 @@ class RecordRules:
     num_labels: int | None
     unicode_form: str
     whitespace: bool
+    input: str | None = None
 
     @classmethod
-    def from_spec(cls, ds: DatasetSpec, num_labels: int | None) -> RecordRules:
-        f, p = ds.fields, ds.preprocessing
+    def from_spec(cls, ds: DatasetSpec, num_labels: int | None, source: DataSource | None = None) -> RecordRules:
+        """The rules of the dataset's own format and fields, or of one (defaults-filled) training source."""
+        f, p = (source.fields if source and source.fields else ds.fields), ds.preprocessing
         return cls(
-            format=ds.format, messages=f.messages, prompt=f.prompt, response=f.response, system=f.system,
+            format=(source.format if source and source.format else ds.format), messages=f.messages,
+            prompt=f.prompt, response=f.response, system=f.system,
             text=f.text, label=f.label, label_names=tuple(ds.labels) if ds.labels else None,
             num_labels=num_labels if num_labels is not None else (len(ds.labels) if ds.labels else None),
-            unicode_form=p.unicode_normalization, whitespace=p.normalize_whitespace,
+            unicode_form=p.unicode_normalization, whitespace=p.normalize_whitespace, input=f.input,
         )
 
     def columns(self) -> list[str]:
         """The record keys this format reads (Parquet reads only these columns)."""
         return {
             "chat": [self.messages],
-            "instruction": [self.system, self.prompt, self.response],
+            "instruction": [self.system, self.prompt, self.response] + ([self.input] if self.input else []),
             "completion": [self.text],
             "classification": [self.text, self.label],
         }[self.format]
@@ -132,9 +135,12 @@ def _instruction(value: dict[str, Any], rules: RecordRules) -> Example | str:
     system, r1 = _text(value, rules.system, rules, required=False)
     prompt, r2 = _text(value, rules.prompt, rules)
     response, r3 = _text(value, rules.response, rules)
-    reason = _first_reason(r1, r2, r3)
+    extra, r4 = _text(value, rules.input, rules, required=False) if rules.input else ("", None)
+    reason = _first_reason(r1, r2, r3, r4)
     if reason:
         return reason
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"  # Alpaca's layout of instruction + input
     turns = ([("system", system)] if system else []) + [("user", prompt), ("assistant", response)]
     return Example(turns, None, None, _SEP.join((system, prompt, response)), len(system) + len(prompt) + len(response))
 
