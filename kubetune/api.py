@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.io"
@@ -170,6 +170,13 @@ class DataSource(Model):
     fields: FieldMapping | None = _field(None, description="Record keys of this source; defaults to spec.dataset.fields.")
 
 
+# Names of inline credentials: never fields of the API; the CRD refuses them (see DatasetSpec).
+INLINE_CREDENTIAL_FIELDS = ("accessKeyId", "secretAccessKey", "sessionToken")
+INLINE_CREDENTIALS_MESSAGE = ("inline S3 credentials are not accepted; store them in a Secret and name it in "
+                              "spec.dataset.credentialsSecret")
+REFUSED_PROPERTIES = "x-kubetune-refused-properties"
+
+
 class DatasetSpec(Model):
     """Training and validation data in S3, and how to read it."""
 
@@ -221,17 +228,10 @@ class DatasetSpec(Model):
         pattern=DNS_SUBDOMAIN_PATTERN,
         max_length=253,
     )
-    # Declared only so that inline keys are refused with a clear message instead of being silently pruned.
-    access_key_id: str | None = _field(None, description="Refused: put S3 keys in credentialsSecret.")
-    secret_access_key: str | None = _field(None, description="Refused: put S3 keys in credentialsSecret.")
-
-    @field_validator("access_key_id", "secret_access_key")
-    @classmethod
-    def _no_inline_keys(cls, v: str | None) -> None:
-        if v is not None:
-            raise ValueError("inline S3 credentials are not accepted; store them in a Secret and name it in "
-                             "spec.dataset.credentialsSecret")
-        return None
+    # Inline keys are no fields at all (extra="forbid" refuses them here, with INLINE_CREDENTIALS_MESSAGE); the
+    # CRD generator turns this list into properties the API server itself refuses (kubetune.crd), so that they
+    # are never stored in etcd or a last-applied annotation, even without the admission webhook.
+    model_config = ConfigDict(json_schema_extra={REFUSED_PROPERTIES: list(INLINE_CREDENTIAL_FIELDS)})
 
     def train_sources(self) -> list[DataSource]:
         """The training sources with every default filled in: sources, or train as a single source."""
@@ -958,6 +958,8 @@ def errors_from_validation(exc: ValidationError, root: str = "spec") -> list[tup
     out: list[tuple[str, str]] = []
     for e in exc.errors(include_url=False):
         msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and e["loc"] and e["loc"][-1] in INLINE_CREDENTIAL_FIELDS:
+            msg = INLINE_CREDENTIALS_MESSAGE
         if e["type"] == "string_pattern_mismatch":
             meaning = _PATTERN_MEANING.get((e.get("ctx") or {}).get("pattern", ""))
             msg = meaning or msg  # never echo the input: a malformed URI may carry a key

@@ -19,7 +19,7 @@ from kubetune import api
 _KEEP = {
     "type", "description", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
     "minLength", "maxLength", "pattern", "minItems", "maxItems", "items", "properties",
-    "additionalProperties", "required", "nullable", "default", "format",
+    "additionalProperties", "required", "nullable", "default", "format", "not",
 }
 
 
@@ -78,6 +78,13 @@ def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if s.get("default", 0) == "":
         s.pop("default")
     keep = {k: v for k, v in s.items() if k in _KEEP or k.startswith("x-kubernetes-")}
+    # Names the models refuse (inline credentials): declared so that pruning does not drop them silently, with
+    # `not: {}` so that the API server refuses any value. Its message names the field and never the value.
+    for name in s.get(api.REFUSED_PROPERTIES) or ():
+        keep.setdefault("properties", {})[name] = {
+            "type": "string", "not": {},
+            "description": "Refused by the API server: " + api.INLINE_CREDENTIALS_MESSAGE + ".",
+        }
     if "type" not in keep and "x-kubernetes-preserve-unknown-fields" not in keep:
         raise ValueError(f"schema without a type: {schema}")
     return keep
@@ -112,6 +119,8 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
      "description": "Share of training steps done (%)."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Training loss."},
+    {"name": "ETA(s)", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
+     "description": "Estimated seconds of training left (the trainer's status.progress.etaSeconds)."},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.url",
      "description": "OpenAI-compatible API."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
