@@ -64,7 +64,7 @@ SERVING_VENV_STAMP = ".kubetune-serving-stamp"
 _MANAGED_FLAGS = frozenset(
     {
         "--model", "--served-model-name", "--host", "--port", "--dtype", "--max-model-len", "--enable-lora",
-        "--lora-modules", "--max-lora-rank", "--enforce-eager",
+        "--lora-modules", "--max-lora-rank", "--enforce-eager", "--chat-template", "--max-loras",
     }
 )
 
@@ -91,13 +91,17 @@ def vllm_args(
     extra: Sequence[str] = (),
     *,
     enforce_eager: bool = False,
+    chat_template: str | None = None,
+    max_loras: int | None = None,
 ) -> list[str]:
     """Arguments for ``python -m vllm.entrypoints.openai.api_server`` (the command itself excluded).
 
     ``lora_modules`` maps request-time model names to adapter folders (``--lora-modules name=path ...``);
     giving it or ``max_lora_rank`` turns on ``--enable-lora``. ``host`` has no default on purpose: a pod binds
     ``0.0.0.0``, a local run ``127.0.0.1``. ``extra`` is appended verbatim, but may not repeat a flag this
-    function manages. Raises ``ValueError`` on inputs vLLM would refuse at start-up (minutes later).
+    function manages. ``chat_template`` is a file path or an inline Jinja template (``--chat-template``: the
+    template the model was trained with, so that the server renders conversations the same way);
+    ``max_loras`` is how many adapters a batch may use at once. Raises ``ValueError`` on inputs vLLM would refuse at start-up (minutes later).
     """
     if not model_path:
         raise ValueError("model_path is empty")
@@ -136,6 +140,14 @@ def vllm_args(
                 f"max_lora_rank must be one of {VLLM_LORA_RANKS} (use lora_rank_bucket(r)), got {max_lora_rank}"
             )
         args += ["--max-lora-rank", str(max_lora_rank)]
+    if max_loras is not None:
+        if max_loras < 1:
+            raise ValueError(f"max_loras must be positive, got {max_loras}")
+        args += ["--max-loras", str(max_loras)]
+    if chat_template is not None:
+        if not chat_template.strip():
+            raise ValueError("chat_template is empty")
+        args += ["--chat-template", chat_template]
     if enforce_eager:
         args.append("--enforce-eager")
     extra = [str(x) for x in extra]

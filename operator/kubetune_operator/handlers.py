@@ -6,6 +6,9 @@
 - RayJob of ours (label kubetune.io/job) changed or deleted -> `Reconciler.on_ray_job` (status only).
 - Inference Deployment of ours (labels kubetune.io/job, app.kubernetes.io/component=inference) changed or
   deleted -> `Reconciler.on_deployment` (status, and serving put back as the spec asks).
+- ConfigMaps and Deployments labelled kubetune.io/inference-server (a shared server's declaration, the jobs'
+  adapter registrations, the server's Deployment) -> `reconcile_server.on_server_object` (the server synced
+  with its registrations; the registered jobs' status).
 - Any FineTuneJob event -> the metrics index (no API calls; trainer progress shows up in /metrics), and
   `Reconciler.on_job_event`, which acts only when the trainer reported a new model or evaluation after
   training succeeded (e.g. the evaluation the deployment gate waits for).
@@ -21,13 +24,15 @@ from typing import Any
 import kopf
 
 from kubetune import api
-from kubetune_operator import metrics
+from kubetune_operator import metrics, reconcile_server
+from kubetune_operator.builders.shared_server import LABEL_SERVER
 from kubetune_operator.meta import LABEL_JOB
 from kubetune_operator.reconcile import Invalid, Reconciler, Retry
 
 FTJ = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
 RAYJOB = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
 DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
+CONFIGMAP = {"version": "v1", "plural": "configmaps"}
 
 
 def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
@@ -53,6 +58,12 @@ def deployment_event(type: str | None, body: kopf.Body, namespace: str, memo: ko
         reconciler.on_deployment(namespace, dict(body), deleted=type == "DELETED")
 
 
+def server_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
+    with metrics.time_reconcile("server"):
+        reconcile_server.on_server_object(reconciler, namespace, dict(body), deleted=type == "DELETED")
+
+
 def serving_inputs_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
                          **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
@@ -73,5 +84,7 @@ def register(registry: kopf.OperatorRegistry) -> None:
     kopf.on.event(**RAYJOB, labels={LABEL_JOB: kopf.PRESENT}, id="rayjob", registry=registry)(ray_job_event)
     kopf.on.event(**DEPLOYMENT, labels={LABEL_JOB: kopf.PRESENT, "app.kubernetes.io/component": "inference"},
                   id="deployment", registry=registry)(deployment_event)
+    for kind in (CONFIGMAP, DEPLOYMENT):
+        kopf.on.event(**kind, labels={LABEL_SERVER: kopf.PRESENT}, id="server", registry=registry)(server_event)
     kopf.on.event(**FTJ, id="metrics", registry=registry)(job_event)
     kopf.on.event(**FTJ, id="serving-inputs", registry=registry)(serving_inputs_event)

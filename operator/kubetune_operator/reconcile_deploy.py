@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune import api
 from kubetune_operator import conditions as c
-from kubetune_operator import names
+from kubetune_operator import names, reconcile_server
 from kubetune_operator.builders import inference
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, SERVICE, KubeError, kind_of
@@ -163,7 +163,9 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
     name = names.inference(owner.name)
     existing = {kind.kind: kube.get(kind, owner.namespace, name) for kind in (SERVICE, DEPLOYMENT)}
     foreign = [k for k, obj in existing.items() if obj is not None and not _owned_by(obj, owner)]
-    if foreign:
+    if foreign and spec.deploy.server:
+        existing = {k: (None if k in foreign else obj) for k, obj in existing.items()}  # not ours, not in the way
+    elif foreign:
         _report(ctx, c.FALSE, c.NAME_CONFLICT, f"{' and '.join(foreign)} {name} already exist(s) and belong(s) "
                 "to something else; delete or rename it, or rename this job")
         from kubetune_operator.reconcile import Retry
@@ -180,12 +182,15 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
             plan = inference.serving_plan(owner, spec, ctx.status.get("model"))
         except inference.NotServable as e:
             verdict = (e.reason, e.message)
+    if plan is not None and spec.deploy.server:
+        _remove_dedicated(ctx, existing, f"serving on inference server {spec.deploy.server}")
+        _report(ctx, *reconcile_server.serve_shared(ctx, spec, plan))
+        return
+    if _was_shared(ctx):
+        reconcile_server.unregister(ctx)
     if plan is None:
         assert verdict is not None
-        removed = [f"{k} {name}" for k, obj in existing.items() if obj is not None]
-        for kind in (DEPLOYMENT, SERVICE):
-            if existing[kind.kind] is not None:
-                kube.delete(kind, owner.namespace, name)
+        removed = _remove_dedicated(ctx, existing, verdict[1], event=False)
         if removed:
             log.info("%s/%s: removed %s (%s)", owner.namespace, owner.name, ", ".join(removed), verdict[0])
             kube.post_event(owner.involved_object(), "Normal", "ServingRemoved",
@@ -211,6 +216,28 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
                         f"created {', '.join(created)} ({plan.mode}: {plan.model_uri})")
     ctx.obs.endpoint = endpoint
     _report(ctx, *deployed_condition(deployment, endpoint))
+
+
+def _remove_dedicated(ctx: Context, existing: dict[str, Any], why: str, *, event: bool = True) -> list[str]:
+    """Delete the job's own Deployment and Service (those in `existing`); what was removed."""
+    name = names.inference(ctx.owner.name)
+    removed = [f"{k} {name}" for k, obj in existing.items() if obj is not None]
+    for kind in (DEPLOYMENT, SERVICE):
+        if existing[kind.kind] is not None:
+            ctx.kube.delete(kind, ctx.owner.namespace, name)
+    if removed and event:
+        ctx.kube.post_event(ctx.owner.involved_object(), "Normal", "ServingRemoved",
+                            f"removed {', '.join(removed)}: {why}")
+    return removed
+
+
+def _was_shared(ctx: Context) -> bool:
+    """Whether the job may have a registration on a shared server (without a request: from its status)."""
+    url = (ctx.status.get("endpoint") or {}).get("url") or ""
+    reason = (c.get(ctx.status.get("conditions"), c.DEPLOYED) or {}).get("reason")
+    dedicated = f"http://{names.inference(ctx.owner.name)}.{ctx.owner.namespace}.svc:"
+    return bool(url and not url.startswith(dedicated)) or reason in (c.SERVER_NOT_FOUND, c.SERVER_INVALID,
+                                                                     c.SERVER_REFUSED)
 
 
 def _create(ctx: Context, obj: dict[str, Any], created_names: list[str]) -> dict[str, Any]:

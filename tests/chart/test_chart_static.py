@@ -160,7 +160,7 @@ EXPECTED_JOB_RULES = [
     (("kubetune.io",), ("finetunejobs",), ("get", "list", "watch", "patch")),
     (("kubetune.io",), ("finetunejobs/status",), ("get", "patch")),
     (("ray.io",), ("rayjobs",), ("get", "list", "watch", "create", "patch")),
-    (("",), ("configmaps",), ("get", "create", "patch")),
+    (("",), ("configmaps",), ("get", "list", "watch", "create", "patch", "delete")),
     (("",), ("serviceaccounts",), ("get", "create")),
     (("rbac.authorization.k8s.io",), ("roles", "rolebindings"), ("get", "create")),
     (("apps",), ("deployments",), ("get", "list", "watch", "create", "update", "patch", "delete")),

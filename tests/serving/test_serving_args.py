@@ -41,7 +41,7 @@ def test_full_args_with_lora():
         max_lora_rank=16,
         max_model_len=2048,
         dtype="bfloat16",
-        extra=["--max-loras", "2"],
+        max_loras=2,
     )
     assert args == [
         "--model", "/models/base", "--served-model-name", "support-chat", "--host", "0.0.0.0", "--port", "8080",
@@ -145,3 +145,14 @@ def test_local_server_refuses_unservable_model_before_starting(tmp_path, monkeyp
     (venv / ".kubetune-serving-stamp").write_text("x")
     with pytest.raises(VLLMServerError, match="head size 16"):
         LocalVLLMServer(tmp_path, "m", venv=venv).start()
+
+
+def test_chat_template_and_max_loras():
+    args = vllm_args("/b", "m", 8000, "127.0.0.1", lora_modules={"a": "/a"}, max_loras=3,
+                     chat_template="/models/model/chat_template.jinja")
+    assert args[args.index("--max-loras") + 1] == "3"
+    assert args[args.index("--chat-template") + 1] == "/models/model/chat_template.jinja"
+    with pytest.raises(ValueError, match="repeats flags"):
+        vllm_args("/b", "m", 8000, "127.0.0.1", extra=["--chat-template", "x"])
+    with pytest.raises(ValueError, match="chat_template is empty"):
+        vllm_args("/b", "m", 8000, "127.0.0.1", chat_template=" ")

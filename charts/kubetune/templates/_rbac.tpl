@@ -20,10 +20,12 @@ Secret themselves (secretKeyRef), and KubeRay, not kubetune, creates the Ray pod
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# The resolved trainer config; patched while no RayJob has used it yet.
+# The resolved trainer config; patched while no RayJob has used it yet. Shared inference servers
+# (docs/serving.md): their declarations are watched (list, watch), each job's adapter registration is
+# written and deleted when the job stops serving there.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The trainer's identity and its permission to report progress into its own job's status.
 - apiGroups: [""]
   resources: ["serviceaccounts"]

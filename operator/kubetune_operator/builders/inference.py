@@ -101,6 +101,7 @@ class ServingPlan:
     base_uri: str | None = None  # adapter mode: the base model (s3:// fetched into BASE_DIR, or hf://)
     base_revision: str | None = None  # hf:// base: the revision to load
     max_lora_rank: int | None = None  # adapter mode: vLLM's --max-lora-rank bucket for the adapter's rank
+    chat_template: str | None = None  # file under model_uri with the trainer's chat template (--chat-template)
 
     @property
     def base_served_name(self) -> str | None:
@@ -111,7 +112,7 @@ def served_model_name(owner: Owner, spec: api.FineTuneJobSpec) -> str:
     return spec.deploy.served_model_name or owner.name
 
 
-def _max_lora_r(spec: api.FineTuneJobSpec) -> int:
+def max_lora_r(spec: api.FineTuneJobSpec) -> int:
     """The largest adapter rank the job can export: spec.training.lora.r, or the top of a tuned lora.r range."""
     r = spec.training.lora_settings.r
     if spec.tuning is not None:
@@ -144,8 +145,12 @@ def serving_plan(owner: Owner, spec: api.FineTuneJobSpec, model_status: dict[str
     lora = (artifact.kind == "adapter") if artifact is not None and artifact.kind else (
         spec.training.method == "lora")
     model_uri = (artifact.uri if artifact is not None and artifact.uri else None) or f"{run}/model"
+    template = artifact.chat_template if artifact is not None else None
+    if template is not None and not _FILE_NAME.match(template):
+        raise NotServable(c.SERVING_REJECTED, f"status.model.chatTemplate {template!r}: must be a file name under "
+                          "status.model.uri (letters, digits, '.', '-', '_')")
     if not lora:
-        return ServingPlan(mode="full", served_model_name=name, model_uri=model_uri)
+        return ServingPlan(mode="full", served_model_name=name, model_uri=model_uri, chat_template=template)
     mode: Mode = spec.deploy.mode or "adapter"
     if mode == "merged":
         merged = artifact.merged_uri if artifact is not None else (
@@ -161,13 +166,13 @@ def serving_plan(owner: Owner, spec: api.FineTuneJobSpec, model_status: dict[str
                           "spec.output.exportMerged: true) to serve the adapter merged into plain weights")
     base = (artifact.base_uri if artifact is not None and artifact.base_uri else None) or spec.model.uri
     try:
-        rank = lora_rank_bucket(_max_lora_r(spec))
+        rank = lora_rank_bucket(max_lora_r(spec))
     except ValueError as e:
         raise NotServable(c.UNSUPPORTED_MODEL, f"{e}; serve the adapter merged (spec.deploy.mode: merged, with "
                           "spec.output.exportMerged: true)") from None
     return ServingPlan(mode="adapter", served_model_name=name, model_uri=model_uri, base_uri=base,
                        base_revision=spec.model.revision if base.startswith("hf://") else None,
-                       max_lora_rank=rank)
+                       max_lora_rank=rank, chat_template=template)
 
 
 # --------------------------------------------------------------------------------------------- objects
@@ -195,9 +200,9 @@ def _with_hash(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def _s3_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+def s3_env(secret: str | None) -> list[dict[str, Any]]:
+    """The S3 keys from `secret` by reference (secretKeyRef), never inline."""
     env: list[dict[str, Any]] = []
-    secret = spec.dataset.credentials_secret
     if secret:
         for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
                               ("AWS_SESSION_TOKEN", True)):
@@ -209,35 +214,44 @@ def _s3_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
 
 
 def _fetch_container(name: str, image: str, spec: api.FineTuneJobSpec, uri: str, dest: str) -> dict[str, Any]:
+    ds = spec.dataset
+    return fetch_container(name, image, uri, dest, endpoint=ds.endpoint, region=ds.region,
+                           secret=ds.credentials_secret)
+
+
+def fetch_container(name: str, image: str, uri: str, dest: str, *, endpoint: str | None, region: str,
+                    secret: str | None) -> dict[str, Any]:
+    """An init container copying the s3:// prefix `uri` into `dest` on the models volume."""
     command = [*FETCH_COMMAND, uri, dest]
-    if spec.dataset.endpoint:
-        command += ["--endpoint-url", spec.dataset.endpoint]
-    command += ["--region", spec.dataset.region]
+    if endpoint:
+        command += ["--endpoint-url", endpoint]
+    command += ["--region", region]
     return {
         "name": name,
         "image": image,
         "command": command,
-        "env": [{"name": "HOME", "value": HOME_DIR}, *_s3_env(spec)],
+        "env": [{"name": "HOME", "value": HOME_DIR}, *s3_env(secret)],
         "resources": json.loads(json.dumps(FETCH_RESOURCES)),
         "volumeMounts": [{"name": MODELS_VOLUME, "mountPath": MODELS_DIR},
                          {"name": HOME_VOLUME, "mountPath": HOME_DIR}],
-        "securityContext": _container_security(read_only_root=True),
+        "securityContext": container_security(read_only_root=True),
     }
 
 
-def _container_security(*, read_only_root: bool) -> dict[str, Any]:
+def container_security(*, read_only_root: bool) -> dict[str, Any]:
     sc: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     if read_only_root:
         sc["readOnlyRootFilesystem"] = True
     return sc
 
 
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
 _QUANTITY = re.compile(r"^([0-9.]+(?:[eE][-+]?[0-9]+)?)([KMGTP]i?|[kmMGTP]|)$")
 _UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "m": 1e-3,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 
-def _kv_cache_gib(memory: str) -> int:
+def kv_cache_gib(memory: str) -> int:
     """vLLM's CPU KV cache for a replica: a quarter of its memory limit, at least 1 GiB."""
     m = _QUANTITY.match(memory.strip())
     if not m:
@@ -251,7 +265,7 @@ def _server_env(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[dict[str, 
     hub = plan.base_uri is not None and plan.base_uri.startswith("hf://")
     env: dict[str, str] = {"HOME": HOME_DIR}
     if res.gpus == 0:
-        env.update(vllm_cpu_env(_kv_cache_gib(res.memory)))
+        env.update(vllm_cpu_env(kv_cache_gib(res.memory)))
     else:
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                     "DO_NOT_TRACK": "1"})
@@ -268,6 +282,8 @@ def server_args(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[str]:
     extra: list[str] = []
     if gpus > 1:
         extra += ["--tensor-parallel-size", str(gpus)]
+    # The template the trainer rendered conversations with, fetched with the model.
+    template = f"{MODEL_DIR}/{plan.chat_template}" if plan.chat_template else None
     if plan.mode == "adapter":
         assert plan.base_uri is not None
         hub = plan.base_uri.startswith("hf://")
@@ -277,12 +293,12 @@ def server_args(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[str]:
         return vllm_args(base_path, plan.base_served_name, PORT, SERVER_HOST,
                          lora_modules={plan.served_model_name: MODEL_DIR}, max_lora_rank=plan.max_lora_rank,
                          max_model_len=spec.deploy.max_model_len, dtype=dtype, extra=extra,
-                         enforce_eager=gpus == 0)
+                         enforce_eager=gpus == 0, chat_template=template)
     return vllm_args(MODEL_DIR, plan.served_model_name, PORT, SERVER_HOST, max_model_len=spec.deploy.max_model_len,
-                     dtype=dtype, extra=extra, enforce_eager=gpus == 0)
+                     dtype=dtype, extra=extra, enforce_eager=gpus == 0, chat_template=template)
 
 
-def _probe(period: int, failures: int, timeout: int) -> dict[str, Any]:
+def probe(period: int, failures: int, timeout: int) -> dict[str, Any]:
     return {"httpGet": {"path": HEALTH_PATH, "port": PORT_NAME}, "periodSeconds": period,
             "failureThreshold": failures, "timeoutSeconds": timeout}
 
@@ -305,15 +321,15 @@ def deployment(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, plan
         "env": _server_env(spec, plan),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
-        "startupProbe": _probe(10, STARTUP_SECONDS // 10, 5),
-        "readinessProbe": _probe(5, 3, 5),
-        "livenessProbe": _probe(15, 4, 10),
+        "startupProbe": probe(10, STARTUP_SECONDS // 10, 5),
+        "readinessProbe": probe(5, 3, 5),
+        "livenessProbe": probe(15, 4, 10),
         "volumeMounts": [
             {"name": MODELS_VOLUME, "mountPath": MODELS_DIR, "readOnly": True},
             {"name": HOME_VOLUME, "mountPath": HOME_DIR},
             {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
         ],
-        "securityContext": _container_security(read_only_root=False),
+        "securityContext": container_security(read_only_root=False),
     }
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,

@@ -1,0 +1,154 @@
+"""Shared multi-LoRA serving against the real API server, with the operator in-process: the test plays
+KubeRay (runs succeed), the trainer (status.model) and the Deployment controller with its kubelets.
+
+It applies docs/serving.md's manifests (the declaration and a job) and sees: adapters registered while the
+server is not declared yet (ServerNotFound), the server's Deployment built with both jobs' adapters once it
+is, both jobs Deployed on the same endpoint under their own model names, a third job refused for a taken
+model name, a deleted job's adapter dropped from the server by the garbage collector + the operator, an
+invalid declaration reported naming the field, the server gone with its declaration. Also the ETA column.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from op_support import condition, get_columns, wait_for
+
+from kubetune_cli.localenv.kubelet import DeploymentController
+from kubetune_operator.builders import shared_server as ss
+from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, FINETUNEJOB, RAYJOB, SERVICE
+from kubetune_operator import names
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
+WAIT = 45
+SECRET_VALUE = "kubetune-secret-value-do-not-leak"
+SERVER = "chat-pool"
+
+
+def doc_manifests() -> list[dict[str, Any]]:
+    """The YAML blocks docs/serving.md marks as applied by this test, in order."""
+    blocks = re.findall(r"<!-- applied by tests/operator/test_inference_shared_apiserver.py -->\n```yaml\n(.*?)```",
+                        DOC.read_text(), re.S)
+    return [yaml.safe_load(b) for b in blocks]
+
+
+@pytest.fixture(scope="module")
+def deployments(kubeconfig: Any) -> Iterator[DeploymentController]:
+    with DeploymentController(kubeconfig) as dc:
+        yield dc
+
+
+def _ftj(kube: Any, ns: str, name: str) -> dict[str, Any]:
+    return kube.get(FINETUNEJOB, ns, name) or {}
+
+
+def _deployed(kube: Any, ns: str, name: str, status: str, reason: str) -> dict[str, Any]:
+    def ok() -> dict[str, Any] | None:
+        job = _ftj(kube, ns, name)
+        c = condition(job, "Deployed")
+        return job if (c.get("status"), c.get("reason")) == (status, reason) else None
+
+    try:
+        return wait_for(f"{name}: Deployed={status} ({reason})", ok, timeout=WAIT)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nnow: {_ftj(kube, ns, name).get('status', {}).get('conditions')}") from None
+
+
+def _job(template: dict[str, Any], name: str, model: str) -> dict[str, Any]:
+    m = copy.deepcopy(template)
+    m["metadata"]["name"] = name
+    m["spec"]["deploy"]["servedModelName"] = model
+    return m
+
+
+def _train(kube: Any, kuberay: Any, ns: str, name: str) -> None:
+    rj = wait_for(f"RayJob of {name}", lambda: kube.get(RAYJOB, ns, names.ray_job(name)), timeout=WAIT)
+    kuberay.start(ns, rj["metadata"]["name"])
+    job = _ftj(kube, ns, name)
+    kube.patch_status(FINETUNEJOB, ns, name, {"model": {
+        "uri": f"s3://kubetune-runs/chat/{ns}/{name}/{job['metadata']['uid']}/model",
+        "baseUri": job["spec"]["model"]["uri"], "kind": "adapter"}})
+    kuberay.succeed(ns, rj["metadata"]["name"])
+
+
+def _server_models(kube: Any, ns: str) -> set[str] | None:
+    dep = kube.get(DEPLOYMENT, ns, SERVER)
+    return None if dep is None else ss.served_models(dep)
+
+
+def test_shared_server_serves_every_registered_adapter(
+    operator: Any, kubectl: Any, kube: Any, kuberay: Any, deployments: DeploymentController, namespace: str,
+) -> None:
+    ns = namespace
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": ns},
+                 "stringData": {"AWS_ACCESS_KEY_ID": "AKIAKUBETUNETEST0003", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}})
+    declaration, job_manifest = doc_manifests()
+    assert job_manifest["spec"]["deploy"]["server"] == SERVER
+
+    # Two jobs train before the server is declared: both register, both wait for it.
+    kubectl.apply(job_manifest, ns)
+    kubectl.apply(_job(job_manifest, "legal-bot", "legal"), ns)
+    for job in ("support-bot", "legal-bot"):
+        _train(kube, kuberay, ns, job)
+    for job in ("support-bot", "legal-bot"):
+        body = _deployed(kube, ns, job, "False", "ServerNotFound")
+        assert f"ConfigMap {SERVER} labelled {ss.LABEL_SERVER}={SERVER}" in condition(body, "Deployed")["message"]
+        assert "endpoint" not in body["status"]
+    regs = kube.list(CONFIGMAP, ns, f"{ss.LABEL_SERVER}={SERVER}")
+    assert sorted(json.loads(r["data"][ss.REGISTRATION_KEY])["model"] for r in regs) == ["legal", "support"]
+    assert kube.get(DEPLOYMENT, ns, names.inference("support-bot")) is None  # no dedicated server
+
+    # The declaration: one server with both adapters; neither job is Deployed until its replicas are ready.
+    kubectl.apply(declaration, ns)
+    wait_for("server with both adapters", lambda: _server_models(kube, ns) == {"support", "legal"}, timeout=WAIT)
+    dep, svc = kube.get(DEPLOYMENT, ns, SERVER), kube.get(SERVICE, ns, SERVER)
+    assert svc is not None and dep["spec"]["replicas"] == 2
+    decl_uid = kube.get(CONFIGMAP, ns, SERVER)["metadata"]["uid"]
+    assert dep["metadata"]["ownerReferences"][0]["uid"] == decl_uid
+    assert SECRET_VALUE not in json.dumps([dep, svc, regs])
+    _deployed(kube, ns, "support-bot", "False", "Progressing")
+    deployments.available(ns, SERVER)
+    for job, model in (("support-bot", "support"), ("legal-bot", "legal")):
+        body = _deployed(kube, ns, job, "True", "Available")
+        assert body["status"]["endpoint"] == {"url": f"http://{SERVER}.{ns}.svc:8000/v1", "model": model}
+    assert get_columns(kubectl, ns, "legal-bot")["ENDPOINT"] == f"http://{SERVER}.{ns}.svc:8000/v1"
+
+    # A third job asking for a model name the server already serves is refused, naming the field.
+    kubectl.apply(_job(job_manifest, "copycat", "support"), ns)
+    _train(kube, kuberay, ns, "copycat")
+    body = _deployed(kube, ns, "copycat", "False", "ServerRefused")
+    assert "spec.deploy.servedModelName" in condition(body, "Deployed")["message"]
+    assert _server_models(kube, ns) == {"support", "legal"}
+
+    # Deleting a job: the garbage collector removes its registration, the operator rolls the server without it.
+    kubectl.run("delete", "ftj", "support-bot", "-n", ns, "--wait=false")
+    kubectl.run("delete", "ftj", "copycat", "-n", ns, "--wait=false")
+    wait_for("server without support", lambda: _server_models(kube, ns) == {"legal"}, timeout=90)
+    deployments.available(ns, SERVER)
+    _deployed(kube, ns, "legal-bot", "True", "Available")
+
+    # An invalid declaration is reported in the jobs that use it, naming the key; fixing it serves again.
+    good = kube.get(CONFIGMAP, ns, SERVER)["data"][ss.DECLARATION_KEY]
+    kube.patch(CONFIGMAP, ns, SERVER, {"data": {ss.DECLARATION_KEY: good.replace("maxLoraRank: 16", "maxLoraRank: 12")}})
+    body = _deployed(kube, ns, "legal-bot", "False", "ServerInvalid")
+    assert "server.yaml: maxLoraRank: must be one of" in condition(body, "Deployed")["message"]
+    kube.patch(CONFIGMAP, ns, SERVER, {"data": {ss.DECLARATION_KEY: good}})
+    _deployed(kube, ns, "legal-bot", "True", "Available")
+
+    # The ETA column shows the trainer's estimate.
+    kube.patch_status(FINETUNEJOB, ns, "legal-bot", {"progress": {"step": 5, "totalSteps": 10, "etaSeconds": 42}})
+    wait_for("ETA column", lambda: get_columns(kubectl, ns, "legal-bot").get("ETA(S)") == "42", timeout=WAIT)
+
+    # The server goes with its declaration; the job waits for a new one.
+    kube.delete(CONFIGMAP, ns, SERVER)
+    wait_for("server removed", lambda: kube.get(DEPLOYMENT, ns, SERVER) is None, timeout=90)
+    _deployed(kube, ns, "legal-bot", "False", "ServerNotFound")
