@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kubetune import s3
+from kubetune.clock import now_rfc3339
+
 MARKER_NAME = ".kubetune-fetch.json"
 MARKER_VERSION = 1
 
@@ -60,14 +63,8 @@ class FetchResult:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``. The prefix may be empty."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in S3 URI: {uri!r}")
-    return bucket, prefix
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``. The prefix may be empty (kubetune.s3)."""
+    return s3.parse_uri(uri)
 
 
 def make_s3_client(
@@ -77,24 +74,10 @@ def make_s3_client(
     access_key: str | None = None,
     secret_key: str | None = None,
     session_token: str | None = None,
-):
-    """A boto3 S3 client; path-style addressing when a custom endpoint is given (SeaweedFS, MinIO, Ceph)."""
-    import boto3
-    from botocore.config import Config
-
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
-    config = Config(
-        s3={"addressing_style": "path"} if endpoint_url else {},
-        retries={"max_attempts": 5, "mode": "standard"},
-    )
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url or None,
-        region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        aws_session_token=session_token,
-        config=config,
+) -> Any:
+    """A boto3 S3 client (kubetune.s3.make_client: path-style addressing when a custom endpoint is given)."""
+    return s3.make_client(
+        endpoint_url, region=region, access_key=access_key, secret_key=secret_key, session_token=session_token
     )
 
 
@@ -105,7 +88,7 @@ def _safe_relpath(rel: str, key: str) -> PurePosixPath:
     return p
 
 
-def list_prefix(client, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+def list_prefix(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
     """Objects under ``prefix`` treated as a folder: ``{relative_path: {"key", "size", "etag"}}``.
 
     ``s3://b/model`` matches ``model/...`` (not ``model-v2/...``). If nothing lies under the folder but an
@@ -162,7 +145,7 @@ def fetch_prefix(
     region: str | None = None,
     access_key: str | None = None,
     secret_key: str | None = None,
-    client=None,
+    client: Any = None,
     prune: bool = False,
     force: bool = False,
 ) -> FetchResult:
@@ -220,7 +203,7 @@ def fetch_prefix(
         "version": MARKER_VERSION,
         "source": s3_uri,
         "objects": {rel: {"size": listing[rel]["size"], "etag": listing[rel]["etag"]} for rel in keys},
-        "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "completed_at": now_rfc3339(),
     }
     tmp = dest / (MARKER_NAME + ".tmp")
     tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
@@ -258,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         res = fetch_prefix(
             args.s3_uri, args.dest_dir, args.endpoint_url, region=args.region, prune=args.prune, force=args.force
         )
-    except Exception as exc:  # noqa: BLE001 - an init container should fail with one clear line
+    except Exception as exc:  # an init container should fail with one clear line (others are re-raised)
         from botocore.exceptions import BotoCoreError, ClientError
 
         if not isinstance(exc, (FetchError, ValueError, OSError, BotoCoreError, ClientError)):

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The test command: sets everything up on a fresh machine, then runs the whole suite against real servers
 # (kube-apiserver + etcd + kube-controller-manager, SeaweedFS, a local Ray cluster, DeepSpeed, vLLM on CPU),
-# each started by the test fixtures on free 127.0.0.1 ports and stopped by them.
+# each started by the test fixtures on free 127.0.0.1 ports and stopped by them. Before pytest, the static checks
+# (tools/lint.sh: lint-imports, ruff check, ruff format --check, mypy); a failed check fails the run, after the
+# tests have run too so one run reports everything.
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -m unit         # extra arguments go to pytest
+#   KUBETUNE_LINT=0 scripts/test.sh -m unit   # skip the static checks while iterating (never in CI)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -22,8 +25,14 @@ export KUBETUNE_VLLM_VENV=$(tail -1 "$serving_log")
 
 venv=${KUBETUNE_VENV:-$root/.venv}
 set +e
+lint_rc=0
+if [ "${KUBETUNE_LINT:-1}" != 0 ] || [ -n "${CI:-}" ]; then
+  bash tools/lint.sh
+  lint_rc=$?
+fi
 "$venv/bin/python" -m pytest "$@"
 rc=$?
 set -e
 [ "$rc" = 5 ] && { echo "test: pytest collected no tests"; exit 1; }
+[ "$rc" = 0 ] && [ "$lint_rc" != 0 ] && { echo "test: the tests passed but the static checks failed (tools/lint.sh)"; exit 1; }
 exit "$rc"

@@ -40,7 +40,7 @@ def control_plane() -> Iterator[Any]:
 
     cp = ControlPlane.from_existing() or ControlPlane(controller_manager=True)
     with cp:
-        cp.install_kuberay_crds()  # result kept as cp.kuberay (strict=False: permissive stand-in)
+        cp.install_kuberay_crds()  # KubeRay's own CRDs (kept as cp.kuberay); missing ones are an error
         yield cp
 
 

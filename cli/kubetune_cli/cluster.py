@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kubetune import api
+from kubetune import api, kubeclient
 from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_USAGE, CLIError
 
 
 def kubeconfig_path() -> Path:
-    env = os.environ.get("KUBECONFIG")
-    if env:
-        return Path(env.split(os.pathsep)[0])
+    env = kubeclient.kubeconfig_from_env()
+    if env is not None:
+        return env
     default = Path.home() / ".kube" / "config"
     if default.is_file():
         return default
@@ -36,10 +34,10 @@ def kubeconfig_path() -> Path:
 
 class Connection:
     def __init__(self, kubeconfig: Path) -> None:
-        from kubetune_cli.localenv.kubeclient import api_client, current_cluster, load_kubeconfig
+        from kubetune_cli.localenv.kubeclient import current_cluster, load_kubeconfig
 
         self.kubeconfig = kubeconfig
-        self.api = api_client(kubeconfig)
+        self.api = kubeclient.api_client(kubeconfig)
         doc = load_kubeconfig(kubeconfig)
         contexts = {c["name"]: c.get("context", {}) for c in doc.get("contexts") or []}
         self.default_namespace = contexts.get(doc.get("current-context"), {}).get("namespace") or "default"
@@ -52,8 +50,7 @@ class Connection:
         from kubernetes.client.rest import ApiException
 
         try:
-            resp = self.api.call_api(path, "GET", header_params={"Accept": "application/json"},
-                                     auth_settings=["BearerToken"], _preload_content=False, _request_timeout=30)
+            return kubeclient.call_json(self.api, "GET", path)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -61,8 +58,6 @@ class Connection:
         except Exception as e:  # noqa: BLE001 - connection refused and the like
             raise CLIError(f"cannot reach the cluster in {self.kubeconfig}: {type(e).__name__}",
                            EXIT_ENVIRONMENT) from None
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
-        return json.loads(data)
 
     def get_job(self, name: str, namespace: str | None) -> dict[str, Any]:
         ns = namespace or self.default_namespace

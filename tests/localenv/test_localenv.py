@@ -147,8 +147,7 @@ def test_kuberay_rayjob_schema(control_plane: Any, k8s_client: Any, namespace: s
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    if control_plane.kuberay is None or not control_plane.kuberay.strict:
-        pytest.skip("KubeRay's CRDs are not available (permissive stand-in installed)")
+    assert control_plane.kuberay is not None and control_plane.kuberay.strict  # installed by the fixture
     custom = client.CustomObjectsApi(k8s_client)
     created = custom.create_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", copy.deepcopy(RAYJOB))
     # v1.20 prunes unknown fields silently (and adds defaults): everything we sent coming back proves every
@@ -269,22 +268,11 @@ def test_failed_start_reports_logs_and_cleans_up() -> None:
     assert cp._procs == []
 
 
-@pytest.mark.slow
-def test_permissive_rayjob_crd_without_shared(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from kubernetes import client
+@pytest.mark.unit
+def test_missing_kuberay_crds_are_an_error(tmp_path: Path) -> None:
+    """Without KubeRay's CRD files there is no permissive stand-in: RayJobs must meet KubeRay's own schema."""
+    from kubetune_cli.localenv.crds import KubeRayCRDsMissing, install_kuberay_crds
 
-    from kubetune_cli.localenv.control_plane import ControlPlane, install_kuberay_crds
-
-    with ControlPlane(controller_manager=False) as cp:
-        with caplog.at_level("WARNING"):
-            crds = install_kuberay_crds(cp.kubeconfig, kuberay_dir=tmp_path / "no-kuberay-here")
-        assert not crds.strict
-        assert "PERMISSIVE" in caplog.text
-        with cp.api_client() as api:
-            custom = client.CustomObjectsApi(api)
-            job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "anything"},
-                   "spec": {"whatever": {"replicas": "one"}}}
-            created = custom.create_namespaced_custom_object("ray.io", "v1", "default", "rayjobs", job)
-            assert created["spec"] == job["spec"]
-            custom.patch_namespaced_custom_object_status("ray.io", "v1", "default", "rayjobs", "anything",
-                                                         {"status": {"jobStatus": "SUCCEEDED"}})
+    with pytest.raises(KubeRayCRDsMissing, match="KUBETUNE_SHARED") as err:
+        install_kuberay_crds(tmp_path / "no-kubeconfig-needed", kuberay_dir=tmp_path / "no-kuberay-here")
+    assert str(tmp_path / "no-kuberay-here") in str(err.value)

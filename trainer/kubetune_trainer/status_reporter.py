@@ -41,6 +41,8 @@ from kubetune.api import (
     EvaluationSummary,
     ModelArtifact,
     Progress,
+    Restart,
+    StartupTimes,
     TrainerConfig,
     TrialStatus,
 )
@@ -58,40 +60,19 @@ def now_rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _fix_bearer_auth(configuration: Any) -> None:
-    """kubernetes==36 puts the token (kubeconfig and in-cluster alike) in api_key["authorization"] but only
-    sends api_key["BearerToken"] (kubernetes-client/python#2592), so requests would go out anonymous."""
-    original = configuration.auth_settings
-
-    def auth_settings() -> dict[str, Any]:
-        auth = original()
-        if "BearerToken" not in auth:
-            if configuration.refresh_api_key_hook is not None:  # in-cluster tokens rotate; the hook re-reads
-                configuration.refresh_api_key_hook(configuration)
-            token = configuration.api_key.get("authorization")
-            if token:
-                auth["BearerToken"] = {"type": "api_key", "in": "header", "key": "authorization", "value": token}
-        return auth
-
-    configuration.auth_settings = auth_settings
-
-
 def kube_status_api(kubeconfig: str | None = None) -> Any | None:
     """CustomObjectsApi from `kubeconfig` (else $KUBECONFIG) or the pod's ServiceAccount; None when neither."""
     from kubernetes import client, config
 
-    configuration = client.Configuration()
+    from kubetune import kubeclient
+
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     try:
-        if kubeconfig:
-            # Named explicitly: the client reads $KUBECONFIG only once, when it is first imported.
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-        else:
-            config.load_incluster_config(client_configuration=configuration)
+        # The kubeconfig is named explicitly: the client reads $KUBECONFIG only once, when it is first imported.
+        configuration = kubeclient.load_configuration(kubeconfig or None, default_kubeconfig=False)
     except config.ConfigException as exc:
         log.warning("status reporting is off: no KUBECONFIG and no in-cluster ServiceAccount (%s)", exc)
         return None
-    _fix_bearer_auth(configuration)
     return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
@@ -163,6 +144,16 @@ class Reporter:
     def checkpoints(self, refs: list[CheckpointRef]) -> None:
         if self.trial is None:  # a trial's checkpoints are its own (under <run>/trials/<id>/)
             self._urgent_update("checkpoints", [r.wire() for r in refs])
+
+    def startup(self, times: dict[str, float]) -> None:
+        """status.startup: where the time before the first step went (StartupTimes wire names); sent at once."""
+        if self.trial is None:  # a trial's startup is in its metrics lines only
+            self._urgent_update("startup", StartupTimes.model_validate(_clean(times)).wire())
+
+    def restarts(self, records: list[Restart]) -> None:
+        """status.restarts: every restart of this run with its cause (a trial's are named by progress.trial)."""
+        if records and self.trial is None:
+            self._urgent_update("restarts", [r.wire() for r in records])
 
     def model(self, artifact: ModelArtifact) -> None:
         if self.trial is None:  # the tuning driver reports the job's model: the best trial's

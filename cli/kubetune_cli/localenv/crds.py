@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_cli.localenv.kubeclient import api_client, as_dict
+from kubetune.kubeclient import api_client, as_dict
 from kubetune_cli.localenv.binaries import cache_dir, shared_dir
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,18 @@ _ADAPTER_VERSION = "1"  # bump when adapt_for_1_20 changes, to invalidate cached
 
 @dataclass(frozen=True)
 class KubeRayCRDs:
-    """What `install_kuberay_crds` installed. `strict` is False for the permissive fallback."""
+    """What `install_kuberay_crds` installed (or found already installed in a real cluster: `source` None).
+
+    `strict` is always True: KubeRay's own schema validates every RayJob (there is no permissive fallback).
+    """
 
     names: tuple[str, ...]
     strict: bool
     source: Path | None
+
+
+class KubeRayCRDsMissing(FileNotFoundError):
+    """KubeRay's CRD files are not there, so RayJobs could not be validated against KubeRay's schema."""
 
 
 def adapt_for_1_20(obj: Any) -> Any:
@@ -96,28 +103,6 @@ def adapted_kuberay_crds(kuberay_dir: Path) -> tuple[list[dict[str, Any]], Path]
     docs = [adapt_for_1_20(d) for src in sources for d in load_documents(src)]
     _write_json_docs(cached, docs)
     return docs, cached
-
-
-def permissive_rayjob_crds() -> list[dict[str, Any]]:
-    """Stand-ins that accept any spec: used only when KubeRay's CRDs are unavailable."""
-    def crd(kind: str, plural: str, short: list[str]) -> dict[str, Any]:
-        return {
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.ray.io"},
-            "spec": {
-                "group": "ray.io",
-                "scope": "Namespaced",
-                "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
-                          "singular": kind.lower(), "shortNames": short},
-                "versions": [{
-                    "name": "v1", "served": True, "storage": True,
-                    "subresources": {"status": {}},
-                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-                }],
-            },
-        }
-    return [crd("RayJob", "rayjobs", ["rayjob"]), crd("RayCluster", "rayclusters", ["rayclu"])]
 
 
 def _as_documents(items: Iterable[str | Path | dict[str, Any]]) -> list[dict[str, Any]]:
@@ -207,9 +192,11 @@ def install_kuberay_crds(
     timeout: float = 120.0,
     replace: bool = True,
 ) -> KubeRayCRDs:
-    """Install KubeRay's RayJob and RayCluster CRDs adapted for v1.20; a permissive stand-in without them.
+    """Install KubeRay's RayJob and RayCluster CRDs adapted for v1.20.
 
-    Pass `replace=False` against a real cluster so that its own (newer, unadapted) KubeRay CRDs stay.
+    Pass `replace=False` against a real cluster so that its own (newer, unadapted) KubeRay CRDs stay; there,
+    CRDs already installed are enough. Without the files (and without them in the cluster) this raises
+    KubeRayCRDsMissing: a permissive stand-in would let a wrong RayJob field pass every test.
     """
     if kuberay_dir is None:
         shared = shared_dir()
@@ -218,10 +205,29 @@ def install_kuberay_crds(
         docs, cached = adapted_kuberay_crds(kuberay_dir)
         names = install_crds(kubeconfig, docs, timeout=timeout, replace=replace)
         return KubeRayCRDs(tuple(names), strict=True, source=cached)
-    log.warning(
-        "KubeRay CRDs not found (looked in %s; set KUBETUNE_SHARED): installing a PERMISSIVE RayJob/RayCluster "
-        "CRD that accepts any spec, so RayJobs are NOT validated against KubeRay's schema",
-        kuberay_dir,
+    if not replace:
+        present = _installed_kuberay_crds(kubeconfig)
+        if present:
+            return KubeRayCRDs(present, strict=True, source=None)
+    raise KubeRayCRDsMissing(
+        f"KubeRay's CRDs ({', '.join(KUBERAY_FILES)}) are not in {kuberay_dir or 'the shared folder'}: set "
+        "KUBETUNE_SHARED to the folder that holds kuberay/ (RayJobs must be validated against KubeRay's schema)"
     )
-    names = install_crds(kubeconfig, permissive_rayjob_crds(), timeout=timeout, replace=replace)
-    return KubeRayCRDs(tuple(names), strict=False, source=None)
+
+
+def _installed_kuberay_crds(kubeconfig: str | Path) -> tuple[str, ...]:
+    """The KubeRay CRDs (rayjobs.ray.io, rayclusters.ray.io) a cluster already has; () if either is missing."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    names = ("rayjobs.ray.io", "rayclusters.ray.io")
+    with api_client(kubeconfig) as api:
+        ext = client.ApiextensionsV1Api(api)
+        for name in names:
+            try:
+                ext.read_custom_resource_definition(name, _preload_content=False)
+            except ApiException as e:
+                if e.status == 404:
+                    return ()
+                raise
+    return names

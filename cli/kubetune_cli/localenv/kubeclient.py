@@ -1,59 +1,20 @@
-"""Thin helpers over the official `kubernetes` client, shared by the control plane and CRD installers.
+"""Kubeconfig files for the local runtime: read one, write a single-context token one, find its current cluster.
 
-Why raw JSON (`_preload_content=False`): the v36 client's models are generated for a far newer API than the
-local v1.20 server; deserialising e.g. a CustomResourceDefinition into models can trip over fields one side
-lacks. Plain dicts in and out are robust against that skew.
-
-Trap: `kubernetes==36.0.0` loads a kubeconfig token into `api_key["authorization"]` but its `auth_settings()`
-only looks for `api_key["BearerToken"]`, so every request goes out as `system:anonymous`
-(kubernetes-client/python#2592). `fix_bearer_auth` patches a Configuration; `api_client` applies it.
+The API client itself (credentials, the kubernetes==36 bearer-token fix, JSON calls) is the core's
+`kubetune.kubeclient`; `api_client` and `as_dict` are re-exported here for the modules that imported them from
+this one before the two were folded together.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kubetune.kubeclient import api_client, as_dict
 
-def fix_bearer_auth(configuration: Any) -> Any:
-    """Make `configuration` send its kubeconfig bearer token again (see the module docstring); idempotent."""
-    if getattr(configuration, "_kubetune_bearer_fixed", False):
-        return configuration
-    original = configuration.auth_settings
-
-    def auth_settings() -> dict[str, Any]:
-        auth: dict[str, Any] = original()
-        if "BearerToken" not in auth:
-            if configuration.refresh_api_key_hook is not None:  # exec/oidc plugins refresh the token here
-                configuration.refresh_api_key_hook(configuration)
-            token = configuration.api_key.get("authorization")
-            if token:
-                prefix = configuration.api_key_prefix.get("authorization")
-                value = f"{prefix} {token}" if prefix and not token.startswith(prefix) else token
-                auth["BearerToken"] = {"type": "api_key", "in": "header", "key": "authorization", "value": value}
-        return auth
-
-    configuration.auth_settings = auth_settings
-    configuration._kubetune_bearer_fixed = True
-    return configuration
-
-
-def api_client(kubeconfig: str | Path, context: str | None = None) -> Any:
-    """A `kubernetes.client.ApiClient` for `kubeconfig` (not the global default configuration)."""
-    from kubernetes import config
-
-    api = config.new_client_from_config(config_file=str(kubeconfig), context=context)
-    fix_bearer_auth(api.configuration)
-    return api
-
-
-def as_dict(response: Any) -> dict[str, Any]:
-    """Decode a `_preload_content=False` response."""
-    data: dict[str, Any] = json.loads(response.data)
-    return data
+__all__ = ["api_client", "as_dict", "current_cluster", "load_kubeconfig", "write_kubeconfig"]
 
 
 def load_kubeconfig(path: str | Path) -> dict[str, Any]:

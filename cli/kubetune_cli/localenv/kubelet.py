@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubetune_cli.localenv.kubeclient import api_client
+from kubetune import kubeclient
+from kubetune.clock import rfc3339
 
 # util/deployment_util.go
 AVAILABLE = "Available"
@@ -45,10 +46,6 @@ NEW_RS_AVAILABLE = "NewReplicaSetAvailable"
 TIMED_OUT = "ProgressDeadlineExceeded"
 FAILED_CREATE = "FailedCreate"
 _ALPHANUMS = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand SafeEncodeString
-
-
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def replica_set_name(deployment: dict[str, Any]) -> str:
@@ -126,7 +123,7 @@ class DeploymentController:
     """Writes Deployment status into a real API server the way kube-controller-manager would."""
 
     def __init__(self, kubeconfig: str | Path):
-        self._api = api_client(kubeconfig)
+        self._api = kubeclient.api_client(kubeconfig)
 
     def close(self) -> None:
         self._api.close()
@@ -141,12 +138,7 @@ class DeploymentController:
         return f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}" + (f"/{sub}" if sub else "")
 
     def _call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        resp = self._api.call_api(path, method, header_params={"Accept": "application/json",
-                                                               "Content-Type": "application/json"},
-                                  body=body, auth_settings=["BearerToken"], _preload_content=False,
-                                  _request_timeout=30)
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
-        return json.loads(data) if data else {}
+        return kubeclient.call_json(self._api, method, path, body)
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self._call("GET", self._path(namespace, name))

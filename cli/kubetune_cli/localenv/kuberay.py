@@ -23,14 +23,15 @@ more reconcile passes, exactly as KubeRay would make them.
 from __future__ import annotations
 
 import copy
-import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from kubetune_cli.localenv.kubeclient import api_client
+from kubetune import kubeclient
+from kubetune.clock import parse_rfc3339 as _parse
+from kubetune.clock import rfc3339
 
 FINALIZER = "ray.io/rayjob-finalizer"
 TERMINAL_JOB_STATUSES = ("STOPPED", "SUCCEEDED", "FAILED")
@@ -40,15 +41,6 @@ _RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/r
 
 def _rand(n: int = 5) -> str:
     return "".join(random.choice(_RAND_ALPHABET) for _ in range(n))
-
-
-def rfc3339(t: datetime) -> str:
-    """metav1.Time as it goes on the wire (seconds precision, UTC, Z)."""
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True)
@@ -206,7 +198,7 @@ class KubeRay:
     """Drives RayJobs in a real API server the way KubeRay's controller would."""
 
     def __init__(self, kubeconfig: str | Path, *, clock: Any = None):
-        self._api = api_client(kubeconfig)
+        self._api = kubeclient.api_client(kubeconfig)
         self._clock = clock or (lambda: datetime.now(timezone.utc))
 
     def close(self) -> None:
@@ -224,12 +216,7 @@ class KubeRay:
         return f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs/{name}" + (f"/{sub}" if sub else "")
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> dict[str, Any]:
-        resp = self._api.call_api(path, method, header_params={"Accept": "application/json",
-                                                               "Content-Type": content_type},
-                                  body=body, auth_settings=["BearerToken"], _preload_content=False,
-                                  _request_timeout=30)
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
-        return json.loads(data) if data else {}
+        return kubeclient.call_json(self._api, method, path, body, content_type=content_type)
 
     def get(self, namespace: str, name: str) -> dict[str, Any]:
         return self._call("GET", self._path(namespace, name))

@@ -2,18 +2,19 @@
 
 Why raw paths and dicts (not the generated client models): the runtime touches custom resources (RayJobs),
 core objects and status subresources alike, and the generated models of `kubernetes==36` do not match the
-v1.20 server (see kubeclient.py). Errors surface as `RestError` with the HTTP status.
+v1.20 server (see kubetune/kubeclient.py, which builds the client and makes the calls). Errors surface as
+`RestError` with the HTTP status.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import contextlib
 import uuid
 from pathlib import Path
 from typing import Any
 
-from kubetune_cli.localenv.kubeclient import api_client
+from kubetune import kubeclient
+from kubetune.clock import now_rfc3339
 
 
 class RestError(RuntimeError):
@@ -26,7 +27,7 @@ class Rest:
     """Shared by the runtime's threads (the ApiClient's urllib3 pool is thread-safe)."""
 
     def __init__(self, kubeconfig: str | Path) -> None:
-        self.api = api_client(kubeconfig)
+        self.api = kubeclient.api_client(kubeconfig)
 
     def close(self) -> None:
         self.api.close()
@@ -35,16 +36,11 @@ class Rest:
         from kubernetes.client.rest import ApiException
 
         try:
-            resp = self.api.call_api(path, method, header_params={"Accept": "application/json",
-                                                                  "Content-Type": content_type},
-                                     body=body, auth_settings=["BearerToken"], _preload_content=False,
-                                     _request_timeout=30)
+            return kubeclient.call_json(self.api, method, path, body, content_type=content_type)
         except ApiException as e:
-            raise RestError(e.status, _reason(e)) from None
+            raise RestError(e.status, kubeclient.error_message(e)) from None
         except Exception as e:  # noqa: BLE001 - connection errors while the API server restarts
             raise RestError(None, type(e).__name__) from None
-        data = resp[0].data if isinstance(resp, tuple) else resp.data
-        return json.loads(data) if data else {}
 
     def get(self, path: str) -> dict[str, Any] | None:
         try:
@@ -65,7 +61,7 @@ class Rest:
         """Post an Event about `obj` (best effort: a failed Event never fails the runtime)."""
         meta = obj["metadata"]
         ns = meta.get("namespace", "default")
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = now_rfc3339()
         body = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": ns},
@@ -75,14 +71,6 @@ class Rest:
             "source": {"component": component}, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
             "reportingComponent": component,
         }
-        try:
+        with contextlib.suppress(RestError):
             self.call("POST", f"/api/v1/namespaces/{ns}/events", body)
-        except RestError:
-            pass
 
-
-def _reason(e: Any) -> str:
-    try:
-        return json.loads(e.body).get("message") or str(e.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(getattr(e, "reason", "")) or type(e).__name__

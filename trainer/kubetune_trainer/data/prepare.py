@@ -40,7 +40,15 @@ from kubetune_trainer.data.invalid import InvalidTally
 from kubetune_trainer.data.packing import Packer, spill_columns
 from kubetune_trainer.data.mixture import consume, source_records
 from kubetune_trainer.data.records import Example, RecordRules, parse_record
-from kubetune_trainer.data.s3 import delete_prefix, exists, get_bytes, join_uri, list_objects, put_bytes, s3_client
+from kubetune_trainer.data.s3 import (
+    delete_prefix,
+    exists,
+    get_required_bytes,
+    join_uri,
+    list_objects,
+    put_bytes,
+    s3_client,
+)
 from kubetune_trainer.data.shards import batch_indices, load_shard, write_shard
 from kubetune_trainer.data.spill import RowSpill
 
@@ -83,7 +91,7 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
     prefix = join_uri(cfg.run_uri, "prepared", fp)
     if exists(client, join_uri(prefix, COMPLETE_MARKER)):
         log.info("reusing prepared data %s", prefix)
-        return _from_manifest(json.loads(get_bytes(client, join_uri(prefix, "manifest.json"))))
+        return _from_manifest(json.loads(get_required_bytes(client, join_uri(prefix, "manifest.json"))))
     removed = delete_prefix(client, prefix)
     if removed:
         log.info("removed %d objects of an unfinished preparation under %s", removed, prefix)

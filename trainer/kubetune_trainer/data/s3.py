@@ -1,4 +1,7 @@
-"""S3 access for the trainer: the client, URIs, listing, streaming reads and small writes.
+"""S3 access for the data side: listing data files, streaming and ranged reads (on top of kubetune.s3).
+
+The client, URIs and small reads/writes are the core's `kubetune.s3` (one contract for every component: a
+missing key reads as None); here they keep their data-side names, with URI errors raised as DataError.
 
 Credentials are never passed around in code or config: boto3 reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 (/ AWS_SESSION_TOKEN) from the environment, where the pod mounts the job's credentialsSecret. Nothing here logs
@@ -11,10 +14,9 @@ import io
 import logging
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from kubetune import s3
 from kubetune_trainer.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -45,41 +47,19 @@ _STREAM_RETRIES = 5
 
 
 def s3_client(endpoint: str | None, region: str) -> Any:
-    """A boto3 S3 client for the job's endpoint.
-
-    Path-style addressing because S3-compatible servers (SeaweedFS, MinIO, Ceph) rarely have wildcard DNS for
-    virtual-hosted buckets; standard retry mode with 10 attempts rides out throttling and brief outages.
-    """
-    config = Config(
-        region_name=region,
-        signature_version="s3v4",
-        s3={"addressing_style": "path"},
-        retries={"max_attempts": 10, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=120,
-    )
-    # A fresh session, not boto3's default one: the default session caches the first credentials it resolved
-    # for the life of the process, so rotated keys (or a test switching them) would go unnoticed.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
+    """A boto3 S3 client for the job's endpoint (kubetune.s3.make_client: path-style, standard retries)."""
+    return s3.make_client(endpoint, region=region)
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
     """s3://bucket/some/key -> ("bucket", "some/key"); the key is "" for a bare bucket."""
-    if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise DataError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://"):]
-    bucket, _, key = rest.partition("/")
-    if not bucket or "@" in bucket:
-        raise DataError(f"not an s3://bucket/key URI: {uri!r}")
-    return bucket, key
+    try:
+        return s3.parse_uri(uri)
+    except s3.S3UriError as exc:
+        raise DataError(str(exc)) from None
 
 
-def join_uri(base: str, *parts: str) -> str:
-    """Join an s3:// prefix and relative parts with single slashes."""
-    out = base.rstrip("/")
-    for p in parts:
-        out += "/" + p.strip("/")
-    return out
+join_uri = s3.join_uri
 
 
 def _is_hidden(key: str) -> bool:
@@ -125,33 +105,32 @@ def _entry(bucket: str, key: str, size: int, etag: str) -> dict:
     return {"uri": f"s3://{bucket}/{key}", "bucket": bucket, "key": key, "size": int(size), "etag": etag.strip('"')}
 
 
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+_status = s3.error_status
+_code = s3.error_code
 
 
 def exists(client: Any, uri: str) -> bool:
-    bucket, key = parse_uri(uri)
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as exc:
-        if _status(exc) in (404, 403) or _code(exc) in ("NoSuchKey", "404"):
-            return False
-        raise
+    parse_uri(uri)  # a bad URI is a DataError here
+    return s3.exists(client, uri)
 
 
-def get_bytes(client: Any, uri: str) -> bytes:
-    bucket, key = parse_uri(uri)
-    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+def get_bytes(client: Any, uri: str) -> bytes | None:
+    """The object's bytes, or None when there is no such object (kubetune.s3's contract)."""
+    parse_uri(uri)
+    return s3.get_bytes(client, uri)
+
+
+def get_required_bytes(client: Any, uri: str) -> bytes:
+    """The object's bytes; DataError naming the URI when there is no such object (data that must be there)."""
+    data = get_bytes(client, uri)
+    if data is None:
+        raise DataError(f"no such object: {uri}")
+    return data
 
 
 def put_bytes(client: Any, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-    bucket, key = parse_uri(uri)
-    client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+    parse_uri(uri)
+    s3.put_bytes(client, uri, data, content_type)
 
 
 def upload_file(client: Any, path: str, uri: str) -> None:
@@ -162,16 +141,8 @@ def upload_file(client: Any, path: str, uri: str) -> None:
 
 def delete_prefix(client: Any, uri: str) -> int:
     """Delete every object under a folder prefix (hidden ones included); returns how many."""
-    bucket, key = parse_uri(uri)
-    prefix = key.rstrip("/") + "/"
-    paginator = client.get_paginator("list_objects_v2")
-    n = 0
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-            n += len(keys)
-    return n
+    parse_uri(uri)
+    return s3.delete_prefix(client, uri)
 
 
 class ObjectStream(io.RawIOBase):

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kubetune_trainer.data.s3 import get_bytes, s3_client, upload_file
+from kubetune_trainer.data.s3 import get_required_bytes, s3_client, upload_file
 
 # Rows per Parquet row group (and per read of the spilled rows): about 32k tokens, so a group costs about half a
 # megabyte whatever the sequence length.
@@ -67,7 +67,7 @@ def load_shard(uri_list: list[str], client: Any = None) -> dict[str, np.ndarray]
         client = s3_client(None, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
     parts: dict[str, list[np.ndarray]] = {}
     for uri in uri_list:
-        source: Any = io.BytesIO(get_bytes(client, uri)) if uri.startswith("s3://") else uri
+        source: Any = io.BytesIO(get_required_bytes(client, uri)) if uri.startswith("s3://") else uri
         table = pq.read_table(source)
         for name in table.column_names:
             col = table.column(name).combine_chunks()
