@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from kubetune import chat_templates
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -207,6 +209,12 @@ class DatasetSpec(Model):
         "decides Parquet by extension and JSONL or JSON array by the first character."
     )
     fields: FieldMapping = _field(default_factory=FieldMapping, description="Record keys for each format.")
+    chat_template: str | None = _field(
+        None, description="chat and instruction: the chat template to train with and serve with: a named one "
+        "(chatml, llama3, zephyr) or inline Jinja. Defaults to the base tokenizer's own; a base without one "
+        "needs this field. Exported beside the model as chat_template.jinja and passed to vLLM.",
+        min_length=1, max_length=65536,
+    )
     labels: list[str] | None = _field(
         None,
         description="classification: class names in id order, when labels in the data are names.",
@@ -232,6 +240,14 @@ class DatasetSpec(Model):
     # CRD generator turns this list into properties the API server itself refuses (kubetune.crd), so that they
     # are never stored in etcd or a last-applied annotation, even without the admission webhook.
     model_config = ConfigDict(json_schema_extra={REFUSED_PROPERTIES: list(INLINE_CREDENTIAL_FIELDS)})
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        why = chat_templates.problem(v) if v is not None else None
+        if why:
+            raise ValueError(why)
+        return v
 
     def train_sources(self) -> list[DataSource]:
         """The training sources with every default filled in: sources, or train as a single source."""

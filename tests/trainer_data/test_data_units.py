@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from kubetune import chat_templates
 from kubetune.api import DatasetSpec, parse_spec, resolve_trainer_config
 from kubetune_trainer.data import DataError
 from kubetune_trainer.data.dedup import HashSet64, NearDedup
@@ -128,21 +129,51 @@ def test_single_render_spans_match_prefix_renders(tokenizer, turns):
     assert [full[s:e] for s, e in fast] == [f"{a}<|im_end|>\n" for a in answers]
 
 
-def test_masks_for_chat_and_plain_layout(tokenizer):
+def test_masks_for_chat_and_a_base_without_template(tokenizer):
     ex = Example([("user", "What is two plus two?"), ("assistant", "Four.")], None, None, "", 0)
     (out,) = Encoder(tokenizer, "chat", 512).encode([ex])
     targets = tokenizer.decode([int(t) for t, lab in zip(out.input_ids, out.labels) if lab != IGNORE])
     assert targets == "Four.<|im_end|>\n"
 
-    # A base model's tokenizer (no chat template) gets the plain layout, masked the same way.
+    # A base model's tokenizer (no chat template) is refused for conversations, naming the field to set ...
     plain = copy.copy(tokenizer)
     plain.chat_template = None
-    enc = Encoder(plain, "instruction", 512)
-    (out,) = enc.encode([ex])
+    with pytest.raises(DataError, match="no chat template; set spec.dataset.chatTemplate"):
+        Encoder(plain, "instruction", 512)
+    Encoder(plain, "completion", 512)  # plain text needs no template
+
+    # ... and with a named one (zephyr: turns end with the tokenizer's own EOS) it is masked the same way.
+    plain.chat_template = chat_templates.resolve("zephyr")
+    (out,) = Encoder(plain, "instruction", 512).encode([ex])
     text = tokenizer.decode([int(t) for t in out.input_ids])
-    assert text == "### Instruction:\nWhat is two plus two?\n\n### Response:\nFour.<|im_end|>\n\n"
+    assert text == "<|user|>\nWhat is two plus two?<|im_end|>\n<|assistant|>\nFour.<|im_end|>\n"
     targets = tokenizer.decode([int(t) for t, lab in zip(out.input_ids, out.labels) if lab != IGNORE])
-    assert targets == "Four.<|im_end|>\n\n"
+    assert targets == "Four.<|im_end|>\n"
+
+
+@pytest.mark.parametrize("name", sorted(chat_templates.NAMED))
+def test_named_templates_render_and_mask(tokenizer, name):
+    """Every named template renders prefix-stably, so each assistant turn is found and masked."""
+    t = copy.copy(tokenizer)
+    t.chat_template = chat_templates.resolve(name)
+    ex = Example([("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?"),
+                  ("assistant", "Goodbye.")], None, None, "", 0)
+    enc = Encoder(t, "chat", 512)
+    assert enc._turn_markers is not None
+    (out,) = enc.encode([ex])
+    targets = tokenizer.decode([int(x) for x, lab in zip(out.input_ids, out.labels) if lab != IGNORE])
+    assert "Hello." in targets and "Goodbye." in targets and "Hi?" not in targets and "Be brief" not in targets
+
+
+def test_chat_template_field_is_validated():
+    from pydantic import ValidationError
+
+    ok = {"train": "s3://bucket/x.jsonl", "format": "chat"}
+    assert DatasetSpec.model_validate({**ok, "chatTemplate": "llama3"}).chat_template == "llama3"
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert DatasetSpec.model_validate({**ok, "chatTemplate": inline}).chat_template == inline
+    with pytest.raises(ValidationError, match="(?s)chatTemplate.*'llama2' is neither a named template"):
+        DatasetSpec.model_validate({**ok, "chatTemplate": "llama2"})
 
 
 def test_prompt_longer_than_limit_leaves_nothing_to_learn(tokenizer):

@@ -7,8 +7,10 @@
   model that needs no LoRA support to serve.
 
 Under ZeRO-3 every rank holds only a shard of each weight, so the weights are gathered first (a collective:
-all ranks call `export`). With LoRA only the adapter (the trainable weights) is gathered; the merged model
-is built on rank 0 from a fresh copy of the base in the node cache, not from the sharded training model.
+all ranks call `export`). A full model is gathered one layer at a time onto rank 0 only, in the training
+dtype (DeepSpeed's `stage3_gather_16bit_weights_on_model_save` path): no other rank ever holds the whole
+model. With LoRA only the adapter (the trainable weights) is gathered; the merged model is built on rank 0
+from a fresh copy of the base in the node cache, not from the sharded training model.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kubetune import chat_templates
 from kubetune.api import ModelArtifact, TrainerConfig
 
 from kubetune_trainer import model as model_lib
@@ -27,10 +30,14 @@ from kubetune_trainer import storage
 log = logging.getLogger(__name__)
 
 
-def gather_state_dict(module: Any, *, rank: int, trainable_only: bool) -> dict[str, Any] | None:
-    """The module's weights as full CPU tensors on rank 0 (None on other ranks); collective under ZeRO-3."""
+def gather_state_dict(engine: Any, *, rank: int, trainable_only: bool) -> dict[str, Any] | None:
+    """The model's weights as full CPU tensors on rank 0 (None on other ranks); collective under ZeRO-3."""
     import deepspeed
 
+    module = engine.module
+    if not trainable_only and engine.zero_optimization_partition_weights():
+        # Layer by layer onto rank 0 (GatheredParameters with modifier_rank=0 frees each layer again).
+        return engine._zero3_consolidated_16bit_state_dict()
     params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
     # modifier_rank=None: read-only gather; for ZeRO-2 (no partitioned weights) it does nothing.
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -47,7 +54,7 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
     spec = cfg.spec
     lora = spec.training.method == "lora"
     module = engine.module
-    state_dict = gather_state_dict(module, rank=rank, trainable_only=lora)
+    state_dict = gather_state_dict(engine, rank=rank, trainable_only=lora)
     if rank != 0:
         return None
 
@@ -64,9 +71,12 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
     else:
         module.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
-    _replace(client, out / "model", cfg.model_uri)
+    _replace(client, out / "model", cfg.model_uri, cfg.run_uri)
+    # transformers writes the tokenizer's chat template as chat_template.jinja: the file the inference server is
+    # started with (--chat-template), so serving renders prompts exactly as training did.
+    template = chat_templates.EXPORT_FILE if (out / "model" / chat_templates.EXPORT_FILE).is_file() else None
     artifact = ModelArtifact(uri=cfg.model_uri, kind="adapter" if lora else "full",
-                             base_uri=spec.model.uri if lora else None)
+                             base_uri=spec.model.uri if lora else None, chat_template=template)
     log.info("exported the %s to %s", "adapter" if lora else "model", cfg.model_uri)
 
     if lora and spec.output.export_merged:
@@ -74,7 +84,7 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
         merged = merge_adapter(module, state_dict, cfg, base_dir, precision)
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")
-        _replace(client, out / "merged", merged_uri)
+        _replace(client, out / "merged", merged_uri, cfg.run_uri)
         artifact.merged_uri = merged_uri
         log.info("exported the merged model to %s", merged_uri)
     shutil.rmtree(out, ignore_errors=True)
@@ -95,7 +105,12 @@ def merge_adapter(peft_module: Any, adapter_state: dict[str, Any], cfg: TrainerC
     return merged
 
 
-def _replace(client: Any, local: Path, uri: str) -> None:
-    """Upload `local` as the whole content of `uri` (files of an earlier export are removed first)."""
+def _replace(client: Any, local: Path, uri: str, run_uri: str) -> None:
+    """Upload `local` as the whole content of `uri` (files of an earlier export are removed first).
+
+    Only ever inside this run's own prefix (one incarnation of one job): an export never deletes anything of
+    another run, whatever the URIs say."""
+    if not uri.startswith(run_uri.rstrip("/") + "/"):
+        raise RuntimeError(f"refusing to replace {uri}: it is outside this run's prefix {run_uri}")
     storage.delete_prefix(client, uri)
     storage.upload_dir(client, local, uri)

@@ -21,9 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kubetune import chat_templates
 from kubetune.api import FineTuneJobSpec
 
 from kubetune_trainer import storage
+from kubetune_trainer.data.s3 import retrying
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,9 @@ def fetch_base(spec: FineTuneJobSpec, client: Any, root: Path | None = None, *,
     if tokenizer_only:
         # A GGUF file carries its tokenizer inside, so for GGUF bases the file itself is needed.
         only = TOKENIZER_FILES | {spec.model.gguf_file} if spec.model.gguf_file else TOKENIZER_FILES
-    return fetch(client, spec.model.uri, root or cache_dir(), endpoint=spec.dataset.endpoint, only=only)
+    # Waits out an S3 outage (kubetune_trainer.data.s3.retrying) instead of failing the run at start-up.
+    return retrying(f"fetching {spec.model.uri}", lambda: fetch(client, spec.model.uri, root or cache_dir(),
+                                                                endpoint=spec.dataset.endpoint, only=only))
 
 
 def _source_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -133,6 +137,9 @@ def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path | str) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, **_source_kwargs(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.dataset.chat_template:
+        # Rendering in training, evaluation and the exported tokenizer (chat_template.jinja) all follow it.
+        tokenizer.chat_template = chat_templates.resolve(spec.dataset.chat_template)
     return tokenizer
 
 
@@ -146,8 +153,32 @@ def torch_dtype(spec: FineTuneJobSpec, precision: str) -> Any:
     return getattr(torch, name)
 
 
+# The transformers-side DeepSpeed config of this process. transformers holds it only through a weak
+# reference, and while it is alive with ZeRO-3, from_pretrained builds the model inside deepspeed.zero.Init
+# (each parameter partitioned across the ranks the moment it is created, then filled from the checkpoint one
+# gathered parameter at a time), so no rank ever holds the whole model. Kept for the life of the process:
+# transformers consults it again later (generation, resizing, saving).
+_HF_DEEPSPEED_CONFIG: Any = None
+
+
+def partition_on_load(ds_config: dict[str, Any] | None) -> bool:
+    """Make the next from_pretrained load ZeRO-3 partitioned (when `ds_config` is ZeRO-3); True if so.
+
+    Must run after the process group exists (deepspeed.init_distributed) and before from_pretrained.
+    """
+    global _HF_DEEPSPEED_CONFIG
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return False
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)  # registers itself with transformers (weakly)
+    return True
+
+
 def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any) -> Any:
-    """The base model with the task's head (a new, randomly initialised classifier for classification)."""
+    """The base model with the task's head (a new, randomly initialised classifier for classification).
+
+    Partitioned across the ranks as it loads when partition_on_load() was called with a ZeRO-3 config."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, **_source_kwargs(spec)}
@@ -161,18 +192,25 @@ def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any) -> Any:
     return model
 
 
-def load_model(spec: FineTuneJobSpec, model_dir: Path | str, *, precision: str, pad_token_id: int | None) -> Any:
+def load_model(spec: FineTuneJobSpec, model_dir: Path | str, *, precision: str, pad_token_id: int | None,
+               ds_config: dict[str, Any] | None = None) -> Any:
     """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
 
     With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path
-    keeps no master copy, so training bf16 weights there would lose updates to rounding.
+    keeps no master copy, so training bf16 weights there would lose updates to rounding. With a ZeRO-3
+    `ds_config` the model is partitioned as it loads (partition_on_load) and loaded in fp32 straight away
+    (a partitioned model cannot be cast afterwards).
     """
-    model = load_base(spec, model_dir, torch_dtype(spec, precision))
+    import torch
+
+    partitioned = partition_on_load(ds_config)
+    dtype = torch.float32 if partitioned and precision == "fp32" else torch_dtype(spec, precision)
+    model = load_base(spec, model_dir, dtype)
     if pad_token_id is not None and model.config.pad_token_id is None:
         # Sequence classification finds each row's last token by the pad id; batches need one.
         model.config.pad_token_id = pad_token_id
     model.config.use_cache = False  # the KV cache only costs memory in training
-    if precision == "fp32":
+    if precision == "fp32" and not partitioned:
         model = model.float()
 
     if spec.training.method == "lora":

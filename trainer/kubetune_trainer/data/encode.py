@@ -8,8 +8,9 @@
   the model learns to stop). Rendering every prefix costs a template run per turn, so the template's assistant
   header and end-of-turn suffix are found once with a probe chat and each record is rendered once, its spans
   found as header + content + suffix; a record where that does not match takes the prefix renders. The whole
-  text is tokenised once, and a token is a target when its first character lies inside an assistant span. A
-  tokenizer without a chat template gets a plain "### Instruction / ### Response" layout instead.
+  text is tokenised once, and a token is a target when its first character lies inside an assistant span. The
+  template is the tokenizer's own or spec.dataset.chatTemplate (set on the tokenizer when it is loaded); a
+  tokenizer with neither is refused rather than given an ad-hoc layout the inference server would not use.
 - completion: the text (with the tokenizer's own BOS, if it adds one) plus EOS unless the text was cut at
   maxSeqLength, every token a target.
 - classification: the text (with BOS if the tokenizer adds one); the label is the class id.
@@ -47,13 +48,15 @@ class Encoder:
         self.max_len = max_seq_length
         self._fast = getattr(tokenizer, "backend_tokenizer", None)
         self.eos_id = tokenizer.eos_token_id
-        self.eos_text = tokenizer.eos_token or ""
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         # Control tokens written by the template must never come from the data: a "<|im_end|>" inside a message
         # would be tokenised as the real end-of-turn token and silently change what the model learns.
         specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self._template = bool(getattr(tokenizer, "chat_template", None))
+        if fmt in ("chat", "instruction") and not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                f"format {fmt}: the base model's tokenizer has no chat template; set spec.dataset.chatTemplate "
+                "(chatml, llama3, zephyr or inline Jinja) so training and serving render conversations alike")
         if fmt in ("chat", "instruction") and self._fast is None:
             raise DataError(f"format {fmt} needs a fast tokenizer: masking maps tokens to characters by offsets")
         self._turn_markers = self._probe_template() if fmt in ("chat", "instruction") else None
@@ -61,13 +64,11 @@ class Encoder:
     # -------------------------------------------------------------------------------------- rendering
 
     def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
-        if self._template:
-            return self.tok.apply_chat_template(
-                [{"role": r, "content": c} for r, c in turns],
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            )
-        return _render_plain(turns, generation_prompt, self.eos_text)
+        return self.tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in turns],
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
 
     def _probe_template(self) -> tuple[str, str] | None:
         """(assistant header, end-of-turn suffix) of the chat template, found by rendering a probe chat, or None
@@ -185,8 +186,8 @@ class Encoder:
 
     def _encode_turns(self, examples: list[Example]) -> list[Encoded | None]:
         rendered = [self.render_with_spans(ex.messages or []) for ex in examples]
-        # A chat template writes its own BOS if the model wants one; the plain layout relies on the tokenizer's.
-        ids_list, starts_list = self._tokenize([r[0] for r in rendered], special=not self._template, offsets=True)
+        # A chat template writes its own BOS if the model wants one (as vLLM renders it, without adding another).
+        ids_list, starts_list = self._tokenize([r[0] for r in rendered], special=False, offsets=True)
         out: list[Encoded | None] = []
         for (_, spans), ids, starts in zip(rendered, ids_list, starts_list):
             target = np.zeros(len(ids), dtype=bool)
@@ -198,17 +199,3 @@ class Encoder:
             out.append(Encoded(ids, np.where(target, ids, IGNORE).astype(np.int32), None))
         return out
 
-
-def _render_plain(turns: list[tuple[str, str]], generation_prompt: bool, eos: str) -> str:
-    # A prefix-stable layout for tokenizers without a chat template (base models).
-    parts = []
-    for role, content in turns:
-        if role == "system":
-            parts.append(f"{content}\n\n")
-        elif role == "user":
-            parts.append(f"### Instruction:\n{content}\n\n")
-        else:
-            parts.append(f"### Response:\n{content}{eos}\n\n")
-    if generation_prompt:
-        parts.append("### Response:\n")
-    return "".join(parts)
