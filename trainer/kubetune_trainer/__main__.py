@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(cfg, options)
     except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line and an exit code
-        code, kind, message = classify(exc)
+        code, kind, message = classify(exc, cfg)
         log.exception("the run failed")
         _quiet_ray()
         return _fail(code, kind, message)
@@ -127,10 +127,19 @@ def _start_local_ray(attempts: int = 3) -> None:
             ray.shutdown()
 
 
-def classify(exc: BaseException) -> tuple[int, str, str]:
+# S3 error codes that mean "these keys are wrong, expired or not allowed here".
+S3_DENIED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
+                   "TokenRefreshRequired")
+S3_ACCESS_DENIED = "S3AccessDenied"  # the operator maps this marker to the Failed reason of the same name
+
+
+def classify(exc: BaseException, cfg: TrainerConfig | None = None) -> tuple[int, str, str]:
     """(exit code, kind, message) for a failure, looking through Ray's wrappers to the worker's exception."""
     from kubetune_trainer.data import DataError
 
+    denied = _s3_denied_code(exc)
+    if denied:
+        return EXIT_TRAINING, S3_ACCESS_DENIED, _access_denied_message(denied, cfg)
     root = _root_cause(exc)
     if isinstance(root, DataError):
         return EXIT_DATA, "data", str(root)
@@ -138,6 +147,42 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
         return EXIT_CONFIG, "config", _config_message(root)
     text = str(root).strip().splitlines()
     return EXIT_TRAINING, "training", f"{type(root).__name__}: {text[0] if text else ''}"
+
+
+def _s3_denied_code(exc: BaseException) -> str | None:
+    """The S3 error code when S3 refused the credentials, anywhere in the chain of causes (Ray's wrappers,
+    our own FetchError/DataError) or, for exceptions that lost their type on the way, in their text."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        code = str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
+        if code in S3_DENIED_CODES:
+            return code
+        text = str(e)
+        for candidate in S3_DENIED_CODES:
+            if f"({candidate})" in text:
+                return candidate
+        failures = getattr(e, "worker_failures", None) or {}
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                     *failures.values()])
+    return None
+
+
+def _access_denied_message(code: str, cfg: TrainerConfig | None) -> str:
+    """Endpoint and buckets, never a key: the Secret's values are not even read here."""
+    if cfg is None:
+        return f"S3 refused the credentials ({code}); check the Secret named in spec.dataset.credentialsSecret"
+    spec = cfg.spec
+    sources = getattr(spec.dataset, "sources", None) or []
+    uris = [spec.dataset.train, spec.dataset.validation, spec.output.uri, spec.model.uri,
+            *(getattr(src, "uri", None) for src in sources)]
+    buckets = sorted({u[len("s3://"):].split("/", 1)[0] for u in uris if isinstance(u, str) and u.startswith("s3://")})
+    return (f"endpoint {spec.dataset.endpoint or 'AWS S3'} refused the credentials for bucket "
+            f"{', '.join(buckets)} ({code}); check the keys in Secret {spec.dataset.credentials_secret or '(none)'}")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
