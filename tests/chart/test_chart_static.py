@@ -125,7 +125,7 @@ def test_operator_settings_from_env(render) -> None:
     assert env["KUBETUNE_WEBHOOK"] == "false"
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/kubetune-trainer:0.1.0"
     assert env["KUBETUNE_INFERENCE_IMAGE"] == "ghcr.io/kubetune/kubetune-inference:0.1.0"
-    settings = pytest.importorskip("kubetune_operator.settings")
+    from kubetune_operator import settings
     plain = {k: v for k, v in env.items() if isinstance(v, str) and "$(" not in v}
     parsed = settings.Settings.from_env(plain)
     assert parsed.trainer_image == env["KUBETUNE_TRAINER_IMAGE"]
@@ -134,6 +134,20 @@ def test_operator_settings_from_env(render) -> None:
     known = set(re.findall(r"KUBETUNE_[A-Z_]+", Path(settings.__file__).read_text()))
     unknown = {k for k in env if k.startswith("KUBETUNE_")} - known
     assert not unknown, f"the chart sets variables the operator does not read: {sorted(unknown)}"
+
+
+def test_image_registries_and_ray_head_access_reach_the_operator(render) -> None:
+    from kubetune_operator import settings
+
+    env = _env(_container(render({"allowedImageRegistries": ["ghcr.io/kubetune", "registry.example.com"],
+                                  "rayHeadAccess": {"kuberayNamespace": "ray-system",
+                                                    "operatorNamespaceOnly": True}})))
+    parsed = settings.Settings.from_env({k: v for k, v in env.items() if isinstance(v, str)})
+    assert parsed.allowed_image_registries == ("ghcr.io/kubetune", "registry.example.com")
+    assert parsed.kuberay_namespace == "ray-system" and parsed.operator_namespace == NS
+    defaults = settings.Settings.from_env({k: v for k, v in _env(_container(render())).items() if isinstance(v, str)})
+    assert defaults.allowed_image_registries == () and defaults.kuberay_namespace is None
+    assert defaults.operator_namespace is None
 
 
 def test_nothing_binds_all_interfaces(render) -> None:
@@ -165,6 +179,8 @@ EXPECTED_JOB_RULES = [
     (("rbac.authorization.k8s.io",), ("roles", "rolebindings"), ("get", "create")),
     (("apps",), ("deployments",), ("get", "list", "watch", "create", "update", "patch", "delete")),
     (("",), ("services",), ("get", "create", "patch", "delete")),
+    (("",), ("secrets",), ("get",)),
+    (("networking.k8s.io",), ("networkpolicies",), ("get", "create")),
     (("",), ("events",), ("create",)),
 ]
 CLUSTER_ONLY_RULES = [
@@ -183,7 +199,9 @@ def _assert_least_privilege(role: dict[str, Any]) -> None:
             assert verb not in rule["verbs"], rule
         # PUT only where the operator owns the whole spec (the inference Deployment).
         assert "update" not in rule["verbs"] or rule["resources"] == ["deployments"], rule
-        for resource in ("secrets", "pods", "pods/exec", "nodes", "clusterroles", "clusterrolebindings",
+        # Secrets: get only (a job's named Secret is checked for its keys); never list or watch them.
+        assert "secrets" not in rule["resources"] or rule["verbs"] == ["get"], rule
+        for resource in ("pods", "pods/exec", "nodes", "clusterroles", "clusterrolebindings",
                          "validatingwebhookconfigurations", "mutatingwebhookconfigurations"):
             assert resource not in rule["resources"], rule
 
@@ -326,7 +344,7 @@ def test_webhook_with_provided_secret(render) -> None:
 
 def test_webhook_path_is_the_operator_handler() -> None:
     """kopf routes admission requests by handler id: the configuration's path must name the operator's handler."""
-    webhook = pytest.importorskip("kubetune_operator.webhook")
+    from kubetune_operator import webhook
     text = (CHART / "templates" / "_helpers.tpl").read_text()
     path = re.search(r'define "kubetune.webhookPath" -}}\n(\S+)\n', text).group(1)
     source = Path(webhook.__file__).read_text()
@@ -450,7 +468,7 @@ def test_chart_crds_are_the_generated_crds_byte_for_byte() -> None:
 
 
 def test_chart_crds_match_the_api_models() -> None:
-    crd = pytest.importorskip("kubetune.crd")
+    from kubetune import crd
     assert (CHART / "crds" / "finetunejob.yaml").read_text() == crd.render()
 
 

@@ -1,8 +1,9 @@
 {{/*
 The rules the operator needs wherever it reconciles FineTuneJobs: a ClusterRole when it watches every
 namespace, a Role in each watched namespace otherwise. Each rule names only the verbs the operator uses;
-docs/helm.md explains every one. No secrets, pods or nodes: the trainer pods read the S3 credentials
-Secret themselves (secretKeyRef), and KubeRay, not kubetune, creates the Ray pods.
+docs/helm.md explains every one. No pods or nodes: KubeRay, not kubetune, creates the Ray pods. Secrets only
+`get`: the trainer pods read the S3 keys themselves (secretKeyRef); the operator only checks that the Secret a
+job names exists and has both keys (no list, no watch: it cannot enumerate Secrets).
 */}}
 {{- define "kubetune.rbac.jobRules" -}}
 # Watch FineTuneJobs and read them; patch only their metadata (kopf's bookkeeping annotations), never spec.
@@ -41,6 +42,15 @@ Secret themselves (secretKeyRef), and KubeRay, not kubetune, creates the Ray pod
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "create", "patch", "delete"]
+# The credentials Secret a job names: read once before the RayJob is made, so that a missing Secret or key
+# is a condition naming both (kubetune_operator.guards); the values are dropped as soon as they arrive.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# The NetworkPolicy that admits only the job's pods (and the operators) to its Ray head.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create"]
 # Events on FineTuneJobs for every transition (the operator's and kopf's).
 - apiGroups: [""]
   resources: ["events"]
