@@ -324,6 +324,18 @@ class TrainingSpec(Model):
         "auto", description="Training precision; auto is bf16 on GPUs and fp32 on CPUs."
     )
     deepspeed: DeepSpeedSpec = _field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
+    gradient_checkpointing: bool = _field(
+        False, description="Recompute activations in the backward pass instead of keeping them: far less "
+        "memory for long sequences, about a third more compute; the same loss."
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = _field(
+        "auto", description="Attention implementation: auto is flash_attention_2 on GPUs where the flash-attn "
+        "package is installed, else sdpa (PyTorch's scaled_dot_product_attention)."
+    )
+    liger_kernels: bool = _field(
+        False, description="Fused Triton kernels from the liger-kernel package (RMSNorm, RoPE, SwiGLU, fused "
+        "linear cross-entropy) for the architectures it supports; GPUs only, ignored on CPU."
+    )
     eval_interval_steps: int = _field(50, description="Evaluate every this many optimizer steps.", ge=1)
     max_eval_batches: int | None = _field(
         None, description="Cap on evaluation batches per evaluation (all when unset).", ge=1

@@ -175,13 +175,28 @@ def partition_on_load(ds_config: dict[str, Any] | None) -> bool:
     return True
 
 
-def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any) -> Any:
+def attention_implementation(requested: str, use_gpu: bool) -> str:
+    """transformers' attn_implementation for training.attention (auto: flash-attention 2 where it can run)."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if use_gpu and installed else "sdpa"
+    if requested == "flash_attention_2" and not (use_gpu and installed):
+        raise ValueError("training.attention flash_attention_2 needs GPUs and the flash-attn package "
+                         f"({'not installed' if not installed else 'no GPU here'}); use auto or sdpa")
+    return requested
+
+
+def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any, attention: str | None = None) -> Any:
     """The base model with the task's head (a new, randomly initialised classifier for classification).
 
     Partitioned across the ranks as it loads when partition_on_load() was called with a ZeRO-3 config."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, **_source_kwargs(spec)}
+    if attention:
+        kwargs["attn_implementation"] = attention
     if spec.model.task == "sequence-classification":
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=spec.model.num_labels, **kwargs
@@ -193,30 +208,50 @@ def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any) -> Any:
 
 
 def load_model(spec: FineTuneJobSpec, model_dir: Path | str, *, precision: str, pad_token_id: int | None,
-               ds_config: dict[str, Any] | None = None) -> Any:
+               ds_config: dict[str, Any] | None = None, use_gpu: bool = False) -> Any:
     """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
 
     With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path
     keeps no master copy, so training bf16 weights there would lose updates to rounding. With a ZeRO-3
     `ds_config` the model is partitioned as it loads (partition_on_load) and loaded in fp32 straight away
-    (a partitioned model cannot be cast afterwards).
+    (a partitioned model cannot be cast afterwards). training.attention, gradientCheckpointing and
+    ligerKernels apply here.
     """
     import torch
 
+    training = spec.training
     partitioned = partition_on_load(ds_config)
     dtype = torch.float32 if partitioned and precision == "fp32" else torch_dtype(spec, precision)
-    model = load_base(spec, model_dir, dtype)
+    model = load_base(spec, model_dir, dtype, attention_implementation(training.attention, use_gpu))
+    if training.liger_kernels:
+        apply_liger(model, use_gpu)
     if pad_token_id is not None and model.config.pad_token_id is None:
         # Sequence classification finds each row's last token by the pad id; batches need one.
         model.config.pad_token_id = pad_token_id
     model.config.use_cache = False  # the KV cache only costs memory in training
     if precision == "fp32" and not partitioned:
         model = model.float()
+    if training.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach LoRA adapters without the inputs requiring grad, and
+        # it works with ZeRO-3's partitioned parameters.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     if spec.training.method == "lora":
         model = wrap_lora(spec, model)
     model.train()
     return model
+
+
+def apply_liger(model: Any, use_gpu: bool) -> None:
+    """Liger's fused Triton kernels patched into this model instance (GPUs only: Triton has no CPU backend)."""
+    if not use_gpu:
+        log.info("training.ligerKernels: ignored on CPU (Triton kernels need a GPU)")
+        return
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise ValueError("training.ligerKernels needs the liger-kernel package in the trainer image") from exc
+    _apply_liger_kernel_to_instance(model=model)
 
 
 def wrap_lora(spec: FineTuneJobSpec, model: Any) -> Any:
