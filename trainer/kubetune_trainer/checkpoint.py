@@ -10,7 +10,8 @@ Layout of one checkpoint, `<run_uri>/checkpoints/step-00000040/`:
     trainer_state.json         step, epoch, micro-batch position in the epoch, samples/tokens consumed, early
                                stopping state, world size, data fingerprint
     config.json                the resolved trainer config the run used
-    _COMPLETE                  written last, by rank 0, after every rank has uploaded its files
+    _COMPLETE                  written last, by rank 0, after every rank has uploaded its files; it names the
+                               job incarnation (uid) that wrote it
 
 Every rank uploads the files it wrote itself, so this works when ranks sit on different nodes with no shared
 disk. A checkpoint without `_COMPLETE` is never resumed from: a run that dies while writing step 40 resumes
@@ -87,10 +88,24 @@ def _scan(client: Any, cfg: TrainerConfig) -> dict[int, bool]:
 
 
 def find_latest(client: Any, cfg: TrainerConfig) -> str | None:
-    """URI of the newest checkpoint that has its _COMPLETE marker, or None."""
+    """URI of the newest checkpoint that has its _COMPLETE marker and was written by this job incarnation, or
+    None.
+
+    Identity: the run prefix already holds the job's uid (kubetune.api.run_uri); the marker's uid is checked
+    too, so a checkpoint copied or left under this prefix by another incarnation is never resumed from.
+    """
     steps = _scan(client, cfg)
-    complete = [step for step, done in steps.items() if done]
-    latest = max(complete, default=None)
+    complete = sorted((step for step, done in steps.items() if done), reverse=True)
+    latest = None
+    for step in complete:
+        marker = storage.get_json(client, f"{checkpoint_uri(cfg, step)}/{COMPLETE}")
+        uid = marker.get("jobUid")
+        if cfg.job.uid and uid and uid != cfg.job.uid:
+            log.warning("ignoring checkpoint %s: written by another incarnation of %s/%s (uid %s, this one is %s)",
+                        checkpoint_uri(cfg, step), cfg.job.namespace, cfg.job.name, uid, cfg.job.uid)
+            continue
+        latest = step
+        break
     for step in sorted(steps):
         if not steps[step] and (latest is None or step > latest):
             log.warning("ignoring incomplete checkpoint %s (no %s marker)", checkpoint_uri(cfg, step), COMPLETE)
@@ -151,6 +166,7 @@ def save(engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, clien
             "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
             "time": _now(),
             "worldSize": state.world_size,
+            "jobUid": cfg.job.uid,  # which incarnation wrote it (find_latest resumes only its own)
         })
     return uri
 

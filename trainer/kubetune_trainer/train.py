@@ -29,6 +29,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ class RunOptions:
     kubeconfig: str | None = None  # the driver's KUBECONFIG, for status reports; None: in-cluster account
 
 
+# How long past a preemption deadline the workers wait for the node to go before training on (a cancelled drain).
+PREEMPTION_SLACK_S = 60.0
+
+
 class InjectedFailure(RuntimeError):
     """Raised on purpose (KUBETUNE_FAIL_AFTER_STEP) to test resuming."""
 
@@ -78,6 +83,9 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
         from kubetune_trainer.tune_trial import trial_run_config
 
         run_config = trial_run_config(cfg, options, trial)
+    # Recovery inside the Ray cluster: a lost worker or a preempted node restarts the worker group, which
+    # resumes from the newest complete checkpoint in S3 (Recipe._resume); see kubetune_trainer.restarts.
+    run_config.failure_config = failure_config(cfg)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -85,6 +93,7 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
             "prepared": dataclasses.asdict(prepared),
             "options": dataclasses.asdict(options),
             "trial": trial,
+            "driverId": uuid.uuid4().hex,  # the same for every worker-group restart of this driver
         },
         scaling_config=ScalingConfig(
             num_workers=resources.workers,
@@ -97,6 +106,15 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
     )
     result = trainer.fit()
     return result.return_value or {}
+
+
+def failure_config(cfg: TrainerConfig) -> Any:
+    """Ray Train's FailureConfig from spec.training.maxWorkerRestarts / maxPreemptionRestarts."""
+    from ray.train import FailureConfig
+
+    training = cfg.spec.training
+    return FailureConfig(max_failures=training.max_worker_restarts,
+                         max_preemption_failures=training.max_preemption_restarts)
 
 
 def worker_resources(cfg: TrainerConfig, local: bool) -> dict[str, float]:
@@ -161,6 +179,11 @@ class Recipe:
         self.cfg = TrainerConfig.model_validate(loop_config["config"])
         self.prepared = PreparedData(**loop_config["prepared"])
         self.opts = RunOptions(**loop_config["options"])
+        self.driver_id: str = loop_config.get("driverId") or ""  # same across Ray Train's worker-group restarts
+        self.preempt_checkpointed = False  # a just-in-time checkpoint was written for a preemption notice
+        self.preemption_deadline: float | None = None  # when the preempted node goes (epoch seconds)
+        self.restarts: list[Any] = []  # this run's restarts (kubetune_trainer.restarts), rank 0
+        self.restarted = False  # this start is a restart (rank 0)
         self.trial: dict[str, Any] | None = loop_config.get("trial")  # a tuning trial (kubetune_trainer.tune_trial)
         self.spec, self.training = self.cfg.spec, self.cfg.spec.training
         ctx = ray.train.get_context()
@@ -275,6 +298,12 @@ class Recipe:
             self.last_checkpoint_step = self.state.step
         else:
             _seed_all(self.training.seed + 1 + self.rank)  # dropout differs between ranks (data, masks)
+        if self.rank == 0:
+            from kubetune_trainer import restarts
+
+            self.restarts, self.restarted = restarts.record_start(self.client, self.cfg, driver_id=self.driver_id,
+                                                  resumed_step=self.state.step, resumed_from=self.resumed_from,
+                                                  trial=(self.trial or {}).get("id"))
         self.attempt_start_step = self.state.step
         self.stop_reason = self.state.stop_reason or ("max steps" if self.state.step >= self.total_steps else None)
 
@@ -287,6 +316,9 @@ class Recipe:
             self.reporter = Reporter(self.cfg, self.client, resumed_step=state.step if self.resumed_from else None,
                                      kubeconfig=self.opts.kubeconfig)
             self.reporter.data(self.prepared.stats)
+            self.reporter.restarts(self.restarts)
+            if self.restarted:
+                self.reporter.metric({"event": "restart", **self.restarts[-1].wire()})
             self.reporter.metric({"event": "start", "step": state.step, "totalSteps": self.total_steps,
                                   "worldSize": self.world, "stepsPerEpoch": self.steps_per_epoch,
                                   "resumedFrom": self.resumed_from})
@@ -324,8 +356,41 @@ class Recipe:
             self.report_step(step, eval_metrics)
             if state.step % training.checkpoint.interval_steps == 0 or self.stop_reason:
                 self.checkpoint()
+            elif self._preemption_notice():
+                self.checkpoint()  # just in time: the restart redoes at most the step in flight
+                self._preempted()
             if self.opts.fail_after_step is not None and state.step == self.opts.fail_after_step:
                 raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
+
+    def _preemption_notice(self) -> bool:
+        """Whether a node of this worker group is being preempted or drained (first notice only).
+
+        ray.train.get_preemption_info is a barrier: every rank calls it after each step that writes no interval
+        checkpoint, so all ranks call it the same number of times.
+        """
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or self.preempt_checkpointed:
+            return False
+        log.warning("preemption notice for ranks %s (deadline %s ms): writing a just-in-time checkpoint at step "
+                    "%d", info.preempted_ranks, info.deadline_ms, self.state.step)
+        self.preemption_deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+        return True
+
+    def _preempted(self) -> None:
+        """After the just-in-time checkpoint: rank 0 records that the next start is a preemption restart."""
+        self.preempt_checkpointed = True
+        if self.rank == 0:
+            from kubetune_trainer import restarts
+
+            restarts.mark_preempted(self.client, self.cfg)
+            if self.reporter:
+                self.reporter.metric({"event": "preempted", "step": self.state.step})
+        # Steps trained after the checkpoint would be lost with the node: wait for the deadline instead (Ray
+        # Train then restarts the worker group elsewhere); a notice that came to nothing lets training go on.
+        while self.preemption_deadline is not None and time.time() < self.preemption_deadline + PREEMPTION_SLACK_S:
+            time.sleep(1.0)
 
     def _next_rows(self) -> Any:
         """The rows of this rank's next micro-batch (data order is a pure function of epoch and seed)."""

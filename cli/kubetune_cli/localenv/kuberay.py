@@ -15,6 +15,14 @@ SubmissionFailed, DeadlineExceeded, AppFailed, JobDeploymentStatusTransitionGrac
 `succeeded`/`failed` count finished attempts; `startTime` is set on New -> Initializing, `endTime` when
 the deployment status becomes Complete or Failed; `rayJobInfo` holds the Ray job's own start/end times.
 
+backoffLimit (`checkBackoffLimitAndUpdateStatusIfNeeded`, rayjob_controller.go at ray-project/kuberay
+feeaf72f, lines 516-557): every pass counts a Failed deployment into `status.failed`; while `failed <
+backoffLimit + 1` a Failed job becomes Retrying, unless its reason is DeadlineExceeded or
+JobStatusCheckTimeoutExceeded. Retrying deletes the RayCluster and submitter and resets the status to New
+(the `JobDeploymentStatusSuspending, JobDeploymentStatusRetrying` case, lines 366-409), so the next attempt
+runs on a fresh cluster. `OfflineRayJob` runs the same passes on a RayJob held in memory (`kubetune run`, which
+has no API server).
+
 What is not modelled: RayCluster/submitter objects themselves (no pods run here), cron schedules, interactive
 mode, deletion strategies. Tests call the transitions explicitly (`start`, `succeed`, `fail`, ...), each one or
 more reconcile passes, exactly as KubeRay would make them.
@@ -35,6 +43,8 @@ from kubetune.clock import rfc3339
 
 FINALIZER = "ray.io/rayjob-finalizer"
 TERMINAL_JOB_STATUSES = ("STOPPED", "SUCCEEDED", "FAILED")
+# Failures KubeRay never retries, whatever backoffLimit says (checkBackoffLimitAndUpdateStatusIfNeeded).
+NOT_RETRIED_REASONS = ("DeadlineExceeded", "JobStatusCheckTimeoutExceeded")
 DEFAULT_GRACE_PERIOD_S = 300  # DEFAULT_RAYJOB_DEPLOYMENT_STATUS_TRANSITION_GRACE_PERIOD_SECONDS
 _RAND_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand
 
@@ -157,7 +167,7 @@ def next_status(ray_job: dict[str, Any], world: World, now: datetime,
     st["failed"], st["succeeded"] = failed, succeeded
     limit = spec.get("backoffLimit")
     if st.get("jobDeploymentStatus") == "Failed" and limit is not None and failed < int(limit) + 1 \
-            and st.get("reason") != "DeadlineExceeded":
+            and st.get("reason") not in NOT_RETRIED_REASONS:
         st["jobDeploymentStatus"] = "Retrying"
 
     # updateRayJobStatus: endTime on the way into Complete/Failed
@@ -192,6 +202,42 @@ def status_changed(before: dict[str, Any] | None, after: dict[str, Any]) -> bool
     b = before or {}
     return (b.get("jobStatus", ""), b.get("jobDeploymentStatus", "")) != (after.get("jobStatus", ""),
                                                                           after.get("jobDeploymentStatus", ""))
+
+
+class OfflineRayJob:
+    """A RayJob held in memory and moved through `next_status`, for runs without an API server (`kubetune run`).
+
+    The caller plays the world (cluster readiness, the Ray job's end) and asks what KubeRay would do next:
+    `attempt_ended` says whether the job is Retrying (a fresh cluster is due: call `retry`) or final."""
+
+    def __init__(self, ray_job: dict[str, Any], clock: Any = None) -> None:
+        self.obj = copy.deepcopy(ray_job)
+        self.obj["status"] = dict(self.obj.get("status") or {})
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.obj["status"]
+
+    def reconcile(self, world: World | None = None) -> str:
+        """One KubeRay pass; returns the new jobDeploymentStatus."""
+        self.obj["status"] = next_status(self.obj, world or World(), self._clock())
+        return self.status.get("jobDeploymentStatus", "")
+
+    def start(self) -> str:
+        """New -> Initializing -> Running (the caller has started the cluster)."""
+        if not self.status.get("jobDeploymentStatus"):
+            self.reconcile()
+        return self.reconcile(World(cluster_ready=True))
+
+    def attempt_ended(self, succeeded: bool, message: str, start: datetime, end: datetime) -> str:
+        """The Ray job ended: Complete, Failed (final) or Retrying (backoffLimit left)."""
+        info = JobInfo("SUCCEEDED" if succeeded else "FAILED", message=message, start_time=start, end_time=end)
+        return self.reconcile(World(job=info))
+
+    def retry(self) -> str:
+        """Retrying -> New: the cluster and submitter are gone; the next attempt starts from scratch."""
+        return self.reconcile()
 
 
 class KubeRay:

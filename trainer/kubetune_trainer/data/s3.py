@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -20,6 +23,7 @@ from kubetune import s3
 from kubetune_trainer.data.errors import DataError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Errors that can break a long streaming GET half-way; boto3's retries only cover the request, not the body.
 _STREAM_ERRORS: tuple[type[BaseException], ...]
@@ -44,6 +48,36 @@ except ImportError:  # older botocore: fall back to what every version has
     _STREAM_ERRORS = (ConnectionError,)
 
 _STREAM_RETRIES = 5
+
+
+# An S3 server that is away (restarting, a network blip) for this long is waited for, not failed on.
+OUTAGE_BUDGET_S = float(os.environ.get("KUBETUNE_S3_OUTAGE_S", "120"))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Connection-level failures and server-side 5xx/throttling: worth another try after a pause."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError
+
+    if isinstance(exc, ClientError):
+        return _status(exc) >= 500 or _code(exc) in ("SlowDown", "RequestTimeout", "ServiceUnavailable")
+    return isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, *_STREAM_ERRORS))
+
+
+def retrying(what: str, fn: Callable[[], T], budget_s: float | None = None) -> T:
+    """fn(), tried again with exponential backoff (0.5 s doubling to 8 s) while the S3 server is unreachable,
+    for up to `budget_s` (OUTAGE_BUDGET_S). boto3's own retries cover a request; this covers an outage longer
+    than they last (a restarting server), so a checkpoint upload or a shard read waits instead of failing."""
+    deadline = time.monotonic() + (OUTAGE_BUDGET_S if budget_s is None else budget_s)
+    pause = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # re-raised unless transient
+            if not _transient(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("S3 %s: %s; trying again in %.1f s", what, type(exc).__name__, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
 
 
 def s3_client(endpoint: str | None, region: str) -> Any:
@@ -78,7 +112,7 @@ def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict]:
     bucket, key = parse_uri(uri)
     if key and not key.endswith("/"):
         try:
-            head = client.head_object(Bucket=bucket, Key=key)
+            head = retrying(f"reading {uri}", lambda: client.head_object(Bucket=bucket, Key=key))
             return [_entry(bucket, key, head["ContentLength"], head.get("ETag", ""))]
         except ClientError as exc:
             if _status(exc) not in (404, 403):
@@ -87,7 +121,9 @@ def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict]:
     out = []
     paginator = client.get_paginator("list_objects_v2")
     try:
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}):
+        pages = retrying(f"listing {uri}", lambda: list(paginator.paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})))
+        for page in pages:
             for obj in page.get("Contents", []):
                 k = obj["Key"]
                 if k.endswith("/") or _is_hidden(k):
@@ -111,13 +147,13 @@ _code = s3.error_code
 
 def exists(client: Any, uri: str) -> bool:
     parse_uri(uri)  # a bad URI is a DataError here
-    return s3.exists(client, uri)
+    return retrying(f"reading {uri}", lambda: s3.exists(client, uri))
 
 
 def get_bytes(client: Any, uri: str) -> bytes | None:
     """The object's bytes, or None when there is no such object (kubetune.s3's contract)."""
     parse_uri(uri)
-    return s3.get_bytes(client, uri)
+    return retrying(f"reading {uri}", lambda: s3.get_bytes(client, uri))
 
 
 def get_required_bytes(client: Any, uri: str) -> bytes:
@@ -130,19 +166,19 @@ def get_required_bytes(client: Any, uri: str) -> bytes:
 
 def put_bytes(client: Any, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
     parse_uri(uri)
-    s3.put_bytes(client, uri, data, content_type)
+    retrying(f"writing {uri}", lambda: s3.put_bytes(client, uri, data, content_type))
 
 
 def upload_file(client: Any, path: str, uri: str) -> None:
     """Upload a local file; boto3's transfer manager switches to multipart for large shards."""
     bucket, key = parse_uri(uri)
-    client.upload_file(path, bucket, key)
+    retrying(f"uploading {uri}", lambda: client.upload_file(path, bucket, key))
 
 
 def delete_prefix(client: Any, uri: str) -> int:
     """Delete every object under a folder prefix (hidden ones included); returns how many."""
     parse_uri(uri)
-    return s3.delete_prefix(client, uri)
+    return retrying(f"deleting under {uri}", lambda: s3.delete_prefix(client, uri))
 
 
 class ObjectStream(io.RawIOBase):
@@ -156,7 +192,7 @@ class ObjectStream(io.RawIOBase):
         self._client = client
         self._obj = obj
         self._pos = 0
-        self._body = self._open()
+        self._body = retrying(f"opening {obj['uri']}", self._open)
 
     def _open(self) -> Any:
         kw: dict[str, Any] = {"Bucket": self._obj["bucket"], "Key": self._obj["key"]}
@@ -183,7 +219,7 @@ class ObjectStream(io.RawIOBase):
                 if attempt == _STREAM_RETRIES:
                     raise
                 log.warning("re-opening %s at byte %d after %s", self._obj["uri"], self._pos, type(exc).__name__)
-                self._body = self._open()
+                self._body = retrying(f"re-opening {self._obj['uri']}", self._open)
         n = len(data)
         buf[:n] = data
         self._pos += n
@@ -239,7 +275,7 @@ class RangeFile(io.RawIOBase):
         }
         if self._obj.get("etag"):
             kw["IfMatch"] = f'"{self._obj["etag"]}"'
-        data = self._client.get_object(**kw)["Body"].read()
+        data = retrying(f"reading {self._obj['uri']}", lambda: self._client.get_object(**kw)["Body"].read())
         buf[: len(data)] = data
         self._pos += len(data)
         return len(data)
