@@ -9,7 +9,9 @@ Why these settings:
   it every Ray port listens on 127.0.0.1 only (`--node-ip-address=127.0.0.1` alone is silently replaced by
   the machine's outward address). The driver needs the same variable to find its local raylet.
 - Every port is chosen free (GCS, node manager, object manager, agents, metrics), so clusters of parallel
-  runs and test sessions coexist; no dashboard, no usage stats, token auth off (Ray 2.60 enables it).
+  runs and test sessions coexist; no dashboard, no usage stats, token auth off (Ray 2.60 enables it) unless
+  an `auth_token` is given: then RAY_AUTH_MODE=token with that RAY_AUTH_TOKEN for the cluster and every
+  driver (`driver_env`), as KubeRay does for a RayJob with `rayClusterSpec.authOptions.mode: token`.
 - `--num-cpus` is what the RayCluster would advertise: worker replicas x their CPU limit. Ray then sets
   OMP_NUM_THREADS of each training worker to its CPU share, as on Kubernetes.
 - RAY_ADDRESS is set for every process of the cluster: Ray helpers that call ray.init() without an address
@@ -61,12 +63,13 @@ class LocalRayCluster:
 
     def __init__(self, log_path: Path, *, num_cpus: int, num_gpus: int = 0,
                  env: Mapping[str, str] | None = None, timeout: float = 600.0,
-                 on_spawn: Callable[[int], None] | None = None) -> None:
+                 on_spawn: Callable[[int], None] | None = None, auth_token: str | None = None) -> None:
         self.log_path = log_path
         self.num_cpus = max(1, int(num_cpus))
         self.num_gpus = int(num_gpus)
         # The whole environment of the Ray processes (the pods'); the host's when none is given.
-        self.env = {**(os.environ if env is None else env), **RAY_BASE_ENV}
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token} if auth_token else {}
+        self.env = {**(os.environ if env is None else env), **RAY_BASE_ENV, **self.auth_env}
         self.timeout = timeout
         self.address: str | None = None
         self.temp_dir: Path | None = None
@@ -144,7 +147,7 @@ class LocalRayCluster:
         """What a driver (the RayJob entrypoint) needs to join this cluster."""
         if self.address is None:
             raise RayClusterError("the Ray cluster is not started")
-        return {**RAY_BASE_ENV, "RAY_ADDRESS": self.address}
+        return {**RAY_BASE_ENV, **self.auth_env, "RAY_ADDRESS": self.address}
 
     @property
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ From the RayJob's `rayClusterSpec`:
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -93,8 +94,11 @@ class LocalRayJobRun:
         self.worker.materialise()
         container = self._worker_pod["containers"][0]
         env = image_env({**_host_env(), **self.worker.env(container), **self.extra_env})
+        # KubeRay's authOptions.mode token: a fresh token per cluster, known to its processes and the driver only.
+        auth = (self.ray_job["spec"].get("rayClusterSpec") or {}).get("authOptions") or {}
+        token = secrets.token_hex(32) if auth.get("mode") == "token" else None
         self.cluster = LocalRayCluster(self.ray_log, num_cpus=self.cpus, num_gpus=self.gpus, env=env,
-                                       on_spawn=lambda pid: self._spawned())
+                                       on_spawn=lambda pid: self._spawned(), auth_token=token)
         self.cluster.start()  # stop() from another thread makes this fail instead of leaving a cluster behind
 
     @property
