@@ -57,7 +57,7 @@ def test_run_trains_plots_serves_and_answers(tiny_manifest: Path, s3_server: Any
                           capture_output=True, text=True, timeout=840)
     print(f"kubetune run: {time.monotonic() - t0:.0f}s\n{proc.stdout[-3000:]}")
     run_dir = tmp_path / "runs" / "tiny-run"
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + _tail(run_dir / "attempt" / "driver.log")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + _tail(run_dir / "attempt-1" / "driver.log")
     out = proc.stdout
     assert "S3: " + s3_server.endpoint_url + " (already running)" in out
     assert "tiny-run: step 4/4" in out, "the plain progress lines name the steps"
@@ -65,7 +65,9 @@ def test_run_trains_plots_serves_and_answers(tiny_manifest: Path, s3_server: Any
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trainer"]["exitCode"] == 0 and summary["model"]["kind"] == "adapter"
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert s3_server.client().head_object(Bucket="kubetune-test", Key="runs/default/tiny-run/loss.png")
+    uid = (run_dir / "run-uid").read_text().strip()  # each run has its own prefix: <output>/<ns>/<name>/<uid>
+    assert summary["runUri"] == f"s3://kubetune-test/runs/default/tiny-run/{uid}"
+    assert s3_server.client().head_object(Bucket="kubetune-test", Key=f"runs/default/tiny-run/{uid}/loss.png")
     assert json.loads((run_dir / "config.json").read_text())["reporting"]["kubernetes"] is False
     if not serve:
         pytest.skip(f"trained; serving not tested: the vLLM serving venv is missing ({serving_venv_dir()})")

@@ -78,7 +78,8 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
 
     # A second job that stopped after step 6: its checkpoint folder holds step 6 (a copy of the first run's)
     # and a half-written step 7 (the process died while writing it), which must be ignored.
-    resumed_cfg = env.config("resumed", spec)
+    # maxWorkerRestarts 0: the injected failure must end this run (with restarts Ray Train would recover it).
+    resumed_cfg = env.config("resumed", {**spec, "training": {**spec["training"], "maxWorkerRestarts": 0}})
     resumed_uri = resumed_cfg["runUri"]
     step6 = "checkpoints/step-00000006"
     for rel in env.keys(f"{straight_uri}/{step6}"):
