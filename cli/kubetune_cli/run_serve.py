@@ -6,7 +6,9 @@ its base (`--enable-lora --lora-modules <name>=<adapter>`, rank bucket from the 
 `spec.deploy.servedModelName`, else the job's name; with an adapter the base answers as `<name>-base` too,
 which lets the run show both answers side by side. Weights are fetched from the run's S3 outputs the way the
 init container fetches them (`kubetune.fetch`); the base goes to the kubetune cache, the result next to the
-run's other local outputs.
+run's other local outputs. When the trainer reported the chat template it rendered with
+(`status.model.chatTemplate`, a file next to the model), the server gets `--chat-template` on that file, as
+in the cluster.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def start(cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: P
         rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 8))
         base_name = f"{name}-base"
         server = LocalVLLMServer(base_dir, base_name, lora_modules={name: adapter_dir},
-                                 max_lora_rank=lora_rank_bucket(rank), **common)
+                                 max_lora_rank=lora_rank_bucket(rank),
+                                 chat_template=_template(model, adapter_dir), **common)
         return Served(server.start(), name, base_name)
     if kind == "adapter":  # merged
         uri = model.get("mergedUri")
@@ -75,4 +78,14 @@ def start(cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: P
         uri = model["uri"]
     model_dir = run_dir / "model"
     fetch_prefix(uri, model_dir, client=client, prune=True)
-    return Served(LocalVLLMServer(model_dir, name, **common).start(), name, None)
+    template = _template(model, model_dir) if uri == model.get("uri") else None
+    return Served(LocalVLLMServer(model_dir, name, chat_template=template, **common).start(), name, None)
+
+
+def _template(model: dict[str, Any], model_dir: Path) -> str | None:
+    """The trainer's chat template file in the fetched model folder (status.model.chatTemplate), if any."""
+    name = model.get("chatTemplate")
+    if not name or Path(name).name != name:
+        return None
+    path = model_dir / name
+    return str(path) if path.is_file() else None

@@ -1,6 +1,7 @@
 """The LOCAL RUNTIME's kubelet for inference Deployments (development tool; see kubetune_cli.localenv.dev_runtime).
 
-For every Deployment labelled kubetune.io/job (the operator's vLLM Deployments), each replica runs as local
+For every Deployment labelled kubetune.io/job or kubetune.io/inference-server (the operator's vLLM
+Deployments: a job's own, or a shared multi-LoRA server's), each replica runs as local
 processes from its pod template: the init containers in order (`python3 -m kubetune.fetch ...` with the
 job's S3 keys from its Secret), then the server container. Volumes are folders of the replica's sandbox and
 mount paths in arguments and environment point there (kubetune_cli.localenv.pod_sandbox). Containers run from this
@@ -30,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kubetune_cli.localenv.dev_runtime import LocalRuntime
 from kubetune_cli.localenv.entrypoint import image_env
 from kubetune_cli.localenv.kubelet import deployment_status, replica_set_name
 from kubetune_cli.localenv.pod_sandbox import PodConfigError, PodSandbox
@@ -38,7 +40,9 @@ from kubetune_cli.localenv.rest import RestError
 
 log = logging.getLogger(__name__)
 
-DEPLOYMENTS = "/apis/apps/v1/deployments?labelSelector=kubetune.io%2Fjob"
+# The operator's Deployments: a job's own inference server, and shared inference servers.
+DEPLOYMENT_LISTS = ("/apis/apps/v1/deployments?labelSelector=kubetune.io%2Fjob",
+                    "/apis/apps/v1/deployments?labelSelector=kubetune.io%2Finference-server")
 LOCAL_URL_ANNOTATION = "kubetune.io/local-url"
 INIT_TIMEOUT_S = 1800
 RESTART_BACKOFF_S = 10.0
@@ -55,8 +59,9 @@ class DeploymentWatcher:
         self.rt = rt
 
     def sync(self) -> None:
-        for dep in self.rt.rest.items(DEPLOYMENTS):
-            self.rt._ensure_thread("deployment", dep, DeploymentRunner)
+        for path in DEPLOYMENT_LISTS:
+            for dep in self.rt.rest.items(path):
+                self.rt._ensure_thread("deployment", dep, DeploymentRunner)
 
 
 class Replica:
@@ -293,3 +298,19 @@ def _http_ok(url: str) -> bool:
             return bool(r.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+
+class LocalKubelet(LocalRuntime):
+    """Only the kubelet's part of the local runtime: the operator's Deployments run as local processes, no
+    RayJob controllers (for tests that play KubeRay themselves). `start()`, then `stop()` ends every replica."""
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._deployments.sync()
+            except RestError as e:
+                log.warning("kubelet: listing failed (%s); retrying", e)
+            except Exception:  # noqa: BLE001 - keeps going; the error is in the log
+                log.exception("kubelet loop")
+            self.stopping.wait(self.poll)

@@ -106,6 +106,7 @@ class LocalVLLMServer:
         max_model_len: int | None = None,
         dtype: str | None = None,
         enforce_eager: bool = True,
+        chat_template: str | None = None,
         extra: Sequence[str] = (),
         venv: str | os.PathLike[str] | None = None,
         port: int | None = None,
@@ -123,6 +124,7 @@ class LocalVLLMServer:
         self.max_model_len = max_model_len
         self.dtype = dtype
         self.enforce_eager = enforce_eager
+        self.chat_template = chat_template  # a file path or inline Jinja (--chat-template), as in the Deployment
         self.extra = list(extra)
         self.venv = Path(venv) if venv is not None else serving_venv_dir()
         self.host = "127.0.0.1"
@@ -166,6 +168,7 @@ class LocalVLLMServer:
             dtype=self.dtype,
             extra=self.extra,
             enforce_eager=self.enforce_eager,
+            chat_template=self.chat_template,
         )
 
     def command(self) -> list[str]:
