@@ -99,7 +99,8 @@ def test_config_map_holds_the_resolved_config() -> None:
 def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
     rj = _children("lora-chat")[-1]
     spec = rj["spec"]
-    assert spec["entrypoint"] == "python -m kubetune_trainer --config /etc/kubetune/config.json"
+    assert spec["entrypoint"] == ("python -m kubetune.runlog --config /etc/kubetune/config.json -- "
+                                  "python -m kubetune_trainer --config /etc/kubetune/config.json")
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] == 86400 and spec["backoffLimit"] == 1 and spec["suspend"] is False
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -1,7 +1,7 @@
 """The KubeRay RayJob (ray.io/v1) that runs the trainer on a RayCluster of its own.
 
 Shape, and why:
-- `entrypoint` runs the trainer with the mounted config; KubeRay submits it to the head (K8sJobMode), so the
+- `entrypoint` runs the trainer with the mounted config (under `kubetune.runlog`, which keeps its log in S3); KubeRay submits it to the head (K8sJobMode), so the
   driver runs on the head and Ray Train's workers on the worker group.
 - One head group and one worker group. The head gets `num-cpus: "0"` so no training task lands on the
   coordinator; the worker group is fixed-size (replicas = min = max) because a data-parallel run needs all
@@ -46,7 +46,9 @@ from kubetune_operator.builders.config import CONFIG_DIR, CONFIG_PATH
 from kubetune_operator.meta import ANNOTATION_SPEC_HASH, LABEL_KUEUE_QUEUE, Owner, labels, object_meta
 from kubetune_operator.settings import Settings
 
-ENTRYPOINT = f"python -m kubetune_trainer --config {CONFIG_PATH}"
+# kubetune.runlog passes the trainer's output through and keeps it in S3 (<run>/history/) when it ends, so
+# `kubetune logs` still shows it once the RayCluster is gone (docs/serving.md, "History").
+ENTRYPOINT = f"python -m kubetune.runlog --config {CONFIG_PATH} -- python -m kubetune_trainer --config {CONFIG_PATH}"
 ANNOTATION_APPLIED_SUSPEND = "kubetune.io/applied-suspend"
 RAY_UID, RAY_GID = 1000, 100  # the `ray` user of rayproject/ray images, which the trainer image keeps
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
