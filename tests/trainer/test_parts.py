@@ -97,13 +97,17 @@ def _cfg(run_uri: str = f"s3://{BUCKET}/runs/ns/job", **resources: Any) -> Train
 
 
 @pytest.mark.unit
-def test_worker_resources() -> None:
-    from kubetune_trainer.train import worker_resources
+def test_rank_resources() -> None:
+    from kubetune_trainer.layout import rank_resources
 
-    assert worker_resources(_cfg(workers=2, gpusPerWorker=0), local=True) == {"CPU": 0.5}
-    assert worker_resources(_cfg(workers=2, cpuPerWorker="7500m", gpusPerWorker=2), local=False) == {
-        "CPU": 7.0, "GPU": 2.0}
-    assert worker_resources(_cfg(workers=1, cpuPerWorker="500m", gpusPerWorker=0), local=False) == {"CPU": 1.0}
+    def res(cfg: TrainerConfig) -> Any:
+        return cfg.spec.resources
+
+    assert rank_resources(res(_cfg(workers=2, gpusPerWorker=0)), local=True) == {"CPU": 0.5}
+    # A pod's whole CPUs (rounded down) shared by its ranks, one GPU each.
+    assert rank_resources(res(_cfg(workers=2, cpuPerWorker="7500m", gpusPerWorker=2)), local=False) == {
+        "CPU": 3.5, "GPU": 1.0}
+    assert rank_resources(res(_cfg(workers=1, cpuPerWorker="500m", gpusPerWorker=0)), local=False) == {"CPU": 1.0}
 
 
 @pytest.mark.unit

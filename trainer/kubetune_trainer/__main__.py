@@ -86,6 +86,7 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
 
     from kubetune_trainer import model as model_lib
     from kubetune_trainer.data import prepare, s3_client
+    from kubetune_trainer.layout import world_size
     from kubetune_trainer.train import fit
 
     if not ray.is_initialized():
@@ -98,7 +99,7 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
     # The driver needs only the tokenizer (to tokenise the data); workers fetch the weights on their nodes.
     tokenizer_dir = model_lib.fetch_base(cfg.spec, client, Path(options.model_cache), tokenizer_only=True)
     tokenizer = model_lib.load_tokenizer(cfg.spec, tokenizer_dir)
-    prepared = prepare(cfg, tokenizer, cfg.spec.resources.workers)
+    prepared = prepare(cfg, tokenizer, world_size(cfg.spec.resources))  # one shard per rank
     log.info("data ready: %s (%d training sequences of %d tokens in %d shards)", prepared.manifest_uri,
              prepared.num_train_sequences, prepared.seq_length, len(prepared.train_shards))
     if cfg.spec.tuning is not None:  # hyperparameter search: Ray Tune trials of this training, best one exported

@@ -40,6 +40,7 @@ from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer.checkpoint import TrainState
 from kubetune_trainer.data import DataError, PreparedData, batch_indices, load_shard, s3_client
 from kubetune_trainer.deepspeed_config import deepspeed_config, offload_applies, resolve_precision
+from kubetune_trainer.layout import place, scaling_kwargs
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -95,11 +96,8 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
             "trial": trial,
             "driverId": uuid.uuid4().hex,  # the same for every worker-group restart of this driver
         },
-        scaling_config=ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=use_gpu,
-            resources_per_worker=worker_resources(cfg, options.local),
-        ),
+        # One rank per GPU, a pod's ranks packed onto it (kubetune_trainer.layout).
+        scaling_config=ScalingConfig(**scaling_kwargs(resources, options.local)),
         # NCCL between GPUs; gloo on CPU (DeepSpeed reuses this process group).
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=run_config,
@@ -115,26 +113,6 @@ def failure_config(cfg: TrainerConfig) -> Any:
     training = cfg.spec.training
     return FailureConfig(max_failures=training.max_worker_restarts,
                          max_preemption_failures=training.max_preemption_restarts)
-
-
-def worker_resources(cfg: TrainerConfig, local: bool) -> dict[str, float]:
-    """Ray resources of one training worker.
-
-    On KubeRay each worker pod advertises its CPU limit (rounded down) and its GPUs; asking for all of them
-    puts exactly one worker on each pod, and Ray then sets OMP_NUM_THREADS to that many CPUs. Locally the
-    machine may have 2 cores for 2 workers and the driver: half a CPU each leaves room for the rest (with a
-    whole CPU each, Ray's other tasks starve and the run hangs).
-    """
-    res = cfg.spec.resources
-    cpus = 0.5 if local else float(max(1, math.floor(_cpu_quantity(res.cpu_per_worker))))
-    out = {"CPU": cpus}
-    if res.gpus_per_worker:
-        out["GPU"] = float(res.gpus_per_worker)
-    return out
-
-
-def _cpu_quantity(q: str) -> float:
-    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -188,6 +166,10 @@ class Recipe:
         self.spec, self.training = self.cfg.spec, self.cfg.spec.training
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # This rank's pod and local rank (emulated pods on a single-node Ray; kubetune_trainer.layout).
+        self.place = place(self.cfg.spec.resources, world_rank=self.rank, world=self.world,
+                           local_rank=ctx.get_local_rank(), local_world=ctx.get_local_world_size(),
+                           node_rank=ctx.get_node_rank())
         self.t_start = time.monotonic()
         self.use_gpu = self.spec.resources.gpus_per_worker > 0
         self.classification = self.spec.model.task == "sequence-classification"
@@ -237,16 +219,23 @@ class Recipe:
             log.info("deepspeed.offload=cpu has no effect on a CPU-only run; everything is in host memory already")
         self.staging = Path(tempfile.mkdtemp(prefix=f"kubetune-{self.cfg.job.name}-rank{self.rank}-",
                                              dir=self.opts.staging_dir or None))
+        log.info("rank %d of %d: %s, device %s", self.rank, self.world, self.place.describe(), self.device)
 
     def _setup_model(self) -> None:
         from kubetune_trainer import model as model_lib
 
         _seed_all(self.training.seed)  # identical on every rank: the new weights (LoRA, heads) must start equal
         self.client = s3_client(self.spec.dataset.endpoint, self.spec.dataset.region)
-        self.base_dir = model_lib.fetch_base(self.spec, self.client, Path(self.opts.model_cache))
+        cache = Path(self.opts.model_cache)
+        if self.place.emulated:  # each emulated pod has a node cache of its own, as a real pod has its disk
+            cache = cache / f"pod-{self.place.pod}"
+        self.base_dir = model_lib.fetch_base(self.spec, self.client, cache)
         self.tokenizer = model_lib.load_tokenizer(self.spec, self.base_dir)
+        # Built before the model: with ZeRO-3 the model is partitioned across the ranks as it loads.
+        self.ds_config = deepspeed_config(self.training, world_size=self.world, use_gpu=self.use_gpu)
         self.model = model_lib.load_model(self.spec, self.base_dir, precision=self.precision,
-                                          pad_token_id=self.tokenizer.pad_token_id)
+                                          pad_token_id=self.tokenizer.pad_token_id, ds_config=self.ds_config,
+                                          use_gpu=self.use_gpu)
 
     def _setup_data(self) -> None:
         prepared, training = self.prepared, self.training
@@ -271,11 +260,10 @@ class Recipe:
 
     def _setup_engine(self) -> None:
         training, total_steps = self.training, self.total_steps
-        ds_config = deepspeed_config(training, world_size=self.world, use_gpu=self.use_gpu)
         self.engine, _, _, self.scheduler = self.deepspeed.initialize(
             model=self.model,
             model_parameters=[p for p in self.model.parameters() if p.requires_grad],
-            config=ds_config,
+            config=self.ds_config,
             lr_scheduler=lambda optimizer: _lr_schedule(optimizer, training, total_steps),
         )
 
@@ -421,7 +409,8 @@ class Recipe:
             tokens += int(self.train_data["attention_mask"][rows].sum())  # real tokens, counted on the host
             if self.trace:
                 self.trace.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
-                                             "micro": state.micro_batch, "rows": [int(r) for r in rows]}) + "\n")
+                                             "micro": state.micro_batch, "rows": [int(r) for r in rows],
+                                             "pod": self.place.pod, "localRank": self.place.local_rank}) + "\n")
                 self.trace.flush()
             state.micro_batch += 1
         state.step += 1
