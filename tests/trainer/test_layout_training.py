@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl
 
 pytestmark = [pytest.mark.training]

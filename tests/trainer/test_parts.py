@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trainer_helpers import BUCKET
 
 from kubetune.api import TrainerConfig, TrainingSpec
-from trainer_helpers import BUCKET
 
 # ------------------------------------------------------------------------------------------ pure
 

@@ -23,7 +23,6 @@ from typing import Any
 
 from kubetune import chat_templates
 from kubetune.api import FineTuneJobSpec
-
 from kubetune_trainer import storage
 from kubetune_trainer.data.s3 import retrying
 
