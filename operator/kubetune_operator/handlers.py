@@ -19,6 +19,7 @@ so deleting a job never waits for the operator.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import kopf
@@ -29,6 +30,7 @@ from kubetune_operator.builders.shared_server import LABEL_SERVER
 from kubetune_operator.meta import LABEL_JOB
 from kubetune_operator.reconcile import Invalid, Reconciler, Retry
 
+log = logging.getLogger(__name__)
 FTJ = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
 RAYJOB = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
 DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
@@ -40,6 +42,7 @@ def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     with metrics.time_reconcile("reconcile"):
         try:
             reconciler.reconcile(namespace, name)
+            log.info("%s/%s: reconciled", namespace, name)  # one line per full pass: restarts can be followed
         except Invalid as e:
             raise kopf.PermanentError(str(e)) from None
         except Retry as e:

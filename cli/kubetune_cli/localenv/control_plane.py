@@ -248,6 +248,22 @@ class ControlPlane:
     def _ready(self) -> bool:
         return self._get_ok("/readyz")
 
+    def restart_apiserver(self, down_seconds: float = 0.0) -> float:
+        """Stop kube-apiserver and start it again with the same flags and port (etcd keeps every object), as a
+        rolling control-plane upgrade does; for fault tests. Returns the seconds until /readyz answered."""
+        if self._external:
+            raise ControlPlaneError("cannot restart the API server of an existing cluster")
+        old = next(p for p in self._procs if p.name == "kube-apiserver")
+        old.stop()
+        self._procs.remove(old)
+        time.sleep(down_seconds)
+        t0 = time.monotonic()
+        new = self._spawn("kube-apiserver", old.argv)
+        etcd = next(p for p in self._procs if p.name == "etcd")
+        if not wait_until(self._ready, self.timeout, procs=[etcd, new], interval=0.25):
+            raise ControlPlaneError(f"kube-apiserver not ready after a restart\n{self._logs()}")
+        return time.monotonic() - t0
+
     def _get_ok(self, path: str) -> bool:
         """GET `path` as admin with a short timeout; True on HTTP 200 (no client library: it may not be up)."""
         assert self.server and self.ca_file
