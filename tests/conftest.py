@@ -10,6 +10,7 @@ Set KUBECONFIG and KUBETUNE_TEST_EXISTING_CLUSTER=1 to run against an existing c
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -31,6 +32,51 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+    config.stash[_TIER_SECONDS] = {}
+
+
+# --- CI: a skipped real-component test is a failure ---------------------------------------------------------
+# A test that needs a real component (an API server, SeaweedFS, Ray, vLLM) and skips because it is missing
+# would pass CI while proving nothing. With CI set (CI=1 / CI=true, as .ci/run sets it) such a skip fails.
+REAL_COMPONENT_TIERS = ("integration", "training", "serving", "e2e", "faults", "slow")
+# The tiers of the timing line, in the order they are printed; a test counts under the first it carries.
+TIERS = ("unit", "integration", "training", "serving", "e2e", "faults")
+_TIER_SECONDS = pytest.StashKey[dict[str, list[float]]]()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _tier(item: pytest.Item) -> str:
+    marks = {m.name for m in item.iter_markers()}
+    return next((t for t in reversed(TIERS) if t in marks), "unmarked")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]  # pluggy's Result, untyped here
+    seconds = item.config.stash[_TIER_SECONDS].setdefault(_tier(item), [0.0, 0])
+    seconds[0] += report.duration
+    if report.when == "call":
+        seconds[1] += 1
+    real = any(item.get_closest_marker(name) for name in REAL_COMPONENT_TIERS)
+    if in_ci() and report.skipped and real and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI: a real-component test may not skip ({reason})"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """One line: seconds per tier (setup, call and teardown of its tests, session fixtures included)."""
+    per_tier = config.stash.get(_TIER_SECONDS, {})
+    if not per_tier:
+        return
+    order = [*TIERS, "unmarked"]
+    parts = [f"{t} {per_tier[t][0]:.1f} s ({int(per_tier[t][1])} tests)" for t in order if t in per_tier]
+    total = sum(v[0] for v in per_tier.values())
+    terminalreporter.write_line(f"tier timings: {' | '.join(parts)} | total {total:.1f} s")
 
 
 @pytest.fixture(scope="session")

@@ -149,8 +149,9 @@ def test_argocd_cm_patch_embeds_the_script_verbatim() -> None:
 
 def test_condition_types_match_the_operator() -> None:
     """Every condition type the script reads is one the operator writes."""
-    conditions = pytest.importorskip("kubetune_operator.conditions")
     import re
+
+    from kubetune_operator import conditions
 
     used = set(re.findall(r'condition\(status, "(\w+)"\)|is_true\(status, "(\w+)"\)', SCRIPT.read_text()))
     names = {a or b for a, b in used}
@@ -159,7 +160,7 @@ def test_condition_types_match_the_operator() -> None:
 
 def test_deployed_reasons_match_the_operator() -> None:
     """The reasons the script treats as 'nothing to serve on purpose' are the operator's."""
-    conditions = pytest.importorskip("kubetune_operator.conditions")
+    from kubetune_operator import conditions
     on_purpose = getattr(conditions, "NOT_SERVING_ON_PURPOSE", None)
     if on_purpose is None:
         pytest.skip("this operator has no serving reasons yet")

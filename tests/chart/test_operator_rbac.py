@@ -23,12 +23,10 @@ import pytest
 import yaml
 from chartlib import CHART, ROOT, one, run
 
-pytestmark = pytest.mark.integration
+from kubetune_operator import names, runner
+from kubetune_operator.settings import Settings
 
-kopf = pytest.importorskip("kopf")
-runner = pytest.importorskip("kubetune_operator.runner")
-from kubetune_operator import names  # noqa: E402
-from kubetune_operator.settings import Settings  # noqa: E402
+pytestmark = pytest.mark.integration
 
 EXAMPLES = ROOT / "examples" / "gitops" / "fine-tunes"
 JOBS = ("support-chat-lora", "ticket-classifier")
