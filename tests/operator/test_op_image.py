@@ -1,5 +1,6 @@
 """The operator image's Dockerfile: pinned base, only the operator extra (no torch), non-root, the module
-entrypoint. (No Docker engine here: the packaging it relies on is checked by building the wheel.)"""
+entrypoint, and no CLI or dev code (kubetune_cli). (No Docker engine here: the packaging it relies on is checked
+by building the wheel from exactly the sources the Dockerfile copies.)"""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def test_dockerfile_shape() -> None:
     assert ':latest' not in text
     assert re.search(r'pip install --constraint constraints\.txt "\.\[operator\]"', text)
     assert "COPY trainer" not in text
+    # Exactly these sources go in: the core and the operator. The CLI and local runtime (cli/) never do.
+    sources = {src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]}
+    assert sources == {"pyproject.toml", "README.md", "constraints.txt", "kubetune/", "operator/"}, sources
+    # and the image's own build step refuses to finish if the dev package could be imported there
+    assert "'kubetune_cli'" in re.search(r"find_spec\(m\) is None for m in \(([^)]*)\)", text).group(1)
     assert re.search(r"^USER 10001:10001$", text, re.M)
     assert 'ENTRYPOINT ["python", "-m", "kubetune_operator"]' in text
 
@@ -51,5 +57,8 @@ def test_wheel_from_the_image_sources_holds_api_and_operator_only(tmp_path: Path
                            "-w", str(out), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = out.glob("*.whl")
-    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
-    assert {"kubetune", "kubetune_operator"} <= tops and "kubetune_trainer" not in tops
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {"kubetune", "kubetune_operator"} <= tops
+    assert not tops & {"kubetune_trainer", "kubetune_cli"}, tops
+    assert not [n for n in names if "/localenv/" in n or n.startswith("kubetune/cli/")]
