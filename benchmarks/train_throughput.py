@@ -1,29 +1,36 @@
 """Training throughput: the kubetune trainer against a bare PyTorch loop, same model, data and machine, one run.
 
     .venv/bin/python benchmarks/train_throughput.py [--hidden 128 --layers 2 --seq 64 --batch 4 --steps 40]
+    .venv/bin/python benchmarks/train_throughput.py --model smollm2 [--seq 64 --batch 2 --steps 12]
 
-What is compared. Both sides train the same tiny Llama (SmolLM2 tokenizer, random weights) on the same
-prepared rows (Debian fortunes, tokenised and packed once by the trainer's own `prepare`), in the same order
+What is compared. Both sides train the same model (`--model tiny`: a random small Llama with the SmolLM2
+tokenizer; `--model smollm2`: the real SmolLM2-135M, converted once into the cache) on the same prepared rows
+(Debian fortunes, tokenised and packed once by the trainer's own `prepare`), in the same order
 (`batch_indices`), with the same number of processes, each limited to the same number of threads:
 
-- kubetune: `python -m kubetune_trainer --local`, i.e. Ray Train workers running DeepSpeed ZeRO-2 with the
-  per-step loss all-reduce, the status/metrics reporter thread, checkpoint and export at the end;
+- kubetune: `python -m kubetune_trainer --local`, i.e. Ray Train workers running DeepSpeed ZeRO-2, the
+  status/metrics reporter thread, the loss/token exchange and preemption check at sync steps (about every
+  2 s of training), evaluations and checkpoints at their intervals, export at the end;
 - bare: `torch.multiprocessing` processes, gloo DistributedDataParallel, torch AdamW, the same warmup+cosine
   schedule and gradient clipping: the loop one would write by hand.
 
 Tokens/s is measured the same way on both sides, per optimizer step: real (non-padding) tokens of all workers
-divided by the step's time (forward, backward, optimizer; for the trainer also its per-step loss all-reduce and
-bookkeeping), as recorded by rank 0. The headline is the median over steps after the first WARMUP_STEPS, which
-resists the bursts of other work on a shared machine; the plain mean (all tokens / all step time) is printed
-beside it. The bare loop runs before and after the trainer (the two medians are averaged), so a change of
-background load during the run shows up as a difference between the two bare figures instead of as a bias.
-Start-up (Ray, DeepSpeed init, model download) and the end (checkpoint, export) are not in these figures;
-the trainer's wall time is printed separately, because it is a fixed cost per job, not a per-token one.
+divided by the step's time (forward, backward, optimizer; for the trainer also the sync and reporting work,
+counted into the steps it follows), as recorded by rank 0. The headline is the median over steps after the
+first WARMUP_STEPS, which resists the bursts of other work on a shared machine; the plain mean (all tokens /
+all step time, warm-up included) is the second ratio. The bare loop runs before and after the trainer (the two
+are averaged), so a change of background load during the run shows up as a difference between the two bare
+figures instead of as a bias.
+
+What the bare loop does not do is printed as its own lines, as shares of the trainer's wall time: start-up
+(time to first step by phase: Ray, data, workers, model load, DeepSpeed init, base evaluation), evaluations,
+checkpoints (S3 uploads included), export, and the rest (reports, shutdown).
 
 Also printed: the data pipeline's rate (records/s through `prepare`: read, clean, dedup, tokenise, pack,
 shard to S3) against the rate at which the trainer consumes records.
 
-On a shared machine the numbers move with other load: run it on an otherwise idle machine, and more than
+Every ratio is one line `ratio NAME: X (target: Y)`. On a shared machine the numbers move with other load
+(the load average is printed at the start and the end): run it on an otherwise idle machine, and more than
 once, before trusting a ratio.
 """
 
@@ -49,7 +56,6 @@ def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: 
                 out: str) -> None:
     """One process of the bare loop (DDP over gloo)."""
     os.environ.update(env)
-    import numpy as np
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -93,6 +99,11 @@ def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: 
 
 
 WARMUP_STEPS = 3
+TARGET = 0.95  # kubetune's tokens/s at least this share of the bare loop's (mean and median)
+# Per model: defaults sized for a 2-core machine (SmolLM2 steps take seconds each on a CPU).
+MODEL_DEFAULTS = {"tiny": {"seq": 64, "batch": 4, "steps": 40}, "smollm2": {"seq": 64, "batch": 2, "steps": 12}}
+STARTUP_KEYS = ("rayStartSeconds", "dataSeconds", "workerStartSeconds", "modelLoadSeconds", "deepspeedInitSeconds",
+                "resumeSeconds", "baseEvalSeconds", "firstStepSeconds", "timeToFirstStepSeconds")
 
 
 def rates(steps: dict[str, list[float]]) -> dict[str, float]:
@@ -107,30 +118,106 @@ def rates(steps: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), default="tiny",
+                        help="tiny: a random 2-layer Llama; smollm2: the real SmolLM2-135M (converted once, cached)")
+    parser.add_argument("--hidden", type=int, default=128, help="tiny model only")
+    parser.add_argument("--layers", type=int, default=2, help="tiny model only")
+    parser.add_argument("--seq", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=20,
+                        help="the trainer evaluates every N steps (0: never); the bare loop does not")
+    parser.add_argument("--checkpoint-every", type=int, default=20,
+                        help="the trainer checkpoints to S3 every N steps (and at the end); the bare loop does not")
     args = parser.parse_args()
-    threads = 1  # what Ray gives a 0.5-CPU worker (OMP_NUM_THREADS=1); the bare loop gets the same
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
-    from kubetune.api import TrainerConfig
-    from kubetune_cli.localenv.models import smollm2_tokenizer, tiny_llama, upload_dir
-    from kubetune_cli.localenv.s3_server import S3Server
-    from kubetune_trainer.data import prepare
 
-    texts = []
+def fortune_texts(limit: int) -> list[str]:
+    texts: list[str] = []
     for name in ("computers", "science", "linux", "people", "work"):
         path = Path("/usr/share/games/fortunes") / name
         if path.is_file():
             texts += [t.strip() for t in path.read_text(errors="replace").split("\n%\n") if t.strip()]
-    texts = texts[: args.records]
+    return texts[:limit]
 
+
+def trainer_config(args: argparse.Namespace, endpoint: str) -> Any:
+    from kubetune.api import TrainerConfig
+
+    dataset: dict[str, Any] = {"train": f"s3://{BUCKET}/data/train.jsonl", "format": "completion",
+                               "endpoint": endpoint, "preprocessing": {"maxSeqLength": args.seq}}
+    if args.eval_every:
+        dataset["validationSplit"] = 0.05
+    return TrainerConfig.model_validate({
+        "job": {"name": "bench", "namespace": "bench"},
+        "spec": {
+            "model": {"uri": f"s3://{BUCKET}/model"},
+            "dataset": dataset,
+            "training": {"method": "full", "maxSteps": args.steps, "perDeviceBatchSize": args.batch,
+                         "learningRate": 1e-3, "evalIntervalSteps": args.eval_every or 10**6, "maxEvalBatches": 2,
+                         "checkpoint": {"intervalSteps": args.checkpoint_every or 10**6, "keep": 1},
+                         "deepspeed": {"zeroStage": 2}},
+            "resources": {"workers": args.workers, "gpusPerWorker": 0},
+            "output": {"uri": f"s3://{BUCKET}/runs"}, "deploy": {"enabled": False},
+        },
+        "runUri": f"s3://{BUCKET}/runs/bench/bench",
+        "reporting": {"kubernetes": False, "minIntervalSeconds": 10},
+    })
+
+
+def run_bare(tag: str, args: argparse.Namespace, model_dir: Path, shards: list[str], env: dict[str, str],
+             tmpdir: Path) -> dict[str, float]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmpdir / f"bare-{tag}.json"
+    bare_args = {"model_dir": str(model_dir), "steps": args.steps, "batch": args.batch, "lr": 1e-3, "threads": 1}
+    mp.start_processes(bare_worker, args=(args.workers, port, bare_args, shards, env, str(out)),
+                       nprocs=args.workers, start_method="spawn")
+    r = rates(json.loads(out.read_text()))
+    print(f"bare PyTorch ({tag}; DDP, gloo, {args.workers} procs): median {r['median']:.0f} tokens/s, "
+          f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}", flush=True)
+    return r
+
+
+def print_trainer_breakdown(metrics: list[dict[str, Any]], wall: float) -> None:
+    """Time to first step by phase, and the trainer's wall time by phase (share of the whole job)."""
+    startup = next((m for m in metrics if m.get("event") == "startup"), {})
+    parts = [f"{k[:-len('Seconds')]} {startup[k]:.1f}s" for k in STARTUP_KEYS if isinstance(startup.get(k), (int, float))]
+    print("time to first step: " + (", ".join(parts) or "not reported"), flush=True)
+    finished = next((m for m in metrics if m.get("event") == "finished"), {})
+    phases = dict(finished.get("phaseSeconds") or {})
+    before = startup.get("timeToFirstStepSeconds", 0.0) - startup.get("firstStepSeconds", 0.0)
+    phases = {"start-up (before the first step)": before, **phases}
+    accounted = sum(phases.values())
+    phases["rest (reports, Ray shutdown, driver)"] = max(0.0, wall - accounted)
+    for name, seconds in phases.items():
+        print(f"trainer wall time, {name}: {seconds:.1f}s = {100 * seconds / wall:.1f}% of {wall:.0f}s", flush=True)
+
+
+def main() -> int:
+    args = parse_args()
+    threads = 1  # what Ray gives a 0.5-CPU worker (OMP_NUM_THREADS=1); the bare loop gets the same
+
+    from kubetune_cli.localenv.models import convert_smollm2, smollm2_tokenizer, tiny_llama, upload_dir
+    from kubetune_cli.localenv.s3_server import S3Server
+    from kubetune_trainer.data import prepare
+
+    texts = fortune_texts(args.records)
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start; model {args.model}, "
+          f"{args.workers} workers, {args.steps} steps of {args.batch} x {args.seq} tokens per worker", flush=True)
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp, S3Server(buckets=[BUCKET]) as s3:
         tmpdir = Path(tmp)
         env = {**s3.env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -139,25 +226,14 @@ def main() -> int:
                "KUBETUNE_RAY_STORAGE": str(tmpdir / "ray"), "KUBETUNE_STAGING_DIR": tmp}
         os.environ.update(env)
         client = s3.client()
-        model_dir = tiny_llama(tmpdir / "model", hidden=args.hidden, layers=args.layers, seed=0)
+        if args.model == "smollm2":
+            model_dir = convert_smollm2()
+        else:
+            model_dir = tiny_llama(tmpdir / "model", hidden=args.hidden, layers=args.layers, seed=0)
         upload_dir(client, model_dir, f"s3://{BUCKET}/model")
         client.put_object(Bucket=BUCKET, Key="data/train.jsonl",
                           Body="\n".join(json.dumps({"text": t}) for t in texts).encode())
-        cfg = TrainerConfig.model_validate({
-            "job": {"name": "bench", "namespace": "bench"},
-            "spec": {
-                "model": {"uri": f"s3://{BUCKET}/model"},
-                "dataset": {"train": f"s3://{BUCKET}/data/train.jsonl", "format": "completion",
-                            "endpoint": s3.endpoint_url, "preprocessing": {"maxSeqLength": args.seq}},
-                "training": {"method": "full", "maxSteps": args.steps, "perDeviceBatchSize": args.batch,
-                             "learningRate": 1e-3, "evalIntervalSteps": 10**6,
-                             "checkpoint": {"intervalSteps": 10**6}, "deepspeed": {"zeroStage": 2}},
-                "resources": {"workers": args.workers, "gpusPerWorker": 0},
-                "output": {"uri": f"s3://{BUCKET}/runs"}, "deploy": {"enabled": False},
-            },
-            "runUri": f"s3://{BUCKET}/runs/bench/bench",
-            "reporting": {"kubernetes": False, "minIntervalSeconds": 10},
-        })
+        cfg = trainer_config(args, s3.endpoint_url)
 
         # 1. The data pipeline, timed on its own (the trainer below reuses what it wrote).
         t0 = time.perf_counter()
@@ -172,26 +248,7 @@ def main() -> int:
                   "the bare loop wraps around, the trainer starts a new epoch", flush=True)
 
         # 2. The bare PyTorch loop, before and after the trainer.
-        import socket
-
-        import torch.multiprocessing as mp
-
-        bare_args = {"model_dir": str(model_dir), "steps": args.steps, "batch": args.batch, "lr": 1e-3,
-                     "threads": threads}
-
-        def run_bare(tag: str) -> dict[str, float]:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            out = tmpdir / f"bare-{tag}.json"
-            mp.start_processes(bare_worker, args=(args.workers, port, bare_args, prepared.train_shards, env,
-                                                  str(out)), nprocs=args.workers, start_method="spawn")
-            r = rates(json.loads(out.read_text()))
-            print(f"bare PyTorch ({tag}; DDP, gloo, {args.workers} procs): median {r['median']:.0f} tokens/s, "
-                  f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}", flush=True)
-            return r
-
-        bare_before = run_bare("before")
+        bare_before = run_bare("before", args, model_dir, prepared.train_shards, env, tmpdir)
 
         # 3. The kubetune trainer, as the RayJob runs it.
         config_path = tmpdir / "config.json"
@@ -199,35 +256,38 @@ def main() -> int:
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--local"],
                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=1800)
+                              text=True, timeout=3600)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout[-5000:])
             return 1
         body = client.get_object(Bucket=BUCKET, Key="runs/bench/bench/metrics.jsonl")["Body"].read().decode()
-        steps = {m["step"]: m for m in map(json.loads, body.splitlines()) if "stepSeconds" in m}
+        metrics = [json.loads(line) for line in body.splitlines()]
+        steps = {m["step"]: m for m in metrics if "stepSeconds" in m}
         ordered = [steps[k] for k in sorted(steps)]
         trainer = rates({key: [m[key] for m in ordered] for key in ("stepTokens", "stepSeconds", "stepCpuSeconds")})
         print(f"kubetune trainer (Ray Train + DeepSpeed ZeRO-2, {args.workers} workers): median "
               f"{trainer['median']:.0f} tokens/s, mean {trainer['mean']:.0f}, per CPU-second {trainer['cpu']:.0f} "
-              f"(whole job {wall:.0f}s wall, including Ray start, setup, checkpoint and export)", flush=True)
+              f"(whole job {wall:.0f}s wall)", flush=True)
+        print("trainer step seconds: " + " ".join(f"{m['stepSeconds']:.3f}" for m in ordered), flush=True)
+        print_trainer_breakdown(metrics, wall)
 
-        bare_after = run_bare("after")
+        bare_after = run_bare("after", args, model_dir, prepared.train_shards, env, tmpdir)
         bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
         drift = abs(bare_before["median"] - bare_after["median"]) / bare["median"]
-        ratio = trainer["median"] / bare["median"]
-        print(f"ratio kubetune/bare (median step, wall): {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target: within 10%)")
-        print(f"ratio kubetune/bare (mean, wall):        {trainer['mean'] / bare['mean']:.3f}")
-        print(f"ratio kubetune/bare (median, CPU time):  {trainer['cpu'] / bare['cpu']:.3f}  (insensitive to other "
-              "processes' load, blind to time spent waiting)")
         print(f"background drift between the two bare runs: {drift * 100:.1f}%"
               + ("  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
                  if drift > 0.1 else ""))
-
+        print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
         tokens_per_record = (prepared.stats.get("tokens") or 1) / max(1, prepared.stats.get("trainRecords") or records)
         consumed = trainer["median"] / tokens_per_record
-        print(f"data pipeline: {records / prepare_seconds:.0f} records/s vs trainer consumption "
-              f"{consumed:.0f} records/s ({records / prepare_seconds / consumed:.1f}x headroom)")
+        print(f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / bare['median']:.3f} "
+              f"(target: {TARGET})")
+        print(f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / bare['mean']:.3f} (target: {TARGET})")
+        print(f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / bare['cpu']:.3f} "
+              f"(target: {TARGET}; insensitive to other processes' load, blind to time spent waiting)")
+        print(f"ratio data pipeline records/s / trainer consumption: {records / prepare_seconds / consumed:.1f} "
+              "(target: 1.0)")
     return 0
 
 

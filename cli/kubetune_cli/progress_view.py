@@ -19,6 +19,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 PLAIN_INTERVAL_S = 5.0
+# status.startup's phases in the order they happen, with the words `kubetune run` prints for them.
+STARTUP_PHASES = (("rayStartSeconds", "Ray start"), ("dataSeconds", "data"), ("workerStartSeconds", "workers"),
+                  ("modelLoadSeconds", "model load"), ("deepspeedInitSeconds", "DeepSpeed init"),
+                  ("resumeSeconds", "resume"), ("baseEvalSeconds", "base evaluation"),
+                  ("firstStepSeconds", "first step"))
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -34,6 +39,18 @@ def fmt_seconds(seconds: float | None) -> str:
 
 def fmt_num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def startup_line(startup: dict[str, Any], before: dict[str, float] | None = None) -> str:
+    """'time to first step 1m52s: Ray start 21s, data 14s, ...' from status.startup; `before` adds phases of
+    the caller's own before the trainer started (e.g. kubetune run's local Ray cluster)."""
+    parts = [(name, float(seconds)) for name, seconds in (before or {}).items()]
+    parts += [(name, float(startup[key])) for key, name in STARTUP_PHASES
+              if isinstance(startup.get(key), (int, float))]
+    total = startup.get("timeToFirstStepSeconds")
+    head = "time to first step" if total is None else \
+        f"time to first step {fmt_seconds(float(total) + sum((before or {}).values()))}"
+    return head + ": " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in parts)
 
 
 class FileFollower:
@@ -66,9 +83,11 @@ class FileFollower:
 class TrainingView:
     """Renders progress; feed it report objects with `update`, close it with `stop`."""
 
-    def __init__(self, console: Console, job: str) -> None:
+    def __init__(self, console: Console, job: str, before_trainer: dict[str, float] | None = None) -> None:
         self.console = console
         self.job = job
+        self.before_trainer = before_trainer or {}  # phases before the trainer ran, for the time to first step
+        self._printed_startup = False
         self.status: dict[str, Any] = {}
         self.metrics: list[dict[str, Any]] = []
         self._progress: Progress | None = None
@@ -111,6 +130,10 @@ class TrainingView:
                 f"and {data.get('invalidRecords', 0)} invalid dropped; {data.get('sequences', '?')} sequences, "
                 f"{data.get('tokens', '?')} tokens"
             )
+        startup = self.status.get("startup")
+        if startup and not self._printed_startup:
+            self._printed_startup = True
+            self.console.print(startup_line(startup, self.before_trainer))
         step, total = p.get("step"), p.get("totalSteps")
         fields = {"loss": fmt_num(p.get("loss")), "eval": fmt_num(p.get("evalLoss")),
                   "tps": "-" if p.get("tokensPerSecond") is None else f"{p['tokensPerSecond']:.0f}",

@@ -243,6 +243,9 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
         raise CLIError(f"training failed (exit {rc}, attempt {n} of {m.spec.backoff_limit + 1}): {message}\n"
                        f"--- last lines of {job.driver_log} ---\n{tail}", EXIT_FAILED)
     console.print(f"[green]trained[/]: {message}")
+    if view is not None and view.status.get("startup"):  # the last attempt's time to first step, by phase
+        summary["startup"] = {"rayClusterStartSeconds": view.before_trainer.get("Ray cluster start"),
+                              **view.status["startup"]}
     return view.status if view is not None else {}
 
 
@@ -257,15 +260,18 @@ def _run_attempt(console: Any, m: manifest.Manifest, job: Any, ray_job: dict[str
     try:
         console.print(f"Ray: a local cluster with {job.cpus} CPU(s) for {m.spec.resources.workers} worker(s)"
                       + (f" (attempt {n})" if n > 1 else ""))
+        t_cluster = time.monotonic()
         try:
             job.start_cluster()
         except (RayClusterError, PodConfigError) as e:
             raise CLIError(f"the local Ray cluster did not start (log {job.ray_log}): {str(e)[-1500:]}",
                            EXIT_ENVIRONMENT) from None
         started = datetime.now(timezone.utc)
+        cluster_seconds = round(time.monotonic() - t_cluster, 1)
         job.submit()
         console.print(f"trainer: {ray_job['spec']['entrypoint']}  (log: {job.driver_log})")
-        view = TrainingView(console, m.name)
+        # The time to first step it prints starts with this cluster's start (the trainer only connects to it).
+        view = TrainingView(console, m.name, before_trainer={"Ray cluster start": cluster_seconds})
         while (rc := job.poll()) is None:
             view.update(follower.read())
             time.sleep(POLL_S)

@@ -47,6 +47,8 @@ def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespac
     status = wait_for_status(k8s_client, namespace, "reported", lambda s: (s.get("progress") or {}).get("step"))
     assert status["data"]["records"] == 100 and status["data"]["invalidByReason"] == {"bad_json": 2}
     reporter.checkpoints([CheckpointRef(step=30, uri=f"{cfg.checkpoints_uri}/step-00000030", eval_loss=4.2)])
+    reporter.startup({"rayStartSeconds": 2.5, "dataSeconds": 4.0, "modelLoadSeconds": 7.25,
+                      "deepspeedInitSeconds": 1.5, "firstStepSeconds": 0.5, "timeToFirstStepSeconds": 20.0})
     reporter.model(ModelArtifact(uri=cfg.model_uri, kind="adapter", base_uri=cfg.spec.model.uri))
     reporter.progress(step=31, total_steps=100, eval_loss=float("nan"))  # NaN cannot travel in JSON: null
     reporter.close()
@@ -59,6 +61,8 @@ def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespac
     assert "evalLoss" not in progress
     assert status["checkpoints"] == [{"step": 30, "uri": f"{cfg.checkpoints_uri}/step-00000030", "evalLoss": 4.2}]
     assert status["model"]["uri"] == cfg.model_uri and status["model"]["kind"] == "adapter"
+    assert status["startup"] == {"rayStartSeconds": 2.5, "dataSeconds": 4.0, "modelLoadSeconds": 7.25,
+                                 "deepspeedInitSeconds": 1.5, "firstStepSeconds": 0.5, "timeToFirstStepSeconds": 20.0}
     # Rate limit: 30+ progress updates in a few seconds became a handful of patches.
     assert 2 <= reporter.patches_sent <= elapsed / cfg.reporting.min_interval_seconds + 4, reporter.patches_sent
 
@@ -101,3 +105,24 @@ def test_a_refused_patch_never_fails_training(control_plane, k8s_client, namespa
     reporter.close(timeout=20)
     assert reporter.patches_sent == 0
     assert "progress" not in (get_job(k8s_client, namespace, "own").get("status") or {})
+
+
+@pytest.mark.unit
+def test_kubetune_run_prints_the_time_to_first_step_by_phase(tmp_path) -> None:
+    """The view prints status.startup once, in the order of the phases, with the caller's own phase first."""
+    from rich.console import Console
+
+    from kubetune_cli.progress_view import TrainingView, startup_line
+
+    startup = {"dataSeconds": 14.0, "rayStartSeconds": 1.2, "modelLoadSeconds": 9.5, "firstStepSeconds": 3.0,
+               "timeToFirstStepSeconds": 50.0}
+    line = startup_line(startup, {"Ray cluster start": 20.0})
+    assert line == ("time to first step 1m10s: Ray cluster start 20.0s, Ray start 1.2s, data 14.0s, "
+                    "model load 9.5s, first step 3.0s")
+    console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=200)
+    view = TrainingView(console, "job", before_trainer={"Ray cluster start": 20.0})
+    view.update([{"status": {"startup": startup}}, {"status": {"progress": {"step": 1, "totalSteps": 2}}}])
+    view.update([{"status": {"startup": startup}}])
+    view.stop()
+    console.file.close()
+    assert (tmp_path / "out.txt").read_text().count(line) == 1
