@@ -1,0 +1,1 @@
+"""The kubetune operator (kopf): FineTuneJob -> ConfigMap, RBAC and KubeRay RayJob -> status -> vLLM Deployment."""

@@ -1,0 +1,1 @@
+"""The kubetune trainer: S3 data -> Ray Train + DeepSpeed -> checkpoints, evaluation, export (a RayJob entrypoint)."""
