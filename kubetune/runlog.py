@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 HISTORY = "history"
@@ -39,7 +39,7 @@ EXIT_NAME = "exit.json"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def attempt_folder(run_uri: str, started: datetime) -> str:
@@ -71,9 +71,10 @@ def run(command: list[str], log: Any) -> tuple[int, int | None]:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    assert child.stdout is not None
+    stream = child.stdout
+    assert stream is not None
     out = sys.stdout.buffer
-    for chunk in iter(lambda: child.stdout.readline(), b""):
+    for chunk in iter(stream.readline, b""):
         out.write(chunk)
         out.flush()
         log.write(chunk)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         p.error("no command after --")
     target = _target(args.config)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     start_text, t0 = _now(), time.monotonic()
     with tempfile.NamedTemporaryFile(prefix="kubetune-driver-", suffix=".log", delete=False) as log:
         rc, sig = run(command, log)

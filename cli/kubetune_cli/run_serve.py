@@ -45,8 +45,8 @@ def check_serving_venv() -> None:
 def start(cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: Path, *,
           port: int | None = None) -> Served:
     from kubetune.fetch import fetch_prefix
-    from kubetune_cli.localenv.binaries import cache_dir
     from kubetune.vllm import lora_rank_bucket
+    from kubetune_cli.localenv.binaries import cache_dir
     from kubetune_cli.localenv.vllm_server import LocalVLLMServer
 
     spec = cfg.spec

@@ -3,7 +3,8 @@
 Everything comes from the job's status (the operator's conditions, the trainer's progress, data statistics,
 checkpoints, evaluation and model) plus, in a `kubetune dev` cluster, the local URL the development runtime
 put on the inference Service (annotation kubetune.io/local-url), since the Service's cluster DNS name does not
-resolve on the host.
+resolve on the host. Once training has ended, the latest attempt's driver log kept in S3 (<run>/history/,
+`kubetune.runlog`) is named with its exit code: it outlives the RayCluster (`kubetune logs NAME` prints it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def local_endpoint(local: str, endpoint_url: str | None) -> str:
     return local.rstrip("/") + path
 
 
-def render(job: dict[str, Any], local: str | None = None) -> str:
+def render(job: dict[str, Any], local: str | None = None, history: str | None = None) -> str:
     meta, st = job["metadata"], job.get("status") or {}
     lines = [f"{meta['namespace']}/{meta['name']}: {st.get('state') or 'Pending'}"]
     p = st.get("progress") or {}
@@ -81,6 +82,8 @@ def render(job: dict[str, Any], local: str | None = None) -> str:
     if local:
         lines.append(f"  local     {local_endpoint(local, ep.get('url'))} (served on this machine by the kubetune dev "
                      "runtime)")
+    if history:
+        lines.append(f"  history   {history}")
     if st.get("conditions"):
         lines.append("  conditions:")
         for c in st["conditions"]:
@@ -132,6 +135,26 @@ def finished(job: dict[str, Any]) -> bool:
     return deployed.get("status") == "True" or deployed.get("reason") not in _SERVING_IN_PROGRESS
 
 
+def history_line(conn: Any, job: dict[str, Any]) -> str | None:
+    """The latest attempt's driver log in S3 and its exit, once training ended (None before, or unreadable)."""
+    conds = {c.get("type"): c.get("status") for c in (job.get("status") or {}).get("conditions") or []}
+    if "True" not in (conds.get("Succeeded"), conds.get("Failed")):
+        return None
+    from kubetune_cli.errors import CLIError
+    from kubetune_cli.logs import latest_history
+
+    try:
+        found = latest_history(conn, job)
+    except (CLIError, ValueError, OSError):
+        return None  # S3 unreachable or keys unreadable: the status itself still shows
+    if found is None:
+        return None
+    folder, _, record = found
+    record = record or {}
+    return (f"{folder}/driver.log (driver exit code {record.get('exitCode', '?')}, ended "
+            f"{record.get('endTime', '?')}; kubetune logs {job['metadata']['name']})")
+
+
 def run(args: argparse.Namespace) -> int:
     from kubetune_cli import cluster
 
@@ -142,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
             if args.output == "json":
                 text = json.dumps(job.get("status") or {}, indent=2)
             else:
-                text = render(job, local_url(conn, job["metadata"]["namespace"], args.name))
+                text = render(job, local_url(conn, job["metadata"]["namespace"], args.name),
+                              history_line(conn, job))
             if text != last:
                 print(text + ("\n" if args.watch else ""), flush=True)
                 last = text

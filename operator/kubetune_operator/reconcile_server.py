@@ -27,7 +27,7 @@ from kubetune_operator import conditions as c
 from kubetune_operator.builders import inference
 from kubetune_operator.builders import shared_server as ss
 from kubetune_operator.builders.inference import ServingPlan
-from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, SERVICE, Kube, kind_of
+from kubetune_operator.kube import CONFIGMAP, SERVICE, Kube, kind_of
 from kubetune_operator.meta import LABEL_JOB
 from kubetune_operator.settings import Settings
 

@@ -161,3 +161,56 @@ def test_plot_from_a_local_metrics_file(tmp_path: Path, capsys: pytest.CaptureFi
     metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     rc = main(["plot", "--metrics", str(metrics), "-o", str(tmp_path / "p.png")])
     assert rc == 0 and (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_driver_log_outlives_the_ray_cluster(
+        reported_job: dict[str, Any], kubeconfig: Path, s3_server: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The RayJob's entrypoint wrapper (kubetune.runlog) keeps each attempt's driver log in S3; with no RayJob or
+    RayCluster left (none exists here), `kubetune logs` and `kubetune status` read it from there."""
+    import os
+    import subprocess
+    import sys
+
+    from kubetune import runlog
+    from kubetune_cli.cluster import Connection
+
+    conn = Connection(kubeconfig)
+    try:
+        job = conn.get_job(reported_job["name"], reported_job["namespace"])
+    finally:
+        conn.close()
+    cfg = api.resolve_trainer_config(job["metadata"]["name"], job["metadata"]["namespace"], job["metadata"]["uid"],
+                                     api.parse_spec(job["spec"]))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg.wire()))
+    env = {**os.environ, **s3_server.env()}  # the head pod's S3 keys (from the job's Secret)
+    attempts = [("print('loading data'); import sys; print('boom', file=sys.stderr); sys.exit(7)", 7),
+                ("print('step 6/6 loss 3.4'); print('kubetune-trainer: succeeded')", 0)]
+    for code, want in attempts:  # a failed attempt, then its retry: each keeps a folder of its own
+        proc = subprocess.run([sys.executable, "-m", "kubetune.runlog", "--config", str(config), "--",
+                               sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == want, proc.stderr
+        assert proc.stdout.splitlines()[0] in ("loading data", "step 6/6 loss 3.4")  # passed through
+        assert f"driver log kept at {cfg.run_uri}/{runlog.HISTORY}/" in proc.stderr
+    keys = [k["rel"] for k in s3_server_keys(s3_server, f"{cfg.run_uri}/{runlog.HISTORY}")]
+    assert len([k for k in keys if k.endswith("/driver.log")]) == 2 and len(keys) == 4
+    assert s3_server.secret_key not in json.dumps(keys)
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the CLI takes the keys from the job's Secret
+        monkeypatch.delenv(var, raising=False)
+    rc = _cli(monkeypatch, kubeconfig, "logs", reported_job["name"], "-n", reported_job["namespace"],
+              "--dir", str(tmp_path / "no-dev-cluster"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == "step 6/6 loss 3.4\nkubetune-trainer: succeeded\n"  # the latest attempt
+    assert "driver exit code 0" in err
+    rc = _cli(monkeypatch, kubeconfig, "status", reported_job["name"], "-n", reported_job["namespace"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"history   {cfg.run_uri}/{runlog.HISTORY}/" in out and "driver exit code 0" in out
+
+
+def s3_server_keys(s3_server: Any, prefix: str) -> list[dict[str, Any]]:
+    from kubetune import s3
+
+    return s3.list_keys(s3_server.client(), prefix)

@@ -22,9 +22,9 @@ import yaml
 from op_support import condition, get_columns, wait_for
 
 from kubetune_cli.localenv.kubelet import DeploymentController
+from kubetune_operator import names
 from kubetune_operator.builders import shared_server as ss
 from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, FINETUNEJOB, RAYJOB, SERVICE
-from kubetune_operator import names
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

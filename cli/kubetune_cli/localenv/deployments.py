@@ -114,7 +114,7 @@ class Replica:
                     self._serve(server)
             except PodConfigError as e:
                 self._fail("CreateContainerConfigError", str(e))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.exception("pod %s", self.name)
                 self._fail("Failed", f"{type(e).__name__}: {e}")
             if not self.stopping.wait(RESTART_BACKOFF_S):
@@ -231,7 +231,7 @@ class DeploymentRunner:
                         log.warning("Deployment %s/%s: %s", self.ns, self.name, e)
                 self.changed.wait(self.rt.poll)
                 self.changed.clear()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("Deployment %s/%s", self.ns, self.name)
         finally:
             for r in self.replicas:
@@ -311,6 +311,6 @@ class LocalKubelet(LocalRuntime):
                 self._deployments.sync()
             except RestError as e:
                 log.warning("kubelet: listing failed (%s); retrying", e)
-            except Exception:  # noqa: BLE001 - keeps going; the error is in the log
+            except Exception:
                 log.exception("kubelet loop")
             self.stopping.wait(self.poll)

@@ -85,7 +85,7 @@ def declaration_spec(cm: dict[str, Any]) -> api.InferenceServerSpec:
     try:
         spec = api.InferenceServerSpec.model_validate(raw if raw is not None else {})
     except ValueError as e:
-        errors = getattr(e, "errors", lambda: [])()
+        errors: list[dict[str, Any]] = list(getattr(e, "errors", lambda: [])())
         detail = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in errors)
         raise InvalidDeclaration(f"ConfigMap {name} {DECLARATION_KEY}: {detail or e}") from None
     if spec.max_lora_rank not in VLLM_LORA_RANKS:
