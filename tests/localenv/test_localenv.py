@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -54,11 +55,7 @@ def _core(k8s_client: Any) -> Any:
 
 
 def _wait(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.25)
+    wait_for(what, check, timeout, interval=0.25)
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------------

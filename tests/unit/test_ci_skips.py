@@ -10,7 +10,7 @@ pytestmark = pytest.mark.unit
 pytest_plugins = ["pytester"]
 
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
-TESTS = '''
+TESTS = """
 import pytest
 
 @pytest.mark.integration
@@ -24,12 +24,13 @@ def test_pure_but_skipped():
 @pytest.mark.unit
 def test_pure():
     assert 1 + 1 == 2
-'''
+"""
 
 
 @pytest.mark.parametrize(("ci", "failed", "skipped"), [("1", 1, 1), ("true", 1, 1), ("", 0, 2), ("0", 0, 2)])
-def test_a_real_component_skip_fails_only_in_ci(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                                                ci: str, failed: int, skipped: int) -> None:
+def test_a_real_component_skip_fails_only_in_ci(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str, failed: int, skipped: int
+) -> None:
     monkeypatch.setenv("CI", ci)
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makepyfile(test_sample=TESTS)

@@ -14,12 +14,20 @@ pytestmark = pytest.mark.unit
 
 
 def _kubeconfig(path: Path, token: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "u", "user": {"token": token}}],
-        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [
+                    {"name": "k", "cluster": {"server": "https://127.0.0.1:1", "insecure-skip-tls-verify": True}}
+                ],
+                "users": [{"name": "u", "user": {"token": token}}],
+                "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+            }
+        )
+    )
     return path
 
 
@@ -58,11 +66,14 @@ def test_as_dict_reads_raw_and_tuple_responses() -> None:
     assert kubeclient.as_dict(Raw(b"")) == {}
 
 
-@pytest.mark.parametrize(("uri", "expected"), [
-    ("s3://bucket/a/b.jsonl", ("bucket", "a/b.jsonl")),
-    ("s3://bucket", ("bucket", "")),
-    ("s3://bucket/", ("bucket", "")),
-])
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b.jsonl", ("bucket", "a/b.jsonl")),
+        ("s3://bucket", ("bucket", "")),
+        ("s3://bucket/", ("bucket", "")),
+    ],
+)
 def test_s3_uris(uri: str, expected: tuple[str, str]) -> None:
     assert s3.parse_uri(uri) == expected
 

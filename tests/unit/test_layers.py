@@ -20,8 +20,13 @@ LOWER_LAYERS = {
 
 def _imports_of(package: str, forbidden: tuple[str, ...]) -> list[str]:
     pattern = rf"^\s*(from|import)\s+({'|'.join(forbidden)})\b"
-    out = subprocess.run(["git", "grep", "-n", "-E", pattern, "--", f"{package}/*.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["git", "grep", "-n", "-E", pattern, "--", f"{package}/*.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode in (0, 1), out.stderr  # 1: no match
     return out.stdout.splitlines()
 
@@ -46,6 +51,11 @@ def test_the_core_has_no_dev_package() -> None:
 
 def test_one_bearer_token_workaround() -> None:
     """kubernetes==36 drops kubeconfig bearer tokens; the fix lives once, in kubetune/kubeclient.py."""
-    out = subprocess.run(["git", "grep", "-l", "-E", r"auth\[\"BearerToken\"\] =", "--", "*.py"], cwd=ROOT,
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["git", "grep", "-l", "-E", r"auth\[\"BearerToken\"\] =", "--", "*.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.stdout.split() == ["kubetune/kubeclient.py"]
