@@ -42,6 +42,8 @@ def test_deepspeed_config_on_cpu_and_gpu() -> None:
 
     two = deepspeed_config(TrainingSpec(), world_size=1, use_gpu=True)
     assert two["zero_optimization"]["stage"] == 2 and "offload_param" not in two["zero_optimization"]
+    # torch's fused CUDA AdamW on GPUs: no DeepSpeed op to compile
+    assert two["optimizer"]["params"]["torch_adam"] is True and two["optimizer"]["params"]["fused"] is True
 
 
 @pytest.mark.unit

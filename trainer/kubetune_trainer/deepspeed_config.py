@@ -3,7 +3,9 @@
 Choices and why:
 - The optimizer is DeepSpeed's "AdamW". On CPU it must be torch's AdamW (`torch_adam`): DeepSpeed's
   FusedAdam and CPUAdam are C++/CUDA extensions compiled at first use, which takes minutes and needs a
-  compiler. On GPU the default (fused) is used.
+  compiler. On GPU it is torch's fused CUDA AdamW (`torch_adam` + `fused`): as fast as DeepSpeed's FusedAdam
+  and nothing to compile (FusedAdam's JIT build needs nvcc, which CUDA wheels of torch do not bring). With
+  optimizer offload DeepSpeed's CPUAdam runs the step on the host (compiled once with the host's C++ compiler).
 - Precision: bf16 on GPUs, fp32 on CPUs unless the spec says otherwise. fp16 adds dynamic loss scaling.
 - CPU offload only means something when training on GPUs; on a CPU-only run everything already lives in host
   memory, so it is left out (and said so in the log by the caller) rather than paying for a second copy.
@@ -51,6 +53,8 @@ def deepspeed_config(training: TrainingSpec, *, world_size: int, use_gpu: bool) 
     }
     if not use_gpu:
         optimizer_params["torch_adam"] = True
+    elif not offload:
+        optimizer_params.update({"torch_adam": True, "fused": True})
 
     zero: dict[str, Any] = {
         "stage": stage,
