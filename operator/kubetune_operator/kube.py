@@ -22,7 +22,6 @@ import threading
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from kubetune import api, kubeclient
+from kubetune.clock import now_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class Kube:
 
     def post_event(self, involved: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about `involved` (best effort: a lost Event must not fail a reconcile)."""
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         namespace = involved["namespace"]
         event = {
             "apiVersion": "v1",

@@ -142,7 +142,11 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
     assert status["data"]["records"] == 60 and status["data"]["sequences"] > 0
     assert [c["step"] for c in status["checkpoints"]] == [8, 6]
     assert status["model"] == {"uri": f"{straight_uri}/model", "baseUri": env.model_uri,
-                               "mergedUri": f"{straight_uri}/merged", "kind": "adapter"}
+                               "mergedUri": f"{straight_uri}/merged", "kind": "adapter",
+                               "chatTemplate": "chat_template.jinja"}  # the tokenizer's, exported with it
+    startup = status["startup"]  # the time to first step, by phase (rank 0 reports it after its first step)
+    assert startup["timeToFirstStepSeconds"] >= startup["modelLoadSeconds"] + startup["deepspeedInitSeconds"] > 0
+    assert {"rayStartSeconds", "dataSeconds", "workerStartSeconds", "firstStepSeconds"} <= set(startup)
 
 
 def _key(uri: str) -> str:

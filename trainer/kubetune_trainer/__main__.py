@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         kubeconfig=os.environ.get("KUBECONFIG") or None,
     )
     t0 = time.monotonic()
+    options.startup["startedAt"] = time.time()  # time to first step counts from here (wall clock: other processes)
     try:
         summary = run(cfg, options)
     except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line and an exit code
@@ -89,17 +90,21 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
     from kubetune_trainer.layout import world_size
     from kubetune_trainer.train import fit
 
+    t0 = time.monotonic()
     if not ray.is_initialized():
         if options.local:
             _start_local_ray()
         else:
             ray.init()  # the KubeRay cluster this RayJob's driver runs in (RAY_ADDRESS)
+    options.startup["rayStartSeconds"] = round(time.monotonic() - t0, 2)
 
+    t0 = time.monotonic()
     client = s3_client(cfg.spec.dataset.endpoint, cfg.spec.dataset.region)
     # The driver needs only the tokenizer (to tokenise the data); workers fetch the weights on their nodes.
     tokenizer_dir = model_lib.fetch_base(cfg.spec, client, Path(options.model_cache), tokenizer_only=True)
     tokenizer = model_lib.load_tokenizer(cfg.spec, tokenizer_dir)
     prepared = prepare(cfg, tokenizer, world_size(cfg.spec.resources))  # one shard per rank
+    options.startup["dataSeconds"] = round(time.monotonic() - t0, 2)
     log.info("data ready: %s (%d training sequences of %d tokens in %d shards)", prepared.manifest_uri,
              prepared.num_train_sequences, prepared.seq_length, len(prepared.train_shards))
     if cfg.spec.tuning is not None:  # hyperparameter search: Ray Tune trials of this training, best one exported

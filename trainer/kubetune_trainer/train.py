@@ -19,6 +19,7 @@ step ends in a collective).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -30,6 +31,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,9 @@ class RunOptions:
     fail_after_step: int | None = None  # tests: raise after this step (after its checkpoint)
     trace_dir: str | None = None  # tests: each rank appends the rows of every micro-batch it trains on
     kubeconfig: str | None = None  # the driver's KUBECONFIG, for status reports; None: in-cluster account
+    # The driver's part of the time to first step: startedAt (epoch seconds), rayStartSeconds, dataSeconds,
+    # fitStartedAt (set by fit); the workers add theirs and rank 0 reports them all (StartupTimes).
+    startup: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 # How long past a preemption deadline the workers wait for the node to go before training on (a cancelled drain).
@@ -77,6 +82,7 @@ def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    options.startup["fitStartedAt"] = time.time()  # workers measure how long Ray Train took to start them
     resources = cfg.spec.resources
     use_gpu = resources.gpus_per_worker > 0
     run_config = RunConfig(name=f"{cfg.job.namespace}-{cfg.job.name}", storage_path=options.ray_storage or None)
@@ -133,15 +139,27 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         recipe.cleanup()
 
 
+# The ranks exchange the loss and token counts of their steps (one all-reduce) and check for preemption (a Ray
+# barrier) about every SYNC_SECONDS of training, at most every MAX_SYNC_STEPS steps, and always before an
+# evaluation's report, a checkpoint and the end. A step of a small model takes milliseconds: a collective
+# after each one would cost the bare loop's throughput several percent for figures nobody reads that fast.
+SYNC_SECONDS = 2.0
+MAX_SYNC_STEPS = 100
+
+
 @dataclass
 class StepResult:
-    """One optimizer step's figures, summed over all ranks."""
+    """One optimizer step's figures. `loss` and `tokens` are over all ranks once the step is synced."""
 
-    loss: float  # mean loss over the step's micro-batches and ranks
-    tokens: int  # real (non-padding) tokens of all ranks
+    step: int
+    epoch: float  # fractional epoch after the step
     seconds: float  # wall time of the step on this rank
     cpu_seconds: float  # CPU time of this rank's process during the step
     lr: float
+    local_loss: Any  # this rank's mean loss over its micro-batches (a device scalar: no host sync per step)
+    local_tokens: int  # this rank's real (non-padding) tokens
+    loss: float | None = None  # mean over ranks (after sync)
+    tokens: int = 0  # all ranks' real tokens (after sync)
 
 
 class Recipe:
@@ -171,6 +189,9 @@ class Recipe:
                            local_rank=ctx.get_local_rank(), local_world=ctx.get_local_world_size(),
                            node_rank=ctx.get_node_rank())
         self.t_start = time.monotonic()
+        self.t_init_wall = time.time()
+        # Time to first step, by phase (StartupTimes wire names): the driver's figures, then this worker's.
+        self.startup: dict[str, float] = {k: v for k, v in self.opts.startup.items() if k.endswith("Seconds")}
         self.use_gpu = self.spec.resources.gpus_per_worker > 0
         self.classification = self.spec.model.task == "sequence-classification"
         self.lora = self.training.method == "lora"
@@ -187,6 +208,10 @@ class Recipe:
         self.train_seconds, self.attempt_tokens, self.attempt_start_step = 0.0, 0, 0
         self.last_checkpoint_step: int | None = None
         self.stop_reason: str | None = None
+        self.phase_seconds: dict[str, float] = {}  # eval, checkpoint, export, evaluationReport (after setup)
+        self.unsynced: list[StepResult] = []  # steps whose cross-rank figures are not exchanged yet
+        self.carried_seconds = 0.0  # reporting time after a step, counted into the next step's time
+        self.next_sync_step = 0  # the next step that syncs even without an evaluation or a checkpoint
 
     # ---------------------------------------------------------------- setup
 
@@ -194,12 +219,30 @@ class Recipe:
         """Process group and device, the base model, this rank's data, the DeepSpeed engine, the checkpoint
         to resume from, and (rank 0) the reporter and the base model's evaluation."""
         _worker_logging(self.rank)
-        self._setup_device()
-        self._setup_model()
-        self._setup_data()
-        self._setup_engine()
-        self._resume()
-        self._setup_reporting()
+        fit_started = self.opts.startup.get("fitStartedAt")
+        if fit_started:
+            self.startup["workerStartSeconds"] = round(self.t_init_wall - fit_started, 2)
+        with self._timed("deepspeedInitSeconds"):
+            self._setup_device()
+        with self._timed("modelLoadSeconds"):
+            self._setup_model()
+        with self._timed("dataSeconds"):
+            self._setup_data()
+        with self._timed("deepspeedInitSeconds"):
+            self._setup_engine()
+        with self._timed("resumeSeconds"):
+            self._resume()
+        self._setup_reporting()  # times the base model's evaluation itself
+
+    @contextlib.contextmanager
+    def _timed(self, key: str, into: dict[str, float] | None = None) -> Iterator[None]:
+        """Adds the block's seconds to into[key] (default: startup, the figures of status.startup)."""
+        into = self.startup if into is None else into
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            into[key] = round(into.get(key, 0.0) + time.monotonic() - t0, 2)
 
     def _setup_device(self) -> None:
         import torch
@@ -217,6 +260,8 @@ class Recipe:
         self.precision = resolve_precision(self.training.precision, self.use_gpu)
         if self.training.deepspeed.offload == "cpu" and not offload_applies(self.training, self.use_gpu):
             log.info("deepspeed.offload=cpu has no effect on a CPU-only run; everything is in host memory already")
+        if self.opts.staging_dir:  # a folder on a scratch volume need not exist yet
+            os.makedirs(self.opts.staging_dir, exist_ok=True)
         self.staging = Path(tempfile.mkdtemp(prefix=f"kubetune-{self.cfg.job.name}-rank{self.rank}-",
                                              dir=self.opts.staging_dir or None))
         log.info("rank %d of %d: %s, device %s", self.rank, self.world, self.place.describe(), self.device)
@@ -321,7 +366,8 @@ class Recipe:
                                        classification=self.classification,
                                        data_fingerprint=self.prepared.fingerprint, evaluate=self.evaluate,
                                        trial=self.trial)
-            self.evaluator.base(self.engine, state.step)
+            with self._timed("baseEvalSeconds"):
+                self.evaluator.base(self.engine, state.step)
         if self.reporter and self.trial:
             self.reporter.for_trial(self.trial["id"])
 
@@ -337,15 +383,22 @@ class Recipe:
         while self.stop_reason is None:
             step = self.train_step()
             state = self.state
+            if state.step == self.attempt_start_step + 1:
+                t0 = time.perf_counter()
+                self.report_startup(step)
+                self.carried_seconds += time.perf_counter() - t0
             if state.step >= self.total_steps:
                 self.stop_reason = "max steps" if training.max_steps else "epochs"
             eval_metrics = self.evaluate_at_interval()
             state.stop_reason = self.stop_reason  # saved with the checkpoint: a finished run is not continued
-            self.report_step(step, eval_metrics)
-            if state.step % training.checkpoint.interval_steps == 0 or self.stop_reason:
-                self.checkpoint()
-            elif self._preemption_notice():
-                self.checkpoint()  # just in time: the restart redoes at most the step in flight
+            checkpoint_due = state.step % training.checkpoint.interval_steps == 0 or self.stop_reason is not None
+            # Every input of this decision is the same on every rank, so all ranks sync at the same steps.
+            synced = (checkpoint_due or bool(eval_metrics) or state.step >= self.next_sync_step
+                      or state.step == self.opts.fail_after_step)
+            preempted = synced and self.sync_and_report(eval_metrics)
+            if checkpoint_due or preempted:
+                self.checkpoint()  # just in time on a preemption notice: a restart redoes at most a sync interval
+            if preempted:
                 self._preempted()
             if self.opts.fail_after_step is not None and state.step == self.opts.fail_after_step:
                 raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
@@ -353,8 +406,8 @@ class Recipe:
     def _preemption_notice(self) -> bool:
         """Whether a node of this worker group is being preempted or drained (first notice only).
 
-        ray.train.get_preemption_info is a barrier: every rank calls it after each step that writes no interval
-        checkpoint, so all ranks call it the same number of times.
+        ray.train.get_preemption_info is a barrier (a Ray actor call): every rank calls it at the same steps, the
+        sync steps (see SYNC_SECONDS).
         """
         import ray.train
 
@@ -380,6 +433,21 @@ class Recipe:
         while self.preemption_deadline is not None and time.time() < self.preemption_deadline + PREEMPTION_SLACK_S:
             time.sleep(1.0)
 
+    def report_startup(self, first: StepResult) -> None:
+        """Rank 0, after the first step of this attempt: where the time before it went (status.startup, a
+        metrics line, the log). A worker-group restart has no driver start of its own to count from."""
+        self.startup["firstStepSeconds"] = round(first.seconds, 2)
+        started = self.opts.startup.get("startedAt")
+        if self.restarted:
+            self.startup.pop("workerStartSeconds", None)
+        elif started:
+            self.startup["timeToFirstStepSeconds"] = round(time.time() - started, 2)
+        if self.reporter:
+            self.reporter.startup(self.startup)
+            self.reporter.metric({"event": "startup", "step": self.state.step, **self.startup})
+            log.info("time to first step: %s", ", ".join(f"{k[:-len('Seconds')]} {v:.1f}s"
+                                                        for k, v in self.startup.items()))
+
     def _next_rows(self) -> Any:
         """The rows of this rank's next micro-batch (data order is a pure function of epoch and seed)."""
         state = self.state
@@ -390,10 +458,9 @@ class Recipe:
         return self._epoch_batches[state.micro_batch]
 
     def train_step(self) -> StepResult:
-        """One optimizer step: gradient_accumulation_steps micro-batches, then the loss and token count summed
-        over the ranks."""
+        """One optimizer step: gradient_accumulation_steps micro-batches. No collective besides DeepSpeed's own:
+        the loss and token counts are exchanged later, for several steps at once (sync_and_report)."""
         import torch
-        import torch.distributed as dist
 
         state, engine, accum = self.state, self.engine, self.training.gradient_accumulation_steps
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -416,16 +483,45 @@ class Recipe:
         state.step += 1
         if state.micro_batch >= self.micro_per_epoch:
             state.epoch, state.micro_batch = state.epoch + 1, 0
-        totals = torch.stack([loss_sum / accum, torch.tensor(float(tokens), dtype=torch.float64, device=self.device)])
-        dist.all_reduce(totals)
-        mean_loss, step_tokens = totals.tolist()
-        result = StepResult(loss=mean_loss / self.world, tokens=int(step_tokens), seconds=time.perf_counter() - t0,
-                            cpu_seconds=time.process_time() - cpu0, lr=self.scheduler.get_last_lr()[0])
+        seconds, self.carried_seconds = time.perf_counter() - t0 + self.carried_seconds, 0.0
+        result = StepResult(step=state.step, epoch=round(state.epoch + state.micro_batch / self.micro_per_epoch, 4),
+                            seconds=seconds, cpu_seconds=time.process_time() - cpu0,
+                            lr=self.scheduler.get_last_lr()[0], local_loss=loss_sum / accum, local_tokens=tokens)
         state.samples += self.training.per_device_batch_size * accum * self.world
-        state.tokens += result.tokens
         self.train_seconds += result.seconds
-        self.attempt_tokens += result.tokens
+        self.unsynced.append(result)
         return result
+
+    def sync_and_report(self, eval_metrics: dict[str, float]) -> bool:
+        """One all-reduce for the steps since the last sync (their losses and token counts over all ranks) and
+        the preemption check, then rank 0 reports the steps; sets the next sync about SYNC_SECONDS of training
+        ahead. Returns whether a preemption notice arrived. The time this takes counts as training time (the
+        last step's, and the reporting the next step's), so tokens/s includes it."""
+        import torch
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        steps, self.unsynced = self.unsynced, []
+        if not steps:
+            return False
+        n = len(steps)
+        # Rank 0's mean step time rides along (the others add 0), so every rank derives the same interval.
+        mean_seconds = sum(s.seconds for s in steps) / n if self.rank == 0 else 0.0
+        host = torch.tensor([float(s.local_tokens) for s in steps] + [mean_seconds], dtype=torch.float64)
+        flat = torch.cat([torch.stack([s.local_loss for s in steps]).to(torch.float64), host.to(self.device)])
+        dist.all_reduce(flat)
+        values = flat.tolist()
+        for i, s in enumerate(steps):
+            s.loss, s.tokens = values[i] / self.world, int(values[n + i])
+        self.next_sync_step = self.state.step + max(1, min(MAX_SYNC_STEPS, round(SYNC_SECONDS / max(values[-1], 1e-6))))
+        preempted = self._preemption_notice()
+        synced_seconds = time.perf_counter() - t0
+        steps[-1].seconds += synced_seconds
+        self.train_seconds += synced_seconds
+        t0 = time.perf_counter()
+        self.report_steps(steps, eval_metrics)
+        self.carried_seconds += time.perf_counter() - t0
+        return preempted
 
     # ---------------------------------------------------------------- evaluate
 
@@ -441,7 +537,8 @@ class Recipe:
         state = self.state
         if self.eval_data is None or (state.step % self.training.eval_interval_steps and not self.stop_reason):
             return {}
-        metrics = self.evaluate()
+        with self._timed("eval", self.phase_seconds):
+            metrics = self.evaluate()
         state.last_eval_loss, state.last_eval_step = metrics["loss"], state.step
         if _early_stopping(self.training, state, metrics["loss"]) and self.stop_reason is None:
             self.stop_reason = "early stopping"
@@ -449,27 +546,36 @@ class Recipe:
             self.evaluator.observe(state.step, metrics, last=self.stop_reason is not None)
         return metrics
 
-    def report_step(self, step: StepResult, eval_metrics: dict[str, float]) -> None:
-        """Rank 0: the step's metrics line and the progress status (both sent by the reporter's thread)."""
+    def report_steps(self, steps: list[StepResult], eval_metrics: dict[str, float]) -> None:
+        """Synced steps: their token counts into the state; rank 0 writes a metrics line for each and one
+        progress status (both sent by the reporter's thread). An evaluation belongs to the last step."""
         state, total_steps = self.state, self.total_steps
+        seconds = self.train_seconds - sum(s.seconds for s in steps)  # training time before the first of them
+        for step in steps:
+            state.tokens += step.tokens
+            self.attempt_tokens += step.tokens
+            seconds += step.seconds
+            if self.reporter:
+                record = {"step": step.step, "epoch": step.epoch, "loss": step.loss, "lr": step.lr,
+                          "tokens": state.tokens, "stepTokens": step.tokens, "stepSeconds": round(step.seconds, 4),
+                          # CPU time of rank 0's process: well below stepSeconds when the machine is contended
+                          "stepCpuSeconds": round(step.cpu_seconds, 4),
+                          "tokensPerSecond": round(self.attempt_tokens / seconds, 1) if seconds else 0.0}
+                if eval_metrics and step is steps[-1]:
+                    record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
+                self.reporter.metric(record)
+            if step.step % self.training.eval_interval_steps == 0:
+                log.info("step %d/%d loss %.4f%s lr %.2e", step.step, total_steps, step.loss,
+                         f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics and step is steps[-1] else "",
+                         step.lr)
+        last = steps[-1]
         tps = self.attempt_tokens / self.train_seconds if self.train_seconds else 0.0
-        fraction_epoch = round(state.epoch + state.micro_batch / self.micro_per_epoch, 4)
         if self.reporter:
             eta = (total_steps - state.step) * self.train_seconds / max(1, state.step - self.attempt_start_step)
-            record = {"step": state.step, "epoch": fraction_epoch, "loss": step.loss, "lr": step.lr,
-                      "tokens": state.tokens, "stepTokens": step.tokens, "stepSeconds": round(step.seconds, 4),
-                      # CPU time of rank 0's process: well below stepSeconds when the machine is contended
-                      "stepCpuSeconds": round(step.cpu_seconds, 4), "tokensPerSecond": round(tps, 1)}
-            if eval_metrics:
-                record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
-            self.reporter.metric(record)
-            self.reporter.progress(step=state.step, total_steps=total_steps, epoch=fraction_epoch,
-                                   loss=round(step.loss, 6), eval_loss=state.last_eval_loss,
+            self.reporter.progress(step=state.step, total_steps=total_steps, epoch=last.epoch,
+                                   loss=round(last.loss or 0.0, 6), eval_loss=state.last_eval_loss,
                                    tokens_per_second=round(tps, 1), eta_seconds=int(eta),
                                    percent=min(100, int(100 * state.step / total_steps)))
-        if state.step % self.training.eval_interval_steps == 0:
-            log.info("step %d/%d loss %.4f%s lr %.2e %.0f tokens/s", state.step, total_steps, step.loss,
-                     f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics else "", step.lr, tps)
 
     # ---------------------------------------------------------------- checkpoint
 
@@ -477,13 +583,17 @@ class Recipe:
         """Save the current step to S3 (every rank its own files; rank 0 marks it complete), then rank 0
         applies the retention and reports the checkpoints."""
         assert self.staging is not None
-        uri = ckpt.save(self.engine, self.cfg, self.state, rank=self.rank, client=self.client,
-                        staging=self.staging, exclude_frozen=self.lora)
-        self.last_checkpoint_step = self.state.step
+        t0 = time.monotonic()
+        with self._timed("checkpoint", self.phase_seconds):
+            uri = ckpt.save(self.engine, self.cfg, self.state, rank=self.rank, client=self.client,
+                            staging=self.staging, exclude_frozen=self.lora)
+            self.last_checkpoint_step = self.state.step
+            if self.reporter:
+                refs = ckpt.apply_retention(self.client, self.cfg, self.training.checkpoint.keep)
+                self.reporter.checkpoints(refs)
         if self.reporter:
-            refs = ckpt.apply_retention(self.client, self.cfg, self.training.checkpoint.keep)
-            self.reporter.checkpoints(refs)
-            self.reporter.metric({"event": "checkpoint", "step": self.state.step, "uri": uri})
+            self.reporter.metric({"event": "checkpoint", "step": self.state.step, "uri": uri,
+                                  "seconds": round(time.monotonic() - t0, 3)})
         return uri
 
     # ---------------------------------------------------------------- export
@@ -493,20 +603,25 @@ class Recipe:
         finished), a final evaluation, the exported model, and the base-vs-fine-tuned evaluation report."""
         from kubetune_trainer.export import export
 
-        state = self.state
+        state, timed = self.state, self._timed
         if self.last_checkpoint_step != state.step:
             assert self.staging is not None
-            ckpt.save(self.engine, self.cfg, state, rank=self.rank, client=self.client, staging=self.staging,
-                      exclude_frozen=self.lora)
-        final_eval = self.evaluate() if self.eval_data is not None and state.last_eval_step != state.step else {}
-        if final_eval:
+            with timed("checkpoint", self.phase_seconds):
+                ckpt.save(self.engine, self.cfg, state, rank=self.rank, client=self.client, staging=self.staging,
+                          exclude_frozen=self.lora)
+        final_eval = {}
+        if self.eval_data is not None and state.last_eval_step != state.step:
+            with timed("eval", self.phase_seconds):
+                final_eval = self.evaluate()
             state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
-        self.artifact = export(self.engine, self.cfg, self.tokenizer, rank=self.rank, client=self.client,
-                               staging=self.staging, base_dir=self.base_dir, precision=self.precision)
+        with timed("export", self.phase_seconds):
+            self.artifact = export(self.engine, self.cfg, self.tokenizer, rank=self.rank, client=self.client,
+                                   staging=self.staging, base_dir=self.base_dir, precision=self.precision)
         if self.evaluator and final_eval:
             self.evaluator.observe(state.step, final_eval, last=True)
         if self.evaluator:
-            self.evaluation = self.evaluator.finish(self.engine, state.step, self.artifact)  # report, samples
+            with timed("evaluationReport", self.phase_seconds):  # base vs fine-tuned report, sample answers
+                self.evaluation = self.evaluator.finish(self.engine, state.step, self.artifact)
 
     def finish(self) -> dict[str, Any] | None:
         """Rank 0: the run's summary, reported as the final status and metrics line; other ranks: None."""
@@ -526,7 +641,9 @@ class Recipe:
             summary["evaluation"] = self.evaluation.wire()
         self.reporter.progress(step=state.step, total_steps=self.total_steps, eval_loss=state.last_eval_loss,
                                percent=100, eta_seconds=0)
-        self.reporter.metric({"event": "finished", **summary})
+        # Where the wall time after setup went besides the training steps (the benchmark prints their shares).
+        phases = {"train": round(self.train_seconds, 2), **self.phase_seconds}
+        self.reporter.metric({"event": "finished", **summary, "phaseSeconds": phases})
         self.reporter.close()
         self.reporter = None
         log.info("done in %.1fs: %s", time.monotonic() - self.t_start, json.dumps(summary))
