@@ -28,18 +28,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
+from kubetune.clock import now_rfc3339 as now_rfc3339  # re-exported: reconcile.py stamps statuses with it
 from kubetune_operator import conditions as c
 
 OWNED_KEYS = ("observedGeneration", "state", "conditions", "rayJob", "startTime", "completionTime", "specHash",
               "endpoint")
 KEEP = object()  # "leave as it is" marker for Observation fields
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

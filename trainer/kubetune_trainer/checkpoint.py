@@ -25,13 +25,12 @@ import logging
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubetune.api import CheckpointRef, TrainerConfig
-
+from kubetune.clock import now_rfc3339
 from kubetune_trainer import storage
 
 log = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ def save(engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, clien
         storage.put_json(client, f"{uri}/{COMPLETE}", {
             "step": state.step,
             "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
-            "time": _now(),
+            "time": now_rfc3339(),
             "worldSize": state.world_size,
             "jobUid": cfg.job.uid,  # which incarnation wrote it (find_latest resumes only its own)
         })
@@ -219,7 +218,3 @@ def apply_retention(client: Any, cfg: TrainerConfig, keep: int) -> list[Checkpoi
         marker = storage.get_json(client, f"{uri}/{COMPLETE}")
         refs.append(CheckpointRef(step=step, uri=uri, eval_loss=marker.get("evalLoss"), time=marker.get("time")))
     return refs
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -16,7 +16,9 @@ weights collectively inside each forward); rank 0 alone writes files and reports
 
 `<run>/eval/report.json` holds it all (per tuning trial under `<run>/trials/<id>/eval/`);
 `status.evaluation` summarises it for the objective metric: {metric, base, fineTuned, improvement, reportUri}
-with improvement = base - fineTuned for losses (positive = better) and fineTuned - base for accuracy.
+with improvement = base - fineTuned for losses (positive = better) and fineTuned - base for accuracies. A DPO
+job is judged on held-out preference accuracy (kubetune_trainer.preference), so spec.deploy.minImprovement gates
+on it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from typing import Any, Callable
 
 from kubetune.api import EvaluationSummary, FineTuneJobSpec, TrainerConfig
-
+from kubetune.clock import now_rfc3339
 from kubetune_trainer import storage
 
 log = logging.getLogger("kubetune_trainer")
@@ -39,21 +41,26 @@ PROMPT_TOKENS = 48  # at most this many prompt tokens (the end is kept: the assi
 COMPLETION_PROMPT_TOKENS = 16  # completion records: the prompt is the first this-many tokens (at most half)
 NEW_TOKENS = 16  # greedy tokens generated per sample
 # Wire metric name -> key of the trainer's evaluation dict (train._evaluate).
-METRIC_KEYS = {"evalLoss": "loss", "perplexity": "perplexity", "accuracy": "accuracy"}
+METRIC_KEYS = {"evalLoss": "loss", "perplexity": "perplexity", "accuracy": "accuracy",
+               "preferenceAccuracy": "preferenceAccuracy", "rewardMargin": "rewardMargin"}
+HIGHER_IS_BETTER = {"accuracy", "preferenceAccuracy", "rewardMargin"}
 
 
 # ------------------------------------------------------------------------------------------ pure parts
 
 
 def objective_metric(spec: FineTuneJobSpec) -> str:
-    """The metric a job is judged on: the tuning objective, else accuracy for classification, else evalLoss."""
+    """The metric a job is judged on: the tuning objective, else accuracy for classification, held-out
+    preference accuracy for DPO, else evalLoss."""
     if spec.tuning is not None:
         return spec.tuning.objective.metric
+    if spec.training.objective == "dpo":
+        return "preferenceAccuracy"
     return "accuracy" if spec.model.task == "sequence-classification" else "evalLoss"
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric == "accuracy"
+    return metric in HIGHER_IS_BETTER
 
 
 def improvement(metric: str, base: float | None, fine_tuned: float | None) -> float | None:
@@ -64,7 +71,8 @@ def improvement(metric: str, base: float | None, fine_tuned: float | None) -> fl
 
 
 def wire_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The trainer's evaluation dict (loss, perplexity[, accuracy]) under the API's metric names."""
+    """The trainer's evaluation dict (loss, perplexity[, accuracy]; DPO: loss, preferenceAccuracy,
+    rewardMargin) under the API's metric names."""
     return {name: float(metrics[key]) for name, key in METRIC_KEYS.items() if key in metrics}
 
 
@@ -174,7 +182,7 @@ class Evaluator:
         if self.rank == 0:
             try:
                 storage.put_json(self.client, self.base_uri, {"key": self.cache_key, "metrics": self.base_figures,
-                                                              "samples": self.base_samples, "time": _now()})
+                                                              "samples": self.base_samples, "time": now_rfc3339()})
             except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
                 log.warning("could not write %s (%s)", self.base_uri, type(exc).__name__)
         log.info("base model on the held-out data: %s (%.1fs)", _fmt(self.base_figures), time.monotonic() - t0)
@@ -252,7 +260,7 @@ class Evaluator:
             "improvement": {k: improvement(k, base.get(k), v) for k, v in fine.items()} if base else None,
             "samples": samples,
             "model": artifact.wire() if artifact is not None else None,
-            "createdAt": _now(),
+            "createdAt": now_rfc3339(),
         }
 
     def _sample_entry(self, ex: dict[str, Any], base: Any, fine: Any) -> dict[str, Any]:
@@ -320,12 +328,10 @@ def report_to_tune(step: int, metrics: dict[str, float], *, final: bool) -> None
 
 def tune_safe(metrics: dict[str, float]) -> dict[str, float]:
     """A diverged trial's NaN loss would never be stopped (NaN compares false): report it as the worst value."""
-    worst = {"accuracy": 0.0}
+    worst = {"accuracy": 0.0, "preferenceAccuracy": 0.0, "rewardMargin": -math.inf}
     return {k: (v if math.isfinite(v) else worst.get(k, math.inf)) for k, v in metrics.items()}
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _num(x: float | None) -> str:

@@ -9,20 +9,18 @@ fetched again instead of being served stale from a long-lived cache.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kubetune import chat_templates
 from kubetune.api import FineTuneJobSpec
+from kubetune.filelock import file_lock
 from kubetune_trainer import storage
 from kubetune_trainer.data.s3 import retrying
 
@@ -41,17 +39,6 @@ TOKENIZER_FILES = frozenset({
 def cache_dir() -> Path:
     """The node-local model cache: $KUBETUNE_MODEL_CACHE, else /tmp/kubetune-models."""
     return Path(os.environ.get("KUBETUNE_MODEL_CACHE") or DEFAULT_CACHE_DIR)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def fetch(client: Any, uri: str, root: Path, *, endpoint: str | None = None,
@@ -82,7 +69,7 @@ def fetch(client: Any, uri: str, root: Path, *, endpoint: str | None = None,
     if complete():
         log.info("model %s: node cache hit (%s)", uri, folder)
         return folder
-    with _file_lock(root / f".{folder.name}.lock"):
+    with file_lock(root / f".{folder.name}.lock"):
         if complete():  # another worker on this node downloaded it while we waited for the lock
             log.info("model %s: downloaded by another worker on this node", uri)
             return folder

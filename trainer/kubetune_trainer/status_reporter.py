@@ -46,7 +46,7 @@ from kubetune.api import (
     TrainerConfig,
     TrialStatus,
 )
-
+from kubetune.clock import now_rfc3339
 from kubetune_trainer import storage
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ log = logging.getLogger(__name__)
 METRICS_FLUSH_SECONDS = 30.0
 PROGRESS_FILE_ENV = "KUBETUNE_PROGRESS_FILE"
 _PATCH_TIMEOUT = (5, 15)  # connect, read seconds: a hung API server must not hold reports back for long
-
-
-def now_rfc3339() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def kube_status_api(kubeconfig: str | None = None) -> Any | None:

@@ -12,16 +12,15 @@ with an atomic rename: a reader sees either no folder or a complete one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from kubetune.filelock import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +50,11 @@ def smollm2_package_dir() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _build_once(target: Path, build: Any) -> Path:
     """Run `build(tmp_dir)` unless `target` exists; publish the result atomically under a lock."""
     if target.is_dir():
         return target
-    with _locked(target.with_name(f".{target.name}.lock")):
+    with file_lock(target.with_name(f".{target.name}.lock")):
         if target.is_dir():  # built by someone else while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
