@@ -2,6 +2,10 @@
 
 import sys
 
-from kubetune_operator.runner import main
+# kopf imports kubernetes_asyncio (shipped inside the kubernetes wheel) only to recognise its model objects,
+# which the operator never hands to kopf; not loading its ~1,000 modules saves ~30 MiB of resident memory.
+sys.modules.setdefault("kubernetes_asyncio", None)  # type: ignore[arg-type]
+
+from kubetune_operator.runner import main  # noqa: E402
 
 sys.exit(main())

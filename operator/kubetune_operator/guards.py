@@ -137,6 +137,9 @@ def guard(ctx: Any) -> None:
 
 
 def _live_jobs(ctx: Any) -> list[dict[str, Any]]:
+    if ctx.live_jobs is not None:
+        # The operator's index (kubetune_operator.jobindex): no request per new job, only the jobs that nest.
+        return ctx.live_jobs.nesting(output_base(ctx.spec.output.uri, ctx.owner.namespace, ctx.owner.name))
     from kubetune_operator.kube import FINETUNEJOB
 
     namespaces = ctx.settings.namespaces or (None,)

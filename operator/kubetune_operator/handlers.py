@@ -37,11 +37,13 @@ DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
 CONFIGMAP = {"version": "v1", "plural": "configmaps"}
 
 
-def reconcile_job(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, reason: kopf.Reason,
+                  **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
+    created = dict(body) if reason == kopf.Reason.CREATE else None  # a new job's body needs no second read
     with metrics.time_reconcile("reconcile"):
         try:
-            reconciler.reconcile(namespace, name)
+            reconciler.reconcile(namespace, name, created)
             log.info("%s/%s: reconciled", namespace, name)  # one line per full pass: restarts can be followed
         except Invalid as e:
             raise kopf.PermanentError(str(e)) from None
@@ -73,11 +75,14 @@ def serving_inputs_event(type: str | None, body: kopf.Body, namespace: str, name
     reconciler.on_job_event(namespace, name, dict(body), deleted=type == "DELETED")
 
 
-def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    reconciler: Reconciler = memo.reconciler
     if type == "DELETED":
         metrics.forget_job(namespace, name)
+        reconciler.live_jobs.forget(body["metadata"].get("uid", ""))
     else:
         metrics.observe_job(namespace, name, body.get("status"), created=body["metadata"].get("creationTimestamp"))
+        reconciler.live_jobs.observe(dict(body))
 
 
 def register(registry: kopf.OperatorRegistry) -> None:

@@ -29,6 +29,7 @@ the one-off histograms, so a restart never counts a job's training start or dura
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -86,13 +87,14 @@ def _parse_time(value: Any) -> float | None:
 
 def _snapshot(status: Mapping[str, Any] | None) -> _Snapshot:
     status = status or {}
+    # Interned: thousands of jobs share a handful of state and condition strings (one copy each, not one per job).
     conditions = tuple(
-        (str(c.get("type")), str(c.get("status", "Unknown")))
+        (sys.intern(str(c.get("type"))), sys.intern(str(c.get("status", "Unknown"))))
         for c in status.get("conditions") or []
         if isinstance(c, Mapping) and c.get("type")
     )
     return _Snapshot(
-        state=str(status.get("state") or UNKNOWN_STATE),
+        state=sys.intern(str(status.get("state") or UNKNOWN_STATE)),
         conditions=conditions,
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
@@ -152,8 +154,10 @@ class OperatorMetrics:
         self._lock = threading.Lock()
         self._index: dict[tuple[str, str], _Snapshot] = {}
         self._progress_keys: dict[tuple[str, str], set[str]] = {}
-        self._job_label_sets: set[tuple[str, str]] = set()
-        self._cond_label_sets: set[tuple[str, str, str]] = set()
+        # Jobs per label set, kept up to date one job at a time: a recount over every job on each event would
+        # make a burst of N new jobs cost O(N^2).
+        self._job_counts: dict[tuple[str, str], int] = {}
+        self._cond_counts: dict[tuple[str, str, str], int] = {}
 
     # --- jobs ----------------------------------------------------------------------------------------
 
@@ -177,7 +181,9 @@ class OperatorMetrics:
             self._index[key] = snap
             if before is not None:
                 self._observe_transitions(before, snap, created)
-            self._recount()
+            if before != snap:
+                self._count(namespace, before, -1)
+                self._count(namespace, snap, +1)
             self._mirror_progress(key, (status or {}).get("progress"))
 
     def _observe_transitions(self, before: _Snapshot, after: _Snapshot, created: str | None) -> None:
@@ -194,24 +200,21 @@ class OperatorMetrics:
         """The job is gone (deleted): drop it from the counts and remove its per-job series."""
         key = (namespace, name)
         with self._lock:
-            self._index.pop(key, None)
-            self._recount()
+            self._count(namespace, self._index.pop(key, None), -1)
             self._mirror_progress(key, None)
 
-    def _recount(self) -> None:
-        jobs: dict[tuple[str, str], int] = {}
-        conds: dict[tuple[str, str, str], int] = {}
-        for (ns, _), snap in self._index.items():
-            jobs[(ns, snap.state)] = jobs.get((ns, snap.state), 0) + 1
-            for ctype, cstatus in snap.conditions:
-                conds[(ns, ctype, cstatus)] = conds.get((ns, ctype, cstatus), 0) + 1
-        # Label sets that dropped to zero are set to 0 (not removed) so dashboards see the fall.
-        for labels in self._job_label_sets | set(jobs):
-            self.jobs.labels(*labels).set(jobs.get(labels, 0))
-        for labels in self._cond_label_sets | set(conds):
-            self.conditions.labels(*labels).set(conds.get(labels, 0))
-        self._job_label_sets |= set(jobs)
-        self._cond_label_sets |= set(conds)
+    def _count(self, namespace: str, snap: _Snapshot | None, sign: int) -> None:
+        """Add (+1) or take away (-1) one job's snapshot from the gauges. Label sets that drop to zero stay,
+        set to 0 (not removed), so dashboards see the fall."""
+        if snap is None:
+            return
+        labels = (namespace, snap.state)
+        self._job_counts[labels] = self._job_counts.get(labels, 0) + sign
+        self.jobs.labels(*labels).set(self._job_counts[labels])
+        for ctype, cstatus in set(snap.conditions):
+            clabels = (namespace, ctype, cstatus)
+            self._cond_counts[clabels] = self._cond_counts.get(clabels, 0) + sign
+            self.conditions.labels(*clabels).set(self._cond_counts[clabels])
 
     def _mirror_progress(self, key: tuple[str, str], progress: Mapping[str, Any] | None) -> None:
         seen = self._progress_keys.pop(key, set())

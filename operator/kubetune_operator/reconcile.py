@@ -33,6 +33,7 @@ from kubetune_operator import builders, guards, metrics, names, policy, reconcil
 from kubetune_operator import conditions as c
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.builders.rayjob import live_patch
+from kubetune_operator.jobindex import LiveJobs
 from kubetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube, KubeError, NotOwned, check_owned
 from kubetune_operator.meta import ANNOTATION_SPEC_HASH, Owner
 from kubetune_operator.settings import Settings
@@ -64,6 +65,7 @@ class Context:
     errors: list[tuple[str, str]] = field(default_factory=list)
     obs: Observation = field(default_factory=Observation)
     created: list[str] = field(default_factory=list)
+    live_jobs: LiveJobs | None = None  # the operator's index of live jobs (None: the guard lists them)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -267,6 +269,7 @@ class Reconciler:
         self._locks: weakref.WeakValueDictionary[tuple[str, str], threading.Lock] = weakref.WeakValueDictionary()
         self._seen: dict[str, str] = {}  # RayJob / Deployment uid -> digest of the status last synced
         self._inputs: dict[str, str] = {}  # FineTuneJob uid -> digest of the trainer-reported serving inputs
+        self.live_jobs = LiveJobs()  # fed by the FineTuneJob watch (handlers.job_event)
         self._timers: dict[tuple[str, str], threading.Timer] = {}
         self._closed = False
 
@@ -278,18 +281,22 @@ class Reconciler:
                 self._locks[(namespace, name)] = lock
             return lock
 
-    def _context(self, namespace: str, name: str) -> Context | None:
-        body = self.kube.get(FINETUNEJOB, namespace, name)
+    def _context(self, namespace: str, name: str, fresh: dict[str, Any] | None = None) -> Context | None:
+        """The job read from the API server; or `fresh`, kopf's body of a job just created, which no one has
+        written a status to yet (reading it again would be one more request per new job and tell nothing)."""
+        body = fresh if fresh is not None and not fresh.get("status") else self.kube.get(FINETUNEJOB, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         return Context(kube=self.kube, settings=self.settings, body=body, owner=Owner.from_body(body),
-                       raw_spec=body.get("spec") or {})
+                       raw_spec=body.get("spec") or {}, live_jobs=self.live_jobs)
 
-    def reconcile(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """A full pass; raises Invalid (status written) or Retry. Returns the new status."""
+    def reconcile(self, namespace: str, name: str, created: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """A full pass; raises Invalid (status written) or Retry. Returns the new status.
+
+        `created`: the job's body as kopf delivered its creation (used when it carries no status yet)."""
         lock = self._lock(namespace, name)
         with lock:
-            ctx = self._context(namespace, name)
+            ctx = self._context(namespace, name, created)
             if ctx is None:
                 return None
             stop: Exception | None = None
