@@ -77,5 +77,6 @@ def controller_of(obj: dict[str, Any]) -> str | None:
         if ref.get("controller") and ref.get("kind") == api.KIND and ref.get("apiVersion", "").startswith(
             f"{api.GROUP}/"
         ):
-            return ref.get("name")
+            name: str | None = ref.get("name")
+            return name
     return None

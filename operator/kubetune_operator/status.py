@@ -26,7 +26,7 @@ How KubeRay's RayJob status maps (jobDeploymentStatus / jobStatus, as KubeRay's 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,14 +136,14 @@ def _run_phase(current: Mapping[str, Any], obs: Observation) -> Phase | None:
         if errors:
             return Phase(c.INVALID, _errors_message(errors), failed=True)
         return phase_of(None)
-    return phase_of(obs.ray_job)  # type: ignore[arg-type]
+    return phase_of(obs.ray_job if isinstance(obs.ray_job, Mapping) else None)
 
 
 def _errors_message(errors: list[tuple[str, str]]) -> str:
     return "; ".join(f"{p}: {m}" for p, m in errors)
 
 
-def state_of(conditions: list[Mapping[str, Any]]) -> str:
+def state_of(conditions: Sequence[Mapping[str, Any]]) -> str:
     """The one-word summary shown by `kubectl get ftj`."""
     if c.is_true(conditions, c.FAILED):
         return "Failed"
@@ -174,9 +174,9 @@ def desired_status(current: Mapping[str, Any] | None, obs: Observation, now: str
         conds = c.set_condition(conds, type_, status, reason, message, now=now, generation=generation)
 
     if obs.spec_errors is not KEEP:
-        errors = obs.spec_errors
+        errors = obs.spec_errors if isinstance(obs.spec_errors, list) else None
         if errors:
-            put(c.VALIDATED, c.FALSE, c.INVALID, _errors_message(errors))  # type: ignore[arg-type]
+            put(c.VALIDATED, c.FALSE, c.INVALID, _errors_message(errors))
         else:
             put(c.VALIDATED, c.TRUE, c.VALID, "the spec passed every check")
 
@@ -204,8 +204,8 @@ def desired_status(current: Mapping[str, Any] | None, obs: Observation, now: str
 
     if obs.endpoint is None:
         out.pop("endpoint", None)
-    elif obs.endpoint is not KEEP:
-        out["endpoint"] = dict(obs.endpoint)  # type: ignore[call-overload]
+    elif isinstance(obs.endpoint, Mapping):
+        out["endpoint"] = dict(obs.endpoint)
 
     if isinstance(obs.ray_job, Mapping):
         st = _ray_status(obs)
@@ -226,7 +226,8 @@ def desired_status(current: Mapping[str, Any] | None, obs: Observation, now: str
 
 
 def _ray_status(obs: Observation) -> Mapping[str, Any]:
-    return (obs.ray_job or {}).get("status") or {}  # type: ignore[union-attr]
+    status: Mapping[str, Any] = (obs.ray_job.get("status") or {}) if isinstance(obs.ray_job, Mapping) else {}
+    return status
 
 
 def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def _tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: TrainerConfig, train_objects: list[dict], validation_objects: list[dict],
+def fingerprint(cfg: TrainerConfig, train_objects: list[dict[str, Any]], validation_objects: list[dict[str, Any]],
                 tokenizer_id: str, num_shards: int) -> str:
     ds = cfg.spec.dataset
     # Where the data is read from (endpoint, region, credentials) does not change what it contains; the

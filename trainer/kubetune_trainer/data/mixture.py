@@ -65,7 +65,7 @@ def consume(streams: list[Iterator[Any]], weights: list[float], accept: Callable
 _END = object()
 
 
-def source_records(client: Any, objects: list[dict], file_format: str, columns: list[str] | None
+def source_records(client: Any, objects: list[dict[str, Any]], file_format: str, columns: list[str] | None
                    ) -> Iterator[RawRecord]:
     """Every raw record of one source's objects, object after object."""
     for obj in objects:

@@ -23,7 +23,7 @@ def normalize_text(text: str, form: str, whitespace: bool) -> str:
     blank line between paragraphs, and strip the text's ends.
     """
     if form != "none":
-        text = unicodedata.normalize(form, text)
+        text = unicodedata.normalize(form, text)  # type: ignore[arg-type]  # form is one of NFC/NFD/NFKC/NFKD (API enum)
     if not whitespace:
         return text
     # Each regex pass costs tens of microseconds per KB in Python's engine, far more than the substring

@@ -43,7 +43,7 @@ def file_format_of(key: str, configured: str) -> str:
     return "text"  # .json and unknown extensions: decided by the content (sniff)
 
 
-def read_records(client: Any, obj: dict, configured_format: str, columns: list[str] | None = None
+def read_records(client: Any, obj: dict[str, Any], configured_format: str, columns: list[str] | None = None
                  ) -> Iterator[RawRecord]:
     """Every record of one listed object (see s3.list_objects)."""
     fmt = file_format_of(obj["key"], configured_format)
@@ -59,7 +59,7 @@ def read_records(client: Any, obj: dict, configured_format: str, columns: list[s
         stream.close()
 
 
-def _read_text(client: Any, obj: dict, stream: Any, fmt: str, columns: list[str] | None, unpacked: bool
+def _read_text(client: Any, obj: dict[str, Any], stream: Any, fmt: str, columns: list[str] | None, unpacked: bool
                ) -> Iterator[RawRecord]:
     try:
         head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
@@ -152,7 +152,7 @@ def _read_jsonl(stream: IO[bytes], uri: str) -> Iterator[RawRecord]:
         raise DataError(f"cannot read {uri}: {exc}") from None
 
 
-def _read_parquet(client: Any, obj: dict, columns: list[str] | None) -> Iterator[RawRecord]:
+def _read_parquet(client: Any, obj: dict[str, Any], columns: list[str] | None) -> Iterator[RawRecord]:
     uri = obj["uri"]
     try:
         pf = pq.ParquetFile(RangeFile(client, obj))

@@ -102,7 +102,7 @@ def _is_hidden(key: str) -> bool:
     return name.startswith("_") or name.startswith(".")
 
 
-def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict]:
+def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict[str, Any]]:
     """The object the URI names, or every object under it as a folder, sorted by key.
 
     Each entry: {"uri", "bucket", "key", "size", "etag"}. A URI that names an existing object is that object
@@ -137,7 +137,7 @@ def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict]:
     return out
 
 
-def _entry(bucket: str, key: str, size: int, etag: str) -> dict:
+def _entry(bucket: str, key: str, size: int, etag: str) -> dict[str, Any]:
     return {"uri": f"s3://{bucket}/{key}", "bucket": bucket, "key": key, "size": int(size), "etag": etag.strip('"')}
 
 
@@ -188,7 +188,7 @@ class ObjectStream(io.RawIOBase):
     object at the byte it had reached, pinned to the same ETag so a rewritten object is never spliced in.
     """
 
-    def __init__(self, client: Any, obj: dict):
+    def __init__(self, client: Any, obj: dict[str, Any]):
         self._client = client
         self._obj = obj
         self._pos = 0
@@ -232,7 +232,7 @@ class ObjectStream(io.RawIOBase):
             super().close()
 
 
-def open_stream(client: Any, obj: dict, buffer_size: int = 256 << 10) -> io.BufferedReader:
+def open_stream(client: Any, obj: dict[str, Any], buffer_size: int = 256 << 10) -> io.BufferedReader:
     """A buffered, line-iterable stream of one listed object (see list_objects)."""
     return io.BufferedReader(ObjectStream(client, obj), buffer_size=buffer_size)
 
@@ -241,7 +241,7 @@ class RangeFile(io.RawIOBase):
     """A seekable read-only file over ranged GETs, so pyarrow reads a Parquet footer and one row group at a
     time instead of the whole object."""
 
-    def __init__(self, client: Any, obj: dict):
+    def __init__(self, client: Any, obj: dict[str, Any]):
         self._client = client
         self._obj = obj
         self._size = int(obj["size"])
