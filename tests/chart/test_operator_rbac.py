@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 import urllib.request
@@ -25,6 +24,8 @@ from chartlib import CHART, ROOT, one, run
 
 from kubetune_operator import names, runner
 from kubetune_operator.settings import Settings
+from tests.support.waiting import free_port as _free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,21 +33,8 @@ EXAMPLES = ROOT / "examples" / "gitops" / "fine-tunes"
 JOBS = ("support-chat-lora", "ticket-classifier")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return wait_for(what, fn, timeout, interval)
 
 
 class LogCapture(logging.Handler):

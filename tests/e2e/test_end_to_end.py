@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.waiting import free_port
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 HERE = Path(__file__).resolve().parent
@@ -39,9 +41,7 @@ def _kubetune(*args: str, env: dict[str, str], timeout: float) -> subprocess.Com
 
 
 def _free_port() -> int:
-    from kubetune_cli.localenv.processes import free_ports
-
-    return free_ports(1)[0]
+    return free_port()
 
 
 def _listening(port: int) -> bool:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers_k8s import install_finetunejob_crd
 from kubetune import api
-from trainer_helpers import BUCKET, TrainerEnv, fortunes, put_jsonl
+from tests.support.k8s import install_finetunejob_crd
+from tests.support.trainer import BUCKET, TrainerEnv, fortunes, put_jsonl
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.training, pytest.mark.integration]
 
@@ -57,13 +57,7 @@ def kuberay(kubeconfig: Path) -> Iterator[Any]:
 
 
 def _wait(what: str, fn: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(what, fn, timeout, interval=0.3)
 
 
 @pytest.mark.timeout(900)
