@@ -4,7 +4,9 @@ Everything comes from the job's status (the operator's conditions, the trainer's
 checkpoints, evaluation and model) plus, in a `kubetune dev` cluster, the local URL the development runtime
 put on the inference Service (annotation kubetune.io/local-url), since the Service's cluster DNS name does not
 resolve on the host. Once training has ended, the latest attempt's driver log kept in S3 (<run>/history/,
-`kubetune.runlog`) is named with its exit code: it outlives the RayCluster (`kubetune logs NAME` prints it).
+`kubetune.runlog`) is named with its exit code: it outlives the RayCluster (`kubetune logs NAME` prints it),
+and the job's last Events are shown from the history ConfigMap the operator wrote when it ended (they
+outlive the Events' one-hour TTL; kubetune_operator.history).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def local_endpoint(local: str, endpoint_url: str | None) -> str:
     return local.rstrip("/") + path
 
 
-def render(job: dict[str, Any], local: str | None = None, history: str | None = None) -> str:
+def render(job: dict[str, Any], local: str | None = None, history: str | None = None,
+           events: list[dict[str, Any]] | None = None) -> str:
     meta, st = job["metadata"], job.get("status") or {}
     lines = [f"{meta['namespace']}/{meta['name']}: {st.get('state') or 'Pending'}"]
     p = st.get("progress") or {}
@@ -88,7 +91,27 @@ def render(job: dict[str, Any], local: str | None = None, history: str | None = 
         lines.append("  conditions:")
         for c in st["conditions"]:
             lines.append(f"    {c['type']:<10} {c['status']:<7} {c.get('reason', ''):<22} {c.get('message', '')}")
+    if events:
+        lines.append(f"  events (kept when the run ended, last {min(len(events), MAX_EVENT_LINES)}):")
+        for e in events[-MAX_EVENT_LINES:]:
+            lines.append(f"    {e.get('lastTimestamp') or '-':<20} {e.get('type') or '':<7} {e.get('reason') or '':<22} "
+                         f"{e.get('message') or ''}")
     return "\n".join(lines)
+
+
+MAX_EVENT_LINES = 10
+
+
+def kept_events(conn: Any, job: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The Events the operator kept in the job's history ConfigMap when it ended (None: none kept)."""
+    from kubetune_operator.history import EVENTS_KEY, config_map_name
+
+    meta = job["metadata"]
+    cm = conn.get(f"/api/v1/namespaces/{meta['namespace']}/configmaps/{config_map_name(meta['name'])}")
+    try:
+        return list(json.loads(((cm or {}).get("data") or {})[EVENTS_KEY]))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 # Deployed=False reasons that mean serving is still on its way (kubetune_operator.conditions).
@@ -166,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
                 text = json.dumps(job.get("status") or {}, indent=2)
             else:
                 text = render(job, local_url(conn, job["metadata"]["namespace"], args.name),
-                              history_line(conn, job))
+                              history_line(conn, job), kept_events(conn, job))
             if text != last:
                 print(text + ("\n" if args.watch else ""), flush=True)
                 last = text

@@ -178,12 +178,13 @@ class Kube:
                 return None
             raise _error(e, f"get {kind.kind} {namespace}/{name}") from None
 
-    def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None) -> list[dict[str, Any]]:
+    def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None,
+             field_selector: str | None = None) -> list[dict[str, Any]]:
         """Every object of `kind` in `namespace` (None: all namespaces), optionally only those matching
-        `label_selector` (one request, no paging: small sets)."""
-        query = [("labelSelector", label_selector)] if label_selector else None
+        `label_selector` / `field_selector` (one request, no paging: small sets)."""
+        query = [(k, v) for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v]
         try:
-            return self._call("list", "GET", kind.path(namespace), query=query).get("items") or []
+            return self._call("list", "GET", kind.path(namespace), query=query or None).get("items") or []
         except ApiException as e:
             raise _error(e, f"list {kind.kind} in {namespace or 'all namespaces'}") from None
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune import api
-from kubetune_operator import builders, guards, metrics, names, policy, reconcile_deploy
+from kubetune_operator import builders, guards, history, metrics, names, policy, reconcile_deploy
 from kubetune_operator import conditions as c
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.builders.rayjob import live_patch
@@ -244,6 +244,8 @@ def write_status(ctx: Context) -> dict[str, Any]:
         transitions = [ev for ev in transitions if ev is not waiting]
     for ev in transitions:
         ctx.kube.post_event(involved, ev.type, ev.reason, ev.message)
+    if patch and history.ended(current, new_status):  # kept past the Events' TTL (kubetune_operator.history)
+        history.record(ctx.kube, ctx.owner, new_status)
     metrics.observe_job(ctx.owner.namespace, ctx.owner.name, new_status,
                         created=ctx.body["metadata"].get("creationTimestamp"))
     return new_status

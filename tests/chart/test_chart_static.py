@@ -181,7 +181,7 @@ EXPECTED_JOB_RULES = [
     (("",), ("services",), ("get", "create", "patch", "delete")),
     (("",), ("secrets",), ("get",)),
     (("networking.k8s.io",), ("networkpolicies",), ("get", "create")),
-    (("",), ("events",), ("create",)),
+    (("",), ("events",), ("create", "list")),
 ]
 CLUSTER_ONLY_RULES = [
     (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch")),

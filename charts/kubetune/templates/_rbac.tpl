@@ -51,8 +51,9 @@ job names exists and has both keys (no list, no watch: it cannot enumerate Secre
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create"]
-# Events on FineTuneJobs for every transition (the operator's and kopf's).
+# Events on FineTuneJobs for every transition (the operator's and kopf's); listed once when a job ends, to
+# keep them (with its final conditions) in the job's history ConfigMap past the Events' TTL.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end -}}
