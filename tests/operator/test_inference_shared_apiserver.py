@@ -5,7 +5,8 @@ It applies docs/serving.md's manifests (the declaration and a job) and sees: ada
 server is not declared yet (ServerNotFound), the server's Deployment built with both jobs' adapters once it
 is, both jobs Deployed on the same endpoint under their own model names, a third job refused for a taken
 model name, a deleted job's adapter dropped from the server by the garbage collector + the operator, an
-invalid declaration reported naming the field, the server gone with its declaration. Also the ETA column.
+invalid declaration reported naming the field, the server gone with its declaration, the job back on a
+dedicated server. Also the ETA column.
 """
 
 from __future__ import annotations
@@ -152,3 +153,11 @@ def test_shared_server_serves_every_registered_adapter(
     kube.delete(CONFIGMAP, ns, SERVER)
     wait_for("server removed", lambda: kube.get(DEPLOYMENT, ns, SERVER) is None, timeout=90)
     _deployed(kube, ns, "legal-bot", "False", "ServerNotFound")
+
+    # Back to a dedicated server: the registration goes, the job's own Deployment comes.
+    kube.patch(FINETUNEJOB, ns, "legal-bot", {"spec": {"deploy": {"server": None}}})
+    wait_for("registration removed", lambda: kube.get(CONFIGMAP, ns, ss.registration_name("legal-bot")) is None,
+             timeout=WAIT)
+    wait_for("dedicated Deployment", lambda: kube.get(DEPLOYMENT, ns, names.inference("legal-bot")), timeout=WAIT)
+    body = _deployed(kube, ns, "legal-bot", "False", "Progressing")
+    assert body["status"]["endpoint"]["url"].startswith(f"http://{names.inference('legal-bot')}.{ns}.svc")
