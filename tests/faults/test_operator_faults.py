@@ -122,9 +122,9 @@ class OperatorProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
     def handled(self, job: str) -> int:
-        """How often this operator's log says the reconcile handler ran for `job` (kopf logs each success)."""
+        """How many full passes this operator's log reports for `job` (kubetune_operator.handlers logs each)."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return len(re.findall(rf"\[[^\]]*/{re.escape(job)}\] Handler 'reconcile' succeeded", text))
+        return len(re.findall(rf" {re.escape(self.namespace)}/{re.escape(job)}: reconciled$", text, re.M))
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -172,6 +172,22 @@ def condition(job: dict[str, Any] | None, type_: str) -> dict[str, Any]:
         if c.get("type") == type_:
             return c
     return {}
+
+
+def wait_condition(kube: Kube, ns: str, job: str, type_: str, field: str, value: str,
+                   timeout: float = 60) -> dict[str, Any]:
+    """The job once its condition `type_` has `field` == `value`; on timeout the error shows every condition."""
+    seen: list[Any] = []
+
+    def check() -> dict[str, Any] | None:
+        body = kube.get(FINETUNEJOB, ns, job)
+        seen[:] = [((body or {}).get("status") or {}).get("conditions")]
+        return body if condition(body, type_).get(field) == value else None
+
+    try:
+        return wait_for(f"{job}: {type_}.{field} == {value}", check, timeout=timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; conditions: {seen}") from None
 
 
 def children_of(kube: Kube, ns: str, job: str) -> dict[str, list[dict[str, Any]]]:
@@ -298,7 +314,7 @@ def test_wrong_keys_fail_with_s3_access_denied(env: dict[str, Any], s3_server: A
     kube, ns, kuberay = env["kube"], env["ns"], env["kuberay"]
     wrong = "wrong-" + secrets.token_urlsafe(20)
     SECRET_VALUES.extend([wrong, s3_server.secret_key])
-    m = job_manifest("wrong-keys", ns)
+    m = job_manifest("wrong-keys", ns, backoffLimit=0)  # no KubeRay retry: the keys stay wrong
     m["spec"]["dataset"]["endpoint"] = s3_server.endpoint_url
     kube.create({**m, "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"})
     wait_for("the RayJob", lambda: ray_job_made(kube, ns, "wrong-keys"), timeout=60)
@@ -314,8 +330,7 @@ def test_wrong_keys_fail_with_s3_access_denied(env: dict[str, Any], s3_server: A
     t0 = time.monotonic()
     kuberay.fail(ns, names.ray_job("wrong-keys"),
                  message=f"Job entrypoint command failed with exit code 1, last available logs:\n{last_line}\n")
-    job = wait_for("Failed S3AccessDenied", lambda: condition(kube.get(FINETUNEJOB, ns, "wrong-keys"), "Failed")
-                   .get("reason") == "S3AccessDenied" and kube.get(FINETUNEJOB, ns, "wrong-keys"), timeout=60)
+    job = wait_condition(kube, ns, "wrong-keys", "Failed", "reason", "S3AccessDenied")
     failed = condition(job, "Failed")["message"]
     assert s3_server.endpoint_url in failed and "kubetune-runs" in failed and "datasets" in failed
     assert wrong not in failed and s3_server.access_key not in failed
@@ -416,10 +431,8 @@ def test_operator_killed_10_times_during_50_creations(env: dict[str, Any], fault
 def test_leader_killed_during_20_creations(env: dict[str, Any], fault_row: Any) -> None:
     kube, ns = env["kube"], env["ns"]
     env["op"].stop()  # the single operator steps aside for two peered replicas
-    kube.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kt-faults", "namespace": ns},
-                 "status": {}}) if False else kube._call(
-        "create", "POST", f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
-        body={"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kt-faults"}})
+    kube._call("create", "POST", f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
+               body={"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kt-faults"}})
     replicas = [OperatorProcess(env["kubeconfig"], ns, env["logs"], name=f"replica-{i}",
                                 extra_env={"KUBETUNE_PEERING": "kt-faults", "KUBETUNE_PEERING_PRIORITY": str(p)})
                 for i, p in ((0, 200), (1, 100))]  # replica-0 leads (the higher priority)
