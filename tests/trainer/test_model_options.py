@@ -53,7 +53,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny: Path, me
 
     plain_loss, plain_grads, plain = _loss_and_grads(_spec(method=method), tiny)
     ckpt_loss, ckpt_grads, ckpt = _loss_and_grads(_spec(method=method, gradientCheckpointing=True), tiny)
-    base = lambda m: m.get_base_model() if method == "lora" else m  # noqa: E731
+    base = lambda m: m.get_base_model() if method == "lora" else m  # noqa: E731 - a one-line local helper
     assert base(ckpt).is_gradient_checkpointing and not base(plain).is_gradient_checkpointing
     print(f"{method}: loss {plain_loss:.6f} without, {ckpt_loss:.6f} with gradient checkpointing")
     assert ckpt_loss == pytest.approx(plain_loss, abs=1e-6)

@@ -9,17 +9,13 @@ actors ask for no CPU: they only drive their Ray Train run).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
-
-from trainer_helpers import BUCKET, TrainerEnv, process_env  # noqa: E402
+from tests.support.trainer import BUCKET, TrainerEnv, process_env
 
 TIMINGS: dict[str, float] = {}
 

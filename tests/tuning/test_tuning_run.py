@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from helpers_k8s import install_finetunejob_crd, trainer_kubeconfig, wait_for_status
 from kubetune import api
-from trainer_helpers import BUCKET, TrainerEnv, fortunes, put_jsonl
+from tests.support.k8s import install_finetunejob_crd, trainer_kubeconfig, wait_for_status
+from tests.support.trainer import BUCKET, TrainerEnv, fortunes, put_jsonl
 
 pytestmark = [pytest.mark.training, pytest.mark.integration]
 

@@ -31,7 +31,7 @@ def resolve_precision(precision: str, use_gpu: bool) -> Precision:
         return "bf16" if use_gpu else "fp32"
     if precision in ("bf16", "fp16") and not use_gpu:
         raise ValueError(f"training.precision {precision} needs GPUs; use fp32 or auto on CPU")
-    return precision  # type: ignore[return-value]
+    return precision  # type: ignore[return-value]  # the API enum leaves only bf16/fp16/fp32 here
 
 
 def offload_applies(training: TrainingSpec, use_gpu: bool) -> bool:

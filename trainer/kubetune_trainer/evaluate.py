@@ -190,7 +190,7 @@ class Evaluator:
     def _load_base(self) -> dict[str, Any] | None:
         try:
             raw = storage.get_bytes(self.client, self.base_uri)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: measure again
             log.warning("could not read %s (%s); measuring the base model again", self.base_uri, type(exc).__name__)
             return None
         if raw is None:

@@ -316,7 +316,7 @@ class Reporter:
             return []
         try:
             raw = storage.get_bytes(self._s3, self._cfg.metrics_uri)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - history is best effort; training goes on
             log.warning("could not read earlier metrics (%s); starting a new history", type(exc).__name__)
             return []
         kept = []

@@ -203,7 +203,7 @@ class RayJobController:
                     if e.status not in (404, 409):  # 409: raced with the operator's patch; next pass
                         log.warning("RayJob %s/%s: %s", self.ns, self.name, e)
                 self.rt.stopping.wait(self.rt.poll)
-        except Exception:  # noqa: BLE001
+        except Exception:  # logged with its traceback; the runtime keeps going
             log.exception("RayJob %s/%s controller", self.ns, self.name)
         finally:
             self._stop_run()
@@ -328,7 +328,7 @@ class RayJobController:
             run.start_cluster()
         except (PodConfigError, RayClusterError, RestError, ValueError) as e:
             self._start_error = str(e)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # logged, and reported as the RayJob's start error
             log.exception("RayJob %s/%s: cluster start", self.ns, self.name)
             self._start_error = f"{type(e).__name__}: {e}"
 

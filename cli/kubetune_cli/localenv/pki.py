@@ -112,13 +112,13 @@ def issue_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]  # an EC/RSA CA key; stubs list every key type
             critical=False,
         )
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]  # our CA key is a signing key type
     pair = KeyPair(directory / f"{name}.crt", directory / f"{name}.key")
     pair.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, pair.key_file)
