@@ -39,6 +39,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kubetune_cli.localenv.processes import pid_alive
+
 log = logging.getLogger("kubetune.dev")
 
 DEFAULT_S3_PORT = 8333
@@ -156,12 +158,8 @@ class DevEnv:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     # A zombie (our own child that exited) is not alive.
     with contextlib.suppress(OSError):
         if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):

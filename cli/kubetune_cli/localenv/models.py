@@ -102,6 +102,8 @@ def convert_smollm2(cache_dir: str | Path | None = None) -> Path:
         import torch
         from transformers import AutoModelForCausalLM
 
+        from kubetune_trainer.model import strip_quantization  # the trainer loads GGUF bases the same way
+
         log.info("converting %s into %s (about 2 minutes, once)", SMOLLM2_GGUF, target)
         model = AutoModelForCausalLM.from_pretrained(
             smollm2_package_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
@@ -111,17 +113,6 @@ def convert_smollm2(cache_dir: str | Path | None = None) -> Path:
         shutil.copytree(smollm2_tokenizer_dir(root), tmp, dirs_exist_ok=True)
 
     return _build_once(target, build)
-
-
-def strip_quantization(model: Any) -> None:
-    """Forget that weights came from a quantised GGUF file (they are dequantised floats by now)."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        if attr in vars(model):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def tiny_llama(

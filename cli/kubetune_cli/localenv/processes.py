@@ -77,14 +77,15 @@ def make_workdir(prefix: str) -> Path:
             pid = int((old / _OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(old, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=prefix))
     (path / _OWNER_FILE).write_text(str(os.getpid()))
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user's counts too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
