@@ -10,8 +10,10 @@ counters see only the operator and this script) and installs the FineTuneJob CRD
 1. The bare client: a plain kubernetes-client program, no operator. N FineTuneJobs are created from
    examples/sequence-classification.yaml by 8 client threads; as each is created, one of `--max-workers`
    threads (the operator's handler threads) issues what the operator issues for a new job: the same objects
-   from the operator's own builders (ConfigMap, ServiceAccount, Role, RoleBinding, RayJob), the status patch
-   and the Event. Namespace `<namespace>-bare`.
+   from the operator's own builders (ConfigMap, ServiceAccount, Role, RoleBinding, NetworkPolicy, RayJob), the
+   status patch and the Event; it runs as its own process, fed the created jobs on stdin. It runs once before
+   and once after the operator (namespaces `<namespace>-bare1`, `-bare2`); the ratio uses the mean rate.
+   `--rbac-cost` adds a third run without the trainer's ServiceAccount, Role and RoleBinding.
 2. The operator (`python -m kubetune_operator`, its own process, watching `<namespace>` only): the same N
    jobs created the same way, and the operator does the rest.
    Both runs are timed by the same watches (RayJob ADDED; FineTuneJob settled = status written with
@@ -51,7 +53,7 @@ from kubetune_cli.localenv.kubeclient import api_client  # noqa: E402
 # What the operator reads and writes; the API server itself touches endpoints/services/namespaces every few
 # seconds (its master-endpoint and namespace upkeep), which the idle figure must not blame on the operator.
 KUBETUNE_RESOURCES = {"finetunejobs", "rayjobs", "configmaps", "serviceaccounts", "roles", "rolebindings",
-                      "events", "deployments", "secrets", "customresourcedefinitions",
+                      "networkpolicies", "events", "deployments", "services", "secrets", "customresourcedefinitions",
                       "validatingwebhookconfigurations", "mutatingwebhookconfigurations"}
 HANDLED = "kubetune.io/last-handled-configuration"
 CREATE_THREADS = 8
@@ -226,7 +228,7 @@ class BareClient:
     """What the operator does for a new job, as a plain kubernetes-client program: the same objects (from the
     operator's builders), the same status patch and Event, on `workers` threads. No watch, no cache, no kopf."""
 
-    def __init__(self, api: Any, workers: int):
+    def __init__(self, api: Any, workers: int, skip: frozenset[str] = frozenset()):
         from kubernetes import client
 
         from kubetune_operator.settings import Settings
@@ -238,6 +240,7 @@ class BareClient:
                         "Role": rbac.create_namespaced_role, "RoleBinding": rbac.create_namespaced_role_binding,
                         "NetworkPolicy": net.create_namespaced_network_policy}
         self.settings = Settings()
+        self.skip = skip  # kinds left out (--rbac-cost: what the trainer's own identity costs)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
         self.futures: list[concurrent.futures.Future] = []
 
@@ -258,6 +261,7 @@ class BareClient:
         owner, ns = Owner.from_body(body), body["metadata"]["namespace"]
         spec = kapi.parse_spec(body["spec"])
         *children, ray_job = builders.training_children(owner, spec, self.settings, policy.spec_hash(body["spec"]))
+        children = [obj for obj in children if obj["kind"] not in self.skip]
         for obj in children:  # ConfigMap, the trainer's ServiceAccount/Role/RoleBinding, the head's NetworkPolicy
             self.creates[obj["kind"]](ns, obj, _preload_content=False)
         ray = json.loads(self.custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", ray_job,
@@ -279,22 +283,24 @@ def _event(involved: dict[str, Any], message: str) -> dict[str, Any]:
             "source": {"component": "bare-client"}, "firstTimestamp": now, "lastTimestamp": now, "count": 1}
 
 
-def bare_client_process(kubeconfig: Path, workers: int) -> None:
+def bare_client_process(kubeconfig: Path, workers: int, skip: frozenset[str]) -> None:
     """The bare client's own program (`--bare-client`): each line on stdin is a FineTuneJob just created (by
     the benchmark's creating threads, as for the operator); it issues that job's requests on `workers` threads."""
-    bare = BareClient(_client(kubeconfig, workers), workers)
+    bare = BareClient(_client(kubeconfig, workers), workers, skip)
     for line in sys.stdin:
         bare.submit(json.loads(line))
     bare.finish()
 
 
 def run_bare(api: Any, kubeconfig: Path, template: dict[str, Any], namespace: str,
-             args: argparse.Namespace) -> dict[str, Any]:
+             args: argparse.Namespace, skip: str = "") -> dict[str, Any]:
     """The bare client's burst in its own namespace and process, timed by the same watches as the operator's."""
+    _prepare_namespaces(api, [namespace], template)
     watches = Watches(api, namespace, kopf_annotation=False)
     before = request_counts(api)
     proc = subprocess.Popen([sys.executable, __file__, "--bare-client", "--kubeconfig", str(kubeconfig),
-                             "--max-workers", str(args.max_workers)], stdin=subprocess.PIPE, text=True)
+                             "--max-workers", str(args.max_workers), "--skip-kinds", skip],
+                            stdin=subprocess.PIPE, text=True)
     assert proc.stdin is not None
     lock = threading.Lock()
 
@@ -414,17 +420,19 @@ def _requests(counts: dict[tuple[str, str], float]) -> str:
     return f"{sum(counts.values()):5.1f}  " + ", ".join(f"{verb} {res} {n:.1f}" for (verb, res), n in sorted(counts.items()))
 
 
-def report(args: argparse.Namespace, bare: dict[str, Any], op: dict[str, Any], idle: tuple[dict, float],
+def report(args: argparse.Namespace, bare: list[dict[str, Any]], op: dict[str, Any], idle: tuple[dict, float],
            single: tuple[list[float], list[float]], rss: dict[str, float]) -> None:
     n = args.jobs
     lat, (to_ray, to_settled) = op["ray_latency"], single
     idle_delta, ours = idle
     per_job_minute = ours / n / (args.idle_seconds / 60)
-    bare_rate, op_rate = n / bare["settle"], n / op["settle"]
+    bare_rate, op_rate = statistics.fmean(n / b["settle"] for b in bare[:2]), n / op["settle"]
     print()
     print(f"jobs                                      {n}")
-    print(f"bare client: all jobs settled after       {bare['settle']:8.1f} s   ({bare_rate:.1f} jobs/s)")
-    print(f"bare client: requests per job             {_requests(bare['per_job'])}")
+    for label, b in zip(("bare client, before the operator", "bare client, after the operator",
+                         "bare client without trainer RBAC"), bare):
+        print(f"{label + ': settled after':42s}{b['settle']:8.1f} s   ({n / b['settle']:.1f} jobs/s)")
+    print(f"bare client: requests per job             {_requests(bare[0]['per_job'])}")
     print(f"operator: all RayJobs created after       {op['all_rayjobs']:8.1f} s")
     print(f"operator: all jobs settled after          {op['settle']:8.1f} s   ({op_rate:.1f} jobs/s)")
     print(f"operator: apply -> RayJob  p50 / p99 / max {_ms(statistics.median(lat))} {_ms(percentile(lat, 99))} "
@@ -444,10 +452,13 @@ def report(args: argparse.Namespace, bare: dict[str, Any], op: dict[str, Any], i
     print(f"ratio operator_burst_throughput: {op_rate / bare_rate:.3f} (target: 0.8)")
     print(f"ratio apply_into_settled_p99_vs_100ms: {percentile(to_ray, 99) / 0.1:.3f} (target: < 1.0)")
     print(f"ratio peak_rss_vs_200mib: {rss['peak'] / 200:.3f} (target: < 1.0 at 1000 jobs)")
+    if len(bare) > 2:
+        print(f"ratio bare_throughput_with_vs_without_trainer_rbac: {bare_rate / (n / bare[2]['settle']):.3f} "
+              "(target: n/a; what the trainer's own identity costs a burst)")
     print(f"slope rss_per_job_after_settling: {(rss['after'] - rss['before']) * 1024 / n:.1f} KiB/job")
     print(f"slope peak_rss_per_job: {(rss['peak'] - rss['before']) * 1024 / n:.1f} KiB/job")
     print(f"slope operator_settle_time_per_job: {op['settle'] * 1000 / n:.2f} ms/job "
-          f"(bare client {bare['settle'] * 1000 / n:.2f} ms/job)")
+          f"(bare client {1000 / bare_rate:.2f} ms/job)")
     print(f"slope idle_requests_per_job_per_minute: {per_job_minute:.4f}")
 
 
@@ -460,10 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting a local API server")
     parser.add_argument("--namespace", default="kubetune-bench")
     parser.add_argument("--max-workers", type=int, default=16, help="operator handler threads (and the bare client's)")
+    parser.add_argument("--rbac-cost", action="store_true",
+                        help="also run the bare client without the trainer's ServiceAccount, Role and RoleBinding")
     parser.add_argument("--bare-client", action="store_true", help=argparse.SUPPRESS)  # run_bare's own process
+    parser.add_argument("--skip-kinds", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_client:
-        bare_client_process(Path(args.kubeconfig), args.max_workers)
+        bare_client_process(Path(args.kubeconfig), args.max_workers, frozenset(filter(None, args.skip_kinds.split(","))))
         return 0
 
     from kubetune_cli.localenv.control_plane import ControlPlane
@@ -483,16 +497,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CRDs installed (KubeRay's schema: {'real' if kr.strict else 'PERMISSIVE stand-in'})")
         api = _client(kubeconfig, args.max_workers)
         template = yaml.safe_load((ROOT / "examples" / "sequence-classification.yaml").read_text())
-        _prepare_namespaces(api, [args.namespace + "-bare", args.namespace], template)
+        _prepare_namespaces(api, [args.namespace], template)
 
-        bare = run_bare(api, kubeconfig, template, args.namespace + "-bare", args)
-        print(f"bare client: {args.jobs} jobs settled in {bare['settle']:.1f} s")
+        # The bare client runs before and after the operator (the API server warms up and its store grows):
+        # the ratio takes the mean of the two rates.
+        bare = [run_bare(api, kubeconfig, template, args.namespace + "-bare1", args)]
+        print(f"bare client (before the operator): {args.jobs} jobs settled in {bare[0]['settle']:.1f} s")
         proc, _log = start_operator(kubeconfig, args.namespace, args.max_workers)
         op = run_operator(api, template, args.namespace, proc, args)
         idle = idle_requests(api, args.idle_seconds)
         rss = {"before": op["rss_before"], "after": proc_mib(proc.pid, "VmRSS"), "peak": proc_mib(proc.pid, "VmHWM")}
         single = singles(api, template, args.namespace, op["watches"], args.singles, proc)
         op["watches"].stop()
+        bare.append(run_bare(api, kubeconfig, template, args.namespace + "-bare2", args))  # the operator idles
+        if args.rbac_cost:
+            bare.append(run_bare(api, kubeconfig, template, args.namespace + "-bare3", args,
+                                 skip="ServiceAccount,Role,RoleBinding"))
         report(args, bare, op, idle, single, rss)
         return 0
     finally:

@@ -19,6 +19,7 @@ so deleting a job never waits for the operator.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -69,13 +70,18 @@ def server_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.M
         reconcile_server.on_server_object(reconciler, namespace, dict(body), deleted=type == "DELETED")
 
 
-def serving_inputs_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                         **_: Any) -> None:
+# The two handlers below see every event of every FineTuneJob (a new job has four or five) and nearly always
+# need no request: they run on kopf's event loop (async) instead of queueing for the handler threads, where they
+# would hold each event's body and delay the passes that do work (a burst of new jobs: 8 of every 10 tasks).
+async def serving_inputs_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                               **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
-    reconciler.on_job_event(namespace, name, dict(body), deleted=type == "DELETED")
+    if reconciler.wants_serving_pass(namespace, name, dict(body), deleted=type == "DELETED"):
+        await asyncio.get_running_loop().run_in_executor(None, reconciler.serve, namespace, name)
 
 
-def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
+                    **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
     if type == "DELETED":
         metrics.forget_job(namespace, name)

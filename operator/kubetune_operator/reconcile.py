@@ -403,23 +403,28 @@ class Reconciler:
     def on_job_event(self, namespace: str, name: str, body: dict[str, Any], *, deleted: bool = False) -> None:
         """Any event of a FineTuneJob: a serving pass when the trainer reported a new model or evaluation
         after training succeeded (spec changes and RayJob transitions have passes of their own)."""
+        if self.wants_serving_pass(namespace, name, body, deleted=deleted):
+            self.serve(namespace, name)
+
+    def wants_serving_pass(self, namespace: str, name: str, body: dict[str, Any], *, deleted: bool = False) -> bool:
+        """The in-memory part of `on_job_event` (no request; the handler runs it on kopf's event loop, so that
+        the few events per job that need nothing never queue for a handler thread)."""
         meta = body.get("metadata") or {}
         uid = meta.get("uid", "")
         if deleted:
             self._inputs.pop(uid, None)
             self._cancel(namespace, name)
-            return
+            return False
         st = body.get("status") or {}
         digest = json.dumps([st.get("model"), st.get("evaluation")], sort_keys=True)
         previous = self._inputs.get(uid)
         self._inputs[uid] = digest
         if not c.is_true(st.get("conditions"), c.SUCCEEDED):
-            return
+            return False
         waiting = (c.get(st.get("conditions"), c.DEPLOYED) or {}).get("reason") in (c.AWAITING_EVALUATION,
                                                                                    c.MODEL_UNAVAILABLE)
-        if previous == digest or (previous is None and not waiting):
-            return  # nothing new (the first sight after a restart is covered by the resume pass)
-        self.serve(namespace, name)
+        # Nothing new when unchanged (the first sight after a restart is covered by the resume pass).
+        return not (previous == digest or (previous is None and not waiting))
 
     def _requeue(self, namespace: str, name: str, retry: Retry) -> None:
         """Run `serve` again after `retry.delay` seconds (kopf does not retry event handlers)."""
