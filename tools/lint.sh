@@ -26,8 +26,8 @@ if [ "${1:-}" = "--fix" ]; then
   "$venv/bin/ruff" format --quiet .
 fi
 check lint-imports "$venv/bin/lint-imports" --no-cache
-check "ruff check" "$venv/bin/ruff" check --quiet .
-check "ruff format" "$venv/bin/ruff" format --check --quiet .
+check "ruff check" "$venv/bin/ruff" check --output-format concise .
+check "ruff format" "$venv/bin/ruff" format --check --output-format concise .
 check mypy "$venv/bin/mypy"
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "lint: failed: ${failed[*]}"
