@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kubetune import api, kubeclient
+from kubetune import api, kubeclient, s3
 from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_USAGE, CLIError
 
 
@@ -28,7 +28,7 @@ def kubeconfig_path() -> Path:
 
     dev = devenv.DevEnv(devenv.default_dir())
     if dev.running():
-        return dev.kubeconfig
+        return Path(dev.kubeconfig)
     raise CLIError("no cluster: set KUBECONFIG, or start a local one with `kubetune dev up`", EXIT_ENVIRONMENT)
 
 
@@ -70,8 +70,6 @@ class Connection:
         return self._get(path)
 
     def s3_client(self, job: dict[str, Any]) -> Any:
-        from kubetune.fetch import make_s3_client
-
         spec = api.parse_spec(job.get("spec") or {})
         keys: dict[str, str] = {}
         if spec.dataset.credentials_secret:
@@ -79,7 +77,7 @@ class Connection:
             secret = self._get(f"/api/v1/namespaces/{ns}/secrets/{spec.dataset.credentials_secret}")
             data = (secret or {}).get("data") or {}
             keys = {k: base64.b64decode(v).decode() for k, v in data.items() if k.startswith("AWS_")}
-        return make_s3_client(spec.dataset.endpoint, region=spec.dataset.region,
+        return s3.make_client(spec.dataset.endpoint, region=spec.dataset.region,
                               access_key=keys.get("AWS_ACCESS_KEY_ID"), secret_key=keys.get("AWS_SECRET_ACCESS_KEY"),
                               session_token=keys.get("AWS_SESSION_TOKEN"))
 
@@ -93,19 +91,14 @@ class Connection:
         """An object under the job's run prefix (e.g. metrics.jsonl) as text; None when it is not there."""
         from botocore.exceptions import ClientError, EndpointConnectionError
 
-        from kubetune.fetch import parse_s3_uri
-
-        bucket, prefix = parse_s3_uri(f"{self.run_uri(job)}/{rel}")
+        uri = f"{self.run_uri(job)}/{rel}"
         try:
-            body = self.s3_client(job).get_object(Bucket=bucket, Key=prefix)["Body"].read()
+            body = s3.get_bytes(self.s3_client(job), uri)  # None when the object (or its bucket) is not there
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
-                return None
-            raise CLIError(f"s3://{bucket}/{prefix}: {e.response.get('Error', {}).get('Code')}") from None
+            raise CLIError(f"{uri}: {s3.error_code(e)}") from None
         except EndpointConnectionError:
-            raise CLIError(f"cannot reach the job's S3 endpoint for s3://{bucket}/{prefix}",
-                           EXIT_ENVIRONMENT) from None
-        return body.decode("utf-8", "replace")
+            raise CLIError(f"cannot reach the job's S3 endpoint for {uri}", EXIT_ENVIRONMENT) from None
+        return None if body is None else body.decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
