@@ -4,9 +4,13 @@
 shape): a `Recipe` object whose methods are the stages, called in this order:
 
     setup            process group, seeds, S3, base model (node cache), this rank's data shard, DeepSpeed
-                     engine, resume from the newest complete checkpoint, the reporter (rank 0), base evaluation
-    train            train_step (gradient_accumulation_steps micro-batches) until the planned steps or early
-                     stopping; evaluate_at_interval, report_step, checkpoint at their intervals
+                     engine, resume from the newest complete checkpoint, the reporter (rank 0), the base
+                     model's evaluation (full fine-tunes; LoRA measures it at the end, adapters off); each
+                     phase timed (status.startup: the time to first step)
+    train            train_step (gradient_accumulation_steps micro-batches, no collective of its own) until the
+                     planned steps or early stopping; evaluate_at_interval; sync_and_report (losses and tokens
+                     of the steps since the last sync in one all-reduce, the preemption check, rank 0's
+                     reports) about every SYNC_SECONDS and before evaluations' reports and checkpoints
     save_and_export  a final checkpoint, a final evaluation, the exported model, the evaluation report
     finish           rank 0's summary and final status
     cleanup          (in `finally`) trace closed, reporter flushed, staging files removed
@@ -366,8 +370,11 @@ class Recipe:
                                        classification=self.classification,
                                        data_fingerprint=self.prepared.fingerprint, evaluate=self.evaluate,
                                        trial=self.trial)
-            with self._timed("baseEvalSeconds"):
-                self.evaluator.base(self.engine, state.step)
+            # LoRA leaves the base weights untouched: the base model is measured after training, with the
+            # adapters switched off, so the first step comes sooner. A full fine-tune must measure it now.
+            if not self.lora:
+                with self._timed("baseEvalSeconds"):
+                    self.evaluator.base(self.engine, state.step)
         if self.reporter and self.trial:
             self.reporter.for_trial(self.trial["id"])
 
@@ -621,6 +628,8 @@ class Recipe:
             self.evaluator.observe(state.step, final_eval, last=True)
         if self.evaluator:
             with timed("evaluationReport", self.phase_seconds):  # base vs fine-tuned report, sample answers
+                if self.lora:  # the base model's figures and samples, adapters off (or from the cache)
+                    self.evaluator.base(self.engine, state.step)
                 self.evaluation = self.evaluator.finish(self.engine, state.step, self.artifact)
 
     def finish(self) -> dict[str, Any] | None:
