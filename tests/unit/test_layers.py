@@ -59,3 +59,11 @@ def test_one_bearer_token_workaround() -> None:
         check=False,
     )
     assert out.stdout.split() == ["kubetune/kubeclient.py"]
+
+
+def test_localenv_exports_resolve() -> None:
+    """The lazy names of kubetune_cli.localenv point at modules that exist (they broke silently in a rename)."""
+    import kubetune_cli.localenv as localenv
+
+    for name in localenv.__all__:
+        assert getattr(localenv, name) is not None, name

@@ -12,19 +12,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ControlPlane": "kube",
-    "ControlPlaneError": "kube",
-    "KubeRayCRDs": "kube",
-    "install_crds": "kube",
-    "install_kuberay_crds": "kube",
-    "S3Server": "s3",
-    "S3ServerError": "s3",
-    "KubeBinaries": "tools",
-    "ToolNotFound": "tools",
-    "find_etcd": "tools",
-    "find_helm": "tools",
-    "find_kube_binaries": "tools",
-    "find_kubectl": "tools",
+    "ControlPlane": "control_plane",
+    "ControlPlaneError": "control_plane",
+    "KubeRayCRDs": "control_plane",
+    "install_crds": "control_plane",
+    "install_kuberay_crds": "control_plane",
+    "S3Server": "s3_server",
+    "S3ServerError": "s3_server",
+    "KubeBinaries": "binaries",
+    "ToolNotFound": "binaries",
+    "find_etcd": "binaries",
+    "find_helm": "binaries",
+    "find_kube_binaries": "binaries",
+    "find_kubectl": "binaries",
 }
 
 __all__ = [
