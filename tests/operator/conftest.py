@@ -15,7 +15,19 @@ from typing import Any
 
 import pytest
 import yaml
-from op_support import ROOT, Kubectl, free_port, load_example, wait_for
+from op_support import ROOT, Kubectl, free_port, load_example, put_s3_secret, wait_for
+
+
+@pytest.fixture
+def namespace(namespace: str, kube: Any) -> str:
+    """The session's fresh namespace, with the credentials Secrets the examples name (`s3-credentials`, ...):
+    without it the operator holds a job back (Blocked, SecretNotFound). Tests that check for leaks write
+    their own values into it (`put_s3_secret`)."""
+    secret_names = {((load_example(p.stem).get("spec") or {}).get("dataset") or {}).get("credentialsSecret")
+                    for p in (ROOT / "examples").glob("*.yaml")}
+    for name in sorted(n for n in secret_names if n):
+        put_s3_secret(kube, namespace, "AKIAKUBETUNETEST0000", "kubetune-default-test-secret", name=name)
+    return namespace
 
 
 @pytest.fixture(scope="session")

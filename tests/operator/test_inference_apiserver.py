@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from op_support import condition, events, first_difference, get_columns, load_example, wait_for
+from op_support import condition, events, first_difference, get_columns, load_example, put_s3_secret, wait_for
 
 from kubetune import api
 from kubetune_cli.localenv.kubelet import DeploymentController
@@ -39,8 +39,7 @@ def deployments(kubeconfig: Any) -> Iterator[DeploymentController]:
 
 @pytest.fixture
 def s3_secret(kube: Any, namespace: str) -> str:
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": namespace},
-                 "stringData": {"AWS_ACCESS_KEY_ID": "AKIAKUBETUNETEST0002", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}})
+    put_s3_secret(kube, namespace, "AKIAKUBETUNETEST0002", SECRET_VALUE)
     return SECRET_VALUE
 
 

@@ -17,6 +17,7 @@ from op_support import (
     first_difference,
     get_columns,
     load_example,
+    put_s3_secret,
     wait_for,
 )
 
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROLE = Kind("rbac.authorization.k8s.io/v1", "Role", "roles")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings")
 SERVICE_ACCOUNT = Kind("v1", "ServiceAccount", "serviceaccounts")
+NETWORK_POLICY = Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
 
 
 def ftj(kube: Any, ns: str, name: str) -> dict:
@@ -59,9 +61,7 @@ def wait_ray_job(kube: Any, ns: str, job: str) -> dict:
 @pytest.fixture
 def s3_secret(kube: Any, namespace: str) -> str:
     """The Secret the examples name; its value must never show up anywhere the operator writes."""
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": namespace},
-                 "stringData": {"AWS_ACCESS_KEY_ID": "AKIAKUBETUNETEST0001",
-                                "AWS_SECRET_ACCESS_KEY": "kubetune-secret-value-do-not-leak"}})
+    put_s3_secret(kube, namespace, "AKIAKUBETUNETEST0001", "kubetune-secret-value-do-not-leak")
     return "kubetune-secret-value-do-not-leak"
 
 
@@ -79,13 +79,15 @@ def test_example_creates_children_that_servers_accept_unpruned(
     owner = Owner.from_body(job)
     expected = builders.training_children(owner, spec, operator.settings, policy.spec_hash(job["spec"]))
     kinds = {"ConfigMap": CONFIGMAP, "ServiceAccount": SERVICE_ACCOUNT, "Role": ROLE, "RoleBinding": ROLE_BINDING,
-             "RayJob": RAYJOB}
+             "NetworkPolicy": NETWORK_POLICY, "RayJob": RAYJOB}
     for obj in expected:
         stored = kube.get(kinds[obj["kind"]], namespace, obj["metadata"]["name"])
         assert stored is not None, f"{obj['kind']} {obj['metadata']['name']} missing"
         assert first_difference(obj, stored) is None, f"{obj['kind']}: {first_difference(obj, stored)}"
     assert control_plane.kuberay is not None and control_plane.kuberay.strict  # KubeRay's schema validated it
-    assert ray["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == spec.resources.workers
+    from kubetune_operator.builders.rayjob import worker_replicas  # workers x concurrent trials when tuning
+
+    assert ray["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == worker_replicas(spec)
 
     status = job["status"]
     assert status["observedGeneration"] == job["metadata"]["generation"]
@@ -98,7 +100,8 @@ def test_example_creates_children_that_servers_accept_unpruned(
     ((kind, reason, message),) = events(kubectl, namespace, name)  # one Event: what was made, what it waits for
     assert (kind, reason) == ("Normal", "Created")
     assert message == (f"created ConfigMap {names.config_map(name)}, ServiceAccount {names.service_account(name)}, "
-                       f"Role {names.role(name)}, RoleBinding {names.role_binding(name)}, RayJob {names.ray_job(name)}; "
+                       f"Role {names.role(name)}, RoleBinding {names.role_binding(name)}, "
+                       f"NetworkPolicy {names.network_policy(name)}, RayJob {names.ray_job(name)}; "
                        f"RayJob {names.ray_job(name)} created; waiting for KubeRay")
     # kopf keeps its bookkeeping in annotations under our prefix, not in status (which the schema prunes).
     assert "kopf" not in status

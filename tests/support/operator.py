@@ -127,3 +127,15 @@ def get_columns(kubectl: Kubectl, namespace: str, name: str) -> dict[str, str]:
     starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
     bounds = list(zip(starts, starts[1:] + [None]))
     return {header[a:b].strip(): row[a:b].strip() for a, b in bounds}
+
+
+def put_s3_secret(kube: Any, namespace: str, key_id: str, secret_key: str, name: str = "s3-credentials") -> None:
+    """Create (or overwrite) the Secret `s3-credentials` the examples name (the operator holds a job whose
+    credentials Secret or keys are missing: Blocked, SecretNotFound)."""
+    from kubetune_operator.kube import KINDS
+
+    data = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret_key}
+    _, created = kube.create({"apiVersion": "v1", "kind": "Secret",
+                              "metadata": {"name": name, "namespace": namespace}, "stringData": data})
+    if not created:
+        kube.patch(KINDS[("v1", "Secret")], namespace, name, {"stringData": data})
