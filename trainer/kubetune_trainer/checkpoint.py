@@ -56,6 +56,9 @@ class TrainState:
     stop_reason: str | None = None  # set once the run has finished (or stopped early)
     world_size: int = 1
     data_fingerprint: str = ""
+    # Set when this run resumed a checkpoint of another number of ranks: {epoch, world, micro, fingerprint}
+    # of the epoch it shortened (kubetune_trainer.resize).
+    resized: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -43,6 +43,7 @@ from typing import Any
 from kubetune.api import TrainerConfig
 
 from kubetune_trainer import checkpoint as ckpt
+from kubetune_trainer import resize
 from kubetune_trainer.checkpoint import TrainState
 from kubetune_trainer.data import DataError, PreparedData, batch_indices, load_shard, s3_client
 from kubetune_trainer.deepspeed_config import deepspeed_config, offload_applies, resolve_precision
@@ -325,8 +326,15 @@ class Recipe:
         self.resumed_from = latest[0]
         if self.resumed_from:
             assert self.staging is not None
-            self.state = ckpt.load(self.engine, self.resumed_from, rank=self.rank, world_size=self.world,
-                                   client=self.client, staging=self.staging, exclude_frozen=self.lora)
+            written = resize.written_state(self.client, self.resumed_from)
+            if written.world_size != self.world:  # written by another number of ranks (kubetune_trainer.resize)
+                self.state = resize.load_resized(
+                    self.engine, self.resumed_from, written, rank=self.rank, world=self.world, client=self.client,
+                    staging=self.staging, exclude_frozen=self.lora, zero_stage=self.training.deepspeed.zero_stage,
+                    fingerprint=self.prepared.fingerprint)
+            else:
+                self.state = ckpt.load(self.engine, self.resumed_from, rank=self.rank, world_size=self.world,
+                                       client=self.client, staging=self.staging, exclude_frozen=self.lora)
             if self.state.data_fingerprint != self.prepared.fingerprint:
                 log.warning("resuming %s, whose data fingerprint differs from this run's: the data or its "
                             "preprocessing changed, so the data position is only approximate", self.resumed_from)
@@ -459,8 +467,17 @@ class Recipe:
         """The rows of this rank's next micro-batch (data order is a pure function of epoch and seed)."""
         state = self.state
         if self._epoch_of_batches != state.epoch:
-            self._epoch_batches = batch_indices(self.num_rows, self.training.per_device_batch_size, state.epoch,
-                                                self.training.seed)[:self.micro_per_epoch]
+            self._epoch_batches = []
+            if state.resized and state.resized["epoch"] == state.epoch:  # the rest of an epoch begun on other ranks
+                self._epoch_batches = resize.resized_epoch(
+                    self.train_data["input_ids"], state, run_uri=self.cfg.run_uri,
+                    batch=self.training.per_device_batch_size, accum=self.training.gradient_accumulation_steps,
+                    seed=self.training.seed, client=self.client)
+                if not self._epoch_batches:  # the old ranks had consumed all of it
+                    state.epoch, state.micro_batch = state.epoch + 1, 0
+            if not self._epoch_batches:
+                self._epoch_batches = batch_indices(self.num_rows, self.training.per_device_batch_size, state.epoch,
+                                                    self.training.seed)[:self.micro_per_epoch]
             self._epoch_of_batches = state.epoch
         return self._epoch_batches[state.micro_batch]
 
@@ -488,7 +505,7 @@ class Recipe:
                 self.trace.flush()
             state.micro_batch += 1
         state.step += 1
-        if state.micro_batch >= self.micro_per_epoch:
+        if state.micro_batch >= len(self._epoch_batches):  # micro_per_epoch, or a resized epoch's rest
             state.epoch, state.micro_batch = state.epoch + 1, 0
         seconds, self.carried_seconds = time.perf_counter() - t0 + self.carried_seconds, 0.0
         result = StepResult(step=state.step, epoch=round(state.epoch + state.micro_batch / self.micro_per_epoch, 4),
