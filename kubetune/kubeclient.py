@@ -91,7 +91,9 @@ def api_client(
     """
     from kubernetes import client
 
-    cfg = fix_bearer_auth(configuration) if configuration is not None else load_configuration(kubeconfig, context=context)
+    cfg = (
+        fix_bearer_auth(configuration) if configuration is not None else load_configuration(kubeconfig, context=context)
+    )
     if pool_size is not None:
         cfg.connection_pool_maxsize = max(pool_size, cfg.connection_pool_maxsize or 0)
     return client.ApiClient(cfg)

@@ -125,8 +125,11 @@ def namespace(request: pytest.FixtureRequest, k8s_client: Any) -> Iterator[str]:
 
     core = client.CoreV1Api(k8s_client)
     name = _namespace_name(request.node.name)
-    core.create_namespace({"metadata": {"name": name, "labels": {"kubetune.io/test": "true"}}},
-                          _preload_content=False, _request_timeout=30)
+    core.create_namespace(
+        {"metadata": {"name": name, "labels": {"kubetune.io/test": "true"}}},
+        _preload_content=False,
+        _request_timeout=30,
+    )
     yield name
     try:
         core.delete_namespace(name, _preload_content=False, _request_timeout=30)

@@ -56,8 +56,9 @@ class Connection:
                 return None
             raise CLIError(f"GET {path}: {e.status} {e.reason}") from None
         except Exception as e:  # noqa: BLE001 - connection refused and the like
-            raise CLIError(f"cannot reach the cluster in {self.kubeconfig}: {type(e).__name__}",
-                           EXIT_ENVIRONMENT) from None
+            raise CLIError(
+                f"cannot reach the cluster in {self.kubeconfig}: {type(e).__name__}", EXIT_ENVIRONMENT
+            ) from None
 
     def get_job(self, name: str, namespace: str | None) -> dict[str, Any]:
         ns = namespace or self.default_namespace
@@ -77,9 +78,13 @@ class Connection:
             secret = self._get(f"/api/v1/namespaces/{ns}/secrets/{spec.dataset.credentials_secret}")
             data = (secret or {}).get("data") or {}
             keys = {k: base64.b64decode(v).decode() for k, v in data.items() if k.startswith("AWS_")}
-        return s3.make_client(spec.dataset.endpoint, region=spec.dataset.region,
-                              access_key=keys.get("AWS_ACCESS_KEY_ID"), secret_key=keys.get("AWS_SECRET_ACCESS_KEY"),
-                              session_token=keys.get("AWS_SESSION_TOKEN"))
+        return s3.make_client(
+            spec.dataset.endpoint,
+            region=spec.dataset.region,
+            access_key=keys.get("AWS_ACCESS_KEY_ID"),
+            secret_key=keys.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=keys.get("AWS_SESSION_TOKEN"),
+        )
 
     @staticmethod
     def run_uri(job: dict[str, Any]) -> str:

@@ -30,19 +30,38 @@ RAYJOB = {
             "rayVersion": "2.60.0",
             "headGroupSpec": {
                 "rayStartParams": {"dashboard-host": "0.0.0.0"},
-                "template": {"spec": {"containers": [{
-                    "name": "ray-head", "image": "rayproject/ray:2.60.0",
-                    "resources": {"limits": {"cpu": "1", "memory": "2Gi"}},
-                }]}},
+                "template": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "ray-head",
+                                "image": "rayproject/ray:2.60.0",
+                                "resources": {"limits": {"cpu": "1", "memory": "2Gi"}},
+                            }
+                        ]
+                    }
+                },
             },
-            "workerGroupSpecs": [{
-                "groupName": "workers", "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
-                "rayStartParams": {},
-                "template": {"spec": {"containers": [{
-                    "name": "ray-worker", "image": "rayproject/ray:2.60.0",
-                    "resources": {"limits": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}},
-                }]}},
-            }],
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": 1,
+                    "minReplicas": 1,
+                    "maxReplicas": 1,
+                    "rayStartParams": {},
+                    "template": {
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "ray-worker",
+                                    "image": "rayproject/ray:2.60.0",
+                                    "resources": {"limits": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}},
+                                }
+                            ]
+                        }
+                    },
+                }
+            ],
         },
     },
 }
@@ -89,15 +108,21 @@ def test_rbac_denies_unprivileged_service_account(control_plane: Any, k8s_client
 
         # A Role grants exactly what it says: configmaps yes, secrets still no.
         rbac = client.RbacAuthorizationV1Api(k8s_client)
-        rbac.create_namespaced_role(namespace, {
-            "metadata": {"name": "cm-reader"},
-            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}],
-        })
-        rbac.create_namespaced_role_binding(namespace, {
-            "metadata": {"name": "cm-reader"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
-            "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": namespace}],
-        })
+        rbac.create_namespaced_role(
+            namespace,
+            {
+                "metadata": {"name": "cm-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}],
+            },
+        )
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": "cm-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "nobody", "namespace": namespace}],
+            },
+        )
         _wait(lambda: _allowed(lambda: core.list_namespaced_config_map(namespace)), 30, "the RoleBinding")
         with pytest.raises(ApiException) as still_denied:
             core.list_namespaced_secret(namespace)
@@ -123,9 +148,22 @@ def test_garbage_collector_deletes_dependants(control_plane: Any, k8s_client: An
         pytest.skip("needs kube-controller-manager")
     core = _core(k8s_client)
     owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
-    core.create_namespaced_config_map(namespace, {"metadata": {"name": "dependant", "ownerReferences": [{
-        "apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid,
-    }]}})
+    core.create_namespaced_config_map(
+        namespace,
+        {
+            "metadata": {
+                "name": "dependant",
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "name": "owner",
+                        "uid": owner.metadata.uid,
+                    }
+                ],
+            }
+        },
+    )
     core.delete_namespaced_config_map("owner", namespace)
 
     def gone() -> bool:
@@ -169,8 +207,11 @@ def test_kuberay_rayjob_schema(control_plane: Any, k8s_client: Any, namespace: s
 def _pruned(sent: Any, got: Any, path: str = "") -> list[str]:
     """Paths of values in `sent` that are absent from (or different in) `got`."""
     if isinstance(sent, dict) and isinstance(got, dict):
-        return [p for k, v in sent.items()
-                for p in (_pruned(v, got[k], f"{path}.{k}".lstrip(".")) if k in got else [f"{path}.{k}".lstrip(".")])]
+        return [
+            p
+            for k, v in sent.items()
+            for p in (_pruned(v, got[k], f"{path}.{k}".lstrip(".")) if k in got else [f"{path}.{k}".lstrip(".")])
+        ]
     if isinstance(sent, list) and isinstance(got, list) and len(sent) == len(got):
         return [p for i, (a, b) in enumerate(zip(sent, got, strict=True)) for p in _pruned(a, b, f"{path}.{i}")]
     return [] if sent == got else [path]
@@ -191,8 +232,12 @@ def test_rayjob_status_subresource_takes_kuberay_style_patches(k8s_client: Any, 
 def test_kubectl_and_helm_run(kubeconfig: Path) -> None:
     from kubetune_cli.localenv.binaries import find_helm, find_kubectl
 
-    out = subprocess.run([str(find_kubectl()), "--kubeconfig", str(kubeconfig), "get", "crd", "rayjobs.ray.io",
-                          "-o", "name"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(find_kubectl()), "--kubeconfig", str(kubeconfig), "get", "crd", "rayjobs.ray.io", "-o", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "rayjobs.ray.io" in out.stdout
     helm = subprocess.run([str(find_helm()), "version", "--short"], capture_output=True, text=True, timeout=60)
@@ -210,8 +255,11 @@ def test_s3_put_get_list(s3_server: Any) -> None:
     assert s3.get_object(Bucket="kubetune-test", Key="listing/3.txt")["Body"].read() == b"line 3\n"
     ranged = s3.get_object(Bucket="kubetune-test", Key="listing/3.txt", Range="bytes=5-5")
     assert ranged["Body"].read() == b"3"
-    pages = list(s3.get_paginator("list_objects_v2").paginate(
-        Bucket="kubetune-test", Prefix="listing/", PaginationConfig={"PageSize": 2}))
+    pages = list(
+        s3.get_paginator("list_objects_v2").paginate(
+            Bucket="kubetune-test", Prefix="listing/", PaginationConfig={"PageSize": 2}
+        )
+    )
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     assert keys == [f"listing/{i}.txt" for i in range(5)]
     assert len(pages) == 3
@@ -223,11 +271,13 @@ def test_s3_multipart_upload(s3_server: Any) -> None:
     upload = s3.create_multipart_upload(Bucket="kubetune-test", Key="multi/blob")
     parts = []
     for number, data in enumerate(parts_data, start=1):
-        part = s3.upload_part(Bucket="kubetune-test", Key="multi/blob", UploadId=upload["UploadId"],
-                              PartNumber=number, Body=data)
+        part = s3.upload_part(
+            Bucket="kubetune-test", Key="multi/blob", UploadId=upload["UploadId"], PartNumber=number, Body=data
+        )
         parts.append({"PartNumber": number, "ETag": part["ETag"]})
-    s3.complete_multipart_upload(Bucket="kubetune-test", Key="multi/blob", UploadId=upload["UploadId"],
-                                 MultipartUpload={"Parts": parts})
+    s3.complete_multipart_upload(
+        Bucket="kubetune-test", Key="multi/blob", UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+    )
     body = s3.get_object(Bucket="kubetune-test", Key="multi/blob")["Body"].read()
     assert body == b"".join(parts_data)
 
@@ -240,8 +290,7 @@ def test_s3_rejects_wrong_credentials(s3_server: Any) -> None:
     s3_server.client().put_object(Bucket="kubetune-test", Key="secret.txt", Body=b"x")
     wrong_secret = s3_server.client(retries=0, aws_secret_access_key="not-the-secret")
     unknown_key = s3_server.client(retries=0, aws_access_key_id="AKIDUNKNOWN", aws_secret_access_key="whatever")
-    anonymous = s3_server.client(retries=0, config=Config(signature_version=UNSIGNED,
-                                                          s3={"addressing_style": "path"}))
+    anonymous = s3_server.client(retries=0, config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}))
     for client in (wrong_secret, unknown_key, anonymous):
         with pytest.raises(ClientError) as denied:
             client.get_object(Bucket="kubetune-test", Key="secret.txt")

@@ -12,23 +12,26 @@ from kubetune_cli.localenv import samples
 
 pytestmark = pytest.mark.unit
 
-needs_fortunes = pytest.mark.skipif(not os.path.isdir(samples.FORTUNES_DIR),
-                                    reason="Debian package fortunes not installed (apt-get install fortunes)")
+needs_fortunes = pytest.mark.skipif(
+    not os.path.isdir(samples.FORTUNES_DIR), reason="Debian package fortunes not installed (apt-get install fortunes)"
+)
 
 
 def test_parse_fortune_file_attribution_and_overstrike():
-    raw = ("First fortune,\n\ton two lines.\n\t\t-- Mark Twain, \"Pudd'nhead Wilson\"\n%\n"
-           "No attribution -- just a dash inside.\n%\n"
-           "Nobody ____\b\b\b\bdoes anything.\n%\n"
-           "Long attribution.\n\t\t-- A. A. Milne, \"Winnie the Pooh,\"\n\t\tChapter VI\n%\n")
+    raw = (
+        'First fortune,\n\ton two lines.\n\t\t-- Mark Twain, "Pudd\'nhead Wilson"\n%\n'
+        "No attribution -- just a dash inside.\n%\n"
+        "Nobody ____\b\b\b\bdoes anything.\n%\n"
+        'Long attribution.\n\t\t-- A. A. Milne, "Winnie the Pooh,"\n\t\tChapter VI\n%\n'
+    )
     got = samples.parse_fortune_file(raw, "test")
     assert [(f.text, f.author) for f in got] == [
-        ("First fortune,\n\ton two lines.", "Mark Twain, \"Pudd'nhead Wilson\""),
+        ("First fortune,\n\ton two lines.", 'Mark Twain, "Pudd\'nhead Wilson"'),
         ("No attribution -- just a dash inside.", None),
         ("Nobody does anything.", None),
-        ("Long attribution.", "A. A. Milne, \"Winnie the Pooh,\" Chapter VI"),
+        ("Long attribution.", 'A. A. Milne, "Winnie the Pooh," Chapter VI'),
     ]
-    assert samples.person("Mark Twain, \"Pudd'nhead Wilson\"") == "Mark Twain"
+    assert samples.person('Mark Twain, "Pudd\'nhead Wilson"') == "Mark Twain"
     assert samples.person("Steve Jobs (1955-2011)") == "Steve Jobs"
     assert samples.person("R. A. Heinlein") == "R. A. Heinlein"
     assert samples.person('a contestant on "Hollywood Squares"') is None
@@ -45,8 +48,9 @@ def test_fortune_samples_are_real_and_deterministic():
     quotes = [r for r in records if r["prompt"].startswith("Give me a quote by ")]
     assert len(quotes) > 1000
     assert all(r["response"] in originals for r in quotes)  # nothing invented: every answer is a fortune
-    assert {"Give me a quote by Mark Twain.", 'Tell me a fortune from the "computers" collection.'} <= \
-        {r["prompt"] for r in records}
+    assert {"Give me a quote by Mark Twain.", 'Tell me a fortune from the "computers" collection.'} <= {
+        r["prompt"] for r in records
+    }
 
     cls, labels = samples.fortune_classification()
     assert labels == list(samples.CLASSIFICATION_COLLECTIONS)

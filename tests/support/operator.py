@@ -135,7 +135,8 @@ def put_s3_secret(kube: Any, namespace: str, key_id: str, secret_key: str, name:
     from kubetune_operator.kube import KINDS
 
     data = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret_key}
-    _, created = kube.create({"apiVersion": "v1", "kind": "Secret",
-                              "metadata": {"name": name, "namespace": namespace}, "stringData": data})
+    _, created = kube.create(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "stringData": data}
+    )
     if not created:
         kube.patch(KINDS[("v1", "Secret")], namespace, name, {"stringData": data})

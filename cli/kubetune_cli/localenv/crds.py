@@ -165,8 +165,9 @@ def _wait_served(api: Any, doc: dict[str, Any], deadline: float) -> None:
     version = next(v["name"] for v in spec["versions"] if v.get("storage"))
     while True:
         try:
-            custom.list_cluster_custom_object(spec["group"], version, spec["names"]["plural"], limit=1,
-                                              _preload_content=False, _request_timeout=5)
+            custom.list_cluster_custom_object(
+                spec["group"], version, spec["names"]["plural"], limit=1, _preload_content=False, _request_timeout=5
+            )
             break
         except ApiException as e:
             if e.status != 404:

@@ -56,21 +56,32 @@ class Rest:
     def merge_patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self.call("PATCH", path, body, "application/merge-patch+json")
 
-    def event(self, obj: dict[str, Any], type_: str, reason: str, message: str,
-              component: str = "kubetune-dev-runtime") -> None:
+    def event(
+        self, obj: dict[str, Any], type_: str, reason: str, message: str, component: str = "kubetune-dev-runtime"
+    ) -> None:
         """Post an Event about `obj` (best effort: a failed Event never fails the runtime)."""
         meta = obj["metadata"]
         ns = meta.get("namespace", "default")
         now = now_rfc3339()
         body = {
-            "apiVersion": "v1", "kind": "Event",
+            "apiVersion": "v1",
+            "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:12]}", "namespace": ns},
-            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
-                               "namespace": ns, "uid": meta.get("uid")},
-            "type": type_, "reason": reason, "message": message[:1024],
-            "source": {"component": component}, "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta["name"],
+                "namespace": ns,
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
             "reportingComponent": component,
         }
         with contextlib.suppress(RestError):
             self.call("POST", f"/api/v1/namespaces/{ns}/events", body)
-
