@@ -290,7 +290,7 @@ class Daemon:
             rest.close()
 
     def _runtime(self, cp: Any, s3: Any) -> None:
-        from kubetune.fetch import make_s3_client
+        from kubetune.s3 import make_client as make_s3_client
         from kubetune_cli.localenv.dev_runtime import DevS3, LocalRuntime
 
         dev_s3 = DevS3(self.state["s3"]["endpoint"], lambda: make_s3_client(

@@ -62,7 +62,7 @@ class S3Target:
         return {**self.credentials, "AWS_DEFAULT_REGION": self.region, "AWS_REGION": self.region}
 
     def client(self) -> Any:
-        from kubetune.fetch import make_s3_client
+        from kubetune.s3 import make_client as make_s3_client
 
         return make_s3_client(self.direct or self.endpoint, region=self.region,
                               access_key=self.credentials.get("AWS_ACCESS_KEY_ID"),
@@ -140,7 +140,7 @@ def local_s3_dir() -> Path:
 
 
 def _accepts(endpoint: str, region: str, creds: dict[str, str]) -> bool:
-    from kubetune.fetch import make_s3_client
+    from kubetune.s3 import make_client as make_s3_client
 
     client = make_s3_client(endpoint, region=region, access_key=creds["AWS_ACCESS_KEY_ID"],
                             secret_key=creds["AWS_SECRET_ACCESS_KEY"])
