@@ -120,6 +120,8 @@ def test_adopts_what_a_crashed_pass_left_behind(operator: Any, kubectl: Any, kub
     rj = wait_for("the RayJob", lambda: kube.get(RAYJOB, namespace, names.ray_job("lora-chat")))
     cm = kube.get(CONFIGMAP, namespace, names.config_map("lora-chat"))
     assert json.loads(cm["data"]["config.json"])["spec"]["training"]["learningRate"] == 0.0002  # brought up to date
-    assert rj["metadata"]["annotations"]["kubetune.io/spec-hash"] == job(kube, namespace, "lora-chat")["status"]["specHash"]
+    # The status is written after the RayJob is made: wait for it rather than race it.
+    spec_hash = wait_for("status.specHash", lambda: (job(kube, namespace, "lora-chat").get("status") or {}).get("specHash"))
+    assert rj["metadata"]["annotations"]["kubetune.io/spec-hash"] == spec_hash
     selector = "kubetune.io/job=lora-chat"
     assert len(kubectl.names("configmaps,serviceaccounts,roles,rolebindings,rayjobs", namespace, selector)) == 5
