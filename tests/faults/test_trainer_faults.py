@@ -321,3 +321,51 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
               f"just-in-time checkpoint at step {jit_step}; resumed on a fresh Ray cluster",
               steps_redone=redone, records_twice=twice, recover_s=recover_s)
 
+
+def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -> None:
+    """A tuning job's driver killed (SIGKILL) once its first trial has finished and exported: the retried driver
+    (what KubeRay's backoffLimit runs) restores Tune's experiment from S3, keeps the finished trial (its model
+    is not written again), resumes the interrupted one from its checkpoint, and runs the rest."""
+    client = fenv["client"]
+    cfg = _config(fenv, "t-" + uuid.uuid4().hex[:8], {"maxSteps": 6, "evalIntervalSteps": 3,
+                                                     "checkpoint": {"intervalSteps": 2, "keep": 1}})
+    cfg["spec"]["resources"]["workers"] = 1
+    cfg["spec"]["tuning"] = {"objective": {"metric": "evalLoss", "mode": "min"}, "algorithm": "grid", "trials": 3,
+                             "maxConcurrentTrials": 1, "maxStepsPerTrial": 6,
+                             "searchSpace": {"lora.r": {"type": "choice", "values": [2, 4, 8]}}}
+    run = cfg["runUri"]
+    first_model = f"{run}/trials/trial-00/model"
+    driver = start_driver(cfg, fenv["workdir"], fenv["env"], "tune-1")
+    try:
+        wait_for("trial-00's model", lambda: any(k.endswith("adapter_model.safetensors")
+                                                   for k in _keys(client, first_model)), 600, driver)
+        wait_for("trial-01's first checkpoint", lambda: any(
+            k.endswith("/_COMPLETE") for k in _keys(client, f"{run}/trials/trial-01/checkpoints")), 400, driver)
+    finally:
+        if driver.proc.poll() is None:
+            os.killpg(driver.proc.pid, signal.SIGKILL)  # the driver, as a lost Ray head or a killed submitter
+    driver.proc.wait(30)
+    t_killed = time.monotonic()
+    kept_model = _keys(client, first_model)
+
+    retry = start_driver(cfg, fenv["workdir"], fenv["env"], "tune-2")
+    rc = retry.wait()
+    assert rc == 0, retry.output()[-6000:]
+    assert "best of 3 trials" in retry.final_line(), retry.final_line()
+    metrics = _metrics(client, run)
+    restored = [m for m in metrics if m.get("event") == "tuningRestored"]
+    assert restored and "trial-00" in restored[0]["keptTrials"], restored
+    assert _keys(client, first_model) == kept_model  # the finished trial was not trained or exported again
+    resumed = [m for m in _metrics(client, f"{run}/trials/trial-01") if m.get("event") == "restart"]
+    assert [m["cause"] for m in resumed] == ["JobRetried"] and resumed[0]["resumedStep"] >= 2, resumed
+    # Steps trial-01 trained in the killed driver's time after its checkpoint (trials ran one at a time: the
+    # trace's last run of steps from 1 is trial-01's).
+    rows = trace_rows(driver.trace_dir)[0]
+    last_start = max(i for i, r in enumerate(rows) if r["step"] == 1)
+    redone = max(0, max(r["step"] for r in rows[last_start:]) - resumed[0]["resumedStep"])
+    for tid in ("trial-01", "trial-02"):
+        assert any(k.endswith("adapter_model.safetensors") for k in _keys(client, f"{run}/trials/{tid}/model"))
+    fault_row("tuning driver killed after its first trial finished",
+              f"retry restored Tune's experiment from S3: {', '.join(restored[0]['keptTrials'])} kept, trial-01 "
+              f"resumed at step {resumed[0]['resumedStep']}, all 3 trials done", steps_redone=redone,
+              records_twice="-", recover_s=time.monotonic() - t_killed)

@@ -24,6 +24,10 @@ Ray 2.60 runs Ray Train V2, whose Tune integration is a Tune *function trainable
 - Resources: each trial actor only drives its Ray Train run, so it asks for no CPU (only a little of Ray's
   logical memory: Tune refuses an empty request); the trial's workers ask for what a worker of the job asks for. `maxConcurrentTrials` bounds the trials (and Train runs) in flight:
   trials x workers x CPU-per-worker must fit the cluster, or Ray Train waits for resources.
+- Retries: Tune's experiment state lives in S3 under the run prefix (`<run>/tune/<namespace>-<name>-tune/`,
+  `experiment_storage`), so a retried job (a new driver, or a new RayCluster after `backoffLimit`) restores it
+  with `Tuner.restore`: finished trials are kept (their results and models), unfinished and errored ones run
+  again, and each resumes from the newest checkpoint under its own prefix.
 - The best trial is the best objective among trials that finished (were trained to the end and exported):
   an early-stopped trial's figure is from an earlier step and it has no model. Its model, its report and its
   metrics become the job's (`<run>/model`, `<run>/eval/report.json` with a `trials` table, `<run>/metrics.jsonl`).
@@ -86,7 +90,7 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
         reporter.metric({"event": "tuningStarted", "trials": num_trials, "algorithm": tuning.algorithm,
                          "earlyStopping": tuning.early_stopping, "objective": {"metric": metric, "mode": mode},
                          "stepsPerTrial": steps, "maxConcurrentTrials": tuning.max_concurrent_trials})
-        tuner = build_tuner(cfg, prepared, options, tracker, steps)
+        tuner = restore_or_build_tuner(cfg, prepared, options, tracker, steps)
         t0 = time.monotonic()
         with Reclaimer():
             grid = tuner.fit()
@@ -115,13 +119,71 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     }
 
 
+def experiment_storage(cfg: TrainerConfig) -> tuple[str, Any]:
+    """Where Tune keeps its experiment state: (`bucket/key` of `<run>/tune`, a pyarrow S3FileSystem for the job's
+    endpoint). In S3, not on the Ray head's disk, so that it outlives the driver and the RayCluster; under
+    the run prefix, so that only this incarnation of the job ever restores it. Keys come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the job's Secret), as for boto3."""
+    from urllib.parse import urlparse
+
+    import pyarrow.fs
+
+    from kubetune_trainer.data import parse_uri
+
+    ds = cfg.spec.dataset
+    kwargs: dict[str, Any] = {"region": ds.region}
+    if ds.endpoint:
+        url = urlparse(ds.endpoint)
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or "https")
+    bucket, key = parse_uri(f"{cfg.run_uri}/tune")
+    return f"{bucket}/{key}", pyarrow.fs.S3FileSystem(**kwargs)
+
+
+def experiment_name(cfg: TrainerConfig) -> str:
+    return f"{cfg.job.namespace}-{cfg.job.name}-tune"
+
+
+def restore_or_build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, steps: int) -> Any:
+    """A Tuner that continues this run's experiment when an earlier driver left one in S3, else a new one."""
+    import ray.tune
+
+    storage_path, fs = experiment_storage(cfg)
+    path = f"{storage_path}/{experiment_name(cfg)}"
+    if not ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
+        return build_tuner(cfg, prepared, options, tracker, steps)
+    tuning = cfg.spec.tuning
+    assert tuning is not None
+    tuner = ray.tune.Tuner.restore(path, trainable=_trainable(cfg, prepared, options),
+                                   param_space=search_space(tuning), resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False, storage_filesystem=fs)
+    # The restored run config holds the pickled tracker (without its reporter): report through this one.
+    tuner._local_tuner.get_run_config().callbacks = [tracker]
+    kept = tracker.seed(ray.tune.ExperimentAnalysis(path, storage_filesystem=fs).trials)
+    log.info("restored the tuning experiment from s3://%s: %d finished trials kept (%s)", path, len(kept),
+             ", ".join(kept) or "none")
+    tracker.reporter.metric({"event": "tuningRestored", "keptTrials": kept})
+    return tuner
+
+
+def _trainable(cfg: TrainerConfig, prepared: Any, options: Any) -> Any:
+    """The trial function with the job's config, bound as Tune needs it (the same for build and restore)."""
+    import ray.tune
+
+    from kubetune_trainer.tune_trial import run_trial
+
+    trainable = ray.tune.with_parameters(run_trial, job_config=cfg.wire(), prepared=asdict(prepared),
+                                         options=asdict(options))
+    # The trial actor only drives its Ray Train run (whose workers ask for their own resources): no CPU,
+    # so trials x workers x CPU-per-worker is all a tuning job takes. Tune refuses an all-zero request,
+    # and memory is a fair thing for a driver process to ask for.
+    return ray.tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+
+
 def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, steps: int) -> Any:
     """The ray.tune.Tuner of spec.tuning: trials of tune_trial.run_trial, ASHA if asked, `tracker` reporting."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from kubetune_trainer.tune_trial import run_trial
 
     tuning = cfg.spec.tuning
     assert tuning is not None
@@ -131,13 +193,9 @@ def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, s
         scheduler = ASHAScheduler(time_attr="step", metric=tuning.objective.metric, mode=tuning.objective.mode,
                                   max_t=max(steps, grace), grace_period=grace,
                                   reduction_factor=ASHA_REDUCTION_FACTOR, stop_last_trials=False)
-    trainable = ray.tune.with_parameters(run_trial, job_config=cfg.wire(), prepared=asdict(prepared),
-                                         options=asdict(options))
+    storage_path, fs = experiment_storage(cfg)
     return ray.tune.Tuner(
-        # The trial actor only drives its Ray Train run (whose workers ask for their own resources): no CPU,
-        # so trials x workers x CPU-per-worker is all a tuning job takes. Tune refuses an all-zero request,
-        # and memory is a fair thing for a driver process to ask for.
-        ray.tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}),
+        _trainable(cfg, prepared, options),
         param_space=search_space(tuning),
         tune_config=ray.tune.TuneConfig(
             num_samples=1 if tuning.algorithm == "grid" else tuning.trials,
@@ -150,8 +208,9 @@ def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, s
             trial_dirname_creator=lambda trial: trial_id_of(trial.trial_id),
         ),
         run_config=ray.tune.RunConfig(
-            name=f"{cfg.job.namespace}-{cfg.job.name}-tune",
-            storage_path=options.ray_storage or None,
+            name=experiment_name(cfg),
+            storage_path=storage_path,  # S3: a retried driver restores the experiment (restore_or_build_tuner)
+            storage_filesystem=fs,
             callbacks=[tracker],
             verbose=1,
         ),

@@ -88,6 +88,24 @@ class TrialTracker(Callback):
         log.warning("%s failed:\n%s", t.id, self.errors[t.id][-4000:])
         self._publish()
 
+    def seed(self, trials: list[Any]) -> list[str]:
+        """Trials an earlier driver finished (Tune's restored experiment, ExperimentAnalysis.trials): listed as
+        they ended, since Tune does not run them (nor call back for them) again. Returns their ids."""
+        kept = []
+        for trial in trials:
+            if trial.status != "TERMINATED":
+                continue  # Tune runs it again: the callbacks report it
+            t, last = self._entry(trial), trial.last_result or {}
+            value = last.get(self.metric)
+            t.step = int(last.get("step") or last.get("trainedSteps") or 0)
+            t.objective = float(value) if isinstance(value, (int, float)) else None
+            self.last[t.id] = {"step": t.step, "final": last.get("final"), self.metric: value}
+            t.state = trial_state("TERMINATED", self.last[t.id])
+            kept.append(t.id)
+        if kept:
+            self._publish()
+        return sorted(kept)
+
     def listing(self) -> list[TrialStatus]:
         return [self.trials[k] for k in sorted(self.trials)]
 
