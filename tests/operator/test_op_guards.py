@@ -4,6 +4,7 @@ Ray head's locks (token auth, NetworkPolicy, securityContext), peering prioritie
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,7 +20,7 @@ from kubetune_operator.status import phase_of
 
 pytestmark = pytest.mark.unit
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]
 OWNER = Owner("lora-chat", "ns", "00000000-0000-4000-8000-000000000001")
 
 
@@ -174,3 +175,24 @@ def test_s3_access_denied_has_a_reason_of_its_own() -> None:
 def test_spec_hash_ignores_live_fields() -> None:
     assert policy.spec_hash({"suspend": True, "output": {"uri": "s3://a"}}) == policy.spec_hash(
         {"suspend": False, "output": {"uri": "s3://a"}})
+
+
+def test_the_webhook_runs_on_the_event_loop_not_in_the_reconcile_threads() -> None:
+    """kopf runs synchronous handlers in the thread pool the reconcile handlers block in; a coroutine it awaits
+    on its event loop at once, so an admission review never queues behind a burst of reconciles."""
+    import asyncio
+
+    from kubetune_operator import webhook
+
+    assert asyncio.iscoroutinefunction(webhook.validate_job)
+
+
+def test_local_ray_cluster_takes_kuberays_token_auth(tmp_path: Path) -> None:
+    from kubetune_cli.localenv.raycluster import LocalRayCluster
+
+    plain = LocalRayCluster(tmp_path / "ray.log", num_cpus=1, env={})
+    assert plain.env["RAY_AUTH_MODE"] == "disabled"
+    locked = LocalRayCluster(tmp_path / "ray.log", num_cpus=1, env={}, auth_token="t0ken")
+    assert (locked.env["RAY_AUTH_MODE"], locked.env["RAY_AUTH_TOKEN"]) == ("token", "t0ken")
+    locked.address = "127.0.0.1:1"
+    assert locked.driver_env()["RAY_AUTH_TOKEN"] == "t0ken" and locked.driver_env()["RAY_AUTH_MODE"] == "token"
