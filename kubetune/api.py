@@ -112,6 +112,14 @@ class FieldMapping(Model):
         None, description="instruction: optional key of a text appended to the prompt after a blank line (Alpaca's "
         "`input`; with prompt: instruction, response: output).", max_length=253,
     )
+    chosen: str | None = _field(
+        None, description="preference: key of the preferred response, text or assistant messages (default chosen).",
+        max_length=253,
+    )
+    rejected: str | None = _field(
+        None, description="preference: key of the dispreferred response, text or assistant messages (default "
+        "rejected).", max_length=253,
+    )
 
 
 class Preprocessing(Model):
@@ -151,7 +159,7 @@ class Preprocessing(Model):
 
 
 # Record formats one job may mix across sources: they are rendered and masked the same way.
-FORMAT_FAMILIES = ({"chat", "instruction"}, {"completion"}, {"classification"})
+FORMAT_FAMILIES = ({"chat", "instruction"}, {"completion"}, {"classification"}, {"preference"})
 
 
 class DataSource(Model):
@@ -162,7 +170,7 @@ class DataSource(Model):
         1.0, description="Relative share of the training examples drawn from this source (weights need not sum "
         "to 1). Sources are interleaved in proportion until the first one runs out.", gt=0, le=1e6,
     )
-    format: Literal["chat", "instruction", "completion", "classification"] | None = _field(
+    format: Literal["chat", "instruction", "completion", "classification", "preference"] | None = _field(
         None, description="Record layout of this source; defaults to spec.dataset.format. chat and instruction "
         "sources mix (both are conversations).",
     )
@@ -200,9 +208,9 @@ class DatasetSpec(Model):
         gt=0.0,
         lt=0.5,
     )
-    format: Literal["chat", "instruction", "completion", "classification"] = _field(
-        description="Record layout: chat messages, instruction prompt/response, completion text, or "
-        "classification text/label."
+    format: Literal["chat", "instruction", "completion", "classification", "preference"] = _field(
+        description="Record layout: chat messages, instruction prompt/response, completion text, "
+        "classification text/label, or preference prompt/chosen/rejected (for training.objective dpo)."
     )
     file_format: Literal["auto", "jsonl", "json", "parquet"] = _field(
         "auto", description="File format: jsonl (one object a line), json (one array of objects), parquet; auto "
@@ -299,10 +307,25 @@ class EarlyStoppingSpec(Model):
     min_delta: float = _field(0.0, description="Smallest decrease of evalLoss that counts as improvement.", ge=0.0)
 
 
+class DpoSpec(Model):
+    """Direct Preference Optimization settings."""
+
+    beta: float = _field(
+        0.1, description="Strength of the pull towards the reference model (DPO's beta; higher stays closer).",
+        gt=0.0, le=100.0,
+    )
+
+
 class TrainingSpec(Model):
     """How to train."""
 
     method: Literal["lora", "full"] = _field("lora", description="LoRA adapters (peft) or full fine-tuning.")
+    objective: Literal["sft", "dpo"] | None = _field(
+        None, description="sft (supervised fine-tuning, when unset) or dpo (Direct Preference Optimization on "
+        "preference data; the reference model is the base: LoRA's adapters switched off, or for full "
+        "fine-tuning the base's log-probabilities computed before the first update).",
+    )
+    dpo: DpoSpec | None = _field(None, description="DPO settings; only with objective dpo (defaults apply when omitted).")
     lora: LoraSpec | None = _field(
         None, description="LoRA settings; only with method lora (defaults apply when omitted)."
     )
@@ -505,7 +528,7 @@ class DeploySpec(Model):
     min_improvement: float | None = _field(
         None,
         description="Deploy only if the fine-tuned objective beats the base model's by at least this much "
-        "(absolute; e.g. 0.01 evalLoss).",
+        "(absolute; e.g. 0.01 evalLoss; for objective dpo, held-out preference accuracy, e.g. 0.05).",
         ge=0.0,
     )
     server: str | None = _field(
@@ -595,6 +618,7 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     if d.labels is not None and m.num_labels is not None and len(d.labels) != m.num_labels:
         errs.append(("spec.dataset.labels", f"has {len(d.labels)} names but numLabels is {m.num_labels}"))
     errs.extend(_source_errors(d))
+    errs.extend(_objective_errors(spec))
     if d.validation is not None and d.validation_split is not None:
         errs.append(("spec.dataset.validationSplit", "set either validation or validationSplit, not both"))
     has_eval = d.validation is not None or d.validation_split is not None
@@ -616,6 +640,21 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
         errs.append(("spec.deploy.minImprovement", "needs spec.dataset.validation or validationSplit"))
     if spec.tuning is not None:
         errs.extend(_tuning_errors(spec))
+    return errs
+
+
+def _objective_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    t, d = spec.training, spec.dataset
+    errs: list[tuple[str, str]] = []
+    dpo = t.objective == "dpo"
+    if dpo and d.format != "preference":
+        errs.append(("spec.dataset.format", "objective dpo trains on preference data: set format: preference"))
+    if d.format == "preference" and not dpo:
+        errs.append(("spec.training.objective", "preference data needs objective: dpo"))
+    if t.dpo is not None and not dpo:
+        errs.append(("spec.training.dpo", "DPO settings are only allowed with objective: dpo"))
+    if dpo and spec.model.task != "causal-lm":
+        errs.append(("spec.training.objective", "dpo needs task: causal-lm"))
     return errs
 
 
@@ -736,6 +775,13 @@ class Progress(Model):
     epoch: float | None = _field(None, description="Fractional epoch.")
     loss: float | None = _field(None, description="Recent training loss.")
     eval_loss: float | None = _field(None, description="Latest evaluation loss.")
+    preference_accuracy: float | None = _field(
+        None, description="objective dpo: latest held-out share of pairs where the model finds the chosen response "
+        "likelier than the rejected one."
+    )
+    reward_margin: float | None = _field(
+        None, description="objective dpo: latest held-out mean implicit reward of chosen minus rejected."
+    )
     tokens_per_second: float | None = _field(None, description="Training throughput over all workers.")
     eta_seconds: int | None = _field(None, description="Estimated seconds left.")
     percent: int | None = _field(None, description="Share of planned steps done, 0-100.", ge=0, le=100)

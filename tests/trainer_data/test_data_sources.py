@@ -7,7 +7,7 @@ import gzip
 import json
 
 import pytest
-from data_test_helpers import BUCKET, examples_of, parquet_bytes, targets_text
+from data_test_helpers import examples_of, parquet_bytes, targets_text
 
 from kubetune_trainer.data import DataError, load_shard, prepare
 

@@ -200,6 +200,8 @@ class Recipe:
         self.use_gpu = self.spec.resources.gpus_per_worker > 0
         self.classification = self.spec.model.task == "sequence-classification"
         self.lora = self.training.method == "lora"
+        self.dpo: Any = None  # kubetune_trainer.preference.Dpo when training.objective is dpo
+        self.preference_metrics: dict[str, float] = {}  # the latest held-out DPO figures (status.progress)
         self.state = TrainState(world_size=self.world, data_fingerprint=self.prepared.fingerprint)
         self.staging: Path | None = None
         self.trace: Any = None
@@ -235,6 +237,8 @@ class Recipe:
             self._setup_data()
         with self._timed("deepspeedInitSeconds"):
             self._setup_engine()
+        if self.training.objective == "dpo":
+            self._setup_dpo()  # before _resume: the engine still holds the base, the reference model
         with self._timed("resumeSeconds"):
             self._resume()
         self._setup_reporting()  # times the base model's evaluation itself
@@ -316,6 +320,27 @@ class Recipe:
             config=self.ds_config,
             lr_scheduler=lambda optimizer: _lr_schedule(optimizer, training, total_steps),
         )
+
+    def _setup_dpo(self) -> None:
+        """DPO's reference: LoRA's base is the engine with its adapters off, at any time; a full fine-tune's
+        is only there now, so the reference log-probabilities of every row the run will use are taken now."""
+        import numpy as np
+
+        from kubetune_trainer.preference import Dpo, eval_batches
+
+        training, batch = self.training, self.training.per_device_batch_size
+        self.dpo = Dpo(training.dpo.beta if training.dpo else 0.1, self.lora, self.device)
+        if self.lora:
+            return
+        micro = self.total_steps * training.gradient_accumulation_steps
+        epochs = math.ceil(micro / self.micro_per_epoch)
+        planned = [batch_indices(self.num_rows, batch, e, training.seed)[:self.micro_per_epoch] for e in range(epochs)]
+        used = np.unique(np.concatenate([b for per_epoch in planned for b in per_epoch][:micro]))
+        self.dpo.precompute(self.engine, "train", self.train_data, used, batch)
+        if self.eval_data is not None:
+            rows = np.concatenate(eval_batches(len(self.eval_data["input_ids"]), rank=self.rank, world=self.world,
+                                               batch=batch, max_batches=training.max_eval_batches))
+            self.dpo.precompute(self.engine, "eval", self.eval_data, rows, batch)
 
     def _resume(self) -> None:
         """Every rank resumes from the newest complete checkpoint rank 0 finds (or starts fresh)."""
@@ -493,7 +518,7 @@ class Recipe:
         for _ in range(accum):
             rows = self._next_rows()
             inputs = _to_tensors(self.train_data, rows, self.device, self.classification)
-            loss = engine(**inputs).loss
+            loss = self.dpo.train_loss(engine, self.train_data, rows) if self.dpo else engine(**inputs).loss
             engine.backward(loss)
             engine.step()  # applies the update (and steps the LR schedule) on the accumulation boundary
             loss_sum += loss.detach().double()  # on the device: no host sync per micro-batch
@@ -550,7 +575,13 @@ class Recipe:
     # ---------------------------------------------------------------- evaluate
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and perplexity (accuracy for classification) on the held-out rows, over all ranks."""
+        """Loss and perplexity (accuracy for classification; DPO's loss, preference accuracy and reward margin)
+        on the held-out rows, over all ranks."""
+        if self.dpo:
+            assert self.eval_data is not None
+            return self.dpo.evaluate(self.engine, self.eval_data, rank=self.rank, world=self.world,
+                                     batch=self.training.per_device_batch_size,
+                                     max_batches=self.training.max_eval_batches)
         return _evaluate(self.engine, self.eval_data, rank=self.rank, world=self.world,
                          batch=self.training.per_device_batch_size, device=self.device,
                          max_batches=self.training.max_eval_batches, classification=self.classification)
@@ -564,6 +595,9 @@ class Recipe:
         with self._timed("eval", self.phase_seconds):
             metrics = self.evaluate()
         state.last_eval_loss, state.last_eval_step = metrics["loss"], state.step
+        if self.dpo:
+            self.preference_metrics = {"preference_accuracy": metrics["preferenceAccuracy"],
+                                       "reward_margin": metrics["rewardMargin"]}
         if _early_stopping(self.training, state, metrics["loss"]) and self.stop_reason is None:
             self.stop_reason = "early stopping"
         if self.evaluator:
@@ -598,6 +632,7 @@ class Recipe:
             eta = (total_steps - state.step) * self.train_seconds / max(1, state.step - self.attempt_start_step)
             self.reporter.progress(step=state.step, total_steps=total_steps, epoch=last.epoch,
                                    loss=round(last.loss or 0.0, 6), eval_loss=state.last_eval_loss,
+                                   **self.preference_metrics,
                                    tokens_per_second=round(tps, 1), eta_seconds=int(eta),
                                    percent=min(100, int(100 * state.step / total_steps)))
 
@@ -666,7 +701,7 @@ class Recipe:
             self.reporter.evaluation(self.evaluation)
             summary["evaluation"] = self.evaluation.wire()
         self.reporter.progress(step=state.step, total_steps=self.total_steps, eval_loss=state.last_eval_loss,
-                               percent=100, eta_seconds=0)
+                               percent=100, eta_seconds=0, **self.preference_metrics)
         # Where the wall time after setup went besides the training steps (the benchmark prints their shares).
         phases = {"train": round(self.train_seconds, 2), **self.phase_seconds}
         self.reporter.metric({"event": "finished", **summary, "phaseSeconds": phases})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,29 @@ def fortune_classification(directory: str = FORTUNES_DIR, collections: tuple[str
     return records, list(collections)
 
 
+def fortune_preferences(directory: str = FORTUNES_DIR, max_words: int = 40) -> list[dict[str, str]]:
+    """The fortunes-preference sample for DPO: {"prompt", "chosen", "rejected"} records where chosen is a real
+    fortune and rejected the same words in a shuffled order (seeded by the text, so the sample is stable): a
+    preference for real English over word salad, learnable by a small model and easy to check."""
+    records = []
+    for collection, fortunes in read_fortunes(directory).items():
+        for f in fortunes:
+            words = f.text.split()
+            if not 4 <= len(words) <= max_words:
+                continue
+            rng = random.Random(hashlib.blake2b(f.text.encode(), digest_size=8).digest())
+            shuffled = words[:]
+            for _ in range(10):
+                rng.shuffle(shuffled)
+                if shuffled != words:
+                    break
+            if shuffled == words:
+                continue
+            records.append({"prompt": f'Tell me a fortune from the "{collection}" collection.',
+                            "chosen": " ".join(words), "rejected": " ".join(shuffled)})
+    return records
+
+
 _UNDERLINE = re.compile(r"^([*=\-])\1{2,}$")
 
 
@@ -231,6 +255,7 @@ SAMPLES: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "fortunes-instruction": ("instruction", fortune_instructions),
     "pydoc-chat": ("chat", pydoc_chats),
     "fortunes-classification": ("classification", lambda: fortune_classification()[0]),
+    "fortunes-preference": ("preference", fortune_preferences),
 }
 
 

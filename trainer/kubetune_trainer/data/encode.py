@@ -14,6 +14,9 @@
 - completion: the text (with the tokenizer's own BOS, if it adds one) plus EOS unless the text was cut at
   maxSeqLength, every token a target.
 - classification: the text (with BOS if the tokenizer adds one); the label is the class id.
+- preference: prompt + chosen and prompt + rejected, each rendered with the chat template like a chat whose
+  last assistant turn(s) are the response; only the response's tokens are targets. The two sequences share one
+  row (the rejected one starts at `boundary`, with its own positions), so a pair is never split apart.
 
 Everything is truncated to maxSeqLength tokens.
 """
@@ -37,6 +40,7 @@ class Encoded:
     input_ids: np.ndarray  # int32, 1-D
     labels: np.ndarray | None  # int32 token targets (IGNORE where masked); None for classification
     label: int | None  # class id for classification
+    boundary: int | None = None  # preference: where the rejected sequence starts (the chosen one is before it)
 
 
 class Encoder:
@@ -53,13 +57,14 @@ class Encoder:
         # would be tokenised as the real end-of-turn token and silently change what the model learns.
         specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        if fmt in ("chat", "instruction") and not getattr(tokenizer, "chat_template", None):
+        conversational = fmt in ("chat", "instruction", "preference")
+        if conversational and not getattr(tokenizer, "chat_template", None):
             raise DataError(
                 f"format {fmt}: the base model's tokenizer has no chat template; set spec.dataset.chatTemplate "
                 "(chatml, llama3, zephyr or inline Jinja) so training and serving render conversations alike")
-        if fmt in ("chat", "instruction") and self._fast is None:
+        if conversational and self._fast is None:
             raise DataError(f"format {fmt} needs a fast tokenizer: masking maps tokens to characters by offsets")
-        self._turn_markers = self._probe_template() if fmt in ("chat", "instruction") else None
+        self._turn_markers = self._probe_template() if conversational else None
 
     # -------------------------------------------------------------------------------------- rendering
 
@@ -79,21 +84,24 @@ class Encoder:
             user_only = self._render([("user", u)], False)
             prompt = self._render([("user", u)], True)
             both = self._render([("user", u), ("assistant", a)], False)
-        except Exception:  # a template that refuses the probe (e.g. demands a system turn)
+        except Exception:  # noqa: BLE001 - a template that refuses the probe (e.g. demands a system turn)
             return None
         if not (prompt.startswith(user_only) and both.startswith(prompt + a)):
             return None
         header, suffix = prompt[len(user_only):], both[len(prompt) + len(a):]
         return (header, suffix) if header else None
 
-    def render_with_spans(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans of its assistant turns (the loss targets)."""
+    def render_with_spans(self, turns: list[tuple[str, str]], skip: int = 0) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of its assistant turns (the loss targets); the
+        assistant turns among the first `skip` turns are context, not targets (a preference prompt's)."""
         full = self._render(turns, False)
-        if self._turn_markers is not None:
-            spans = self._spans_by_markers(full, turns)
-            if spans is not None:
-                return full, spans
-        return full, self._spans_by_prefixes(full, turns)
+        spans = self._spans_by_markers(full, turns) if self._turn_markers is not None else None
+        if spans is None:
+            spans = self._spans_by_prefixes(full, turns)
+        if skip:
+            context = sum(1 for r, c in turns[:skip] if r == "assistant" and c)
+            spans = spans[context:]
+        return full, spans
 
     def _spans_by_markers(self, full: str, turns: list[tuple[str, str]]) -> list[tuple[int, int]] | None:
         # One render per record: each assistant turn is found as header + content + suffix, in order. The
@@ -161,7 +169,8 @@ class Encoder:
     def has_control_token(self, ex: Example) -> bool:
         if self._special_re is None or ex.messages is None:
             return False
-        return any(self._special_re.search(c) for _, c in ex.messages)
+        texts = ex.messages + (ex.chosen or []) + (ex.rejected or [])
+        return any(self._special_re.search(c) for _, c in texts)
 
     def encode(self, examples: list[Example]) -> list[Encoded | None]:
         """One Encoded per example, or None when nothing is left to learn after truncation (e.g. a prompt longer
@@ -170,6 +179,8 @@ class Encoder:
             return []
         if self.fmt in ("chat", "instruction"):
             return self._encode_turns(examples)
+        if self.fmt == "preference":
+            return self._encode_pairs(examples)
         ids_list, _ = self._tokenize([ex.text or "" for ex in examples], special=True)
         out: list[Encoded | None] = []
         for ex, ids in zip(examples, ids_list):
@@ -184,8 +195,27 @@ class Encoder:
                 out.append(Encoded(ids, None, ex.label))
         return out
 
+    def _encode_pairs(self, examples: list[Example]) -> list[Encoded | None]:
+        """Each pair as one Encoded: prompt + chosen, then prompt + rejected from `boundary` on."""
+        convs = [c for ex in examples for c in ((ex.messages or []) + (ex.chosen or []),
+                                                 (ex.messages or []) + (ex.rejected or []))]
+        skips = [len(ex.messages or []) for ex in examples for _ in range(2)]
+        sides = self._encode_turns_of(convs, skips)
+        out: list[Encoded | None] = []
+        for chosen, rejected in zip(sides[0::2], sides[1::2]):
+            if chosen is None or rejected is None:
+                out.append(None)  # truncation left one side without response tokens: no comparison
+                continue
+            assert chosen.labels is not None and rejected.labels is not None
+            out.append(Encoded(np.concatenate([chosen.input_ids, rejected.input_ids]),
+                               np.concatenate([chosen.labels, rejected.labels]), None, len(chosen.input_ids)))
+        return out
+
     def _encode_turns(self, examples: list[Example]) -> list[Encoded | None]:
-        rendered = [self.render_with_spans(ex.messages or []) for ex in examples]
+        return self._encode_turns_of([ex.messages or [] for ex in examples], [0] * len(examples))
+
+    def _encode_turns_of(self, convs: list[list[tuple[str, str]]], skips: list[int]) -> list[Encoded | None]:
+        rendered = [self.render_with_spans(turns, skip) for turns, skip in zip(convs, skips)]
         # A chat template writes its own BOS if the model wants one (as vLLM renders it, without adding another).
         ids_list, starts_list = self._tokenize([r[0] for r in rendered], special=False, offsets=True)
         out: list[Encoded | None] = []

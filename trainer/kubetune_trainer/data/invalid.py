@@ -16,6 +16,7 @@ REASONS: dict[str, str] = {
     "no_assistant_turn": "a chat has no assistant message to learn from",
     "unknown_label": "a classification label is not one of the configured classes",
     "control_token": "a chat or instruction text contains one of the tokenizer's control tokens (e.g. <|im_end|>)",
+    "same_responses": "a preference record's chosen and rejected responses are the same",
 }
 
 # What to tell the user to do, for reasons whose fix is in the job spec rather than the data.

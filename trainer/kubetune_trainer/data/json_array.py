@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import codecs
 import json
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 from kubetune_trainer.data.errors import DataError
 

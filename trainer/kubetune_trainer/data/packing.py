@@ -92,9 +92,17 @@ class Packer:
             assert enc.labels is not None
             blk["labels"][r, a:b] = enc.labels
             blk["labels"][r, a] = IGNORE
-            blk["position_ids"][r, a:b] = np.arange(n, dtype=np.int32)
+            # A preference pair is two sequences in one Encoded: the rejected one (from boundary on) gets its
+            # own positions and segment, exactly as if it had been packed after the chosen one.
+            cut = enc.boundary if enc.boundary is not None else n
+            blk["position_ids"][r, a:a + cut] = np.arange(cut, dtype=np.int32)
             self._segments += 1
-            blk["segment_ids"][r, a:b] = self._segments
+            blk["segment_ids"][r, a:a + cut] = self._segments
+            if cut < n:
+                blk["labels"][r, a + cut] = IGNORE
+                blk["position_ids"][r, a + cut:b] = np.arange(n - cut, dtype=np.int32)
+                self._segments += 1
+                blk["segment_ids"][r, a + cut:b] = self._segments
         self._fill = b
         self.examples += 1
 

@@ -37,8 +37,8 @@ from kubetune_trainer.data.encode import Encoder
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.fingerprint import PREPARED_FORMAT_VERSION, fingerprint, tokenizer_identity
 from kubetune_trainer.data.invalid import InvalidTally
-from kubetune_trainer.data.packing import Packer, spill_columns
 from kubetune_trainer.data.mixture import consume, source_records
+from kubetune_trainer.data.packing import Packer, spill_columns
 from kubetune_trainer.data.records import Example, RecordRules, parse_record
 from kubetune_trainer.data.s3 import (
     delete_prefix,
@@ -134,11 +134,13 @@ class _Run:
         self.records = 0
         self.duplicates = 0
         self.filtered = 0
-        width = self.pp.max_seq_length
+        # A preference row holds a pair (prompt + chosen, prompt + rejected), each up to maxSeqLength, never packed.
+        preference = ds.format == "preference"
+        width = self.pp.max_seq_length * (2 if preference else 1)
         cols = spill_columns(self.classification, width)
         self.packers = {
             split: Packer(RowSpill(os.path.join(tmp, split), cols), width, self.encoder.pad_id,
-                          self.pp.packing, self.classification)
+                          self.pp.packing and not preference, self.classification)
             for split in ("train", "validation")
         }
         # Valid, length-filtered examples waiting for the batched dedup, then per split for the tokenizer.

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import gzip
 import json
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import pyarrow.parquet as pq
 
@@ -156,7 +157,7 @@ def _read_parquet(client: Any, obj: dict[str, Any], columns: list[str] | None) -
     uri = obj["uri"]
     try:
         pf = pq.ParquetFile(RangeFile(client, obj))
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a non-Parquet body
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a non-Parquet body
         raise DataError(f"{uri} is not a readable Parquet file: {exc}") from None
     present = set(pf.schema_arrow.names)
     # Read only the columns the format uses (a column missing from the file surfaces as missing_field).

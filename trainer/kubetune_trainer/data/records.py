@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune.api import DataSource, DatasetSpec
+from kubetune.api import DatasetSpec, DataSource
 from kubetune_trainer.data.normalize import normalize_text
 
 ROLES = ("system", "user", "assistant")
@@ -25,6 +25,9 @@ class Example:
     label: int | None  # classification class id
     content: str  # every text of the record joined (with role tags for chat): what dedup hashes
     chars: int  # characters of text, summed over the record's text fields: what the length filters measure
+    # preference: messages is the prompt; chosen and rejected are the two continuations (assistant turns)
+    chosen: list[tuple[str, str]] | None = None
+    rejected: list[tuple[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class RecordRules:
     unicode_form: str
     whitespace: bool
     input: str | None = None
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
     @classmethod
     def from_spec(cls, ds: DatasetSpec, num_labels: int | None, source: DataSource | None = None) -> RecordRules:
@@ -54,6 +59,7 @@ class RecordRules:
             text=f.text, label=f.label, label_names=tuple(ds.labels) if ds.labels else None,
             num_labels=num_labels if num_labels is not None else (len(ds.labels) if ds.labels else None),
             unicode_form=p.unicode_normalization, whitespace=p.normalize_whitespace, input=f.input,
+            chosen=f.chosen or "chosen", rejected=f.rejected or "rejected",
         )
 
     def columns(self) -> list[str]:
@@ -63,6 +69,7 @@ class RecordRules:
             "instruction": [self.system, self.prompt, self.response] + ([self.input] if self.input else []),
             "completion": [self.text],
             "classification": [self.text, self.label],
+            "preference": [self.prompt, self.chosen, self.rejected],
         }[self.format]
 
 
@@ -83,6 +90,8 @@ def parse_record(value: dict[str, Any], rules: RecordRules) -> Example | str:
     if rules.format == "completion":
         text, reason = _text(value, rules.text, rules)
         return reason or Example(None, text, None, text, len(text))
+    if rules.format == "preference":
+        return _preference(value, rules)
     return _classification(value, rules)
 
 
@@ -106,8 +115,8 @@ def _first_reason(*reasons: str | None) -> str | None:
     return None
 
 
-def _chat(value: dict[str, Any], rules: RecordRules) -> Example | str:
-    msgs = value.get(rules.messages)
+def _turns(msgs: Any, rules: RecordRules) -> list[tuple[str, str]] | str:
+    """A list of {role, content} messages as normalised (role, content) turns, or the invalid reason."""
     if msgs is None:
         return "missing_field"
     if not isinstance(msgs, list):
@@ -124,6 +133,13 @@ def _chat(value: dict[str, Any], rules: RecordRules) -> Example | str:
         if role not in ROLES:
             return "unknown_role"
         turns.append((role, normalize_text(content, rules.unicode_form, rules.whitespace)))
+    return turns
+
+
+def _chat(value: dict[str, Any], rules: RecordRules) -> Example | str:
+    turns = _turns(value.get(rules.messages), rules)
+    if isinstance(turns, str):
+        return turns
     if not any(c for _, c in turns):
         return "empty_text"
     if not any(r == "assistant" and c for r, c in turns):
@@ -143,6 +159,33 @@ def _instruction(value: dict[str, Any], rules: RecordRules) -> Example | str:
         prompt = f"{prompt}\n\n{extra}"  # Alpaca's layout of instruction + input
     turns = ([("system", system)] if system else []) + [("user", prompt), ("assistant", response)]
     return Example(turns, None, None, _SEP.join((system, prompt, response)), len(system) + len(prompt) + len(response))
+
+
+def _preference(value: dict[str, Any], rules: RecordRules) -> Example | str:
+    """prompt (text, or chat messages) + chosen and rejected (text, or assistant messages)."""
+    parts: list[list[tuple[str, str]]] = []
+    for key, role in ((rules.prompt, "user"), (rules.chosen, "assistant"), (rules.rejected, "assistant")):
+        v = value.get(key)
+        if isinstance(v, str):
+            turns: list[tuple[str, str]] | str = [(role, normalize_text(v, rules.unicode_form, rules.whitespace))]
+        else:
+            turns = _turns(v, rules)
+        if isinstance(turns, str):
+            return turns
+        parts.append(turns)
+    prompt, chosen, rejected = parts
+    for answer in (chosen, rejected):
+        if not answer or not any(c for _, c in answer):
+            return "empty_text"
+        if any(r != "assistant" for r, _ in answer):
+            return "unknown_role"  # a continuation is the model's own turn(s)
+    if not any(c for _, c in prompt):
+        return "empty_text"
+    if chosen == rejected:
+        return "same_responses"
+    content = _SEP.join(f"{r}:{c}" for r, c in prompt + [("chosen", "")] + chosen + [("rejected", "")] + rejected)
+    chars = sum(len(c) for _, c in prompt + chosen + rejected)
+    return Example(prompt, None, None, content, chars, chosen, rejected)
 
 
 def _classification(value: dict[str, Any], rules: RecordRules) -> Example | str:
