@@ -38,7 +38,7 @@ DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
 CONFIGMAP = {"version": "v1", "plural": "configmaps"}
 
 
-def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, reason: kopf.Reason,
+def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, reason: str,
                   **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
     created = dict(body) if reason == kopf.Reason.CREATE else None  # a new job's body needs no second read
