@@ -62,5 +62,10 @@ def test_two_pods_of_two_ranks_train_on_disjoint_data(trainer_env: TrainerEnv, t
             assert not seen[a] & seen[b], (a, b)
     print(f"4 ranks (2 emulated pods x 2): {sum(len(s) for s in seen.values())} distinct rows, none shared")
 
+    finished = [m for m in env.metrics(cfg["runUri"]) if m.get("event") == "finished"][-1]
+    peaks = finished["peakMemoryMB"]  # every rank's peak resident memory, in rank order
+    print(f"peak memory per rank (ZeRO-3, 4 ranks): {peaks} MB")
+    assert len(peaks) == 4 and all(p > 100 for p in peaks)
+
     model_dir = env.download(f"{cfg['runUri']}/model", tmp_path / "model")
     assert_generates(model_dir)  # the ZeRO-3 export gathered from 4 partitions loads and generates

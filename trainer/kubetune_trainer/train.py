@@ -215,6 +215,7 @@ class Recipe:
         self.train_seconds, self.attempt_tokens, self.attempt_start_step = 0.0, 0, 0
         self.last_checkpoint_step: int | None = None
         self.stop_reason: str | None = None
+        self.peak_memory_mb: list[float] = []  # every rank's peak (kubetune_trainer.memory), after export
         self.phase_seconds: dict[str, float] = {}  # eval, checkpoint, export, evaluationReport (after setup)
         self.unsynced: list[StepResult] = []  # steps whose cross-rank figures are not exchanged yet
         self.carried_seconds = 0.0  # reporting time after a step, counted into the next step's time
@@ -676,6 +677,9 @@ class Recipe:
         with timed("export", self.phase_seconds):
             self.artifact = export(self.engine, self.cfg, self.tokenizer, rank=self.rank, client=self.client,
                                    staging=self.staging, base_dir=self.base_dir, precision=self.precision)
+        from kubetune_trainer.memory import all_ranks_peak_mb
+
+        self.peak_memory_mb = all_ranks_peak_mb(self.device)  # training and export done: the run's peaks
         if self.evaluator and final_eval:
             self.evaluator.observe(state.step, final_eval, last=True)
         if self.evaluator:
@@ -704,7 +708,8 @@ class Recipe:
                                percent=100, eta_seconds=0, **self.preference_metrics)
         # Where the wall time after setup went besides the training steps (the benchmark prints their shares).
         phases = {"train": round(self.train_seconds, 2), **self.phase_seconds}
-        self.reporter.metric({"event": "finished", **summary, "phaseSeconds": phases})
+        self.reporter.metric({"event": "finished", **summary, "phaseSeconds": phases,
+                              "peakMemoryMB": self.peak_memory_mb})
         self.reporter.close()
         self.reporter = None
         log.info("done in %.1fs: %s", time.monotonic() - self.t_start, json.dumps(summary))
