@@ -191,9 +191,10 @@ def wait_condition(kube: Kube, ns: str, job: str, type_: str, field: str, value:
 
 
 def children_of(kube: Kube, ns: str, job: str) -> dict[str, list[dict[str, Any]]]:
-    """Every object of the child kinds labelled with the job, by kind."""
-    return {kind.kind: kube.list(kind, ns, label_selector=f"kubetune.io/job={names.label_value(job)}")
-            for kind in CHILD_KINDS}
+    """Every training object of the child kinds labelled with the job, by kind (the job's history ConfigMap,
+    written when it ends, is not a training child)."""
+    selector = f"kubetune.io/job={names.label_value(job)},app.kubernetes.io/component=training"
+    return {kind.kind: kube.list(kind, ns, label_selector=selector) for kind in CHILD_KINDS}
 
 
 def assert_one_of_each_and_owned(kube: Kube, ns: str, job: str) -> None:
