@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from op_support import condition, get_columns, wait_for
+from op_support import condition, get_columns, put_s3_secret, wait_for
 
 from kubetune_cli.localenv.kubelet import DeploymentController
 from kubetune_operator import names
@@ -90,8 +90,7 @@ def test_shared_server_serves_every_registered_adapter(
     operator: Any, kubectl: Any, kube: Any, kuberay: Any, deployments: DeploymentController, namespace: str,
 ) -> None:
     ns = namespace
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": ns},
-                 "stringData": {"AWS_ACCESS_KEY_ID": "AKIAKUBETUNETEST0003", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}})
+    put_s3_secret(kube, ns, "AKIAKUBETUNETEST0003", SECRET_VALUE)
     declaration, job_manifest = doc_manifests()
     assert job_manifest["spec"]["deploy"]["server"] == SERVER
 

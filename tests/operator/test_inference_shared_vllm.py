@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from op_support import condition, wait_for
+from op_support import condition, put_s3_secret, wait_for
 
 from kubetune_cli.localenv.vllm_server import serving_venv_dir, serving_venv_python
 from kubetune_operator import names
@@ -154,9 +154,7 @@ def test_two_adapters_on_one_vllm_server(
     client = s3_server.client()
     base_uri = _upload(client, artifacts["base"], f"{ns}/base")
     adapters = {m: _upload(client, artifacts[m], f"{ns}/{m}") for m in ("support", "legal")}
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": ns},
-                 "stringData": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
-                                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+    put_s3_secret(kube, ns, s3_server.access_key, s3_server.secret_key)  # the namespace's has dummy keys
     for model in ("support", "legal"):
         kubectl.apply(_job(f"{model}-bot", model, base_uri, s3_server), ns)
         _train(kube, kuberay, ns, f"{model}-bot", adapters[model], base_uri)

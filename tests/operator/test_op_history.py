@@ -23,8 +23,6 @@ def test_failed_job_keeps_conditions_and_events(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     ns, job = namespace, "short-lived"
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": ns},
-                 "stringData": {"AWS_ACCESS_KEY_ID": "AKIAKUBETUNETEST0004", "AWS_SECRET_ACCESS_KEY": "x" * 20}})
     m = load_example("lora-chat")
     m["metadata"]["name"] = job
     m["spec"]["backoffLimit"] = 0  # the first failure is final
