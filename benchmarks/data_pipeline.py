@@ -48,8 +48,7 @@ def build_records(n: int, fmt: str) -> list[dict]:
         f = fortunes[i % len(fortunes)]
         question = f'Tell me fortune number {i} from the "{f.collection}" collection.'
         if fmt == "chat":
-            out.append({"messages": [{"role": "user", "content": question},
-                                     {"role": "assistant", "content": f.text}]})
+            out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f.text}]})
         else:
             out.append({"prompt": question, "response": f.text})
     return out
@@ -68,11 +67,11 @@ def bare(tokenizer, records: list[dict]) -> tuple[float, float, int]:
     texts = [tokenizer.apply_chat_template(as_messages(r), tokenize=False) for r in records]
     tokens = 0
     for i in range(0, len(texts), BATCH):
-        tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + BATCH], add_special_tokens=False))
+        tokens += sum(len(e.ids) for e in backend.encode_batch(texts[i : i + BATCH], add_special_tokens=False))
     render_and_tokenize = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(0, len(texts), BATCH):
-        backend.encode_batch(texts[i:i + BATCH], add_special_tokens=False)
+        backend.encode_batch(texts[i : i + BATCH], add_special_tokens=False)
     tokenize_only = time.perf_counter() - t0
     return render_and_tokenize, tokenize_only, tokens
 
@@ -106,12 +105,19 @@ def main() -> int:
         preprocessing = {"maxSeqLength": args.seq}
         if args.near_dedup:
             preprocessing["nearDuplicateThreshold"] = args.near_dedup
-        spec = parse_spec({
-            "model": {"uri": f"s3://{BUCKET}/model"},
-            "dataset": {"train": f"s3://{BUCKET}/raw", "format": args.format, "endpoint": s3.endpoint_url,
-                        "validationSplit": 0.02, "preprocessing": preprocessing},
-            "output": {"uri": f"s3://{BUCKET}/out"},
-        })
+        spec = parse_spec(
+            {
+                "model": {"uri": f"s3://{BUCKET}/model"},
+                "dataset": {
+                    "train": f"s3://{BUCKET}/raw",
+                    "format": args.format,
+                    "endpoint": s3.endpoint_url,
+                    "validationSplit": 0.02,
+                    "preprocessing": preprocessing,
+                },
+                "output": {"uri": f"s3://{BUCKET}/out"},
+            }
+        )
         cfg = resolve_trainer_config("bench", "default", None, spec)
         t0 = time.perf_counter()
         prepared = prepare(cfg, tokenizer, args.shards, client=client)
@@ -120,22 +126,34 @@ def main() -> int:
     render_s, tokenize_s, bare_tokens = bare(tokenizer, records)
     n = len(records)
     stats = prepared.stats
-    print(f"dataset: {n} {args.format} records, {size / 1e6:.1f} MB JSONL; prepared {stats['sequences']} "
-          f"sequences of {prepared.seq_length} tokens in {args.shards} shards "
-          f"({stats['tokens']} train tokens, {stats['duplicatesRemoved']} duplicates, "
-          f"{stats['validationRecords']} held out)")
+    print(
+        f"dataset: {n} {args.format} records, {size / 1e6:.1f} MB JSONL; prepared {stats['sequences']} "
+        f"sequences of {prepared.seq_length} tokens in {args.shards} shards "
+        f"({stats['tokens']} train tokens, {stats['duplicatesRemoved']} duplicates, "
+        f"{stats['validationRecords']} held out)"
+    )
     print(f"prepare (S3 -> shards in S3):  {n / prepare_s:8.0f} records/s  ({prepare_s:.1f} s)")
-    print(f"bare render+tokenise:          {n / render_s:8.0f} records/s  ({render_s:.1f} s, "
-          f"{bare_tokens / render_s:.0f} tokens/s)")
+    print(
+        f"bare render+tokenise:          {n / render_s:8.0f} records/s  ({render_s:.1f} s, "
+        f"{bare_tokens / render_s:.0f} tokens/s)"
+    )
     print(f"bare tokenise only:            {n / tokenize_s:8.0f} records/s  ({tokenize_s:.1f} s)")
     print(f"ratio prepare / render+tokenise: {render_s / prepare_s:.2f}")
     print(f"ratio prepare / tokenise only:   {tokenize_s / prepare_s:.2f}")
     if args.json:
-        print(json.dumps({"records": n, "format": args.format, "prepare_records_per_s": n / prepare_s,
-                          "render_tokenize_records_per_s": n / render_s,
-                          "tokenize_records_per_s": n / tokenize_s,
-                          "ratio_vs_render_tokenize": render_s / prepare_s,
-                          "ratio_vs_tokenize": tokenize_s / prepare_s}))
+        print(
+            json.dumps(
+                {
+                    "records": n,
+                    "format": args.format,
+                    "prepare_records_per_s": n / prepare_s,
+                    "render_tokenize_records_per_s": n / render_s,
+                    "tokenize_records_per_s": n / tokenize_s,
+                    "ratio_vs_render_tokenize": render_s / prepare_s,
+                    "ratio_vs_tokenize": tokenize_s / prepare_s,
+                }
+            )
+        )
     return 0
 
 

@@ -52,12 +52,25 @@ from kubetune_cli.localenv.kubeclient import api_client  # noqa: E402
 
 # What the operator reads and writes; the API server itself touches endpoints/services/namespaces every few
 # seconds (its master-endpoint and namespace upkeep), which the idle figure must not blame on the operator.
-KUBETUNE_RESOURCES = {"finetunejobs", "rayjobs", "configmaps", "serviceaccounts", "roles", "rolebindings",
-                      "networkpolicies", "events", "deployments", "services", "secrets", "customresourcedefinitions",
-                      "validatingwebhookconfigurations", "mutatingwebhookconfigurations"}
+KUBETUNE_RESOURCES = {
+    "finetunejobs",
+    "rayjobs",
+    "configmaps",
+    "serviceaccounts",
+    "roles",
+    "rolebindings",
+    "networkpolicies",
+    "events",
+    "deployments",
+    "services",
+    "secrets",
+    "customresourcedefinitions",
+    "validatingwebhookconfigurations",
+    "mutatingwebhookconfigurations",
+}
 HANDLED = "kubetune.io/last-handled-configuration"
 CREATE_THREADS = 8
-_SAMPLE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+_SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$")
 
 
 def request_counts(api: Any) -> dict[tuple[str, str], float]:
@@ -79,8 +92,11 @@ def request_counts(api: Any) -> dict[tuple[str, str], float]:
 
 def per_job(before: dict, after: dict, jobs: int) -> dict[tuple[str, str], float]:
     """Requests per job on kubetune's resources between two counts (kinds below half a request per job left out)."""
-    return {k: (after.get(k, 0) - before.get(k, 0)) / jobs for k in after
-            if k[1] in KUBETUNE_RESOURCES and after.get(k, 0) - before.get(k, 0) >= jobs / 2}
+    return {
+        k: (after.get(k, 0) - before.get(k, 0)) / jobs
+        for k in after
+        if k[1] in KUBETUNE_RESOURCES and after.get(k, 0) - before.get(k, 0) >= jobs / 2
+    }
 
 
 def _free_port() -> int:
@@ -151,8 +167,9 @@ class Watches:
         w = watch.Watch()
         self._watches.append(w)
         self._ready.wait()
-        return w.stream(self._custom.list_namespaced_custom_object, group, version, self.namespace, plural,
-                        timeout_seconds=7200)
+        return w.stream(
+            self._custom.list_namespaced_custom_object, group, version, self.namespace, plural, timeout_seconds=7200
+        )
 
     def _rayjobs(self) -> None:
         try:
@@ -200,8 +217,9 @@ def job_body(template: dict[str, Any], namespace: str, name: str) -> dict[str, A
     return body
 
 
-def burst(api: Any, template: dict[str, Any], namespace: str, jobs: int,
-          then: Any = None) -> tuple[dict[str, float], float]:
+def burst(
+    api: Any, template: dict[str, Any], namespace: str, jobs: int, then: Any = None
+) -> tuple[dict[str, float], float]:
     """Create `jobs` FineTuneJobs with CREATE_THREADS threads; `then(created body)` runs after each create.
 
     Returns (name -> monotonic time its create returned, the burst's start)."""
@@ -212,8 +230,9 @@ def burst(api: Any, template: dict[str, Any], namespace: str, jobs: int,
 
     def create(i: int) -> None:
         body = job_body(template, namespace, f"bench-{i:05d}")
-        resp = custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs", body,
-                                                      _preload_content=False)
+        resp = custom.create_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", namespace, "finetunejobs", body, _preload_content=False
+        )
         applied[body["metadata"]["name"]] = time.monotonic()
         if then is not None:
             then(json.loads(resp.data))
@@ -235,10 +254,13 @@ class BareClient:
 
         self.core, self.custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
         rbac, net = client.RbacAuthorizationV1Api(api), client.NetworkingV1Api(api)
-        self.creates = {"ConfigMap": self.core.create_namespaced_config_map,
-                        "ServiceAccount": self.core.create_namespaced_service_account,
-                        "Role": rbac.create_namespaced_role, "RoleBinding": rbac.create_namespaced_role_binding,
-                        "NetworkPolicy": net.create_namespaced_network_policy}
+        self.creates = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Role": rbac.create_namespaced_role,
+            "RoleBinding": rbac.create_namespaced_role_binding,
+            "NetworkPolicy": net.create_namespaced_network_policy,
+        }
         self.settings = Settings()
         self.skip = skip  # kinds left out (--rbac-cost: what the trainer's own identity costs)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
@@ -264,23 +286,48 @@ class BareClient:
         children = [obj for obj in children if obj["kind"] not in self.skip]
         for obj in children:  # ConfigMap, the trainer's ServiceAccount/Role/RoleBinding, the head's NetworkPolicy
             self.creates[obj["kind"]](ns, obj, _preload_content=False)
-        ray = json.loads(self.custom.create_namespaced_custom_object("ray.io", "v1", ns, "rayjobs", ray_job,
-                                                                     _preload_content=False).data)
-        obs = Observation(generation=body["metadata"].get("generation"), spec_errors=None,
-                          ray_job_name=ray["metadata"]["name"], ray_job=ray, rejected_fields=[])
+        ray = json.loads(
+            self.custom.create_namespaced_custom_object(
+                "ray.io", "v1", ns, "rayjobs", ray_job, _preload_content=False
+            ).data
+        )
+        obs = Observation(
+            generation=body["metadata"].get("generation"),
+            spec_errors=None,
+            ray_job_name=ray["metadata"]["name"],
+            ray_job=ray,
+            rejected_fields=[],
+        )
         self.custom.patch_namespaced_custom_object_status(
-            "kubetune.io", "v1alpha1", ns, "finetunejobs", owner.name, {"status": desired_status({}, obs, now_rfc3339())},
-            _content_type="application/merge-patch+json", _preload_content=False)
-        self.core.create_namespaced_event(ns, _event(owner.involved_object(), f"created {len(children) + 1} objects"),
-                                          _preload_content=False)
+            "kubetune.io",
+            "v1alpha1",
+            ns,
+            "finetunejobs",
+            owner.name,
+            {"status": desired_status({}, obs, now_rfc3339())},
+            _content_type="application/merge-patch+json",
+            _preload_content=False,
+        )
+        self.core.create_namespaced_event(
+            ns, _event(owner.involved_object(), f"created {len(children) + 1} objects"), _preload_content=False
+        )
 
 
 def _event(involved: dict[str, Any], message: str) -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:16]}", "namespace": involved["namespace"]},
-            "involvedObject": involved, "type": "Normal", "reason": "Created", "message": message,
-            "source": {"component": "bare-client"}, "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:16]}", "namespace": involved["namespace"]},
+        "involvedObject": involved,
+        "type": "Normal",
+        "reason": "Created",
+        "message": message,
+        "source": {"component": "bare-client"},
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
 
 
 def bare_client_process(kubeconfig: Path, workers: int, skip: frozenset[str]) -> None:
@@ -292,15 +339,28 @@ def bare_client_process(kubeconfig: Path, workers: int, skip: frozenset[str]) ->
     bare.finish()
 
 
-def run_bare(api: Any, kubeconfig: Path, template: dict[str, Any], namespace: str,
-             args: argparse.Namespace, skip: str = "") -> dict[str, Any]:
+def run_bare(
+    api: Any, kubeconfig: Path, template: dict[str, Any], namespace: str, args: argparse.Namespace, skip: str = ""
+) -> dict[str, Any]:
     """The bare client's burst in its own namespace and process, timed by the same watches as the operator's."""
     _prepare_namespaces(api, [namespace], template)
     watches = Watches(api, namespace, kopf_annotation=False)
     before = request_counts(api)
-    proc = subprocess.Popen([sys.executable, __file__, "--bare-client", "--kubeconfig", str(kubeconfig),
-                             "--max-workers", str(args.max_workers), "--skip-kinds", skip],
-                            stdin=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--bare-client",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--max-workers",
+            str(args.max_workers),
+            "--skip-kinds",
+            skip,
+        ],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None
     lock = threading.Lock()
 
@@ -336,14 +396,24 @@ def start_operator(kubeconfig: Path, namespace: str, max_workers: int) -> tuple[
     log = Path(tempfile.mkstemp(prefix="kubetune-operator-", suffix=".log")[1])
     print(f"operator log: {log}")
     health_port = _free_port()
-    env = {**os.environ, "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_HEALTH_PORT": str(health_port),
-           "KUBETUNE_WEBHOOK": "false", "KUBETUNE_NAMESPACES": namespace, "KUBETUNE_MAX_WORKERS": str(max_workers),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "KUBETUNE_METRICS_PORT": "0",
+        "KUBETUNE_HEALTH_PORT": str(health_port),
+        "KUBETUNE_WEBHOOK": "false",
+        "KUBETUNE_NAMESPACES": namespace,
+        "KUBETUNE_MAX_WORKERS": str(max_workers),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     level = os.environ.get("KUBETUNE_BENCH_LOG_LEVEL", "warning")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(kubeconfig),
-                                 "--log-level", level], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(kubeconfig), "--log-level", level],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     t_start = time.monotonic()
     while not _healthy(health_port):
         if proc.poll() is not None or time.monotonic() - t_start > 120:
@@ -354,8 +424,9 @@ def start_operator(kubeconfig: Path, namespace: str, max_workers: int) -> tuple[
     return proc, log
 
 
-def run_operator(api: Any, template: dict[str, Any], namespace: str, proc: subprocess.Popen,
-                 args: argparse.Namespace) -> dict[str, Any]:
+def run_operator(
+    api: Any, template: dict[str, Any], namespace: str, proc: subprocess.Popen, args: argparse.Namespace
+) -> dict[str, Any]:
     """The operator's burst: RayJob latencies, settle time, requests per job, RSS before and at peak."""
     watches = Watches(api, namespace, kopf_annotation=True)
     rss_before = proc_mib(proc.pid, "VmRSS")
@@ -365,9 +436,14 @@ def run_operator(api: Any, template: dict[str, Any], namespace: str, proc: subpr
     watches.wait(list(applied), time.monotonic() + args.timeout, alive=lambda: proc.poll() is None)
     settle = max(watches.settled.values()) - t0
     time.sleep(5)  # trailing Events and the last watch deliveries
-    return {"watches": watches, "settle": settle, "all_rayjobs": max(watches.ray_seen.values()) - t0,
-            "ray_latency": [watches.ray_seen[n] - applied[n] for n in applied],
-            "per_job": per_job(before, request_counts(api), args.jobs), "rss_before": rss_before}
+    return {
+        "watches": watches,
+        "settle": settle,
+        "all_rayjobs": max(watches.ray_seen.values()) - t0,
+        "ray_latency": [watches.ray_seen[n] - applied[n] for n in applied],
+        "per_job": per_job(before, request_counts(api), args.jobs),
+        "rss_before": rss_before,
+    }
 
 
 def idle_requests(api: Any, seconds: float) -> tuple[dict[tuple[str, str], float], float]:
@@ -380,8 +456,9 @@ def idle_requests(api: Any, seconds: float) -> tuple[dict[tuple[str, str], float
     return delta, sum(v for (_, resource), v in delta.items() if resource in KUBETUNE_RESOURCES)
 
 
-def singles(api: Any, template: dict[str, Any], namespace: str, watches: Watches, count: int,
-            proc: subprocess.Popen) -> tuple[list[float], list[float]]:
+def singles(
+    api: Any, template: dict[str, Any], namespace: str, watches: Watches, count: int, proc: subprocess.Popen
+) -> tuple[list[float], list[float]]:
     """One job at a time into the settled ones: (apply -> RayJob, apply -> settled) seconds, `count` times."""
     from kubernetes import client
 
@@ -390,8 +467,14 @@ def singles(api: Any, template: dict[str, Any], namespace: str, watches: Watches
     for i in range(count):
         name = f"single-{i:03d}"
         t = time.monotonic()
-        custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobs",
-                                               job_body(template, namespace, name), _preload_content=False)
+        custom.create_namespaced_custom_object(
+            "kubetune.io",
+            "v1alpha1",
+            namespace,
+            "finetunejobs",
+            job_body(template, namespace, name),
+            _preload_content=False,
+        )
         watches.wait([name], t + 120, alive=lambda: proc.poll() is None)
         while name not in watches.ray_seen and time.monotonic() < t + 120:
             time.sleep(0.01)
@@ -417,11 +500,19 @@ def _ms(seconds: float) -> str:
 
 
 def _requests(counts: dict[tuple[str, str], float]) -> str:
-    return f"{sum(counts.values()):5.1f}  " + ", ".join(f"{verb} {res} {n:.1f}" for (verb, res), n in sorted(counts.items()))
+    return f"{sum(counts.values()):5.1f}  " + ", ".join(
+        f"{verb} {res} {n:.1f}" for (verb, res), n in sorted(counts.items())
+    )
 
 
-def report(args: argparse.Namespace, bare: list[dict[str, Any]], op: dict[str, Any], idle: tuple[dict, float],
-           single: tuple[list[float], list[float]], rss: dict[str, float]) -> None:
+def report(
+    args: argparse.Namespace,
+    bare: list[dict[str, Any]],
+    op: dict[str, Any],
+    idle: tuple[dict, float],
+    single: tuple[list[float], list[float]],
+    rss: dict[str, float],
+) -> None:
     n = args.jobs
     lat, (to_ray, to_settled) = op["ray_latency"], single
     idle_delta, ours = idle
@@ -429,36 +520,52 @@ def report(args: argparse.Namespace, bare: list[dict[str, Any]], op: dict[str, A
     bare_rate, op_rate = statistics.fmean(n / b["settle"] for b in bare[:2]), n / op["settle"]
     print()
     print(f"jobs                                      {n}")
-    for label, b in zip(("bare client, before the operator", "bare client, after the operator",
-                         "bare client without trainer RBAC"), bare):
+    for label, b in zip(
+        ("bare client, before the operator", "bare client, after the operator", "bare client without trainer RBAC"),
+        bare,
+    ):
         print(f"{label + ': settled after':42s}{b['settle']:8.1f} s   ({n / b['settle']:.1f} jobs/s)")
     print(f"bare client: requests per job             {_requests(bare[0]['per_job'])}")
     print(f"operator: all RayJobs created after       {op['all_rayjobs']:8.1f} s")
     print(f"operator: all jobs settled after          {op['settle']:8.1f} s   ({op_rate:.1f} jobs/s)")
-    print(f"operator: apply -> RayJob  p50 / p99 / max {_ms(statistics.median(lat))} {_ms(percentile(lat, 99))} "
-          f"{_ms(max(lat))}")
+    print(
+        f"operator: apply -> RayJob  p50 / p99 / max {_ms(statistics.median(lat))} {_ms(percentile(lat, 99))} "
+        f"{_ms(max(lat))}"
+    )
     print(f"operator: requests per job                {_requests(op['per_job'])}")
-    print(f"operator: RSS before / after / peak       {rss['before']:6.1f} / {rss['after']:6.1f} / {rss['peak']:6.1f} MiB")
-    print(f"idle ({args.idle_seconds:.0f} s): requests on kubetune's resources {ours:.0f} of {sum(idle_delta.values()):.0f} "
-          f"(the rest is the API server's own upkeep)")
+    print(
+        f"operator: RSS before / after / peak       {rss['before']:6.1f} / {rss['after']:6.1f} / {rss['peak']:6.1f} MiB"
+    )
+    print(
+        f"idle ({args.idle_seconds:.0f} s): requests on kubetune's resources {ours:.0f} of {sum(idle_delta.values()):.0f} "
+        f"(the rest is the API server's own upkeep)"
+    )
     print(f"idle: requests per job per minute         {per_job_minute:8.4f}")
     print(f"{len(to_ray)} jobs applied into the {n} settled, one at a time:")
-    print(f"  apply -> RayJob   p50 / p99 / max       {_ms(statistics.median(to_ray))} {_ms(percentile(to_ray, 99))} "
-          f"{_ms(max(to_ray))}")
-    print(f"  apply -> settled  p50 / p99 / max       {_ms(statistics.median(to_settled))} "
-          f"{_ms(percentile(to_settled, 99))} {_ms(max(to_settled))}")
+    print(
+        f"  apply -> RayJob   p50 / p99 / max       {_ms(statistics.median(to_ray))} {_ms(percentile(to_ray, 99))} "
+        f"{_ms(max(to_ray))}"
+    )
+    print(
+        f"  apply -> settled  p50 / p99 / max       {_ms(statistics.median(to_settled))} "
+        f"{_ms(percentile(to_settled, 99))} {_ms(max(to_settled))}"
+    )
     print(load_line())
     print()
     print(f"ratio operator_burst_throughput: {op_rate / bare_rate:.3f} (target: 0.8)")
     print(f"ratio apply_into_settled_p99_vs_100ms: {percentile(to_ray, 99) / 0.1:.3f} (target: < 1.0)")
     print(f"ratio peak_rss_vs_200mib: {rss['peak'] / 200:.3f} (target: < 1.0 at 1000 jobs)")
     if len(bare) > 2:
-        print(f"ratio bare_throughput_with_vs_without_trainer_rbac: {bare_rate / (n / bare[2]['settle']):.3f} "
-              "(target: n/a; what the trainer's own identity costs a burst)")
+        print(
+            f"ratio bare_throughput_with_vs_without_trainer_rbac: {bare_rate / (n / bare[2]['settle']):.3f} "
+            "(target: n/a; what the trainer's own identity costs a burst)"
+        )
     print(f"slope rss_per_job_after_settling: {(rss['after'] - rss['before']) * 1024 / n:.1f} KiB/job")
     print(f"slope peak_rss_per_job: {(rss['peak'] - rss['before']) * 1024 / n:.1f} KiB/job")
-    print(f"slope operator_settle_time_per_job: {op['settle'] * 1000 / n:.2f} ms/job "
-          f"(bare client {1000 / bare_rate:.2f} ms/job)")
+    print(
+        f"slope operator_settle_time_per_job: {op['settle'] * 1000 / n:.2f} ms/job "
+        f"(bare client {1000 / bare_rate:.2f} ms/job)"
+    )
     print(f"slope idle_requests_per_job_per_minute: {per_job_minute:.4f}")
 
 
@@ -471,13 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", help="use this cluster instead of starting a local API server")
     parser.add_argument("--namespace", default="kubetune-bench")
     parser.add_argument("--max-workers", type=int, default=16, help="operator handler threads (and the bare client's)")
-    parser.add_argument("--rbac-cost", action="store_true",
-                        help="also run the bare client without the trainer's ServiceAccount, Role and RoleBinding")
+    parser.add_argument(
+        "--rbac-cost",
+        action="store_true",
+        help="also run the bare client without the trainer's ServiceAccount, Role and RoleBinding",
+    )
     parser.add_argument("--bare-client", action="store_true", help=argparse.SUPPRESS)  # run_bare's own process
     parser.add_argument("--skip-kinds", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_client:
-        bare_client_process(Path(args.kubeconfig), args.max_workers, frozenset(filter(None, args.skip_kinds.split(","))))
+        bare_client_process(
+            Path(args.kubeconfig), args.max_workers, frozenset(filter(None, args.skip_kinds.split(",")))
+        )
         return 0
 
     from kubetune_cli.localenv.control_plane import ControlPlane
@@ -511,8 +623,11 @@ def main(argv: list[str] | None = None) -> int:
         op["watches"].stop()
         bare.append(run_bare(api, kubeconfig, template, args.namespace + "-bare2", args))  # the operator idles
         if args.rbac_cost:
-            bare.append(run_bare(api, kubeconfig, template, args.namespace + "-bare3", args,
-                                 skip="ServiceAccount,Role,RoleBinding"))
+            bare.append(
+                run_bare(
+                    api, kubeconfig, template, args.namespace + "-bare3", args, skip="ServiceAccount,Role,RoleBinding"
+                )
+            )
         report(args, bare, op, idle, single, rss)
         return 0
     finally:
@@ -529,11 +644,15 @@ def _prepare_namespaces(api: Any, names: list[str], template: dict[str, Any]) ->
 
     core = client.CoreV1Api(api)
     fake = base64.b64encode(b"benchmark").decode()
-    secret = {"metadata": {"name": template["spec"]["dataset"]["credentialsSecret"]},
-              "data": {"AWS_ACCESS_KEY_ID": fake, "AWS_SECRET_ACCESS_KEY": fake}}
+    secret = {
+        "metadata": {"name": template["spec"]["dataset"]["credentialsSecret"]},
+        "data": {"AWS_ACCESS_KEY_ID": fake, "AWS_SECRET_ACCESS_KEY": fake},
+    }
     for name in names:
-        for create, arguments in ((core.create_namespace, ({"metadata": {"name": name}},)),
-                                  (core.create_namespaced_secret, (name, secret))):
+        for create, arguments in (
+            (core.create_namespace, ({"metadata": {"name": name}},)),
+            (core.create_namespaced_secret, (name, secret)),
+        ):
             try:
                 create(*arguments, _preload_content=False)
             except client.ApiException as e:

@@ -52,8 +52,9 @@ sys.path.insert(0, str(REPO))
 BUCKET = "kubetune-bench"
 
 
-def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: list[str], env: dict[str, str],
-                out: str) -> None:
+def bare_worker(
+    rank: int, world: int, port: int, args: dict[str, Any], shards: list[str], env: dict[str, str], out: str
+) -> None:
     """One process of the bare loop (DDP over gloo)."""
     os.environ.update(env)
     import torch
@@ -71,17 +72,20 @@ def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: 
     model.train()
     ddp = DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=math.ceil(0.03 * args["steps"]),
-                          num_training_steps=args["steps"])
+    sched = get_scheduler(
+        "cosine", opt, num_warmup_steps=math.ceil(0.03 * args["steps"]), num_training_steps=args["steps"]
+    )
     data = load_shard([shards[rank]])
     batches = batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
     durations, cpu_durations, step_tokens = [], [], []
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
         t0, cpu0 = time.perf_counter(), time.process_time()
-        out_ = ddp(input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
-                   position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
-                   labels=torch.from_numpy(data["labels"][rows]).long())
+        out_ = ddp(
+            input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
+            position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
+            labels=torch.from_numpy(data["labels"][rows]).long(),
+        )
         out_.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -93,8 +97,9 @@ def bare_worker(rank: int, world: int, port: int, args: dict[str, Any], shards: 
     tokens = torch.tensor(step_tokens, dtype=torch.float64)
     dist.all_reduce(tokens)  # the tokens of all workers in each step
     if rank == 0:  # rank 0's step times, as the trainer reports them (DDP keeps the ranks in lockstep)
-        Path(out).write_text(json.dumps({"stepTokens": tokens.tolist(), "stepSeconds": durations,
-                                         "stepCpuSeconds": cpu_durations}))
+        Path(out).write_text(
+            json.dumps({"stepTokens": tokens.tolist(), "stepSeconds": durations, "stepCpuSeconds": cpu_durations})
+        )
     # No destroy_process_group(): with gloo it can wait forever for a peer that has already exited.
 
 
@@ -102,8 +107,17 @@ WARMUP_STEPS = 3
 TARGET = 0.95  # kubetune's tokens/s at least this share of the bare loop's (mean and median)
 # Per model: defaults sized for a 2-core machine (SmolLM2 steps take seconds each on a CPU).
 MODEL_DEFAULTS = {"tiny": {"seq": 64, "batch": 4, "steps": 40}, "smollm2": {"seq": 64, "batch": 2, "steps": 12}}
-STARTUP_KEYS = ("rayStartSeconds", "dataSeconds", "workerStartSeconds", "modelLoadSeconds", "deepspeedInitSeconds",
-                "resumeSeconds", "baseEvalSeconds", "firstStepSeconds", "timeToFirstStepSeconds")
+STARTUP_KEYS = (
+    "rayStartSeconds",
+    "dataSeconds",
+    "workerStartSeconds",
+    "modelLoadSeconds",
+    "deepspeedInitSeconds",
+    "resumeSeconds",
+    "baseEvalSeconds",
+    "firstStepSeconds",
+    "timeToFirstStepSeconds",
+)
 
 
 def rates(steps: dict[str, list[float]]) -> dict[str, float]:
@@ -120,8 +134,12 @@ def rates(steps: dict[str, list[float]]) -> dict[str, float]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(MODEL_DEFAULTS), default="tiny",
-                        help="tiny: a random 2-layer Llama; smollm2: the real SmolLM2-135M (converted once, cached)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODEL_DEFAULTS),
+        default="tiny",
+        help="tiny: a random 2-layer Llama; smollm2: the real SmolLM2-135M (converted once, cached)",
+    )
     parser.add_argument("--hidden", type=int, default=128, help="tiny model only")
     parser.add_argument("--layers", type=int, default=2, help="tiny model only")
     parser.add_argument("--seq", type=int)
@@ -129,10 +147,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--records", type=int, default=1000)
-    parser.add_argument("--eval-every", type=int, default=20,
-                        help="the trainer evaluates every N steps (0: never); the bare loop does not")
-    parser.add_argument("--checkpoint-every", type=int, default=20,
-                        help="the trainer checkpoints to S3 every N steps (and at the end); the bare loop does not")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=20,
+        help="the trainer evaluates every N steps (0: never); the bare loop does not",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=20,
+        help="the trainer checkpoints to S3 every N steps (and at the end); the bare loop does not",
+    )
     args = parser.parse_args()
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
@@ -152,29 +178,43 @@ def fortune_texts(limit: int) -> list[str]:
 def trainer_config(args: argparse.Namespace, endpoint: str) -> Any:
     from kubetune.api import TrainerConfig
 
-    dataset: dict[str, Any] = {"train": f"s3://{BUCKET}/data/train.jsonl", "format": "completion",
-                               "endpoint": endpoint, "preprocessing": {"maxSeqLength": args.seq}}
+    dataset: dict[str, Any] = {
+        "train": f"s3://{BUCKET}/data/train.jsonl",
+        "format": "completion",
+        "endpoint": endpoint,
+        "preprocessing": {"maxSeqLength": args.seq},
+    }
     if args.eval_every:
         dataset["validationSplit"] = 0.05
-    return TrainerConfig.model_validate({
-        "job": {"name": "bench", "namespace": "bench"},
-        "spec": {
-            "model": {"uri": f"s3://{BUCKET}/model"},
-            "dataset": dataset,
-            "training": {"method": "full", "maxSteps": args.steps, "perDeviceBatchSize": args.batch,
-                         "learningRate": 1e-3, "evalIntervalSteps": args.eval_every or 10**6, "maxEvalBatches": 2,
-                         "checkpoint": {"intervalSteps": args.checkpoint_every or 10**6, "keep": 1},
-                         "deepspeed": {"zeroStage": 2}},
-            "resources": {"workers": args.workers, "gpusPerWorker": 0},
-            "output": {"uri": f"s3://{BUCKET}/runs"}, "deploy": {"enabled": False},
-        },
-        "runUri": f"s3://{BUCKET}/runs/bench/bench",
-        "reporting": {"kubernetes": False, "minIntervalSeconds": 10},
-    })
+    return TrainerConfig.model_validate(
+        {
+            "job": {"name": "bench", "namespace": "bench"},
+            "spec": {
+                "model": {"uri": f"s3://{BUCKET}/model"},
+                "dataset": dataset,
+                "training": {
+                    "method": "full",
+                    "maxSteps": args.steps,
+                    "perDeviceBatchSize": args.batch,
+                    "learningRate": 1e-3,
+                    "evalIntervalSteps": args.eval_every or 10**6,
+                    "maxEvalBatches": 2,
+                    "checkpoint": {"intervalSteps": args.checkpoint_every or 10**6, "keep": 1},
+                    "deepspeed": {"zeroStage": 2},
+                },
+                "resources": {"workers": args.workers, "gpusPerWorker": 0},
+                "output": {"uri": f"s3://{BUCKET}/runs"},
+                "deploy": {"enabled": False},
+            },
+            "runUri": f"s3://{BUCKET}/runs/bench/bench",
+            "reporting": {"kubernetes": False, "minIntervalSeconds": 10},
+        }
+    )
 
 
-def run_bare(tag: str, args: argparse.Namespace, model_dir: Path, shards: list[str], env: dict[str, str],
-             tmpdir: Path) -> dict[str, float]:
+def run_bare(
+    tag: str, args: argparse.Namespace, model_dir: Path, shards: list[str], env: dict[str, str], tmpdir: Path
+) -> dict[str, float]:
     import socket
 
     import torch.multiprocessing as mp
@@ -184,18 +224,27 @@ def run_bare(tag: str, args: argparse.Namespace, model_dir: Path, shards: list[s
         port = sock.getsockname()[1]
     out = tmpdir / f"bare-{tag}.json"
     bare_args = {"model_dir": str(model_dir), "steps": args.steps, "batch": args.batch, "lr": 1e-3, "threads": 1}
-    mp.start_processes(bare_worker, args=(args.workers, port, bare_args, shards, env, str(out)),
-                       nprocs=args.workers, start_method="spawn")
+    mp.start_processes(
+        bare_worker,
+        args=(args.workers, port, bare_args, shards, env, str(out)),
+        nprocs=args.workers,
+        start_method="spawn",
+    )
     r = rates(json.loads(out.read_text()))
-    print(f"bare PyTorch ({tag}; DDP, gloo, {args.workers} procs): median {r['median']:.0f} tokens/s, "
-          f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}", flush=True)
+    print(
+        f"bare PyTorch ({tag}; DDP, gloo, {args.workers} procs): median {r['median']:.0f} tokens/s, "
+        f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}",
+        flush=True,
+    )
     return r
 
 
 def print_trainer_breakdown(metrics: list[dict[str, Any]], wall: float) -> None:
     """Time to first step by phase, and the trainer's wall time by phase (share of the whole job)."""
     startup = next((m for m in metrics if m.get("event") == "startup"), {})
-    parts = [f"{k[:-len('Seconds')]} {startup[k]:.1f}s" for k in STARTUP_KEYS if isinstance(startup.get(k), (int, float))]
+    parts = [
+        f"{k[: -len('Seconds')]} {startup[k]:.1f}s" for k in STARTUP_KEYS if isinstance(startup.get(k), (int, float))
+    ]
     print("time to first step: " + (", ".join(parts) or "not reported"), flush=True)
     finished = next((m for m in metrics if m.get("event") == "finished"), {})
     phases = dict(finished.get("phaseSeconds") or {})
@@ -216,14 +265,25 @@ def main() -> int:
     from kubetune_trainer.data import prepare
 
     texts = fortune_texts(args.records)
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start; model {args.model}, "
-          f"{args.workers} workers, {args.steps} steps of {args.batch} x {args.seq} tokens per worker", flush=True)
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start; model {args.model}, "
+        f"{args.workers} workers, {args.steps} steps of {args.batch} x {args.seq} tokens per worker",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp, S3Server(buckets=[BUCKET]) as s3:
         tmpdir = Path(tmp)
-        env = {**s3.env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-               "RAY_AUTH_MODE": "disabled", "KUBETUNE_MODEL_CACHE": str(tmpdir / "cache"),
-               "KUBETUNE_RAY_STORAGE": str(tmpdir / "ray"), "KUBETUNE_STAGING_DIR": tmp}
+        env = {
+            **s3.env(),
+            "OMP_NUM_THREADS": str(threads),
+            "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "KUBETUNE_MODEL_CACHE": str(tmpdir / "cache"),
+            "KUBETUNE_RAY_STORAGE": str(tmpdir / "ray"),
+            "KUBETUNE_STAGING_DIR": tmp,
+        }
         os.environ.update(env)
         client = s3.client()
         if args.model == "smollm2":
@@ -231,8 +291,9 @@ def main() -> int:
         else:
             model_dir = tiny_llama(tmpdir / "model", hidden=args.hidden, layers=args.layers, seed=0)
         upload_dir(client, model_dir, f"s3://{BUCKET}/model")
-        client.put_object(Bucket=BUCKET, Key="data/train.jsonl",
-                          Body="\n".join(json.dumps({"text": t}) for t in texts).encode())
+        client.put_object(
+            Bucket=BUCKET, Key="data/train.jsonl", Body="\n".join(json.dumps({"text": t}) for t in texts).encode()
+        )
         cfg = trainer_config(args, s3.endpoint_url)
 
         # 1. The data pipeline, timed on its own (the trainer below reuses what it wrote).
@@ -240,12 +301,18 @@ def main() -> int:
         prepared = prepare(cfg, smollm2_tokenizer(), args.workers, client=client)
         prepare_seconds = time.perf_counter() - t0
         records = prepared.stats.get("records") or len(texts)
-        print(f"data: {records} records -> {prepared.num_train_sequences} sequences of {prepared.seq_length} "
-              f"tokens in {prepare_seconds:.1f}s = {records / prepare_seconds:.0f} records/s", flush=True)
+        print(
+            f"data: {records} records -> {prepared.num_train_sequences} sequences of {prepared.seq_length} "
+            f"tokens in {prepare_seconds:.1f}s = {records / prepare_seconds:.0f} records/s",
+            flush=True,
+        )
         rows_needed = args.steps * args.batch
         if prepared.num_train_sequences // args.workers < rows_needed:
-            print(f"note: {prepared.num_train_sequences // args.workers} rows per worker for {rows_needed} needed; "
-                  "the bare loop wraps around, the trainer starts a new epoch", flush=True)
+            print(
+                f"note: {prepared.num_train_sequences // args.workers} rows per worker for {rows_needed} needed; "
+                "the bare loop wraps around, the trainer starts a new epoch",
+                flush=True,
+            )
 
         # 2. The bare PyTorch loop, before and after the trainer.
         bare_before = run_bare("before", args, model_dir, prepared.train_shards, env, tmpdir)
@@ -254,9 +321,14 @@ def main() -> int:
         config_path = tmpdir / "config.json"
         config_path.write_text(json.dumps(cfg.wire()))
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--local"],
-                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=3600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--local"],
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=3600,
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout[-5000:])
@@ -266,28 +338,44 @@ def main() -> int:
         steps = {m["step"]: m for m in metrics if "stepSeconds" in m}
         ordered = [steps[k] for k in sorted(steps)]
         trainer = rates({key: [m[key] for m in ordered] for key in ("stepTokens", "stepSeconds", "stepCpuSeconds")})
-        print(f"kubetune trainer (Ray Train + DeepSpeed ZeRO-2, {args.workers} workers): median "
-              f"{trainer['median']:.0f} tokens/s, mean {trainer['mean']:.0f}, per CPU-second {trainer['cpu']:.0f} "
-              f"(whole job {wall:.0f}s wall)", flush=True)
+        print(
+            f"kubetune trainer (Ray Train + DeepSpeed ZeRO-2, {args.workers} workers): median "
+            f"{trainer['median']:.0f} tokens/s, mean {trainer['mean']:.0f}, per CPU-second {trainer['cpu']:.0f} "
+            f"(whole job {wall:.0f}s wall)",
+            flush=True,
+        )
         print("trainer step seconds: " + " ".join(f"{m['stepSeconds']:.3f}" for m in ordered), flush=True)
         print_trainer_breakdown(metrics, wall)
 
         bare_after = run_bare("after", args, model_dir, prepared.train_shards, env, tmpdir)
         bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
         drift = abs(bare_before["median"] - bare_after["median"]) / bare["median"]
-        print(f"background drift between the two bare runs: {drift * 100:.1f}%"
-              + ("  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
-                 if drift > 0.1 else ""))
+        print(
+            f"background drift between the two bare runs: {drift * 100:.1f}%"
+            + (
+                "  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
+                if drift > 0.1
+                else ""
+            )
+        )
         print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
         tokens_per_record = (prepared.stats.get("tokens") or 1) / max(1, prepared.stats.get("trainRecords") or records)
         consumed = trainer["median"] / tokens_per_record
-        print(f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / bare['median']:.3f} "
-              f"(target: {TARGET})")
-        print(f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / bare['mean']:.3f} (target: {TARGET})")
-        print(f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / bare['cpu']:.3f} "
-              f"(target: {TARGET}; insensitive to other processes' load, blind to time spent waiting)")
-        print(f"ratio data pipeline records/s / trainer consumption: {records / prepare_seconds / consumed:.1f} "
-              "(target: 1.0)")
+        print(
+            f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / bare['median']:.3f} "
+            f"(target: {TARGET})"
+        )
+        print(
+            f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / bare['mean']:.3f} (target: {TARGET})"
+        )
+        print(
+            f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / bare['cpu']:.3f} "
+            f"(target: {TARGET}; insensitive to other processes' load, blind to time spent waiting)"
+        )
+        print(
+            f"ratio data pipeline records/s / trainer consumption: {records / prepare_seconds / consumed:.1f} "
+            "(target: 1.0)"
+        )
     return 0
 
 

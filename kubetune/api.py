@@ -52,9 +52,7 @@ TUNABLE_FIELDS: dict[str, Literal["float", "int"]] = {
 class Model(BaseModel):
     """Base for every API model: camelCase on the wire, unknown fields refused."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True)
 
     def wire(self, exclude_none: bool = True) -> dict[str, Any]:
         """The object as it appears in Kubernetes: camelCase keys, JSON types."""
@@ -109,16 +107,20 @@ class FieldMapping(Model):
     text: str = _field("text", description="completion and classification: key of the text.")
     label: str = _field("label", description="classification: key of the label (an integer id or a class name).")
     input: str | None = _field(
-        None, description="instruction: optional key of a text appended to the prompt after a blank line (Alpaca's "
-        "`input`; with prompt: instruction, response: output).", max_length=253,
+        None,
+        description="instruction: optional key of a text appended to the prompt after a blank line (Alpaca's "
+        "`input`; with prompt: instruction, response: output).",
+        max_length=253,
     )
     chosen: str | None = _field(
-        None, description="preference: key of the preferred response, text or assistant messages (default chosen).",
+        None,
+        description="preference: key of the preferred response, text or assistant messages (default chosen).",
         max_length=253,
     )
     rejected: str | None = _field(
-        None, description="preference: key of the dispreferred response, text or assistant messages (default "
-        "rejected).", max_length=253,
+        None,
+        description="preference: key of the dispreferred response, text or assistant messages (default rejected).",
+        max_length=253,
     )
 
 
@@ -146,9 +148,7 @@ class Preprocessing(Model):
     max_seq_length: int = _field(
         1024, description="Tokens per training sequence; longer records are truncated.", ge=16, le=131072
     )
-    packing: bool = _field(
-        True, description="Pack several tokenised records into each sequence (causal-lm only)."
-    )
+    packing: bool = _field(True, description="Pack several tokenised records into each sequence (causal-lm only).")
     max_invalid_fraction: float = _field(
         0.05,
         description="Fail the job when more than this share of records is invalid (bad JSON, missing fields, "
@@ -167,23 +167,30 @@ class DataSource(Model):
 
     uri: str = _field(description="An s3:// object or prefix, as for train.", pattern=S3_URI_PATTERN)
     weight: float = _field(
-        1.0, description="Relative share of the training examples drawn from this source (weights need not sum "
-        "to 1). Sources are interleaved in proportion until the first one runs out.", gt=0, le=1e6,
+        1.0,
+        description="Relative share of the training examples drawn from this source (weights need not sum "
+        "to 1). Sources are interleaved in proportion until the first one runs out.",
+        gt=0,
+        le=1e6,
     )
     format: Literal["chat", "instruction", "completion", "classification", "preference"] | None = _field(
-        None, description="Record layout of this source; defaults to spec.dataset.format. chat and instruction "
+        None,
+        description="Record layout of this source; defaults to spec.dataset.format. chat and instruction "
         "sources mix (both are conversations).",
     )
     file_format: Literal["auto", "jsonl", "json", "parquet"] | None = _field(
         None, description="File format of this source; defaults to spec.dataset.fileFormat."
     )
-    fields: FieldMapping | None = _field(None, description="Record keys of this source; defaults to spec.dataset.fields.")
+    fields: FieldMapping | None = _field(
+        None, description="Record keys of this source; defaults to spec.dataset.fields."
+    )
 
 
 # Names of inline credentials: never fields of the API; the CRD refuses them (see DatasetSpec).
 INLINE_CREDENTIAL_FIELDS = ("accessKeyId", "secretAccessKey", "sessionToken")
-INLINE_CREDENTIALS_MESSAGE = ("inline S3 credentials are not accepted; store them in a Secret and name it in "
-                              "spec.dataset.credentialsSecret")
+INLINE_CREDENTIALS_MESSAGE = (
+    "inline S3 credentials are not accepted; store them in a Secret and name it in spec.dataset.credentialsSecret"
+)
 REFUSED_PROPERTIES = "x-kubetune-refused-properties"
 
 
@@ -199,9 +206,7 @@ class DatasetSpec(Model):
     sources: list[DataSource] | None = _field(
         None, description="Several training sources mixed by weight, instead of train.", min_length=1, max_length=64
     )
-    validation: str | None = _field(
-        None, description="Held-out data, same layout as train.", pattern=S3_URI_PATTERN
-    )
+    validation: str | None = _field(None, description="Held-out data, same layout as train.", pattern=S3_URI_PATTERN)
     validation_split: float | None = _field(
         None,
         description="Share of train records held out for evaluation when no validation set is given.",
@@ -213,15 +218,18 @@ class DatasetSpec(Model):
         "classification text/label, or preference prompt/chosen/rejected (for training.objective dpo)."
     )
     file_format: Literal["auto", "jsonl", "json", "parquet"] = _field(
-        "auto", description="File format: jsonl (one object a line), json (one array of objects), parquet; auto "
-        "decides Parquet by extension and JSONL or JSON array by the first character."
+        "auto",
+        description="File format: jsonl (one object a line), json (one array of objects), parquet; auto "
+        "decides Parquet by extension and JSONL or JSON array by the first character.",
     )
     fields: FieldMapping = _field(default_factory=FieldMapping, description="Record keys for each format.")
     chat_template: str | None = _field(
-        None, description="chat and instruction: the chat template to train with and serve with: a named one "
+        None,
+        description="chat and instruction: the chat template to train with and serve with: a named one "
         "(chatml, llama3, zephyr) or inline Jinja. Defaults to the base tokenizer's own; a base without one "
         "needs this field. Exported beside the model as chat_template.jinja and passed to vLLM.",
-        min_length=1, max_length=65536,
+        min_length=1,
+        max_length=65536,
     )
     labels: list[str] | None = _field(
         None,
@@ -260,11 +268,16 @@ class DatasetSpec(Model):
     def train_sources(self) -> list[DataSource]:
         """The training sources with every default filled in: sources, or train as a single source."""
         given = self.sources or [DataSource(uri=self.train or "")]
-        return [src.model_copy(update={
-            "format": src.format or self.format,
-            "file_format": src.file_format or self.file_format,
-            "fields": src.fields or self.fields,
-        }) for src in given]
+        return [
+            src.model_copy(
+                update={
+                    "format": src.format or self.format,
+                    "file_format": src.file_format or self.file_format,
+                    "fields": src.fields or self.fields,
+                }
+            )
+            for src in given
+        ]
 
     def train_uris(self) -> list[str]:
         """Every training URI (train or each source's)."""
@@ -311,8 +324,10 @@ class DpoSpec(Model):
     """Direct Preference Optimization settings."""
 
     beta: float = _field(
-        0.1, description="Strength of the pull towards the reference model (DPO's beta; higher stays closer).",
-        gt=0.0, le=100.0,
+        0.1,
+        description="Strength of the pull towards the reference model (DPO's beta; higher stays closer).",
+        gt=0.0,
+        le=100.0,
     )
 
 
@@ -321,18 +336,19 @@ class TrainingSpec(Model):
 
     method: Literal["lora", "full"] = _field("lora", description="LoRA adapters (peft) or full fine-tuning.")
     objective: Literal["sft", "dpo"] | None = _field(
-        None, description="sft (supervised fine-tuning, when unset) or dpo (Direct Preference Optimization on "
+        None,
+        description="sft (supervised fine-tuning, when unset) or dpo (Direct Preference Optimization on "
         "preference data; the reference model is the base: LoRA's adapters switched off, or for full "
         "fine-tuning the base's log-probabilities computed before the first update).",
     )
-    dpo: DpoSpec | None = _field(None, description="DPO settings; only with objective dpo (defaults apply when omitted).")
+    dpo: DpoSpec | None = _field(
+        None, description="DPO settings; only with objective dpo (defaults apply when omitted)."
+    )
     lora: LoraSpec | None = _field(
         None, description="LoRA settings; only with method lora (defaults apply when omitted)."
     )
     epochs: float = _field(1.0, description="Passes over the training data.", gt=0, le=1000)
-    max_steps: int | None = _field(
-        None, description="Stop after this many optimizer steps (overrides epochs).", ge=1
-    )
+    max_steps: int | None = _field(None, description="Stop after this many optimizer steps (overrides epochs).", ge=1)
     learning_rate: float = _field(2e-4, description="Peak learning rate.", gt=0, lt=1)
     per_device_batch_size: int = _field(4, description="Sequences per worker per micro-step.", ge=1, le=4096)
     gradient_accumulation_steps: int = _field(1, description="Micro-steps per optimizer step.", ge=1, le=4096)
@@ -348,35 +364,46 @@ class TrainingSpec(Model):
     )
     deepspeed: DeepSpeedSpec = _field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO settings.")
     gradient_checkpointing: bool = _field(
-        False, description="Recompute activations in the backward pass instead of keeping them: far less "
-        "memory for long sequences, about a third more compute; the same loss."
+        False,
+        description="Recompute activations in the backward pass instead of keeping them: far less "
+        "memory for long sequences, about a third more compute; the same loss.",
     )
     attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = _field(
-        "auto", description="Attention implementation: auto is flash_attention_2 on GPUs where the flash-attn "
-        "package is installed, else sdpa (PyTorch's scaled_dot_product_attention)."
+        "auto",
+        description="Attention implementation: auto is flash_attention_2 on GPUs where the flash-attn "
+        "package is installed, else sdpa (PyTorch's scaled_dot_product_attention).",
     )
     liger_kernels: bool = _field(
-        False, description="Fused Triton kernels from the liger-kernel package (RMSNorm, RoPE, SwiGLU, fused "
-        "linear cross-entropy) for the architectures it supports; GPUs only, ignored on CPU."
+        False,
+        description="Fused Triton kernels from the liger-kernel package (RMSNorm, RoPE, SwiGLU, fused "
+        "linear cross-entropy) for the architectures it supports; GPUs only, ignored on CPU.",
     )
     eval_interval_steps: int = _field(50, description="Evaluate every this many optimizer steps.", ge=1)
     max_eval_batches: int | None = _field(
         None, description="Cap on evaluation batches per evaluation (all when unset).", ge=1
     )
-    checkpoint: CheckpointSpec = _field(default_factory=CheckpointSpec, description="Checkpoint interval and retention.")
+    checkpoint: CheckpointSpec = _field(
+        default_factory=CheckpointSpec, description="Checkpoint interval and retention."
+    )
     early_stopping: EarlyStoppingSpec | None = _field(
         None, description="Stop early when evalLoss stops improving; needs validation data."
     )
     max_worker_restarts: int = _field(
-        3, description="Times Ray Train restarts the worker group inside the running Ray cluster after a "
+        3,
+        description="Times Ray Train restarts the worker group inside the running Ray cluster after a "
         "training worker fails (process killed, node lost), each time from the latest complete checkpoint "
         "(Ray Train's FailureConfig.max_failures); 0 ends the attempt at the first lost worker. Failures "
-        "beyond this count fail the Ray job, which spec.backoffLimit may retry on a new cluster.", ge=0, le=100
+        "beyond this count fail the Ray job, which spec.backoffLimit may retry on a new cluster.",
+        ge=0,
+        le=100,
     )
     max_preemption_restarts: int = _field(
-        10, description="Times the worker group restarts after a node is preempted or drained; each "
+        10,
+        description="Times the worker group restarts after a node is preempted or drained; each "
         "preemption first writes a just-in-time checkpoint (Ray Train's FailureConfig."
-        "max_preemption_failures, counted apart from maxWorkerRestarts).", ge=0, le=1000
+        "max_preemption_failures, counted apart from maxWorkerRestarts).",
+        ge=0,
+        le=1000,
     )
 
     @property
@@ -445,12 +472,16 @@ class ScratchSpec(Model):
     """Node-local disk of each Ray pod: the base model cache, checkpoint/export staging and spill files."""
 
     size: str = _field(
-        "100Gi", description="Size of the scratch volume: the emptyDir's sizeLimit (or the claim's request) "
-        "and the pod's ephemeral-storage request.", pattern=QUANTITY_PATTERN
+        "100Gi",
+        description="Size of the scratch volume: the emptyDir's sizeLimit (or the claim's request) "
+        "and the pod's ephemeral-storage request.",
+        pattern=QUANTITY_PATTERN,
     )
     storage_class_name: str | None = _field(
-        None, description="Use a generic ephemeral volume of this StorageClass (a per-pod claim, e.g. local "
-        "NVMe) instead of an emptyDir; deleted with the pod.", max_length=253
+        None,
+        description="Use a generic ephemeral volume of this StorageClass (a per-pod claim, e.g. local "
+        "NVMe) instead of an emptyDir; deleted with the pod.",
+        max_length=253,
     )
 
 
@@ -459,18 +490,24 @@ class ResourcesSpec(Model):
 
     workers: int = _field(1, description="Training worker pods.", ge=1, le=1024)
     gpus_per_worker: int = _field(
-        1, description="GPUs per worker pod; 0 trains on CPU. Each GPU runs one training rank (one Ray Train "
-        "worker), so a job has workers x gpusPerWorker ranks.", ge=0, le=16
+        1,
+        description="GPUs per worker pod; 0 trains on CPU. Each GPU runs one training rank (one Ray Train "
+        "worker), so a job has workers x gpusPerWorker ranks.",
+        ge=0,
+        le=16,
     )
     ranks_per_worker: int | None = _field(
-        None, description="Training ranks per worker pod. Unset: one per GPU (gpusPerWorker), or one on CPU; "
-        "with GPUs it must equal gpusPerWorker.", ge=1, le=64
+        None,
+        description="Training ranks per worker pod. Unset: one per GPU (gpusPerWorker), or one on CPU; "
+        "with GPUs it must equal gpusPerWorker.",
+        ge=1,
+        le=64,
     )
     cpu_per_worker: str = _field("8", description="CPU request and limit per worker.", pattern=QUANTITY_PATTERN)
-    memory_per_worker: str = _field("32Gi", description="Memory request and limit per worker.", pattern=QUANTITY_PATTERN)
-    gpu_resource_name: str = _field(
-        "nvidia.com/gpu", description="Extended resource name of the GPUs.", max_length=253
+    memory_per_worker: str = _field(
+        "32Gi", description="Memory request and limit per worker.", pattern=QUANTITY_PATTERN
     )
+    gpu_resource_name: str = _field("nvidia.com/gpu", description="Extended resource name of the GPUs.", max_length=253)
     head: HeadSpec = _field(default_factory=HeadSpec, description="Ray head pod resources.")
     scratch: ScratchSpec = _field(
         default_factory=ScratchSpec, description="Node-local scratch volume of the head and worker pods."
@@ -497,9 +534,7 @@ class OutputSpec(Model):
         "same name never resumes, overwrites or deletes an earlier one's files.",
         pattern=S3_URI_PATTERN,
     )
-    export_merged: bool = _field(
-        False, description="With LoRA, also export the adapter merged into the base weights."
-    )
+    export_merged: bool = _field(False, description="With LoRA, also export the adapter merged into the base weights.")
 
 
 class DeployResources(Model):
@@ -545,24 +580,42 @@ class InferenceServerSpec(Model):
     """A shared multi-LoRA inference server (`server.yaml` of a ConfigMap labelled kubetune.io/inference-server):
     one vLLM Deployment on `baseModel` serving the adapter of every job whose spec.deploy.server names it."""
 
-    base_model: str = _field(description="The base every adapter was trained on (s3:// prefix or hf://org/name); "
-                             "a job whose base differs is refused.", pattern=MODEL_URI_PATTERN)
+    base_model: str = _field(
+        description="The base every adapter was trained on (s3:// prefix or hf://org/name); "
+        "a job whose base differs is refused.",
+        pattern=MODEL_URI_PATTERN,
+    )
     revision: str | None = _field(None, description="hf:// base: the revision to load.", max_length=255)
     replicas: int = _field(1, description="Server replicas; each holds every adapter.", ge=0, le=1000)
     resources: DeployResources = _field(default_factory=DeployResources, description="Resources per replica.")
-    max_lora_rank: int = _field(16, description="vLLM --max-lora-rank: the largest adapter rank served (one "
-                                "of 1, 8, 16, 32, 64, 128, 256, 320, 512).", ge=1, le=512)
-    max_loras: int = _field(4, description="vLLM --max-loras: adapters held on the device at once (others wait "
-                            "in CPU memory).", ge=1, le=256)
+    max_lora_rank: int = _field(
+        16,
+        description="vLLM --max-lora-rank: the largest adapter rank served (one "
+        "of 1, 8, 16, 32, 64, 128, 256, 320, 512).",
+        ge=1,
+        le=512,
+    )
+    max_loras: int = _field(
+        4,
+        description="vLLM --max-loras: adapters held on the device at once (others wait in CPU memory).",
+        ge=1,
+        le=256,
+    )
     max_model_len: int | None = _field(None, description="vLLM --max-model-len.", ge=16)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field("auto", description="Weights' dtype.")
-    chat_template: str | None = _field(None, description="Inline Jinja chat template for every model on the "
-                                       "server (vLLM --chat-template); unset: the base's own.", max_length=65536)
-    endpoint: str | None = _field(None, description="S3 endpoint URL of an s3:// base; empty for AWS.",
-                                  max_length=2048)
+    chat_template: str | None = _field(
+        None,
+        description="Inline Jinja chat template for every model on the "
+        "server (vLLM --chat-template); unset: the base's own.",
+        max_length=65536,
+    )
+    endpoint: str | None = _field(None, description="S3 endpoint URL of an s3:// base; empty for AWS.", max_length=2048)
     region: str = _field("us-east-1", description="S3 region of the base.", max_length=64)
-    credentials_secret: str | None = _field(None, description="Secret with AWS_ACCESS_KEY_ID and "
-                                            "AWS_SECRET_ACCESS_KEY for an s3:// base.", pattern=DNS_SUBDOMAIN_PATTERN)
+    credentials_secret: str | None = _field(
+        None,
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for an s3:// base.",
+        pattern=DNS_SUBDOMAIN_PATTERN,
+    )
     image: str | None = _field(None, description="Inference image; default: the operator's.", max_length=1024)
 
 
@@ -581,9 +634,12 @@ class FineTuneJobSpec(Model):
         None, description="Fail the training when it runs longer than this.", ge=1
     )
     backoff_limit: int = _field(
-        0, description="Retries of the whole Ray job on a new Ray cluster after it failed (KubeRay's RayJob "
+        0,
+        description="Retries of the whole Ray job on a new Ray cluster after it failed (KubeRay's RayJob "
         "backoffLimit); each retry resumes from the latest complete checkpoint. Worker failures inside a running "
-        "cluster are handled first by spec.training.maxWorkerRestarts.", ge=0, le=100
+        "cluster are handled first by spec.training.maxWorkerRestarts.",
+        ge=0,
+        le=100,
     )
 
     @model_validator(mode="after")
@@ -602,8 +658,13 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
     if r.ranks_per_worker is not None and r.gpus_per_worker > 0 and r.ranks_per_worker != r.gpus_per_worker:
         errs.append(("spec.resources.ranksPerWorker", "must equal gpusPerWorker (one rank per GPU) or be unset"))
     if spec.deploy.server and (t.method != "lora" or spec.deploy.mode == "merged"):
-        errs.append(("spec.deploy.server", "a shared inference server serves LoRA adapters on its base: needs "
-                     "training.method lora and deploy.mode adapter (or unset)"))
+        errs.append(
+            (
+                "spec.deploy.server",
+                "a shared inference server serves LoRA adapters on its base: needs "
+                "training.method lora and deploy.mode adapter (or unset)",
+            )
+        )
     if t.method == "full" and t.lora is not None:
         errs.append(("spec.training.lora", "LoRA settings are only allowed with method: lora"))
     if m.task == "sequence-classification":
@@ -662,9 +723,14 @@ def _source_errors(d: DatasetSpec) -> list[tuple[str, str]]:
     if (d.train is None) == (d.sources is None):
         return [("spec.dataset.train", "set either train or sources (exactly one)")]
     family = next(f for f in FORMAT_FAMILIES if d.format in f)
-    return [(f"spec.dataset.sources[{i}].format", f"{s.format} records cannot be mixed with {d.format} "
-             f"(mixable: chat with instruction)") for i, s in enumerate(d.sources or [])
-            if s.format is not None and s.format not in family]
+    return [
+        (
+            f"spec.dataset.sources[{i}].format",
+            f"{s.format} records cannot be mixed with {d.format} (mixable: chat with instruction)",
+        )
+        for i, s in enumerate(d.sources or [])
+        if s.format is not None and s.format not in family
+    ]
 
 
 def _tuning_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
@@ -721,8 +787,13 @@ def _tuning_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
         for p in tuning.search_space.values():
             combinations *= len(p.values or [])
         if tuning.trials != combinations:
-            errs.append((f"{base}.trials", f"grid search runs every combination of the choice values once: "
-                                           f"{combinations} trials, so set trials: {combinations}"))
+            errs.append(
+                (
+                    f"{base}.trials",
+                    f"grid search runs every combination of the choice values once: "
+                    f"{combinations} trials, so set trials: {combinations}",
+                )
+            )
     return errs
 
 
@@ -776,8 +847,9 @@ class Progress(Model):
     loss: float | None = _field(None, description="Recent training loss.")
     eval_loss: float | None = _field(None, description="Latest evaluation loss.")
     preference_accuracy: float | None = _field(
-        None, description="objective dpo: latest held-out share of pairs where the model finds the chosen response "
-        "likelier than the rejected one."
+        None,
+        description="objective dpo: latest held-out share of pairs where the model finds the chosen response "
+        "likelier than the rejected one.",
     )
     reward_margin: float | None = _field(
         None, description="objective dpo: latest held-out mean implicit reward of chosen minus rejected."
@@ -794,8 +866,9 @@ class StartupTimes(Model):
 
     ray_start_seconds: float | None = _field(None, description="Starting or joining the Ray cluster (driver).")
     data_seconds: float | None = _field(
-        None, description="Data preparation on the driver (read, clean, tokenise, pack, shard), then loading the "
-        "worker's shard."
+        None,
+        description="Data preparation on the driver (read, clean, tokenise, pack, shard), then loading the "
+        "worker's shard.",
     )
     worker_start_seconds: float | None = _field(None, description="Ray Train starting the worker group.")
     model_load_seconds: float | None = _field(None, description="Base model fetched (node cache) and loaded.")
@@ -869,7 +942,8 @@ class ModelArtifact(Model):
     merged_uri: str | None = _field(None, description="Merged weights, when exported.")
     kind: Literal["adapter", "full"] | None = _field(None, description="adapter or full.")
     chat_template: str | None = _field(
-        None, description="File under uri holding the Jinja chat template the trainer rendered conversations "
+        None,
+        description="File under uri holding the Jinja chat template the trainer rendered conversations "
         "with (e.g. chat_template.jinja); the inference server is started with it (--chat-template).",
         max_length=253,
     )
@@ -936,9 +1010,7 @@ class JobRef(Model):
 class ReportingSpec(Model):
     """Where the trainer reports progress."""
 
-    kubernetes: bool = _field(
-        True, description="Patch the FineTuneJob status through the in-cluster ServiceAccount."
-    )
+    kubernetes: bool = _field(True, description="Patch the FineTuneJob status through the in-cluster ServiceAccount.")
     min_interval_seconds: float = _field(10.0, description="Least time between status patches.", ge=0)
 
 

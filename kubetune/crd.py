@@ -17,9 +17,26 @@ from kubetune import api
 
 # JSON Schema keywords a structural CRD schema accepts (Kubernetes 1.20).
 _KEEP = {
-    "type", "description", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
-    "minLength", "maxLength", "pattern", "minItems", "maxItems", "items", "properties",
-    "additionalProperties", "required", "nullable", "default", "format", "not",
+    "type",
+    "description",
+    "enum",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "items",
+    "properties",
+    "additionalProperties",
+    "required",
+    "nullable",
+    "default",
+    "format",
+    "not",
 }
 
 
@@ -65,8 +82,9 @@ def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             s["x-kubernetes-preserve-unknown-fields"] = True
         else:
             s["additionalProperties"] = _inline(ap, defs)
-    elif s.get("additionalProperties") is True or (s.get("type") == "object" and "properties" not in s
-                                                   and "additionalProperties" not in s):
+    elif s.get("additionalProperties") is True or (
+        s.get("type") == "object" and "properties" not in s and "additionalProperties" not in s
+    ):
         s.pop("additionalProperties", None)
         s["x-kubernetes-preserve-unknown-fields"] = True
     elif s.get("additionalProperties") is False:
@@ -82,7 +100,8 @@ def _inline(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     # `not: {}` so that the API server refuses any value. Its message names the field and never the value.
     for name in s.get(api.REFUSED_PROPERTIES) or ():
         keep.setdefault("properties", {})[name] = {
-            "type": "string", "not": {},
+            "type": "string",
+            "not": {},
             "description": "Refused by the API server: " + api.INLINE_CREDENTIALS_MESSAGE + ".",
         }
     if "type" not in keep and "x-kubernetes-preserve-unknown-fields" not in keep:
@@ -116,13 +135,20 @@ def openapi_schema() -> dict[str, Any]:
 
 PRINTER_COLUMNS = [
     {"name": "Status", "type": "string", "jsonPath": ".status.state", "description": "Summary of conditions."},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent",
-     "description": "Share of training steps done (%)."},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "Share of training steps done (%).",
+    },
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Training loss."},
-    {"name": "ETA(s)", "type": "integer", "jsonPath": ".status.progress.etaSeconds",
-     "description": "Estimated seconds of training left (the trainer's status.progress.etaSeconds)."},
-    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.url",
-     "description": "OpenAI-compatible API."},
+    {
+        "name": "ETA(s)",
+        "type": "integer",
+        "jsonPath": ".status.progress.etaSeconds",
+        "description": "Estimated seconds of training left (the trainer's status.progress.etaSeconds).",
+    },
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.url", "description": "OpenAI-compatible API."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -78,8 +78,14 @@ def render() -> str:
         "",
     ]
     for model in _models(api.FineTuneJobSpec) + _models(api.FineTuneJobStatus)[0:1]:
-        lines += [f"## {model.__name__}", "", (model.__doc__ or "").strip(), "",
-                  "| field | type | default | description |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"## {model.__name__}",
+            "",
+            (model.__doc__ or "").strip(),
+            "",
+            "| field | type | default | description |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, f in model.model_fields.items():
             wire = f.alias or name
             desc = (f.description or "").replace("|", "\\|")

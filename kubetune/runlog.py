@@ -55,8 +55,9 @@ def _target(config_path: str) -> dict[str, Any] | None:
         dataset = cfg["spec"]["dataset"]
         return {"run": cfg["runUri"], "endpoint": dataset.get("endpoint"), "region": dataset.get("region")}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"kubetune.runlog: no history will be written (config {config_path}: {type(e).__name__})",
-              file=sys.stderr)
+        print(
+            f"kubetune.runlog: no history will be written (config {config_path}: {type(e).__name__})", file=sys.stderr
+        )
         return None
 
 
@@ -107,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if target is not None:
             folder = attempt_folder(target["run"], started)
-            record = {"exitCode": rc, "startTime": start_text, "endTime": _now(),
-                      "seconds": round(time.monotonic() - t0, 1), "signal": sig}
+            record = {
+                "exitCode": rc,
+                "startTime": start_text,
+                "endTime": _now(),
+                "seconds": round(time.monotonic() - t0, 1),
+                "signal": sig,
+            }
             upload(target, folder, log.name, record)
             print(f"kubetune.runlog: driver log kept at {folder}/{LOG_NAME}", file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - history is best effort; the run's own result stands

@@ -63,8 +63,18 @@ SERVING_VENV_STAMP = ".kubetune-serving-stamp"
 # Flags vllm_args() sets itself; repeating them in `extra` would make the command line ambiguous.
 _MANAGED_FLAGS = frozenset(
     {
-        "--model", "--served-model-name", "--host", "--port", "--dtype", "--max-model-len", "--enable-lora",
-        "--lora-modules", "--max-lora-rank", "--enforce-eager", "--chat-template", "--max-loras",
+        "--model",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--dtype",
+        "--max-model-len",
+        "--enable-lora",
+        "--lora-modules",
+        "--max-lora-rank",
+        "--enforce-eager",
+        "--chat-template",
+        "--max-loras",
     }
 )
 

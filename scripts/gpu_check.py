@@ -38,8 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET = "kubetune-gpu-check"
 WARMUP_STEPS = 5
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name(); KUBETUNE_GPU_PEAK_TFLOPS wins.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0,
-               "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+}
 QUESTION = "In one sentence, what is a Python decorator?"
 
 
@@ -57,33 +66,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def cases(gpus: int) -> list[dict[str, Any]]:
     """Every (method, ZeRO stage, GPUs) case; one GPU and all GPUs are the same case on a 1-GPU machine."""
     counts = [1] if gpus <= 1 else [1, gpus]
-    return [{"method": m, "zero": z, "gpus": g, "name": f"{m}-zero{z}-{g}gpu"}
-            for g in counts for z in (2, 3) for m in ("lora", "full")]
+    return [
+        {"method": m, "zero": z, "gpus": g, "name": f"{m}-zero{z}-{g}gpu"}
+        for g in counts
+        for z in (2, 3)
+        for m in ("lora", "full")
+    ]
 
 
 def trainer_config(case: dict[str, Any], args: argparse.Namespace, endpoint: str) -> dict[str, Any]:
     training: dict[str, Any] = {
-        "method": case["method"], "maxSteps": args.steps, "perDeviceBatchSize": args.batch,
-        "learningRate": 2e-4 if case["method"] == "lora" else 2e-5, "warmupRatio": 0.1, "precision": "bf16",
-        "deepspeed": {"zeroStage": case["zero"]}, "checkpoint": {"intervalSteps": 10**6, "keep": 1},
+        "method": case["method"],
+        "maxSteps": args.steps,
+        "perDeviceBatchSize": args.batch,
+        "learningRate": 2e-4 if case["method"] == "lora" else 2e-5,
+        "warmupRatio": 0.1,
+        "precision": "bf16",
+        "deepspeed": {"zeroStage": case["zero"]},
+        "checkpoint": {"intervalSteps": 10**6, "keep": 1},
         "evalIntervalSteps": 10**6,
     }
     if case["method"] == "lora":
         training["lora"] = {"r": 16, "alpha": 32, "dropout": 0.0}
     spec = {
         "model": {"uri": f"s3://{BUCKET}/models/smollm2"},
-        "dataset": {"train": f"s3://{BUCKET}/data/pydoc.jsonl", "format": "completion", "endpoint": endpoint,
-                    "preprocessing": {"maxSeqLength": args.seq}},
+        "dataset": {
+            "train": f"s3://{BUCKET}/data/pydoc.jsonl",
+            "format": "completion",
+            "endpoint": endpoint,
+            "preprocessing": {"maxSeqLength": args.seq},
+        },
         "training": training,
         # One pod with `gpus` GPUs: one rank per GPU (kubetune_trainer.layout).
-        "resources": {"workers": 1, "gpusPerWorker": case["gpus"], "cpuPerWorker": str(max(1, case["gpus"] * 2)),
-                      "memoryPerWorker": "64Gi"},
+        "resources": {
+            "workers": 1,
+            "gpusPerWorker": case["gpus"],
+            "cpuPerWorker": str(max(1, case["gpus"] * 2)),
+            "memoryPerWorker": "64Gi",
+        },
         "output": {"uri": f"s3://{BUCKET}/runs"},
         "deploy": {"enabled": False},
     }
-    return {"job": {"name": case["name"], "namespace": "gpu-check", "uid": f"gpu-check-{case['name']}"},
-            "spec": spec, "runUri": f"s3://{BUCKET}/runs/gpu-check/{case['name']}",
-            "reporting": {"kubernetes": False, "minIntervalSeconds": 0}}
+    return {
+        "job": {"name": case["name"], "namespace": "gpu-check", "uid": f"gpu-check-{case['name']}"},
+        "spec": spec,
+        "runUri": f"s3://{BUCKET}/runs/gpu-check/{case['name']}",
+        "reporting": {"kubernetes": False, "minIntervalSeconds": 0},
+    }
 
 
 def flops_per_token(cfg: dict[str, Any], params: int, method: str, seq: int) -> float:
@@ -114,14 +143,20 @@ def vllm_python() -> str | None:
 
 
 def print_plan(args: argparse.Namespace, gpus: int) -> None:
-    print(f"plan: {gpus} GPU(s); {args.steps} steps of {args.batch} x {args.seq} tokens per GPU; bf16; "
-          f"first {WARMUP_STEPS} steps not timed")
+    print(
+        f"plan: {gpus} GPU(s); {args.steps} steps of {args.batch} x {args.seq} tokens per GPU; bf16; "
+        f"first {WARMUP_STEPS} steps not timed"
+    )
     for case in cases(gpus):
         cfg = trainer_config(case, args, "http://127.0.0.1:<s3 port>")
-        print(f"  train {case['name']}: python -m kubetune_trainer --config <{case['name']}.json> "
-              f"(resources {json.dumps(cfg['spec']['resources'])}, ZeRO-{case['zero']}, {case['method']})")
-    print("  serve full-zero3 (all GPUs) with python -m vllm.entrypoints.openai.api_server --dtype bfloat16 "
-          f"on 127.0.0.1, then POST /v1/chat/completions: {QUESTION!r}")
+        print(
+            f"  train {case['name']}: python -m kubetune_trainer --config <{case['name']}.json> "
+            f"(resources {json.dumps(cfg['spec']['resources'])}, ZeRO-{case['zero']}, {case['method']})"
+        )
+    print(
+        "  serve full-zero3 (all GPUs) with python -m vllm.entrypoints.openai.api_server --dtype bfloat16 "
+        f"on 127.0.0.1, then POST /v1/chat/completions: {QUESTION!r}"
+    )
 
 
 class Check:
@@ -155,25 +190,45 @@ class Check:
             with safe_open(str(f), "pt") as st:
                 params += sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())
         config = json.loads((model_dir / "config.json").read_text())
-        print(f"model: SmolLM2-135M-Instruct, {params / 1e6:.1f}M parameters; data: {len(texts)} pydoc topics "
-              f"({len(body) / 1e6:.1f} MB)", flush=True)
+        print(
+            f"model: SmolLM2-135M-Instruct, {params / 1e6:.1f}M parameters; data: {len(texts)} pydoc topics "
+            f"({len(body) / 1e6:.1f} MB)",
+            flush=True,
+        )
         return params, config
 
-    def train(self, case: dict[str, Any], env: dict[str, str], endpoint: str, s3: Any, params: int,
-              model_cfg: dict[str, Any], peak: float | None) -> None:
+    def train(
+        self,
+        case: dict[str, Any],
+        env: dict[str, str],
+        endpoint: str,
+        s3: Any,
+        params: int,
+        model_cfg: dict[str, Any],
+        peak: float | None,
+    ) -> None:
         cfg = trainer_config(case, self.args, endpoint)
         path = self.workdir / f"{case['name']}.json"
         path.write_text(json.dumps(cfg))
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=self.left())
+        proc = subprocess.run(
+            [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=self.left(),
+        )
         (self.workdir / f"{case['name']}.log").write_text(proc.stdout)
         if proc.returncode != 0:
             print(proc.stdout[-4000:], file=sys.stderr)
             raise RuntimeError(f"training {case['name']} failed (exit {proc.returncode})")
         key = f"runs/gpu-check/{case['name']}/metrics.jsonl"
-        metrics = [json.loads(ln) for ln in s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
-                   .decode().splitlines() if ln.strip()]
+        metrics = [
+            json.loads(ln)
+            for ln in s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read().decode().splitlines()
+            if ln.strip()
+        ]
         steps = [m for m in metrics if "stepSeconds" in m and m.get("stepSeconds")]
         timed = [m for m in steps if m["step"] > WARMUP_STEPS] or steps
         if not timed:
@@ -182,11 +237,20 @@ class Check:
         flops = flops_per_token(model_cfg, params, case["method"], self.args.seq)
         mfu = tps * flops / (peak * 1e12 * case["gpus"]) if peak else None
         losses = [m["loss"] for m in steps]
-        row = {**case, "tokensPerSecond": round(tps), "mfu": mfu, "seconds": round(time.monotonic() - t0, 1),
-               "firstLoss": losses[0], "lastLoss": losses[-1]}
+        row = {
+            **case,
+            "tokensPerSecond": round(tps),
+            "mfu": mfu,
+            "seconds": round(time.monotonic() - t0, 1),
+            "firstLoss": losses[0],
+            "lastLoss": losses[-1],
+        }
         self.results.append(row)
-        print(f"{case['name']}: {tps:,.0f} tokens/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, loss "
-              f"{losses[0]:.3f} -> {losses[-1]:.3f}, {row['seconds']}s", flush=True)
+        print(
+            f"{case['name']}: {tps:,.0f} tokens/s, MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, loss "
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}, {row['seconds']}s",
+            flush=True,
+        )
 
     def serve_and_ask(self, s3: Any, case_name: str) -> None:
         python = vllm_python()
@@ -199,15 +263,22 @@ class Check:
         prefix = f"runs/gpu-check/{case_name}/model/"
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
             for obj in page.get("Contents", []):
-                target = model_dir / obj["Key"][len(prefix):]
+                target = model_dir / obj["Key"][len(prefix) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(BUCKET, obj["Key"], str(target))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        cmd = vllm_command(python, model_path=str(model_dir), served_model_name="gpu-check", port=port,
-                           host="127.0.0.1", dtype="bfloat16", max_model_len=2048,
-                           extra=["--gpu-memory-utilization", "0.3"])
+        cmd = vllm_command(
+            python,
+            model_path=str(model_dir),
+            served_model_name="gpu-check",
+            port=port,
+            host="127.0.0.1",
+            dtype="bfloat16",
+            max_model_len=2048,
+            extra=["--gpu-memory-utilization", "0.3"],
+        )
         log = open(self.workdir / "vllm.log", "w")
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -218,11 +289,17 @@ class Check:
                 self.left()
                 time.sleep(2)
             print(f"vLLM (GPU) ready in {time.monotonic() - t0:.0f}s", flush=True)
-            request = {"model": "gpu-check", "messages": [{"role": "user", "content": QUESTION}],
-                       "max_tokens": 64, "temperature": 0}
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                         data=json.dumps(request).encode(),
-                                         headers={"Content-Type": "application/json"})
+            request = {
+                "model": "gpu-check",
+                "messages": [{"role": "user", "content": QUESTION}],
+                "max_tokens": 64,
+                "temperature": 0,
+            }
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=json.dumps(request).encode(),
+                headers={"Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=min(120, self.left())) as resp:
                 answer = json.loads(resp.read())["choices"][0]["message"]["content"]
             if not answer.strip():
@@ -263,15 +340,26 @@ def run(args: argparse.Namespace) -> int:
     gpus = args.gpus or torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
     peak = peak_tflops(name)
-    print(f"machine: {torch.cuda.device_count()} x {name} (peak bf16 {peak or 'unknown'} TFLOP/s per GPU), "
-          f"{os.cpu_count()} CPUs; torch {torch.__version__}", flush=True)
+    print(
+        f"machine: {torch.cuda.device_count()} x {name} (peak bf16 {peak or 'unknown'} TFLOP/s per GPU), "
+        f"{os.cpu_count()} CPUs; torch {torch.__version__}",
+        flush=True,
+    )
     print_plan(args, gpus)
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-gpu-check-"))
     with S3Server(buckets=[BUCKET]) as s3:
-        env = {**os.environ, **s3.env(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-               "KUBETUNE_MODEL_CACHE": str(workdir / "cache"), "KUBETUNE_STAGING_DIR": str(workdir),
-               "KUBETUNE_RAY_STORAGE": str(workdir / "ray")}
+        env = {
+            **os.environ,
+            **s3.env(),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "TOKENIZERS_PARALLELISM": "false",
+            "KUBETUNE_MODEL_CACHE": str(workdir / "cache"),
+            "KUBETUNE_STAGING_DIR": str(workdir),
+            "KUBETUNE_RAY_STORAGE": str(workdir / "ray"),
+        }
         check = Check(args, workdir, gpus)
         params, model_cfg = check.prepare_inputs(s3)
         with LocalRayCluster(workdir / "ray.log", num_cpus=os.cpu_count() or 1, num_gpus=gpus, env=env) as ray:
@@ -294,8 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(args, gpus)
         for case in cases(gpus):
             TrainerConfig.model_validate(trainer_config(case, args, "http://127.0.0.1:9000"))
-        print(f"  {len(cases(gpus))} trainer configs valid; first: "
-              + json.dumps(trainer_config(cases(gpus)[0], args, "http://127.0.0.1:PORT")))
+        print(
+            f"  {len(cases(gpus))} trainer configs valid; first: "
+            + json.dumps(trainer_config(cases(gpus)[0], args, "http://127.0.0.1:PORT"))
+        )
         return 0
     t0 = time.monotonic()
     try:

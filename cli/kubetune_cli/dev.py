@@ -21,15 +21,22 @@ from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_FAILED, CLIError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dev", help="a local development cluster: up, down, status", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "dev",
+        help="a local development cluster: up, down, status",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     dev_sub = p.add_subparsers(dest="dev_command", metavar="ACTION", required=True)
-    for name, help_ in (("up", "start the dev cluster (or show the running one)"),
-                        ("down", "stop the dev cluster and everything it runs"),
-                        ("status", "show what the dev cluster runs")):
+    for name, help_ in (
+        ("up", "start the dev cluster (or show the running one)"),
+        ("down", "stop the dev cluster and everything it runs"),
+        ("status", "show what the dev cluster runs"),
+    ):
         q = dev_sub.add_parser(name, help=help_)
-        q.add_argument("--dir", type=Path, default=None,
-                       help="state folder (default $KUBETUNE_DEV_DIR or ~/.cache/kubetune/dev)")
+        q.add_argument(
+            "--dir", type=Path, default=None, help="state folder (default $KUBETUNE_DEV_DIR or ~/.cache/kubetune/dev)"
+        )
         if name == "up":
             q.add_argument("--s3-port", type=int, default=8333, help="port of the S3 endpoint (default 8333)")
             q.add_argument("--no-webhook", action="store_true", help="run the operator without its admission webhook")
@@ -44,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     env = devenv.DevEnv(args.dir or devenv.default_dir())
     if args.dev_command == "up":
-        print(f"kubetune dev: starting (state in {env.dir}; first start unpacks the Kubernetes binaries)",
-              flush=True)
+        print(f"kubetune dev: starting (state in {env.dir}; first start unpacks the Kubernetes binaries)", flush=True)
         try:
             st = env.up(s3_port=args.s3_port, webhook=not args.no_webhook, timeout=args.timeout)
         except devenv.DevEnvError as e:
@@ -72,20 +78,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _summary(st: dict, header: str = "kubetune dev is up") -> str:
     s3 = st.get("s3") or {}
-    return "\n".join([
-        f"{header} (pid {st.get('pid')}, state in {st.get('dir')})",
-        f"  export KUBECONFIG={st.get('kubeconfig')}",
-        f"  API server  {st.get('server')}",
-        f"  S3          {s3.get('endpoint')} (keys in Secret {s3.get('secret')})",
-        f"  operator    pid {(st.get('operator') or {}).get('pid')}, metrics "
-        f"{(st.get('operator') or {}).get('metrics')}",
-        "  runtime     local Ray clusters for RayJobs, local vLLM servers for inference Deployments",
-        "try:",
-        "  kubectl apply -f examples/quickstart.yaml",
-        "  kubectl get ftj -w",
-        "  kubetune status quickstart",
-        "  kubetune dev down",
-    ])
+    return "\n".join(
+        [
+            f"{header} (pid {st.get('pid')}, state in {st.get('dir')})",
+            f"  export KUBECONFIG={st.get('kubeconfig')}",
+            f"  API server  {st.get('server')}",
+            f"  S3          {s3.get('endpoint')} (keys in Secret {s3.get('secret')})",
+            f"  operator    pid {(st.get('operator') or {}).get('pid')}, metrics "
+            f"{(st.get('operator') or {}).get('metrics')}",
+            "  runtime     local Ray clusters for RayJobs, local vLLM servers for inference Deployments",
+            "try:",
+            "  kubectl apply -f examples/quickstart.yaml",
+            "  kubectl get ftj -w",
+            "  kubetune status quickstart",
+            "  kubetune dev down",
+        ]
+    )
 
 
 def _jobs(env) -> str:
@@ -105,6 +113,8 @@ def _jobs(env) -> str:
     for j in jobs:
         st = j.get("status") or {}
         p = st.get("progress") or {}
-        lines.append(f"  {j['metadata']['namespace']}/{j['metadata']['name']}: {st.get('state', 'Pending')} "
-                     f"{p.get('percent', 0)}% {(st.get('endpoint') or {}).get('url') or ''}")
+        lines.append(
+            f"  {j['metadata']['namespace']}/{j['metadata']['name']}: {st.get('state', 'Pending')} "
+            f"{p.get('percent', 0)}% {(st.get('endpoint') or {}).get('url') or ''}"
+        )
     return "\n".join(lines)

@@ -31,8 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", type=Path, help="the dev cluster's state folder")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what is appended")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines")
-    p.add_argument("--history", action="store_true",
-                   help="the driver log kept in S3 (after the RayCluster is gone), not a local one")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="the driver log kept in S3 (after the RayCluster is gone), not a local one",
+    )
     p.set_defaults(func=run)
 
 
@@ -51,8 +54,9 @@ def find_log(args: argparse.Namespace) -> Path:
         else:
             candidates = list((root / "jobs" / args.namespace / names.ray_job(args.name)).glob("attempt-*/driver.log"))
     if not candidates:
-        raise CLIError(f"no {'serving' if args.serving else 'trainer'} log for {args.namespace}/{args.name} here",
-                       EXIT_USAGE)
+        raise CLIError(
+            f"no {'serving' if args.serving else 'trainer'} log for {args.namespace}/{args.name} here", EXIT_USAGE
+        )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
@@ -81,11 +85,14 @@ def _print_history(args: argparse.Namespace) -> int:
         job = conn.get_job(args.name, args.namespace)
         found = latest_history(conn, job)
     if found is None:
-        raise CLIError(f"no trainer log for {args.namespace}/{args.name}: none here, and none kept in S3 under "
-                       f"{conn.run_uri(job)}/history/ (the run has not ended yet?)", EXIT_USAGE)
+        raise CLIError(
+            f"no trainer log for {args.namespace}/{args.name}: none here, and none kept in S3 under "
+            f"{conn.run_uri(job)}/history/ (the run has not ended yet?)",
+            EXIT_USAGE,
+        )
     folder, text, record = found
     lines = text.splitlines(keepends=True)
-    sys.stdout.write("".join(lines[-args.tail:] if args.tail else lines))
+    sys.stdout.write("".join(lines[-args.tail :] if args.tail else lines))
     exit_code = (record or {}).get("exitCode")
     sys.stderr.write(f"(kept in {folder}; driver exit code {exit_code})\n")
     return 0
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     with open(path, "rb") as f:
         data = f.read().decode("utf-8", "replace")
         lines = data.splitlines(keepends=True)
-        sys.stdout.write("".join(lines[-args.tail:] if args.tail else lines))
+        sys.stdout.write("".join(lines[-args.tail :] if args.tail else lines))
         sys.stdout.flush()
         while args.follow:
             chunk = f.read()

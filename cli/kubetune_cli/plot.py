@@ -20,8 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--namespace", default=None, help="namespace (default: the kubeconfig's)")
     p.add_argument("--metrics", help="a metrics.jsonl file or s3:// URI instead of a job in the cluster")
     p.add_argument("-o", "--output", help="PNG file to write (default: <name>-loss.png, <name>-trials.png)")
-    p.add_argument("--trials", action="store_true",
-                   help="a tuning job: every trial's held-out curve (from <run>/trials/<id>/metrics.jsonl)")
+    p.add_argument(
+        "--trials",
+        action="store_true",
+        help="a tuning job: every trial's held-out curve (from <run>/trials/<id>/metrics.jsonl)",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,8 +55,7 @@ def loss_series(metrics: list[dict[str, Any]]) -> tuple[list[tuple[int, float]],
     return sorted(train.items()), sorted(evals.items())
 
 
-def plot_losses(metrics: list[dict[str, Any]], path: Path, title: str,
-                baseline: float | None = None) -> Path:
+def plot_losses(metrics: list[dict[str, Any]], path: Path, title: str, baseline: float | None = None) -> Path:
     """Write the training and held-out loss curves to `path` (PNG); `baseline`: the base model's loss."""
     import matplotlib
 
@@ -85,8 +87,15 @@ def plot_losses(metrics: list[dict[str, Any]], path: Path, title: str,
     return path
 
 
-def plot_trials(curves: dict[str, list[dict[str, Any]]], path: Path, title: str, *, best: str | None = None,
-                states: dict[str, str] | None = None, baseline: float | None = None) -> Path:
+def plot_trials(
+    curves: dict[str, list[dict[str, Any]]],
+    path: Path,
+    title: str,
+    *,
+    best: str | None = None,
+    states: dict[str, str] | None = None,
+    baseline: float | None = None,
+) -> Path:
     """Each tuning trial's held-out loss by step (training loss faint); the best trial bold, early-stopped
     trials end in an x. `curves`: trial id -> its metrics lines."""
     import matplotlib
@@ -107,10 +116,20 @@ def plot_trials(curves: dict[str, list[dict[str, Any]]], path: Path, title: str,
         if train:
             ax.plot([s for s, _ in train], [v for _, v in train], color=color, lw=0.6, alpha=0.35)
         if evals:
-            label = f"{tid}" + (" (best)" if is_best else "") + (
-                f" {states[tid].lower().replace('_', ' ')}" if states.get(tid) not in (None, "TERMINATED") else "")
-            ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", color=color, lw=2.5 if is_best else 1.2,
-                    ms=4, label=label)
+            label = (
+                f"{tid}"
+                + (" (best)" if is_best else "")
+                + (f" {states[tid].lower().replace('_', ' ')}" if states.get(tid) not in (None, "TERMINATED") else "")
+            )
+            ax.plot(
+                [s for s, _ in evals],
+                [v for _, v in evals],
+                "o-",
+                color=color,
+                lw=2.5 if is_best else 1.2,
+                ms=4,
+                label=label,
+            )
             if states.get(tid) == "EARLY_STOPPED":
                 ax.plot([evals[-1][0]], [evals[-1][1]], "x", color=color, ms=10, mew=2)
         drawn += 1
@@ -131,8 +150,9 @@ def plot_trials(curves: dict[str, list[dict[str, Any]]], path: Path, title: str,
     return path
 
 
-def trial_curves(job_metrics: list[dict[str, Any]], per_trial: dict[str, list[dict[str, Any]]]
-                 ) -> dict[str, list[dict[str, Any]]]:
+def trial_curves(
+    job_metrics: list[dict[str, Any]], per_trial: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
     """Each trial's metrics lines: its own metrics.jsonl (training loss; missing when Tune stopped the trial
     before it was written) plus the held-out figures the tuning driver logged for it (`trialResult` events in
     the job's metrics.jsonl, one per evaluation of every trial)."""
@@ -155,14 +175,24 @@ def _run_trials(args: argparse.Namespace) -> int:
         trials = st.get("trials") or []
         if not trials:
             raise CLIError(f"{args.name} has no trials (no spec.tuning, or none started yet)")
-        curves = trial_curves(parse_metrics(conn.read_run_object(job, "metrics.jsonl") or ""),
-                              {t["id"]: parse_metrics(conn.read_run_object(job, f"trials/{t['id']}/metrics.jsonl")
-                                                      or "") for t in trials})
+        curves = trial_curves(
+            parse_metrics(conn.read_run_object(job, "metrics.jsonl") or ""),
+            {
+                t["id"]: parse_metrics(conn.read_run_object(job, f"trials/{t['id']}/metrics.jsonl") or "")
+                for t in trials
+            },
+        )
         evaluation = st.get("evaluation") or {}
         baseline = evaluation.get("base") if evaluation.get("metric") in (None, "evalLoss") else None
     out = Path(args.output or f"{args.name}-trials.png")
-    plot_trials(curves, out, f"{job['metadata']['namespace']}/{args.name}: {len(trials)} trials",
-                best=st.get("bestTrial"), states={t["id"]: t.get("state") for t in trials}, baseline=baseline)
+    plot_trials(
+        curves,
+        out,
+        f"{job['metadata']['namespace']}/{args.name}: {len(trials)} trials",
+        best=st.get("bestTrial"),
+        states={t["id"]: t.get("state") for t in trials},
+        baseline=baseline,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -174,8 +204,11 @@ def run(args: argparse.Namespace) -> int:
         return _run_trials(args)
     if args.metrics:
         if args.metrics.startswith("s3://"):
-            raise CLIError("for an s3:// URI give the job NAME too (its endpoint and keys come from the job), "
-                           "or download the file", EXIT_USAGE)
+            raise CLIError(
+                "for an s3:// URI give the job NAME too (its endpoint and keys come from the job), "
+                "or download the file",
+                EXIT_USAGE,
+            )
         text = Path(args.metrics).read_text()
         title = args.name or Path(args.metrics).parent.name
         baseline = None

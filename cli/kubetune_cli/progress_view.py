@@ -20,10 +20,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 PLAIN_INTERVAL_S = 5.0
 # status.startup's phases in the order they happen, with the words `kubetune run` prints for them.
-STARTUP_PHASES = (("rayStartSeconds", "Ray start"), ("dataSeconds", "data"), ("workerStartSeconds", "workers"),
-                  ("modelLoadSeconds", "model load"), ("deepspeedInitSeconds", "DeepSpeed init"),
-                  ("resumeSeconds", "resume"), ("baseEvalSeconds", "base evaluation"),
-                  ("firstStepSeconds", "first step"))
+STARTUP_PHASES = (
+    ("rayStartSeconds", "Ray start"),
+    ("dataSeconds", "data"),
+    ("workerStartSeconds", "workers"),
+    ("modelLoadSeconds", "model load"),
+    ("deepspeedInitSeconds", "DeepSpeed init"),
+    ("resumeSeconds", "resume"),
+    ("baseEvalSeconds", "base evaluation"),
+    ("firstStepSeconds", "first step"),
+)
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -45,11 +51,13 @@ def startup_line(startup: dict[str, Any], before: dict[str, float] | None = None
     """'time to first step 1m52s: Ray start 21s, data 14s, ...' from status.startup; `before` adds phases of
     the caller's own before the trainer started (e.g. kubetune run's local Ray cluster)."""
     parts = [(name, float(seconds)) for name, seconds in (before or {}).items()]
-    parts += [(name, float(startup[key])) for key, name in STARTUP_PHASES
-              if isinstance(startup.get(key), (int, float))]
+    parts += [(name, float(startup[key])) for key, name in STARTUP_PHASES if isinstance(startup.get(key), (int, float))]
     total = startup.get("timeToFirstStepSeconds")
-    head = "time to first step" if total is None else \
-        f"time to first step {fmt_seconds(float(total) + sum((before or {}).values()))}"
+    head = (
+        "time to first step"
+        if total is None
+        else f"time to first step {fmt_seconds(float(total) + sum((before or {}).values()))}"
+    )
     return head + ": " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in parts)
 
 
@@ -97,10 +105,17 @@ class TrainingView:
         self._printed_data = False
         if console.is_terminal:
             self._progress = Progress(
-                SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("eval {task.fields[eval]}"),
-                TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
-                console=console, transient=False,
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("eval {task.fields[eval]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("ETA {task.fields[eta]}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
             )
             self._task = self._progress.add_task("setting up", total=None, loss="-", eval="-", tps="-", eta="-")
             self._progress.start()
@@ -135,19 +150,32 @@ class TrainingView:
             self._printed_startup = True
             self.console.print(startup_line(startup, self.before_trainer))
         step, total = p.get("step"), p.get("totalSteps")
-        fields = {"loss": fmt_num(p.get("loss")), "eval": fmt_num(p.get("evalLoss")),
-                  "tps": "-" if p.get("tokensPerSecond") is None else f"{p['tokensPerSecond']:.0f}",
-                  "eta": fmt_seconds(p.get("etaSeconds"))}
+        fields = {
+            "loss": fmt_num(p.get("loss")),
+            "eval": fmt_num(p.get("evalLoss")),
+            "tps": "-" if p.get("tokensPerSecond") is None else f"{p['tokensPerSecond']:.0f}",
+            "eta": fmt_seconds(p.get("etaSeconds")),
+        }
         if self._progress is not None:
-            self._progress.update(self._task, description="training" if step is not None else "setting up",
-                                  completed=step or 0, total=total, **fields)
+            self._progress.update(
+                self._task,
+                description="training" if step is not None else "setting up",
+                completed=step or 0,
+                total=total,
+                **fields,
+            )
             return
         now = time.monotonic()
-        if step is not None and step != self._last_plain_step and (
-                now - self._last_plain >= PLAIN_INTERVAL_S or step == total):
+        if (
+            step is not None
+            and step != self._last_plain_step
+            and (now - self._last_plain >= PLAIN_INTERVAL_S or step == total)
+        ):
             self._last_plain, self._last_plain_step = now, step
-            self.console.print(f"{self.job}: step {step}/{total} loss {fields['loss']} eval {fields['eval']} "
-                               f"{fields['tps']} tok/s ETA {fields['eta']}")
+            self.console.print(
+                f"{self.job}: step {step}/{total} loss {fields['loss']} eval {fields['eval']} "
+                f"{fields['tps']} tok/s ETA {fields['eta']}"
+            )
 
     def stop(self) -> None:
         if self._progress is not None:

@@ -71,8 +71,9 @@ def ask(api_base: str, model: str, sample: Sample, max_tokens: int = 64, timeout
 
     client = openai.OpenAI(base_url=api_base, api_key="unused", timeout=timeout, max_retries=1)
     if sample.messages:
-        resp = client.chat.completions.create(model=model, messages=sample.messages, max_tokens=max_tokens,
-                                              temperature=0)
+        resp = client.chat.completions.create(
+            model=model, messages=sample.messages, max_tokens=max_tokens, temperature=0
+        )
         return resp.choices[0].message.content or ""
     resp = client.completions.create(model=model, prompt=sample.prompt or "", max_tokens=max_tokens, temperature=0)
     return resp.choices[0].text

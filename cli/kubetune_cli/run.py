@@ -29,7 +29,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +42,26 @@ POLL_S = 0.5
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a FineTuneJob on this machine (train, evaluate, serve)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", nargs="?", default=DEFAULT_MANIFEST, help=f"FineTuneJob YAML (default {DEFAULT_MANIFEST})")
+    p = sub.add_parser(
+        "run",
+        help="run a FineTuneJob on this machine (train, evaluate, serve)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "manifest", nargs="?", default=DEFAULT_MANIFEST, help=f"FineTuneJob YAML (default {DEFAULT_MANIFEST})"
+    )
     p.add_argument("--out", default="runs", help="local folder for outputs: <out>/<name>/ (default ./runs)")
     p.add_argument("--no-serve", action="store_true", help="stop after training and evaluation")
     p.add_argument("--exit-after-query", action="store_true", help="serve, answer the sample question, then exit")
     p.add_argument("--port", type=int, help="port of the OpenAI-compatible server (default: a free one)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens of the sample answers (default 64)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the previous run of this job from its checkpoint (default: a new run, with a "
-                        "new uid and so its own S3 prefix; earlier runs are left as they are)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the previous run of this job from its checkpoint (default: a new run, with a "
+        "new uid and so its own S3 prefix; earlier runs are left as they are)",
+    )
     p.set_defaults(func=run)
 
 
@@ -114,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         summary["timings"] = {name: round(sec, 1) for name, sec in timings.phases}
         summary["totalSeconds"] = round(timings.total(), 1)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        console.print("times: " + ", ".join(f"{n} {_mmss(s)}" for n, s in timings.phases) +
-                      f"; total {_mmss(timings.total())}")
+        console.print(
+            "times: " + ", ".join(f"{n} {_mmss(s)}" for n, s in timings.phases) + f"; total {_mmss(timings.total())}"
+        )
         if summary.get("served") and not args.exit_after_query:
             console.print("[bold]serving until Ctrl-C[/]")
             with contextlib.suppress(KeyboardInterrupt):
@@ -129,16 +139,25 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_runs_here(spec: api.FineTuneJobSpec) -> None:
     if spec.resources.gpus_per_worker > 0 and not Path("/dev/nvidia0").exists():
-        raise CLIError(f"spec.resources.gpusPerWorker: {spec.resources.gpus_per_worker} GPU(s) per worker, but "
-                       "this machine has none; set it to 0 to train on the CPU", EXIT_USAGE)
+        raise CLIError(
+            f"spec.resources.gpusPerWorker: {spec.resources.gpus_per_worker} GPU(s) per worker, but "
+            "this machine has none; set it to 0 to train on the CPU",
+            EXIT_USAGE,
+        )
     if spec.model.uri.startswith("hf://"):
-        raise CLIError("spec.model.uri: hf:// models need the Hugging Face hub; use an s3:// copy (or the "
-                       "built-in s3://kubetune-samples/models/smollm2-135m-instruct)", EXIT_USAGE)
+        raise CLIError(
+            "spec.model.uri: hf:// models need the Hugging Face hub; use an s3:// copy (or the "
+            "built-in s3://kubetune-samples/models/smollm2-135m-instruct)",
+            EXIT_USAGE,
+        )
     cpus = spec.resources.workers * max(1, math.floor(_cpu(spec.resources.cpu_per_worker)))
     if cpus > (os.cpu_count() or 1) * 2:
-        raise CLIError(f"spec.resources asks for {cpus} CPUs ({spec.resources.workers} workers x "
-                       f"{spec.resources.cpu_per_worker}); this machine has {os.cpu_count()}: lower "
-                       "spec.resources.cpuPerWorker or workers for a local run", EXIT_USAGE)
+        raise CLIError(
+            f"spec.resources asks for {cpus} CPUs ({spec.resources.workers} workers x "
+            f"{spec.resources.cpu_per_worker}); this machine has {os.cpu_count()}: lower "
+            "spec.resources.cpuPerWorker or workers for a local run",
+            EXIT_USAGE,
+        )
 
 
 def _cpu(q: str) -> float:
@@ -156,11 +175,14 @@ def _seed(console: Any, s3: Any, client: Any, spec: api.FineTuneJobSpec) -> None
         # Someone else's S3 is never written to by kubetune itself: built-ins must be there already.
         missing = [i for i in items if not builtin.is_present(client, i)]
         if missing:
-            raise CLIError(f"{missing[0].uri} is a kubetune built-in, uploaded only into kubetune's local S3; "
-                           f"{s3.description} does not have it", EXIT_USAGE)
+            raise CLIError(
+                f"{missing[0].uri} is a kubetune built-in, uploaded only into kubetune's local S3; "
+                f"{s3.description} does not have it",
+                EXIT_USAGE,
+            )
         return
     for uri in (spec.output.uri, *spec.dataset.train_uris(), spec.model.uri):
-        builtin.ensure_bucket(client, uri[len("s3://"):].split("/", 1)[0])
+        builtin.ensure_bucket(client, uri[len("s3://") :].split("/", 1)[0])
     builtin.seed(client, items, say=lambda msg: console.print(f"  {msg}"))
 
 
@@ -185,17 +207,17 @@ def _trainer_config(m: manifest.Manifest, uid: str) -> api.TrainerConfig:
     return cfg
 
 
-def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, run_dir: Path,
-           summary: dict[str, Any]) -> dict[str, Any]:
+def _train(
+    console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, run_dir: Path, summary: dict[str, Any]
+) -> dict[str, Any]:
     """Build the RayJob as the operator would, run it here, follow the trainer's reports."""
+    from kubetune_cli.localenv import kuberay
+    from kubetune_cli.localenv.binaries import cache_dir
+    from kubetune_cli.localenv.rayjob_local import LocalRayJobRun
+    from kubetune_cli.progress_view import FileFollower
     from kubetune_operator import builders
     from kubetune_operator.meta import Owner
     from kubetune_operator.settings import Settings
-
-    from kubetune_cli.localenv import kuberay
-    from kubetune_cli.localenv.rayjob_local import LocalRayJobRun
-    from kubetune_cli.progress_view import FileFollower
-    from kubetune_cli.localenv.binaries import cache_dir
 
     owner = Owner(m.name, m.namespace, cfg.job.uid or "")
     config_map = builders.config_map(owner, m.spec)
@@ -210,7 +232,8 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
 
     def attempt(n: int) -> LocalRayJobRun:
         return LocalRayJobRun(
-            ray_job, run_dir / f"attempt-{n}",
+            ray_job,
+            run_dir / f"attempt-{n}",
             config_maps=lambda name: config_map["data"] if name == config_map["metadata"]["name"] else None,
             secrets=lambda name: s3.credentials if name == secret else None,
             extra_env={
@@ -230,27 +253,40 @@ def _train(console: Any, m: manifest.Manifest, cfg: api.TrainerConfig, s3: Any, 
         job = attempt(n)
         rc, started, view = _run_attempt(console, m, job, ray_job, follower, n)
         message = job.message()
-        jds = state.attempt_ended(rc == 0, message, started, datetime.now(timezone.utc))
+        jds = state.attempt_ended(rc == 0, message, started, datetime.now(UTC))
         if jds != "Retrying":
             break
-        console.print(f"[yellow]attempt {n} failed[/] (exit {rc}: {message}); spec.backoffLimit "
-                      f"{m.spec.backoff_limit}: a new attempt on a fresh local Ray cluster, from the latest checkpoint")
+        console.print(
+            f"[yellow]attempt {n} failed[/] (exit {rc}: {message}); spec.backoffLimit "
+            f"{m.spec.backoff_limit}: a new attempt on a fresh local Ray cluster, from the latest checkpoint"
+        )
         state.retry()
-    summary["trainer"] = {"exitCode": rc, "message": message, "log": str(job.driver_log), "attempts": n,
-                          "failedAttempts": state.status.get("failed", 0)}
+    summary["trainer"] = {
+        "exitCode": rc,
+        "message": message,
+        "log": str(job.driver_log),
+        "attempts": n,
+        "failedAttempts": state.status.get("failed", 0),
+    }
     if rc != 0:
         tail = "\n".join(job.driver_log.read_text(errors="replace").splitlines()[-15:])
-        raise CLIError(f"training failed (exit {rc}, attempt {n} of {m.spec.backoff_limit + 1}): {message}\n"
-                       f"--- last lines of {job.driver_log} ---\n{tail}", EXIT_FAILED)
+        raise CLIError(
+            f"training failed (exit {rc}, attempt {n} of {m.spec.backoff_limit + 1}): {message}\n"
+            f"--- last lines of {job.driver_log} ---\n{tail}",
+            EXIT_FAILED,
+        )
     console.print(f"[green]trained[/]: {message}")
     if view is not None and view.status.get("startup"):  # the last attempt's time to first step, by phase
-        summary["startup"] = {"rayClusterStartSeconds": view.before_trainer.get("Ray cluster start"),
-                              **view.status["startup"]}
+        summary["startup"] = {
+            "rayClusterStartSeconds": view.before_trainer.get("Ray cluster start"),
+            **view.status["startup"],
+        }
     return view.status if view is not None else {}
 
 
-def _run_attempt(console: Any, m: manifest.Manifest, job: Any, ray_job: dict[str, Any], follower: Any,
-                 n: int) -> tuple[int, datetime, Any]:
+def _run_attempt(
+    console: Any, m: manifest.Manifest, job: Any, ray_job: dict[str, Any], follower: Any, n: int
+) -> tuple[int, datetime, Any]:
     """One attempt: a fresh local Ray cluster, the entrypoint, the progress view until it exits."""
     from kubetune_cli.localenv.pod_sandbox import PodConfigError
     from kubetune_cli.localenv.raycluster import RayClusterError
@@ -258,15 +294,18 @@ def _run_attempt(console: Any, m: manifest.Manifest, job: Any, ray_job: dict[str
 
     view = None
     try:
-        console.print(f"Ray: a local cluster with {job.cpus} CPU(s) for {m.spec.resources.workers} worker(s)"
-                      + (f" (attempt {n})" if n > 1 else ""))
+        console.print(
+            f"Ray: a local cluster with {job.cpus} CPU(s) for {m.spec.resources.workers} worker(s)"
+            + (f" (attempt {n})" if n > 1 else "")
+        )
         t_cluster = time.monotonic()
         try:
             job.start_cluster()
         except (RayClusterError, PodConfigError) as e:
-            raise CLIError(f"the local Ray cluster did not start (log {job.ray_log}): {str(e)[-1500:]}",
-                           EXIT_ENVIRONMENT) from None
-        started = datetime.now(timezone.utc)
+            raise CLIError(
+                f"the local Ray cluster did not start (log {job.ray_log}): {str(e)[-1500:]}", EXIT_ENVIRONMENT
+            ) from None
+        started = datetime.now(UTC)
         cluster_seconds = round(time.monotonic() - t_cluster, 1)
         job.submit()
         console.print(f"trainer: {ray_job['spec']['entrypoint']}  (log: {job.driver_log})")
@@ -283,10 +322,11 @@ def _run_attempt(console: Any, m: manifest.Manifest, job: Any, ray_job: dict[str
     return rc, started, view
 
 
-def _report(console: Any, cfg: api.TrainerConfig, client: Any, run_dir: Path, status: dict[str, Any],
-            summary: dict[str, Any]) -> None:
-    from kubetune_cli.plot import loss_series, parse_metrics, plot_losses
+def _report(
+    console: Any, cfg: api.TrainerConfig, client: Any, run_dir: Path, status: dict[str, Any], summary: dict[str, Any]
+) -> None:
     from kubetune.fetch import parse_s3_uri
+    from kubetune_cli.plot import loss_series, parse_metrics, plot_losses
 
     bucket, key = parse_s3_uri(cfg.metrics_uri)
     text = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
@@ -296,12 +336,16 @@ def _report(console: Any, cfg: api.TrainerConfig, client: Any, run_dir: Path, st
     evaluation = status.get("evaluation") or {}
     base = evaluation.get("base")
     if base is not None:
-        console.print(f"held-out {evaluation.get('metric', 'evalLoss')}: base model {base:.4f} -> fine-tuned "
-                      f"{evaluation.get('fineTuned'):.4f}")
+        console.print(
+            f"held-out {evaluation.get('metric', 'evalLoss')}: base model {base:.4f} -> fine-tuned "
+            f"{evaluation.get('fineTuned'):.4f}"
+        )
     elif evals:
         (s0, v0), (s1, v1) = evals[0], evals[-1]
-        console.print(f"held-out loss: {v0:.4f} at step {s0} -> {v1:.4f} at step {s1} "
-                      "(the trainer does not report the base model's loss yet)")
+        console.print(
+            f"held-out loss: {v0:.4f} at step {s0} -> {v1:.4f} at step {s1} "
+            "(the trainer does not report the base model's loss yet)"
+        )
     else:
         console.print("no held-out evaluation (the manifest has no validation data)")
     summary["evaluation"] = evaluation or ({"first": evals[0], "final": evals[-1]} if evals else None)
@@ -313,8 +357,17 @@ def _report(console: Any, cfg: api.TrainerConfig, client: Any, run_dir: Path, st
     console.print(f"loss curves: {png} (and s3://{bucket}/{key})")
 
 
-def _serve(console: Any, stack: contextlib.ExitStack, cfg: api.TrainerConfig, client: Any, run_dir: Path,
-           status: dict[str, Any], args: argparse.Namespace, timings: Timings, summary: dict[str, Any]) -> None:
+def _serve(
+    console: Any,
+    stack: contextlib.ExitStack,
+    cfg: api.TrainerConfig,
+    client: Any,
+    run_dir: Path,
+    status: dict[str, Any],
+    args: argparse.Namespace,
+    timings: Timings,
+    summary: dict[str, Any],
+) -> None:
     from kubetune_cli import query, run_serve
 
     model = status.get("model")
@@ -328,8 +381,10 @@ def _serve(console: Any, stack: contextlib.ExitStack, cfg: api.TrainerConfig, cl
         served = run_serve.start(cfg, model, client, run_dir, port=args.port)
         stack.callback(served.server.stop)
     summary["served"] = {"url": served.server.api_base, "model": served.model, "base": served.base}
-    console.print(f"[green]serving[/] {served.model} at {served.server.api_base} (ready in "
-                  f"{served.server.ready_seconds:.0f} s; log {run_dir / 'vllm.log'})")
+    console.print(
+        f"[green]serving[/] {served.model} at {served.server.api_base} (ready in "
+        f"{served.server.ready_seconds:.0f} s; log {run_dir / 'vllm.log'})"
+    )
     record = query.first_record(client, cfg.spec.dataset.validation or cfg.spec.dataset.train_uris()[0])
     sample = query.sample_from_record(record, cfg.spec.dataset) if record else None
     if sample is not None:
@@ -346,11 +401,18 @@ def _serve(console: Any, stack: contextlib.ExitStack, cfg: api.TrainerConfig, cl
                 console.print(f"base model ({served.base}): {_shown(base_answer)}", **plain)
             answer = query.ask(served.server.api_base, served.model, sample, args.max_tokens)
             console.print(f"fine-tuned ({served.model}): {_shown(answer)}\n", **plain)
-        summary["sample"] = {"question": sample.question, "reference": sample.reference, "answer": answer,
-                             "baseAnswer": base_answer}
-    console.print("query it yourself:\n" + query.howto(served.server.api_base, served.model,
-                                                         sample.question if sample else "Hello!"),
-                  markup=False, highlight=False)
+        summary["sample"] = {
+            "question": sample.question,
+            "reference": sample.reference,
+            "answer": answer,
+            "baseAnswer": base_answer,
+        }
+    console.print(
+        "query it yourself:\n"
+        + query.howto(served.server.api_base, served.model, sample.question if sample else "Hello!"),
+        markup=False,
+        highlight=False,
+    )
 
 
 def _shown(answer: str) -> str:
@@ -359,6 +421,7 @@ def _shown(answer: str) -> str:
 
 def _stop_on_sigterm() -> None:
     """SIGTERM ends the run like Ctrl-C, so every server it started is stopped."""
+
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 

@@ -39,11 +39,14 @@ def check_serving_venv() -> None:
     if serving_venv_python() is None:
         raise CLIError(
             f"the vLLM serving environment is missing ({serving_venv_dir()}): build it with "
-            "`bash tools/serving-venv.sh` (~6 minutes, once), or pass --no-serve", EXIT_ENVIRONMENT)
+            "`bash tools/serving-venv.sh` (~6 minutes, once), or pass --no-serve",
+            EXIT_ENVIRONMENT,
+        )
 
 
-def start(cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: Path, *,
-          port: int | None = None) -> Served:
+def start(
+    cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: Path, *, port: int | None = None
+) -> Served:
     from kubetune.fetch import fetch_prefix
     from kubetune.vllm import lora_rank_bucket
     from kubetune_cli.localenv.binaries import cache_dir
@@ -56,8 +59,10 @@ def start(cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: P
     kind = model.get("kind")
     if kind == "adapter" and (spec.deploy.mode or "adapter") == "adapter":
         if spec.model.gguf_file:
-            raise CLIError("serving an adapter on a GGUF base is not supported; export merged weights "
-                           "(spec.output.exportMerged) and set spec.deploy.mode: merged")
+            raise CLIError(
+                "serving an adapter on a GGUF base is not supported; export merged weights "
+                "(spec.output.exportMerged) and set spec.deploy.mode: merged"
+            )
         digest = hashlib.sha256(f"{spec.dataset.endpoint}|{spec.model.uri}".encode()).hexdigest()[:12]
         base_dir = cache_dir() / "served-models" / f"{spec.model.uri.rstrip('/').rsplit('/', 1)[-1]}-{digest}"
         fetch_prefix(spec.model.uri, base_dir, client=client)
@@ -65,15 +70,21 @@ def start(cfg: api.TrainerConfig, model: dict[str, Any], client: Any, run_dir: P
         fetch_prefix(model["uri"], adapter_dir, client=client, prune=True)
         rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 8))
         base_name = f"{name}-base"
-        server = LocalVLLMServer(base_dir, base_name, lora_modules={name: adapter_dir},
-                                 max_lora_rank=lora_rank_bucket(rank),
-                                 chat_template=_template(model, adapter_dir), **common)
+        server = LocalVLLMServer(
+            base_dir,
+            base_name,
+            lora_modules={name: adapter_dir},
+            max_lora_rank=lora_rank_bucket(rank),
+            chat_template=_template(model, adapter_dir),
+            **common,
+        )
         return Served(server.start(), name, base_name)
     if kind == "adapter":  # merged
         uri = model.get("mergedUri")
         if not uri:
-            raise CLIError("spec.deploy.mode is merged but no merged weights were exported: set "
-                           "spec.output.exportMerged: true")
+            raise CLIError(
+                "spec.deploy.mode is merged but no merged weights were exported: set spec.output.exportMerged: true"
+            )
     else:
         uri = model["uri"]
     model_dir = run_dir / "model"

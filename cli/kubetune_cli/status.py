@@ -22,8 +22,9 @@ LOCAL_URL_ANNOTATION = "kubetune.io/local-url"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="show a FineTuneJob's progress, metrics, conditions and endpoint",
-                       description=__doc__)
+    p = sub.add_parser(
+        "status", help="show a FineTuneJob's progress, metrics, conditions and endpoint", description=__doc__
+    )
     p.add_argument("name", help="FineTuneJob name")
     p.add_argument("-n", "--namespace", default=None, help="namespace (default: the kubeconfig's)")
     p.add_argument("-w", "--watch", action="store_true", help="keep showing changes until the job ends")
@@ -49,27 +50,37 @@ def local_endpoint(local: str, endpoint_url: str | None) -> str:
     return local.rstrip("/") + path
 
 
-def render(job: dict[str, Any], local: str | None = None, history: str | None = None,
-           events: list[dict[str, Any]] | None = None) -> str:
+def render(
+    job: dict[str, Any],
+    local: str | None = None,
+    history: str | None = None,
+    events: list[dict[str, Any]] | None = None,
+) -> str:
     meta, st = job["metadata"], job.get("status") or {}
     lines = [f"{meta['namespace']}/{meta['name']}: {st.get('state') or 'Pending'}"]
     p = st.get("progress") or {}
     if p:
-        lines.append(f"  progress  step {p.get('step', '-')}/{p.get('totalSteps', '-')} ({p.get('percent', 0)}%)  "
-                     f"loss {fmt_num(p.get('loss'))}  eval {fmt_num(p.get('evalLoss'))}  "
-                     f"{fmt_num(p.get('tokensPerSecond'), 0)} tok/s  ETA {fmt_seconds(p.get('etaSeconds'))}  "
-                     f"epoch {fmt_num(p.get('epoch'), 2)}  (at {p.get('updatedAt', '-')})"
-                     + (f"  trial {p['trial']}" if p.get("trial") else ""))
+        lines.append(
+            f"  progress  step {p.get('step', '-')}/{p.get('totalSteps', '-')} ({p.get('percent', 0)}%)  "
+            f"loss {fmt_num(p.get('loss'))}  eval {fmt_num(p.get('evalLoss'))}  "
+            f"{fmt_num(p.get('tokensPerSecond'), 0)} tok/s  ETA {fmt_seconds(p.get('etaSeconds'))}  "
+            f"epoch {fmt_num(p.get('epoch'), 2)}  (at {p.get('updatedAt', '-')})"
+            + (f"  trial {p['trial']}" if p.get("trial") else "")
+        )
     d = st.get("data") or {}
     if d:
-        lines.append(f"  data      {d.get('records', '-')} records, {d.get('trainRecords', '-')} train / "
-                     f"{d.get('validationRecords', '-')} held out, {d.get('duplicatesRemoved', 0)} duplicates, "
-                     f"{d.get('invalidRecords', 0)} invalid, {d.get('tokens', '-')} tokens")
+        lines.append(
+            f"  data      {d.get('records', '-')} records, {d.get('trainRecords', '-')} train / "
+            f"{d.get('validationRecords', '-')} held out, {d.get('duplicatesRemoved', 0)} duplicates, "
+            f"{d.get('invalidRecords', 0)} invalid, {d.get('tokens', '-')} tokens"
+        )
     ev = st.get("evaluation") or {}
     if ev:
-        lines.append(f"  eval      {ev.get('metric', 'evalLoss')}: base {fmt_num(ev.get('base'))} -> fine-tuned "
-                     f"{fmt_num(ev.get('fineTuned'))} (improvement {fmt_num(ev.get('improvement'))})"
-                     + (f"  report {ev['reportUri']}" if ev.get("reportUri") else ""))
+        lines.append(
+            f"  eval      {ev.get('metric', 'evalLoss')}: base {fmt_num(ev.get('base'))} -> fine-tuned "
+            f"{fmt_num(ev.get('fineTuned'))} (improvement {fmt_num(ev.get('improvement'))})"
+            + (f"  report {ev['reportUri']}" if ev.get("reportUri") else "")
+        )
     lines.extend(render_trials(st))
     for c in st.get("checkpoints") or []:
         lines.append(f"  checkpoint step {c.get('step')}: {c.get('uri')} (evalLoss {fmt_num(c.get('evalLoss'))})")
@@ -77,14 +88,17 @@ def render(job: dict[str, Any], local: str | None = None, history: str | None = 
         lines.append(f"  model     {st['model'].get('uri')} ({st['model'].get('kind')})")
     rj = st.get("rayJob") or {}
     if rj:
-        lines.append(f"  rayJob    {rj.get('name')} job {rj.get('jobId', '-')} "
-                     f"({rj.get('jobDeploymentStatus', '-')}/{rj.get('jobStatus', '-')})")
+        lines.append(
+            f"  rayJob    {rj.get('name')} job {rj.get('jobId', '-')} "
+            f"({rj.get('jobDeploymentStatus', '-')}/{rj.get('jobStatus', '-')})"
+        )
     ep = st.get("endpoint") or {}
     if ep:
         lines.append(f"  endpoint  {ep.get('url')} model {ep.get('model')}")
     if local:
-        lines.append(f"  local     {local_endpoint(local, ep.get('url'))} (served on this machine by the kubetune dev "
-                     "runtime)")
+        lines.append(
+            f"  local     {local_endpoint(local, ep.get('url'))} (served on this machine by the kubetune dev runtime)"
+        )
     if history:
         lines.append(f"  history   {history}")
     if st.get("conditions"):
@@ -94,8 +108,10 @@ def render(job: dict[str, Any], local: str | None = None, history: str | None = 
     if events:
         lines.append(f"  events (kept when the run ended, last {min(len(events), MAX_EVENT_LINES)}):")
         for e in events[-MAX_EVENT_LINES:]:
-            lines.append(f"    {e.get('lastTimestamp') or '-':<20} {e.get('type') or '':<7} {e.get('reason') or '':<22} "
-                         f"{e.get('message') or ''}")
+            lines.append(
+                f"    {e.get('lastTimestamp') or '-':<20} {e.get('type') or '':<7} {e.get('reason') or '':<22} "
+                f"{e.get('message') or ''}"
+            )
     return "\n".join(lines)
 
 
@@ -134,11 +150,15 @@ def render_trials(st: dict[str, Any]) -> list[str]:
     metric = (st.get("evaluation") or {}).get("metric") or "objective"
     lines = [f"  trials    {len(trials)} ({summary})" + (f"; best {best}" if best else "")]
     for t in trials[:MAX_TRIAL_LINES]:
-        params = " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                          for k, v in sorted((t.get("params") or {}).items()))
+        params = " ".join(
+            f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+            for k, v in sorted((t.get("params") or {}).items())
+        )
         mark = "  <- best" if t.get("id") == best else ""
-        lines.append(f"    {t.get('id', '?'):<10} {t.get('state', '?'):<13} step {str(t.get('step', '-')):<6} "
-                     f"{metric} {fmt_num(t.get('objective'))}  {params}{mark}")
+        lines.append(
+            f"    {t.get('id', '?'):<10} {t.get('state', '?'):<13} step {str(t.get('step', '-')):<6} "
+            f"{metric} {fmt_num(t.get('objective'))}  {params}{mark}"
+        )
     if len(trials) > MAX_TRIAL_LINES:
         lines.append(f"    ... {len(trials) - MAX_TRIAL_LINES} more (kubetune status -o json)")
     return lines
@@ -174,8 +194,10 @@ def history_line(conn: Any, job: dict[str, Any]) -> str | None:
         return None
     folder, _, record = found
     record = record or {}
-    return (f"{folder}/driver.log (driver exit code {record.get('exitCode', '?')}, ended "
-            f"{record.get('endTime', '?')}; kubetune logs {job['metadata']['name']})")
+    return (
+        f"{folder}/driver.log (driver exit code {record.get('exitCode', '?')}, ended "
+        f"{record.get('endTime', '?')}; kubetune logs {job['metadata']['name']})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -188,8 +210,12 @@ def run(args: argparse.Namespace) -> int:
             if args.output == "json":
                 text = json.dumps(job.get("status") or {}, indent=2)
             else:
-                text = render(job, local_url(conn, job["metadata"]["namespace"], args.name),
-                              history_line(conn, job), kept_events(conn, job))
+                text = render(
+                    job,
+                    local_url(conn, job["metadata"]["namespace"], args.name),
+                    history_line(conn, job),
+                    kept_events(conn, job),
+                )
             if text != last:
                 print(text + ("\n" if args.watch else ""), flush=True)
                 last = text

@@ -10,8 +10,9 @@ from kubetune_cli.errors import EXIT_OK, EXIT_USAGE, CLIError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check FineTuneJob manifests (the same checks as the cluster)",
-                       description=__doc__)
+    p = sub.add_parser(
+        "validate", help="check FineTuneJob manifests (the same checks as the cluster)", description=__doc__
+    )
     p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="FineTuneJob YAML files")
     p.set_defaults(func=run)
 

@@ -153,9 +153,16 @@ def set_condition(
             continue
         found = True
         changed = c.get("status") != status
-        out.append(_condition(type_, status, reason, message,
-                              now if changed or not c.get("lastTransitionTime") else c["lastTransitionTime"],
-                              generation))
+        out.append(
+            _condition(
+                type_,
+                status,
+                reason,
+                message,
+                now if changed or not c.get("lastTransitionTime") else c["lastTransitionTime"],
+                generation,
+            )
+        )
     if not found:
         out.append(_condition(type_, status, reason, message, now, generation))
     rank = {t: i for i, t in enumerate(ORDER)}
@@ -163,8 +170,13 @@ def set_condition(
 
 
 def _condition(type_: str, status: str, reason: str, message: str, when: str, generation: int | None) -> dict[str, Any]:
-    c: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message,
-                         "lastTransitionTime": when}
+    c: dict[str, Any] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": when,
+    }
     if generation is not None:
         c["observedGeneration"] = generation
     return c

@@ -37,8 +37,12 @@ def image_errors(spec: api.FineTuneJobSpec, settings: Settings) -> list[tuple[st
     errors = []
     for field, image in (("trainer", spec.resources.images.trainer), ("inference", spec.resources.images.inference)):
         if image and not image_allowed(image, allowed):
-            errors.append((f"spec.resources.images.{field}",
-                           f"image {image!r} is not from an allowed registry ({', '.join(allowed)})"))
+            errors.append(
+                (
+                    f"spec.resources.images.{field}",
+                    f"image {image!r} is not from an allowed registry ({', '.join(allowed)})",
+                )
+            )
     return errors
 
 
@@ -64,13 +68,17 @@ def image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
 def secret_problem(secret_name: str, namespace: str, secret: dict[str, Any] | None) -> tuple[str, str] | None:
     """(reason, message) when the Secret or one of its keys is missing; None when it is usable."""
     if secret is None:
-        return c.SECRET_NOT_FOUND, (f"Secret {namespace}/{secret_name} (spec.dataset.credentialsSecret) does not "
-                                    f"exist; create it with keys {' and '.join(REQUIRED_KEYS)}")
+        return c.SECRET_NOT_FOUND, (
+            f"Secret {namespace}/{secret_name} (spec.dataset.credentialsSecret) does not "
+            f"exist; create it with keys {' and '.join(REQUIRED_KEYS)}"
+        )
     present = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
     missing = [k for k in REQUIRED_KEYS if k not in present]
     if missing:
-        return c.SECRET_KEY_MISSING, (f"Secret {namespace}/{secret_name} (spec.dataset.credentialsSecret) has no "
-                                      f"key {' and no key '.join(missing)}")
+        return c.SECRET_KEY_MISSING, (
+            f"Secret {namespace}/{secret_name} (spec.dataset.credentialsSecret) has no "
+            f"key {' and no key '.join(missing)}"
+        )
     return None
 
 
@@ -119,9 +127,14 @@ def guard(ctx: Any) -> None:
     if not errors and not ctx.status.get("specHash"):
         other = overlapping_job(ctx.body["metadata"], ctx.spec.output.uri, _live_jobs(ctx))
         if other:
-            errors.append(("spec.output.uri", f"{output_base(ctx.spec.output.uri, ctx.owner.namespace, ctx.owner.name)}"
-                           f" overlaps the output prefix of the live FineTuneJob {other}; choose another "
-                           "spec.output.uri (or job name)"))
+            errors.append(
+                (
+                    "spec.output.uri",
+                    f"{output_base(ctx.spec.output.uri, ctx.owner.namespace, ctx.owner.name)}"
+                    f" overlaps the output prefix of the live FineTuneJob {other}; choose another "
+                    "spec.output.uri (or job name)",
+                )
+            )
     if errors:
         ctx.errors.extend(errors)
         ctx.obs.spec_errors = list(ctx.errors)

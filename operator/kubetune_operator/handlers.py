@@ -38,8 +38,7 @@ DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
 CONFIGMAP = {"version": "v1", "plural": "configmaps"}
 
 
-def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, reason: str,
-                  **_: Any) -> None:
+def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, reason: str, **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
     created = dict(body) if reason == kopf.Reason.CREATE else None  # a new job's body needs no second read
     with metrics.time_reconcile("reconcile"):
@@ -73,15 +72,15 @@ def server_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.M
 # The two handlers below see every event of every FineTuneJob (a new job has four or five) and nearly always
 # need no request: they run on kopf's event loop (async) instead of queueing for the handler threads, where they
 # would hold each event's body and delay the passes that do work (a burst of new jobs: 8 of every 10 tasks).
-async def serving_inputs_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                               **_: Any) -> None:
+async def serving_inputs_event(
+    type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+) -> None:
     reconciler: Reconciler = memo.reconciler
     if reconciler.wants_serving_pass(namespace, name, dict(body), deleted=type == "DELETED"):
         await asyncio.get_running_loop().run_in_executor(None, reconciler.serve, namespace, name)
 
 
-async def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo,
-                    **_: Any) -> None:
+async def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     reconciler: Reconciler = memo.reconciler
     if type == "DELETED":
         metrics.forget_job(namespace, name)
@@ -96,8 +95,12 @@ def register(registry: kopf.OperatorRegistry) -> None:
     for on in (kopf.on.resume, kopf.on.create, kopf.on.update):
         on(**FTJ, id="reconcile", registry=registry)(reconcile_job)
     kopf.on.event(**RAYJOB, labels={LABEL_JOB: kopf.PRESENT}, id="rayjob", registry=registry)(ray_job_event)
-    kopf.on.event(**DEPLOYMENT, labels={LABEL_JOB: kopf.PRESENT, "app.kubernetes.io/component": "inference"},
-                  id="deployment", registry=registry)(deployment_event)
+    kopf.on.event(
+        **DEPLOYMENT,
+        labels={LABEL_JOB: kopf.PRESENT, "app.kubernetes.io/component": "inference"},
+        id="deployment",
+        registry=registry,
+    )(deployment_event)
     for kind in (CONFIGMAP, DEPLOYMENT):
         kopf.on.event(**kind, labels={LABEL_SERVER: kopf.PRESENT}, id="server", registry=registry)(server_event)
     kopf.on.event(**FTJ, id="metrics", registry=registry)(job_event)

@@ -34,16 +34,23 @@ def config_map_name(job: str) -> str:
 
 def ended(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
     """Whether this status write moves the job to Succeeded or Failed."""
-    return any(c.is_true(after.get("conditions"), t) and not c.is_true(before.get("conditions"), t)
-               for t in (c.SUCCEEDED, c.FAILED))
+    return any(
+        c.is_true(after.get("conditions"), t) and not c.is_true(before.get("conditions"), t)
+        for t in (c.SUCCEEDED, c.FAILED)
+    )
 
 
 def event_record(ev: Mapping[str, Any]) -> dict[str, Any]:
     """What of an Event is kept: when, what kind, why, what it said, and who said it."""
-    return {"type": ev.get("type"), "reason": ev.get("reason"), "message": ev.get("message"),
-            "count": ev.get("count"), "firstTimestamp": ev.get("firstTimestamp") or ev.get("eventTime"),
-            "lastTimestamp": ev.get("lastTimestamp") or ev.get("eventTime"),
-            "source": (ev.get("source") or {}).get("component") or ev.get("reportingComponent")}
+    return {
+        "type": ev.get("type"),
+        "reason": ev.get("reason"),
+        "message": ev.get("message"),
+        "count": ev.get("count"),
+        "firstTimestamp": ev.get("firstTimestamp") or ev.get("eventTime"),
+        "lastTimestamp": ev.get("lastTimestamp") or ev.get("eventTime"),
+        "source": (ev.get("source") or {}).get("component") or ev.get("reportingComponent"),
+    }
 
 
 def _order(ev: Mapping[str, Any]) -> tuple[str, int]:
@@ -55,10 +62,15 @@ def _order(ev: Mapping[str, Any]) -> tuple[str, int]:
 def history_config_map(owner: Owner, status: Mapping[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
     """The ConfigMap (pure): conditions and Events, oldest Event first."""
     kept = [event_record(e) for e in sorted(events, key=_order)][-MAX_EVENTS:]
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": object_meta(owner, config_map_name(owner.name), COMPONENT),
-            "data": {CONDITIONS_KEY: json.dumps(status.get("conditions") or [], indent=1, sort_keys=True),
-                     EVENTS_KEY: json.dumps(kept, indent=1, sort_keys=True)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(owner, config_map_name(owner.name), COMPONENT),
+        "data": {
+            CONDITIONS_KEY: json.dumps(status.get("conditions") or [], indent=1, sort_keys=True),
+            EVENTS_KEY: json.dumps(kept, indent=1, sort_keys=True),
+        },
+    }
 
 
 def record(kube: Kube, owner: Owner, status: Mapping[str, Any]) -> None:

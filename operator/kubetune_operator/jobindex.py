@@ -39,8 +39,13 @@ class LiveJobs:
         uid = meta.get("uid") or ""
         uri = ((body.get("spec") or {}).get("output") or {}).get("uri")
         conds = (body.get("status") or {}).get("conditions") or []
-        if (not uid or not isinstance(uri, str) or meta.get("deletionTimestamp")
-                or c.is_true(conds, c.SUCCEEDED) or c.is_true(conds, c.FAILED)):
+        if (
+            not uid
+            or not isinstance(uri, str)
+            or meta.get("deletionTimestamp")
+            or c.is_true(conds, c.SUCCEEDED)
+            or c.is_true(conds, c.FAILED)
+        ):
             self.forget(uid)
             return
         base = output_base(uri, meta.get("namespace", ""), meta.get("name", ""))

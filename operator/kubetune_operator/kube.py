@@ -160,12 +160,20 @@ class Kube:
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
-    def _call(self, verb: str, method: str, path: str, body: Any = None, content_type: str = "application/json",
-              query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    def _call(
+        self,
+        verb: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
         with self._lock:
             self.requests[verb] += 1
-        return kubeclient.call_json(self._api, method, path, body, content_type=content_type, query=query,
-                                    timeout=self._timeout)
+        return kubeclient.call_json(
+            self._api, method, path, body, content_type=content_type, query=query, timeout=self._timeout
+        )
 
     # --- objects ----------------------------------------------------------------------------------------
 
@@ -178,8 +186,13 @@ class Kube:
                 return None
             raise _error(e, f"get {kind.kind} {namespace}/{name}") from None
 
-    def list(self, kind: Kind, namespace: str | None = None, label_selector: str | None = None,
-             field_selector: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        self,
+        kind: Kind,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Every object of `kind` in `namespace` (None: all namespaces), optionally only those matching
         `label_selector` / `field_selector` (one request, no paging: small sets)."""
         query = [(k, v) for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v]
@@ -242,8 +255,13 @@ class Kube:
     def patch_status(self, kind: Kind, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """JSON merge patch of the status subresource; None when the object is gone."""
         try:
-            return self._call("patch_status", "PATCH", kind.path(namespace, name, "status"),
-                              body={"status": patch}, content_type=MERGE_PATCH)
+            return self._call(
+                "patch_status",
+                "PATCH",
+                kind.path(namespace, name, "status"),
+                body={"status": patch},
+                content_type=MERGE_PATCH,
+            )
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -251,8 +269,7 @@ class Kube:
 
     def delete(self, kind: Kind, namespace: str, name: str) -> bool:
         try:
-            self._call("delete", "DELETE", kind.path(namespace, name),
-                       body={"propagationPolicy": "Background"})
+            self._call("delete", "DELETE", kind.path(namespace, name), body={"propagationPolicy": "Background"})
             return True
         except ApiException as e:
             if e.status == 404:
@@ -283,5 +300,10 @@ class Kube:
         try:
             self._call("event", "POST", KINDS[("v1", "Event")].path(namespace), body=event)
         except ApiException as e:
-            log.warning("could not post Event %s for %s/%s: %s", reason, namespace, involved.get("name"),
-                        _error(e, "post Event"))
+            log.warning(
+                "could not post Event %s for %s/%s: %s",
+                reason,
+                namespace,
+                involved.get("name"),
+                _error(e, "post Event"),
+            )

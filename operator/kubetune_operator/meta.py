@@ -44,8 +44,13 @@ class Owner:
 
     def involved_object(self) -> dict[str, Any]:
         """How Events point at the job."""
-        return {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": self.name,
-                "namespace": self.namespace, "uid": self.uid}
+        return {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "name": self.name,
+            "namespace": self.namespace,
+            "uid": self.uid,
+        }
 
 
 def labels(owner: Owner, component: str) -> dict[str, str]:
@@ -74,8 +79,10 @@ def object_meta(owner: Owner, name: str, component: str, **extra_labels: str) ->
 def controller_of(obj: dict[str, Any]) -> str | None:
     """The name of the FineTuneJob that controls `obj`, from its owner references."""
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == api.KIND and ref.get("apiVersion", "").startswith(
-            f"{api.GROUP}/"
+        if (
+            ref.get("controller")
+            and ref.get("kind") == api.KIND
+            and ref.get("apiVersion", "").startswith(f"{api.GROUP}/")
         ):
             name: str | None = ref.get("name")
             return name

@@ -237,7 +237,8 @@ class OperatorMetrics:
         """How many known jobs match (for tests and debugging)."""
         with self._lock:
             return sum(
-                1 for (ns, _), s in self._index.items()
+                1
+                for (ns, _), s in self._index.items()
                 if (namespace is None or ns == namespace) and (state is None or s.state == state)
             )
 

@@ -51,7 +51,9 @@ def _leaf_changes(old: Any, new: Any, path: str) -> list[str]:
     return [] if old == new else [path]
 
 
-def training_changes(applied: api.FineTuneJobSpec | Mapping[str, Any], new: api.FineTuneJobSpec | Mapping[str, Any]) -> list[str]:
+def training_changes(
+    applied: api.FineTuneJobSpec | Mapping[str, Any], new: api.FineTuneJobSpec | Mapping[str, Any]
+) -> list[str]:
     """Wire paths (spec.training.learningRate, ...) of training fields that differ between two specs.
 
     Parsed specs are compared with every default filled in; raw dicts (when a spec does not parse) as given.

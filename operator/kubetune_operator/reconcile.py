@@ -138,8 +138,9 @@ def ensure_training(ctx: Context) -> None:
             ctx.obs.ray_job = _apply_live_fields(kube, ray, ctx.spec)
     except NotOwned as e:
         # Never adopted, patched or used: the job waits (looked at again every 30 s) and says what is in the way.
-        ctx.obs.extra_conditions.append((c.BLOCKED, c.TRUE, c.NAME_CONFLICT,
-                                         f"{e}; delete or rename it, or rename this job"))
+        ctx.obs.extra_conditions.append(
+            (c.BLOCKED, c.TRUE, c.NAME_CONFLICT, f"{e}; delete or rename it, or rename this job")
+        )
         raise Retry(str(e), delay=30) from None
     except KubeError as e:
         if e.status == 422 and ctx.obs.ray_job is KEEP:
@@ -246,8 +247,9 @@ def write_status(ctx: Context) -> dict[str, Any]:
         ctx.kube.post_event(involved, ev.type, ev.reason, ev.message)
     if patch and history.ended(current, new_status):  # kept past the Events' TTL (kubetune_operator.history)
         history.record(ctx.kube, ctx.owner, new_status)
-    metrics.observe_job(ctx.owner.namespace, ctx.owner.name, new_status,
-                        created=ctx.body["metadata"].get("creationTimestamp"))
+    metrics.observe_job(
+        ctx.owner.namespace, ctx.owner.name, new_status, created=ctx.body["metadata"].get("creationTimestamp")
+    )
     return new_status
 
 
@@ -257,8 +259,9 @@ def write_status(ctx: Context) -> dict[str, Any]:
 def _ray_job_digest(ray_job: dict[str, Any]) -> str:
     """What of a RayJob the job's status depends on: its status and the spec hash it was built from."""
     meta = ray_job.get("metadata") or {}
-    return json.dumps([ray_job.get("status"), (meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH)],
-                      sort_keys=True)
+    return json.dumps(
+        [ray_job.get("status"), (meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH)], sort_keys=True
+    )
 
 
 class Reconciler:
@@ -289,8 +292,14 @@ class Reconciler:
         body = fresh if fresh is not None and not fresh.get("status") else self.kube.get(FINETUNEJOB, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        return Context(kube=self.kube, settings=self.settings, body=body, owner=Owner.from_body(body),
-                       raw_spec=body.get("spec") or {}, live_jobs=self.live_jobs)
+        return Context(
+            kube=self.kube,
+            settings=self.settings,
+            body=body,
+            owner=Owner.from_body(body),
+            raw_spec=body.get("spec") or {},
+            live_jobs=self.live_jobs,
+        )
 
     def reconcile(self, namespace: str, name: str, created: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """A full pass; raises Invalid (status written) or Retry. Returns the new status.
@@ -321,8 +330,9 @@ class Reconciler:
     def on_ray_job(self, namespace: str, ray_job: dict[str, Any], *, deleted: bool = False) -> None:
         """KubeRay changed (or someone deleted) a RayJob of ours: bring the job's status up to date."""
         meta = ray_job.get("metadata") or {}
-        owner_ref = next((r for r in meta.get("ownerReferences") or []
-                          if r.get("controller") and r.get("kind") == api.KIND), None)
+        owner_ref = next(
+            (r for r in meta.get("ownerReferences") or [] if r.get("controller") and r.get("kind") == api.KIND), None
+        )
         if owner_ref is None:
             return
         uid = meta.get("uid", "")
@@ -371,14 +381,21 @@ class Reconciler:
     def on_deployment(self, namespace: str, deployment: dict[str, Any], *, deleted: bool = False) -> None:
         """The inference Deployment of a job changed (availability, replicas) or was deleted."""
         meta = deployment.get("metadata") or {}
-        owner_ref = next((r for r in meta.get("ownerReferences") or []
-                          if r.get("controller") and r.get("kind") == api.KIND), None)
+        owner_ref = next(
+            (r for r in meta.get("ownerReferences") or [] if r.get("controller") and r.get("kind") == api.KIND), None
+        )
         if owner_ref is None:
             return
         uid = meta.get("uid", "")
-        digest = json.dumps([deployment.get("status"), meta.get("generation"),
-                             (deployment.get("spec") or {}).get("replicas"), meta.get("annotations")],
-                            sort_keys=True)
+        digest = json.dumps(
+            [
+                deployment.get("status"),
+                meta.get("generation"),
+                (deployment.get("spec") or {}).get("replicas"),
+                meta.get("annotations"),
+            ],
+            sort_keys=True,
+        )
         if deleted:
             self._seen.pop(uid, None)
         elif self._seen.get(uid) == digest:
@@ -421,8 +438,10 @@ class Reconciler:
         self._inputs[uid] = digest
         if not c.is_true(st.get("conditions"), c.SUCCEEDED):
             return False
-        waiting = (c.get(st.get("conditions"), c.DEPLOYED) or {}).get("reason") in (c.AWAITING_EVALUATION,
-                                                                                   c.MODEL_UNAVAILABLE)
+        waiting = (c.get(st.get("conditions"), c.DEPLOYED) or {}).get("reason") in (
+            c.AWAITING_EVALUATION,
+            c.MODEL_UNAVAILABLE,
+        )
         # Nothing new when unchanged (the first sight after a restart is covered by the resume pass).
         return not (previous == digest or (previous is None and not waiting))
 
@@ -447,7 +466,7 @@ class Reconciler:
                 return
         try:
             self.serve(namespace, name)
-        except Exception:  # noqa: BLE001 - a timer thread has no one to raise to
+        except Exception:
             log.exception("%s/%s: serving retry failed", namespace, name)
 
     def _cancel(self, namespace: str, name: str) -> None:

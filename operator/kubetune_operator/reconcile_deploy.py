@@ -67,14 +67,23 @@ def gate(spec: api.FineTuneJobSpec, evaluation: Mapping[str, Any] | None) -> tup
     if not isinstance(improvement, (int, float)):
         if any(ev.get(k) is not None for k in ("metric", "base", "fineTuned", "reportUri")):
             # Evaluated, but without a comparison (e.g. no base figures): the gate cannot be passed.
-            return (c.NOT_IMPROVED, f"not deployed: the evaluation gives no improvement over the base to compare "
-                    f"with spec.deploy.minImprovement {threshold:g} ({figures})")
-        return (c.AWAITING_EVALUATION, f"spec.deploy.minImprovement is {threshold:g}: waiting for the trainer's "
-                "evaluation of the fine-tuned model against the base (status.evaluation.improvement)")
+            return (
+                c.NOT_IMPROVED,
+                f"not deployed: the evaluation gives no improvement over the base to compare "
+                f"with spec.deploy.minImprovement {threshold:g} ({figures})",
+            )
+        return (
+            c.AWAITING_EVALUATION,
+            f"spec.deploy.minImprovement is {threshold:g}: waiting for the trainer's "
+            "evaluation of the fine-tuned model against the base (status.evaluation.improvement)",
+        )
     if improvement >= threshold:
         return None
-    return (c.NOT_IMPROVED, f"not deployed: the fine-tune improves {metric} by {_fmt(improvement)}, less than "
-            f"spec.deploy.minImprovement {threshold:g} ({figures})")
+    return (
+        c.NOT_IMPROVED,
+        f"not deployed: the fine-tune improves {metric} by {_fmt(improvement)}, less than "
+        f"spec.deploy.minImprovement {threshold:g} ({figures})",
+    )
 
 
 def _fmt(x: Any) -> str:
@@ -92,8 +101,12 @@ def deployed_condition(deployment: Mapping[str, Any], endpoint: Mapping[str, str
     updated = int(st.get("updatedReplicas") or 0)
     stale = generation is not None and int(st.get("observedGeneration") or 0) < int(generation)
     if replicas == 0:
-        return (c.FALSE, c.SCALED_TO_ZERO, f"spec.deploy.replicas is 0: Deployment {name} runs no replica "
-                f"(the Service {endpoint.get('url', '')} stays)")
+        return (
+            c.FALSE,
+            c.SCALED_TO_ZERO,
+            f"spec.deploy.replicas is 0: Deployment {name} runs no replica "
+            f"(the Service {endpoint.get('url', '')} stays)",
+        )
     avail = conds.get("Available") or {}
     if avail.get("status") == c.TRUE and available > 0:
         msg = f"{available}/{replicas} replicas available; serving {endpoint.get('model')} at {endpoint.get('url')}"
@@ -102,15 +115,21 @@ def deployed_condition(deployment: Mapping[str, Any], endpoint: Mapping[str, str
         return (c.TRUE, c.AVAILABLE, msg)
     progressing = conds.get("Progressing") or {}
     if progressing.get("status") == c.FALSE and progressing.get("reason") == c.PROGRESS_DEADLINE_EXCEEDED:
-        return (c.FALSE, c.PROGRESS_DEADLINE_EXCEEDED,
-                f"Deployment {name}: {progressing.get('message') or 'progress deadline exceeded'}")
+        return (
+            c.FALSE,
+            c.PROGRESS_DEADLINE_EXCEEDED,
+            f"Deployment {name}: {progressing.get('message') or 'progress deadline exceeded'}",
+        )
     failure = conds.get("ReplicaFailure") or {}
     if failure.get("status") == c.TRUE:
         return (c.FALSE, c.REPLICA_FAILURE, f"Deployment {name}: {failure.get('message') or failure.get('reason')}")
     if not st or stale and not conds:
         return (c.FALSE, c.PROGRESSING, f"Deployment {name} created; waiting for the Deployment controller")
-    return (c.FALSE, c.PROGRESSING, f"{available}/{replicas} replicas available; waiting for the weights to be "
-            "fetched and vLLM to pass /health")
+    return (
+        c.FALSE,
+        c.PROGRESSING,
+        f"{available}/{replicas} replicas available; waiting for the weights to be fetched and vLLM to pass /health",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -166,8 +185,13 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
     if foreign and spec.deploy.server:
         existing = {k: (None if k in foreign else obj) for k, obj in existing.items()}  # not ours, not in the way
     elif foreign:
-        _report(ctx, c.FALSE, c.NAME_CONFLICT, f"{' and '.join(foreign)} {name} already exist(s) and belong(s) "
-                "to something else; delete or rename it, or rename this job")
+        _report(
+            ctx,
+            c.FALSE,
+            c.NAME_CONFLICT,
+            f"{' and '.join(foreign)} {name} already exist(s) and belong(s) "
+            "to something else; delete or rename it, or rename this job",
+        )
         from kubetune_operator.reconcile import Retry
 
         # Often a namesake job's leftovers that the garbage collector is about to remove: look again.
@@ -193,8 +217,9 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
         removed = _remove_dedicated(ctx, existing, verdict[1], event=False)
         if removed:
             log.info("%s/%s: removed %s (%s)", owner.namespace, owner.name, ", ".join(removed), verdict[0])
-            kube.post_event(owner.involved_object(), "Normal", "ServingRemoved",
-                            f"removed {', '.join(removed)}: {verdict[1]}")
+            kube.post_event(
+                owner.involved_object(), "Normal", "ServingRemoved", f"removed {', '.join(removed)}: {verdict[1]}"
+            )
         had_condition = c.get(ctx.status.get("conditions"), c.DEPLOYED) is not None
         if verdict[0] != c.DISABLED or had_condition or removed:
             _report(ctx, c.FALSE, verdict[0], verdict[1])
@@ -212,8 +237,12 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
     assert deployment is not None
     if created:
         # Its own reason (not the training children's `Created`), like ServingUpdated and ServingRemoved.
-        kube.post_event(owner.involved_object(), "Normal", "ServingCreated",
-                        f"created {', '.join(created)} ({plan.mode}: {plan.model_uri})")
+        kube.post_event(
+            owner.involved_object(),
+            "Normal",
+            "ServingCreated",
+            f"created {', '.join(created)} ({plan.mode}: {plan.model_uri})",
+        )
     ctx.obs.endpoint = endpoint
     _report(ctx, *deployed_condition(deployment, endpoint))
 
@@ -226,8 +255,9 @@ def _remove_dedicated(ctx: Context, existing: dict[str, Any], why: str, *, event
         if existing[kind.kind] is not None:
             ctx.kube.delete(kind, ctx.owner.namespace, name)
     if removed and event:
-        ctx.kube.post_event(ctx.owner.involved_object(), "Normal", "ServingRemoved",
-                            f"removed {', '.join(removed)}: {why}")
+        ctx.kube.post_event(
+            ctx.owner.involved_object(), "Normal", "ServingRemoved", f"removed {', '.join(removed)}: {why}"
+        )
     return removed
 
 
@@ -236,8 +266,11 @@ def _was_shared(ctx: Context) -> bool:
     url = (ctx.status.get("endpoint") or {}).get("url") or ""
     reason = (c.get(ctx.status.get("conditions"), c.DEPLOYED) or {}).get("reason")
     dedicated = f"http://{names.inference(ctx.owner.name)}.{ctx.owner.namespace}.svc:"
-    return bool(url and not url.startswith(dedicated)) or reason in (c.SERVER_NOT_FOUND, c.SERVER_INVALID,
-                                                                     c.SERVER_REFUSED)
+    return bool(url and not url.startswith(dedicated)) or reason in (
+        c.SERVER_NOT_FOUND,
+        c.SERVER_INVALID,
+        c.SERVER_REFUSED,
+    )
 
 
 def _create(ctx: Context, obj: dict[str, Any], created_names: list[str]) -> dict[str, Any]:
@@ -256,16 +289,23 @@ def _update(ctx: Context, current: dict[str, Any], desired: dict[str, Any]) -> d
     if have_hash != want_hash:
         if desired["kind"] == "Service":
             # clusterIP and friends are allocated by the server and immutable: patch the parts we own.
-            patch = {"metadata": {"labels": desired["metadata"]["labels"],
-                                  "annotations": {inference.ANNOTATION_SERVING_HASH: want_hash}},
-                     "spec": {"selector": desired["spec"]["selector"], "ports": desired["spec"]["ports"]}}
+            patch = {
+                "metadata": {
+                    "labels": desired["metadata"]["labels"],
+                    "annotations": {inference.ANNOTATION_SERVING_HASH: want_hash},
+                },
+                "spec": {"selector": desired["spec"]["selector"], "ports": desired["spec"]["ports"]},
+            }
             result = ctx.kube.patch(kind, meta["namespace"], meta["name"], patch)
         else:
             replacement = {
-                "apiVersion": desired["apiVersion"], "kind": desired["kind"],
-                "metadata": {**meta, "labels": {**(meta.get("labels") or {}), **desired["metadata"]["labels"]},
-                             "annotations": {**(meta.get("annotations") or {}),
-                                             **desired["metadata"]["annotations"]}},
+                "apiVersion": desired["apiVersion"],
+                "kind": desired["kind"],
+                "metadata": {
+                    **meta,
+                    "labels": {**(meta.get("labels") or {}), **desired["metadata"]["labels"]},
+                    "annotations": {**(meta.get("annotations") or {}), **desired["metadata"]["annotations"]},
+                },
                 "spec": desired["spec"],
             }
             # No resourceVersion: the operator owns this spec whole, and the Deployment controller's status
@@ -274,13 +314,18 @@ def _update(ctx: Context, current: dict[str, Any], desired: dict[str, Any]) -> d
                 replacement["metadata"].pop(key, None)
             result = ctx.kube.replace(replacement)
         log.info("%s %s/%s: updated to the current spec.deploy", desired["kind"], meta["namespace"], meta["name"])
-        ctx.kube.post_event(ctx.owner.involved_object(), "Normal", "ServingUpdated",
-                            f"updated {desired['kind']} {meta['name']} to the current spec.deploy")
+        ctx.kube.post_event(
+            ctx.owner.involved_object(),
+            "Normal",
+            "ServingUpdated",
+            f"updated {desired['kind']} {meta['name']} to the current spec.deploy",
+        )
         return result
     if desired["kind"] == "Deployment" and (current.get("spec") or {}).get("replicas") != desired["spec"]["replicas"]:
-        log.info("Deployment %s/%s: replicas back to %s", meta["namespace"], meta["name"],
-                 desired["spec"]["replicas"])
-        return ctx.kube.patch(kind, meta["namespace"], meta["name"], {"spec": {"replicas": desired["spec"]["replicas"]}})
+        log.info("Deployment %s/%s: replicas back to %s", meta["namespace"], meta["name"], desired["spec"]["replicas"])
+        return ctx.kube.patch(
+            kind, meta["namespace"], meta["name"], {"spec": {"replicas": desired["spec"]["replicas"]}}
+        )
     return current
 
 

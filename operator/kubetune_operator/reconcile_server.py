@@ -61,9 +61,14 @@ def sync_server(kube: Kube, settings: Settings, namespace: str, server: str) -> 
     with _lock(namespace, server):
         decl = kube.get(CONFIGMAP, namespace, server)
         if decl is None or ((decl["metadata"].get("labels") or {}).get(ss.LABEL_SERVER) != server):
-            return ServerState(problem=(c.SERVER_NOT_FOUND, f"waiting for inference server {server}: no ConfigMap "
-                                        f"{server} labelled {ss.LABEL_SERVER}={server} in {namespace} "
-                                        "(spec.deploy.server; docs/serving.md)"))
+            return ServerState(
+                problem=(
+                    c.SERVER_NOT_FOUND,
+                    f"waiting for inference server {server}: no ConfigMap "
+                    f"{server} labelled {ss.LABEL_SERVER}={server} in {namespace} "
+                    "(spec.deploy.server; docs/serving.md)",
+                )
+            )
         try:
             spec = ss.declaration_spec(decl)
         except ss.InvalidDeclaration as e:
@@ -76,14 +81,20 @@ def sync_server(kube: Kube, settings: Settings, namespace: str, server: str) -> 
         for obj in objects:
             current = kube.get(kind_of(obj), namespace, server)
             if current is not None and not _owned_by(current, decl["metadata"]["uid"]):
-                return ServerState(problem=(c.NAME_CONFLICT, f"{obj['kind']} {server} exists and does not belong to "
-                                            f"inference server {server}'s declaration; delete or rename it"))
+                return ServerState(
+                    problem=(
+                        c.NAME_CONFLICT,
+                        f"{obj['kind']} {server} exists and does not belong to "
+                        f"inference server {server}'s declaration; delete or rename it",
+                    )
+                )
             results[obj["kind"]] = _apply(kube, current, obj, decl, [a.model for a in usable])
         return ServerState(spec=spec, adapters=adapters, deployment=results["Deployment"])
 
 
-def _apply(kube: Kube, current: dict[str, Any] | None, desired: dict[str, Any], decl: dict[str, Any],
-           models: list[str]) -> dict[str, Any]:
+def _apply(
+    kube: Kube, current: dict[str, Any] | None, desired: dict[str, Any], decl: dict[str, Any], models: list[str]
+) -> dict[str, Any]:
     """Create `desired`, or bring `current` to it when its serving hash differs."""
     if current is None:
         created, _ = kube.create(desired)
@@ -93,15 +104,27 @@ def _apply(kube: Kube, current: dict[str, Any] | None, desired: dict[str, Any], 
     if (meta.get("annotations") or {}).get(inference.ANNOTATION_SERVING_HASH) == want:
         return current
     if desired["kind"] == "Service":  # clusterIP is the server's: patch only what we own
-        return kube.patch(SERVICE, meta["namespace"], meta["name"],
-                          {"metadata": {"annotations": {inference.ANNOTATION_SERVING_HASH: want}},
-                           "spec": {"selector": desired["spec"]["selector"], "ports": desired["spec"]["ports"]}})
+        return kube.patch(
+            SERVICE,
+            meta["namespace"],
+            meta["name"],
+            {
+                "metadata": {"annotations": {inference.ANNOTATION_SERVING_HASH: want}},
+                "spec": {"selector": desired["spec"]["selector"], "ports": desired["spec"]["ports"]},
+            },
+        )
     replacement = {**desired, "metadata": {**desired["metadata"], "uid": meta.get("uid")}}
     result = kube.replace(replacement)
-    involved = {"apiVersion": "v1", "kind": "ConfigMap", "name": decl["metadata"]["name"],
-                "namespace": decl["metadata"]["namespace"], "uid": decl["metadata"]["uid"]}
-    kube.post_event(involved, "Normal", "ServerUpdated",
-                    f"Deployment {meta['name']} now serves {', '.join(models) or 'no adapter'}")
+    involved = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "name": decl["metadata"]["name"],
+        "namespace": decl["metadata"]["namespace"],
+        "uid": decl["metadata"]["uid"],
+    }
+    kube.post_event(
+        involved, "Normal", "ServerUpdated", f"Deployment {meta['name']} now serves {', '.join(models) or 'no adapter'}"
+    )
     return result
 
 
@@ -114,9 +137,16 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
 
 def adapter_for(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> ss.Adapter:
     assert plan.base_uri is not None and plan.max_lora_rank is not None
-    return ss.Adapter(job=ctx.owner.name, model=plan.served_model_name, uri=plan.model_uri, base_uri=plan.base_uri,
-                      rank=inference.max_lora_r(spec), endpoint=spec.dataset.endpoint, region=spec.dataset.region,
-                      secret=spec.dataset.credentials_secret)
+    return ss.Adapter(
+        job=ctx.owner.name,
+        model=plan.served_model_name,
+        uri=plan.model_uri,
+        base_uri=plan.base_uri,
+        rank=inference.max_lora_r(spec),
+        endpoint=spec.dataset.endpoint,
+        region=spec.dataset.region,
+        secret=spec.dataset.credentials_secret,
+    )
 
 
 def serve_shared(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> tuple[str, str, str]:
@@ -129,13 +159,21 @@ def serve_shared(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> 
     current = kube.get(CONFIGMAP, owner.namespace, reg["metadata"]["name"])
     if current is not None and not _owned_by(current, owner.uid):
         ctx.obs.endpoint = None
-        return (c.FALSE, c.NAME_CONFLICT, f"ConfigMap {reg['metadata']['name']} (this job's adapter registration for "
-                f"inference server {server}) exists and belongs to something else; delete it or rename this job")
+        return (
+            c.FALSE,
+            c.NAME_CONFLICT,
+            f"ConfigMap {reg['metadata']['name']} (this job's adapter registration for "
+            f"inference server {server}) exists and belongs to something else; delete it or rename this job",
+        )
     if current is None:
         kube.create(reg)
     elif current.get("data") != reg["data"] or (current["metadata"].get("labels") or {}) != reg["metadata"]["labels"]:
-        kube.patch(CONFIGMAP, owner.namespace, reg["metadata"]["name"],
-                   {"metadata": {"labels": reg["metadata"]["labels"]}, "data": reg["data"]})
+        kube.patch(
+            CONFIGMAP,
+            owner.namespace,
+            reg["metadata"]["name"],
+            {"metadata": {"labels": reg["metadata"]["labels"]}, "data": reg["data"]},
+        )
     state = sync_server(kube, ctx.settings, owner.namespace, server)
     if state.problem is not None:
         ctx.obs.endpoint = None
@@ -161,7 +199,8 @@ def shared_condition(deployment: dict[str, Any], endpoint: Mapping[str, str], se
     status, reason, message = deployed_condition(deployment, endpoint)
     meta, st = deployment.get("metadata") or {}, deployment.get("status") or {}
     rolling = int(st.get("observedGeneration") or 0) < int(meta.get("generation") or 0) or int(
-        st.get("updatedReplicas") or 0) < int((deployment.get("spec") or {}).get("replicas", 1))
+        st.get("updatedReplicas") or 0
+    ) < int((deployment.get("spec") or {}).get("replicas", 1))
     if status == c.TRUE and rolling:
         return (c.FALSE, c.PROGRESSING, f"inference server {server} is rolling out with {model}: {message}")
     return (status, reason, f"on inference server {server}: {message}" if status == c.TRUE else message)

@@ -31,9 +31,15 @@ def _connection_info(cfg: Any, settings: kopf.OperatorSettings) -> kopf.Connecti
     parts = header.split(" ", 1) if header else []
     scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
     return kopf.ConnectionInfo(
-        server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
-        username=cfg.username or None, password=cfg.password or None, scheme=scheme, token=token,
-        certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
         trust_env=settings.networking.trust_env,
     )
 
@@ -66,8 +72,12 @@ def configure(kopf_settings: kopf.OperatorSettings, op: Settings, cert_dir: Path
             hosts = [h for h in (host, op.webhook_addr) if h not in ("0.0.0.0", "::")]
             cert = certs.make_serving_cert(cert_dir, hosts or ["127.0.0.1"])
         s.admission.server = kopf.WebhookServer(
-            addr=op.webhook_addr, port=op.webhook_port, host=host,
-            certfile=str(cert.certfile), pkeyfile=str(cert.pkeyfile), cafile=str(cert.cafile),
+            addr=op.webhook_addr,
+            port=op.webhook_port,
+            host=host,
+            certfile=str(cert.certfile),
+            pkeyfile=str(cert.pkeyfile),
+            cafile=str(cert.cafile),
         )
         if op.webhook_managed:
             s.admission.managed = op.webhook_config_name
@@ -132,8 +142,9 @@ def _url_host(addr: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune_operator", description="The kubetune operator.")
     parser.add_argument("--kubeconfig", help="kubeconfig to use (default: in-cluster, else $KUBECONFIG)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="log level (default: info)")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default: info)"
+    )
     parser.add_argument("--verbose", action="store_true", help="same as --log-level=debug")
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else getattr(logging, args.log_level.upper())

@@ -117,8 +117,9 @@ class Settings:
             if image and (":" not in image.rsplit("/", 1)[-1] and "@" not in image or image.endswith(":latest")):
                 raise SettingsError(f"{var} must be pinned by tag or digest (not latest), got {image!r}")
         namespaces = tuple(n.strip() for n in (env.get("KUBETUNE_NAMESPACES") or "").split(",") if n.strip())
-        registries = tuple(r.strip() for r in (env.get("KUBETUNE_ALLOWED_IMAGE_REGISTRIES") or "").split(",")
-                           if r.strip())
+        registries = tuple(
+            r.strip() for r in (env.get("KUBETUNE_ALLOWED_IMAGE_REGISTRIES") or "").split(",") if r.strip()
+        )
         return cls(
             trainer_image=text("KUBETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
             inference_image=text("KUBETUNE_INFERENCE_IMAGE", DEFAULT_INFERENCE_IMAGE),

@@ -33,8 +33,16 @@ from typing import Any
 from kubetune.clock import now_rfc3339 as now_rfc3339  # re-exported: reconcile.py stamps statuses with it
 from kubetune_operator import conditions as c
 
-OWNED_KEYS = ("observedGeneration", "state", "conditions", "rayJob", "startTime", "completionTime", "specHash",
-              "endpoint")
+OWNED_KEYS = (
+    "observedGeneration",
+    "state",
+    "conditions",
+    "rayJob",
+    "startTime",
+    "completionTime",
+    "specHash",
+    "endpoint",
+)
 KEEP = object()  # "leave as it is" marker for Observation fields
 
 
@@ -65,8 +73,7 @@ def phase_of(ray_job: Mapping[str, Any] | None) -> Phase:
     cluster = st.get("rayClusterName") or ""
 
     if jds in ("", "New", "Initializing", "Waiting", "Scheduling", "Scheduled") and failed_count > 0:
-        return Phase(c.RETRYING, f"attempt {failed_count} failed; KubeRay is retrying (RayJob {name})",
-                     training=True)
+        return Phase(c.RETRYING, f"attempt {failed_count} failed; KubeRay is retrying (RayJob {name})", training=True)
     if jds in ("", "New", "Scheduling", "Scheduled"):
         return Phase(c.PENDING, f"RayJob {name} created; waiting for KubeRay")
     if jds in ("Initializing", "Waiting"):
@@ -77,11 +84,11 @@ def phase_of(ray_job: Mapping[str, Any] | None) -> Phase:
             return Phase(c.JOB_PENDING, f"Ray job {job_id} submitted; waiting for it to start", training=True)
         if js == "RUNNING":
             return Phase(c.RUNNING, f"Ray job {job_id} is running", training=True)
-        return Phase(c.FINISHING, f"Ray job {job_id} ended ({js}); KubeRay is completing the RayJob",
-                     training=True)
+        return Phase(c.FINISHING, f"Ray job {job_id} ended ({js}); KubeRay is completing the RayJob", training=True)
     if jds == "Retrying":
-        return Phase(c.RETRYING, f"attempt {max(failed_count, 1)} failed; KubeRay is retrying (RayJob {name})",
-                     training=True)
+        return Phase(
+            c.RETRYING, f"attempt {max(failed_count, 1)} failed; KubeRay is retrying (RayJob {name})", training=True
+        )
     if jds == "Suspending":
         return Phase(c.SUSPENDING, f"KubeRay is suspending RayJob {name}", suspended=True)
     if jds == "Suspended":
@@ -90,13 +97,18 @@ def phase_of(ray_job: Mapping[str, Any] | None) -> Phase:
         if js == "SUCCEEDED":
             return Phase(c.JOB_SUCCEEDED, f"Ray job {job_id} succeeded", succeeded=True)
         if js == "FAILED":
-            return Phase(c.failure_reason(kuberay_message, c.APP_FAILED), kuberay_message or f"Ray job {job_id} failed",
-                         failed=True)
-        return Phase(c.STOPPED, kuberay_message or f"Ray job {job_id} was stopped ({js or 'no status'})",
-                     failed=True)
+            return Phase(
+                c.failure_reason(kuberay_message, c.APP_FAILED),
+                kuberay_message or f"Ray job {job_id} failed",
+                failed=True,
+            )
+        return Phase(c.STOPPED, kuberay_message or f"Ray job {job_id} was stopped ({js or 'no status'})", failed=True)
     if jds == "Failed":
-        return Phase(c.failure_reason(kuberay_message, kuberay_reason or c.RAYJOB_FAILED),
-                     kuberay_message or f"RayJob {name} failed", failed=True)
+        return Phase(
+            c.failure_reason(kuberay_message, kuberay_reason or c.RAYJOB_FAILED),
+            kuberay_message or f"RayJob {name} failed",
+            failed=True,
+        )
     return Phase(c.PENDING, f"RayJob {name} is in an unknown deployment status {jds!r}")
 
 
@@ -128,8 +140,9 @@ def _run_phase(current: Mapping[str, Any], obs: Observation) -> Phase | None:
         if obs.ray_job_deleted:
             if finished:
                 return None  # a finished run's record stays as it was
-            return Phase(c.RAYJOB_DELETED, f"RayJob {obs.ray_job_name} was deleted before the run finished",
-                         failed=True)
+            return Phase(
+                c.RAYJOB_DELETED, f"RayJob {obs.ray_job_name} was deleted before the run finished", failed=True
+            )
         errors = obs.spec_errors if isinstance(obs.spec_errors, list) else None
         if obs.failure is not None:
             return Phase(obs.failure[0], obs.failure[1], failed=True)
@@ -149,8 +162,9 @@ def state_of(conditions: Sequence[Mapping[str, Any]]) -> str:
         return "Failed"
     if c.is_true(conditions, c.SUCCEEDED):
         deployed = c.get(conditions, c.DEPLOYED)
-        if deployed is None or (deployed.get("status") != c.TRUE
-                                and deployed.get("reason") in c.NOT_SERVING_ON_PURPOSE):
+        if deployed is None or (
+            deployed.get("status") != c.TRUE and deployed.get("reason") in c.NOT_SERVING_ON_PURPOSE
+        ):
             return "Succeeded"
         return "Deployed" if deployed.get("status") == c.TRUE else "Deploying"
     if c.is_true(conditions, c.SUSPENDED):
@@ -184,8 +198,7 @@ def desired_status(current: Mapping[str, Any] | None, obs: Observation, now: str
         if obs.rejected_fields:
             put(c.SPEC_CHANGE_REJECTED, c.TRUE, c.TRAINING_FIELDS_IMMUTABLE, obs.rejection_message)
         elif c.get(conds, c.SPEC_CHANGE_REJECTED) is not None:
-            put(c.SPEC_CHANGE_REJECTED, c.FALSE, c.SPEC_MATCHES_RUN,
-                "the training fields match the running job")
+            put(c.SPEC_CHANGE_REJECTED, c.FALSE, c.SPEC_MATCHES_RUN, "the training fields match the running job")
 
     phase = _run_phase(cur, obs)
     if phase is not None:
@@ -300,8 +313,11 @@ def transition_events(before: Mapping[str, Any] | None, after: Mapping[str, Any]
         events.append(EventSpec("Warning" if warning else "Normal", t["reason"], t["message"]))
     d = changed(c.DEPLOYED)
     if d is not None:
-        calm = d["status"] == c.TRUE or d.get("reason") in (*c.NOT_SERVING_ON_PURPOSE, c.PROGRESSING,
-                                                             c.AWAITING_EVALUATION)
+        calm = d["status"] == c.TRUE or d.get("reason") in (
+            *c.NOT_SERVING_ON_PURPOSE,
+            c.PROGRESSING,
+            c.AWAITING_EVALUATION,
+        )
         reason = "Deployed" if d["status"] == c.TRUE else d.get("reason") or "NotDeployed"
         events.append(EventSpec("Normal" if calm else "Warning", reason, d.get("message", "")))
     return events

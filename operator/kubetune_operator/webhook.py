@@ -30,8 +30,9 @@ from kubetune_operator.handlers import FTJ
 from kubetune_operator.settings import Settings
 
 
-def admission_errors(operation: str, new: dict[str, Any] | None, old: dict[str, Any] | None,
-                     settings: Settings | None = None) -> list[tuple[str, str]]:
+def admission_errors(
+    operation: str, new: dict[str, Any] | None, old: dict[str, Any] | None, settings: Settings | None = None
+) -> list[tuple[str, str]]:
     """(path, message) for each reason to refuse; empty to admit."""
     if operation not in ("CREATE", "UPDATE") or new is None:
         return []

@@ -42,8 +42,13 @@ def render(helm: Path, tmp_path_factory: pytest.TempPathFactory) -> Renderer:
     workdir = tmp_path_factory.mktemp("helm-values")
     counter = iter(range(10**6))
 
-    def _render(values: dict[str, Any] | None = None, *, namespace: str = "kubetune-system",
-                release: str = "kubetune", crds: bool = False) -> list[dict[str, Any]]:
+    def _render(
+        values: dict[str, Any] | None = None,
+        *,
+        namespace: str = "kubetune-system",
+        release: str = "kubetune",
+        crds: bool = False,
+    ) -> list[dict[str, Any]]:
         argv: list[str | Path] = [helm, "template", release, CHART, "--namespace", namespace]
         if values:
             path = workdir / f"values-{next(counter)}.yaml"

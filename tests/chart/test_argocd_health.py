@@ -65,66 +65,230 @@ def job(status: dict[str, Any] | None = None, *, generation: int = 1, **spec: An
 
 
 def cond(type_: str, status: str = "True", reason: str = "", message: str = "") -> dict[str, str]:
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
 
 
 VALID = cond("Validated", "True", "Valid", "spec is valid")
 
 CASES = [
     ("no status yet", job(None), "Progressing", "Waiting for the kubetune operator"),
-    ("new generation not observed", {**job({"state": "Training", "conditions": [VALID]}, generation=3),
-                                     "status": {"observedGeneration": 2, "conditions": [VALID]}},
-     "Progressing", "observe generation 3"),
-    ("pending", job({"state": "Pending", "conditions": [VALID, cond("Training", "False", "JobPending",
-                                                                     "waiting for the Ray cluster")]}),
-     "Progressing", "JobPending: waiting for the Ray cluster"),
-    ("training with progress", job({"state": "Training", "conditions": [VALID, cond("Training", "True", "Running")],
-                                    "progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.23456}}),
-     "Progressing", "Training: step 40/100 (40%), loss 1.235"),
-    ("failed with KubeRay's reason", job({"state": "Failed", "conditions": [
-        VALID, cond("Training", "False", "Stopped"), cond("Failed", "True", "DeadlineExceeded",
-                                                          "the RayJob ran past activeDeadlineSeconds")]}),
-     "Degraded", "DeadlineExceeded: the RayJob ran past activeDeadlineSeconds"),
-    ("invalid spec", job({"state": "Failed", "conditions": [
-        cond("Validated", "False", "Invalid", "spec.training.lora: LoRA settings are only allowed with method: lora")]}),
-     "Degraded", "spec.training.lora"),
-    ("invalid spec without Failed", job({"conditions": [cond("Validated", "False", "Invalid", "spec.model.numLabels: required")]}),
-     "Degraded", "Invalid: spec.model.numLabels: required"),
-    ("training field change rejected", job({"state": "Training", "conditions": [
-        VALID, cond("SpecChangeRejected", "True", "TrainingFieldsImmutable", "spec.training.learningRate changed")]}),
-     "Degraded", "TrainingFieldsImmutable: spec.training.learningRate changed"),
+    (
+        "new generation not observed",
+        {
+            **job({"state": "Training", "conditions": [VALID]}, generation=3),
+            "status": {"observedGeneration": 2, "conditions": [VALID]},
+        },
+        "Progressing",
+        "observe generation 3",
+    ),
+    (
+        "pending",
+        job(
+            {
+                "state": "Pending",
+                "conditions": [VALID, cond("Training", "False", "JobPending", "waiting for the Ray cluster")],
+            }
+        ),
+        "Progressing",
+        "JobPending: waiting for the Ray cluster",
+    ),
+    (
+        "training with progress",
+        job(
+            {
+                "state": "Training",
+                "conditions": [VALID, cond("Training", "True", "Running")],
+                "progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.23456},
+            }
+        ),
+        "Progressing",
+        "Training: step 40/100 (40%), loss 1.235",
+    ),
+    (
+        "failed with KubeRay's reason",
+        job(
+            {
+                "state": "Failed",
+                "conditions": [
+                    VALID,
+                    cond("Training", "False", "Stopped"),
+                    cond("Failed", "True", "DeadlineExceeded", "the RayJob ran past activeDeadlineSeconds"),
+                ],
+            }
+        ),
+        "Degraded",
+        "DeadlineExceeded: the RayJob ran past activeDeadlineSeconds",
+    ),
+    (
+        "invalid spec",
+        job(
+            {
+                "state": "Failed",
+                "conditions": [
+                    cond(
+                        "Validated",
+                        "False",
+                        "Invalid",
+                        "spec.training.lora: LoRA settings are only allowed with method: lora",
+                    )
+                ],
+            }
+        ),
+        "Degraded",
+        "spec.training.lora",
+    ),
+    (
+        "invalid spec without Failed",
+        job({"conditions": [cond("Validated", "False", "Invalid", "spec.model.numLabels: required")]}),
+        "Degraded",
+        "Invalid: spec.model.numLabels: required",
+    ),
+    (
+        "training field change rejected",
+        job(
+            {
+                "state": "Training",
+                "conditions": [
+                    VALID,
+                    cond("SpecChangeRejected", "True", "TrainingFieldsImmutable", "spec.training.learningRate changed"),
+                ],
+            }
+        ),
+        "Degraded",
+        "TrainingFieldsImmutable: spec.training.learningRate changed",
+    ),
     ("suspended by spec", job({"state": "Pending", "conditions": [VALID]}, suspend=True), "Suspended", "Suspended"),
-    ("suspended by condition", job({"state": "Suspended", "conditions": [
-        VALID, cond("Suspended", "True", "Suspended", "Kueue suspended the RayJob")]}),
-     "Suspended", "Suspended: Kueue suspended the RayJob"),
-    ("succeeded, deploying", job({"state": "Deploying", "conditions": [
-        VALID, cond("Succeeded", "True", "JobSucceeded"), cond("Deployed", "False", "Progressing", "0/1 replicas ready")]}),
-     "Progressing", "Progressing: 0/1 replicas ready"),
-    ("succeeded, deploy not started", job({"state": "Succeeded", "conditions": [VALID, cond("Succeeded", "True", "JobSucceeded")]}),
-     "Progressing", "deploying"),
-    ("deployed", job({"state": "Deployed", "conditions": [VALID, cond("Succeeded"), cond("Deployed", "True", "Available")],
-                      "endpoint": {"url": "http://chat.ml.svc:8000/v1", "model": "chat"}}),
-     "Healthy", "Serving chat at http://chat.ml.svc:8000/v1"),
-    ("succeeded without deploy", {**job({"state": "Succeeded", "conditions": [VALID, cond("Succeeded", "True", "JobSucceeded")],
-                                         "model": {"uri": "s3://runs/ml/chat/model"}}),
-                                  "spec": {"deploy": {"enabled": False}}},
-     "Healthy", "Training succeeded; model at s3://runs/ml/chat/model"),
-    ("succeeded, not improved enough to deploy", job({"state": "Succeeded", "conditions": [
-        VALID, cond("Succeeded"), cond("Deployed", "False", "NotImproved", "evalLoss improved by 0.001 < 0.01")]}),
-     "Healthy", "not deployed: NotImproved"),
-    ("succeeded, scaled to zero", job({"state": "Succeeded", "conditions": [
-        VALID, cond("Succeeded"), cond("Deployed", "False", "ScaledToZero", "spec.deploy.replicas is 0")]}),
-     "Healthy", "not deployed: ScaledToZero"),
-    ("succeeded, serving broken", job({"state": "Deploying", "conditions": [
-        VALID, cond("Succeeded"), cond("Deployed", "False", "ReplicaFailure", "pods cannot be created")]}),
-     "Degraded", "serving failed: ReplicaFailure: pods cannot be created"),
-    ("succeeded, awaiting evaluation", job({"state": "Deploying", "conditions": [
-        VALID, cond("Succeeded"), cond("Deployed", "False", "AwaitingEvaluation", "waiting for the eval report")]}),
-     "Progressing", "AwaitingEvaluation"),
-    ("failure wins over suspend", job({"state": "Failed", "conditions": [VALID, cond("Failed", "True", "AppFailed", "exit 1")]},
-                                      suspend=True),
-     "Degraded", "AppFailed: exit 1"),
+    (
+        "suspended by condition",
+        job(
+            {
+                "state": "Suspended",
+                "conditions": [VALID, cond("Suspended", "True", "Suspended", "Kueue suspended the RayJob")],
+            }
+        ),
+        "Suspended",
+        "Suspended: Kueue suspended the RayJob",
+    ),
+    (
+        "succeeded, deploying",
+        job(
+            {
+                "state": "Deploying",
+                "conditions": [
+                    VALID,
+                    cond("Succeeded", "True", "JobSucceeded"),
+                    cond("Deployed", "False", "Progressing", "0/1 replicas ready"),
+                ],
+            }
+        ),
+        "Progressing",
+        "Progressing: 0/1 replicas ready",
+    ),
+    (
+        "succeeded, deploy not started",
+        job({"state": "Succeeded", "conditions": [VALID, cond("Succeeded", "True", "JobSucceeded")]}),
+        "Progressing",
+        "deploying",
+    ),
+    (
+        "deployed",
+        job(
+            {
+                "state": "Deployed",
+                "conditions": [VALID, cond("Succeeded"), cond("Deployed", "True", "Available")],
+                "endpoint": {"url": "http://chat.ml.svc:8000/v1", "model": "chat"},
+            }
+        ),
+        "Healthy",
+        "Serving chat at http://chat.ml.svc:8000/v1",
+    ),
+    (
+        "succeeded without deploy",
+        {
+            **job(
+                {
+                    "state": "Succeeded",
+                    "conditions": [VALID, cond("Succeeded", "True", "JobSucceeded")],
+                    "model": {"uri": "s3://runs/ml/chat/model"},
+                }
+            ),
+            "spec": {"deploy": {"enabled": False}},
+        },
+        "Healthy",
+        "Training succeeded; model at s3://runs/ml/chat/model",
+    ),
+    (
+        "succeeded, not improved enough to deploy",
+        job(
+            {
+                "state": "Succeeded",
+                "conditions": [
+                    VALID,
+                    cond("Succeeded"),
+                    cond("Deployed", "False", "NotImproved", "evalLoss improved by 0.001 < 0.01"),
+                ],
+            }
+        ),
+        "Healthy",
+        "not deployed: NotImproved",
+    ),
+    (
+        "succeeded, scaled to zero",
+        job(
+            {
+                "state": "Succeeded",
+                "conditions": [
+                    VALID,
+                    cond("Succeeded"),
+                    cond("Deployed", "False", "ScaledToZero", "spec.deploy.replicas is 0"),
+                ],
+            }
+        ),
+        "Healthy",
+        "not deployed: ScaledToZero",
+    ),
+    (
+        "succeeded, serving broken",
+        job(
+            {
+                "state": "Deploying",
+                "conditions": [
+                    VALID,
+                    cond("Succeeded"),
+                    cond("Deployed", "False", "ReplicaFailure", "pods cannot be created"),
+                ],
+            }
+        ),
+        "Degraded",
+        "serving failed: ReplicaFailure: pods cannot be created",
+    ),
+    (
+        "succeeded, awaiting evaluation",
+        job(
+            {
+                "state": "Deploying",
+                "conditions": [
+                    VALID,
+                    cond("Succeeded"),
+                    cond("Deployed", "False", "AwaitingEvaluation", "waiting for the eval report"),
+                ],
+            }
+        ),
+        "Progressing",
+        "AwaitingEvaluation",
+    ),
+    (
+        "failure wins over suspend",
+        job({"state": "Failed", "conditions": [VALID, cond("Failed", "True", "AppFailed", "exit 1")]}, suspend=True),
+        "Degraded",
+        "AppFailed: exit 1",
+    ),
 ]
 
 
@@ -161,6 +325,7 @@ def test_condition_types_match_the_operator() -> None:
 def test_deployed_reasons_match_the_operator() -> None:
     """The reasons the script treats as 'nothing to serve on purpose' are the operator's."""
     from kubetune_operator import conditions
+
     on_purpose = getattr(conditions, "NOT_SERVING_ON_PURPOSE", None)
     if on_purpose is None:
         pytest.skip("this operator has no serving reasons yet")

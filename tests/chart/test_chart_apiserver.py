@@ -15,8 +15,11 @@ pytestmark = pytest.mark.integration
 
 # Kinds of other projects' CRDs (cert-manager, Prometheus Operator) that the local server does not serve;
 # their rendering is checked field by field in test_chart_static.py.
-THIRD_PARTY = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer"),
-               ("monitoring.coreos.com/v1", "ServiceMonitor")}
+THIRD_PARTY = {
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
 
 
 def _served_and_third_party(objects: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[tuple[str, str]]]:
@@ -41,8 +44,14 @@ CONFIGS = {
     "defaults": {},
     "namespaced": {"watch": {"namespaces": ["{ns}"]}},
     "webhook-cert-manager": {"webhook": {"enabled": True}, "metrics": {"serviceMonitor": {"enabled": True}}},
-    "webhook-secret": {"webhook": {"enabled": True, "certManager": {"enabled": False},
-                                   "existingSecret": "kubetune-tls", "caBundle": "Q0EK"}},
+    "webhook-secret": {
+        "webhook": {
+            "enabled": True,
+            "certManager": {"enabled": False},
+            "existingSecret": "kubetune-tls",
+            "caBundle": "Q0EK",
+        }
+    },
     "leader-election": {"leaderElection": {"enabled": True}, "replicaCount": 2},
     "leader-election-namespaced": {"leaderElection": {"enabled": True}, "watch": {"namespaces": ["{ns}"]}},
     "everything-off": {"rbac": {"create": False}, "serviceAccount": {"create": False}, "metrics": {"enabled": False}},
@@ -59,16 +68,34 @@ def test_every_rendered_object_passes_server_side_dry_run(
     out = _dry_run(kubectl, kubeconfig, served)
     for obj in served:
         assert f"{obj['kind'].lower()}" in out.lower() and obj["metadata"]["name"] in out
-    expected_skips = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer"),
-                      ("monitoring.coreos.com/v1", "ServiceMonitor")} if config == "webhook-cert-manager" else set()
+    expected_skips = (
+        {
+            ("cert-manager.io/v1", "Certificate"),
+            ("cert-manager.io/v1", "Issuer"),
+            ("monitoring.coreos.com/v1", "ServiceMonitor"),
+        }
+        if config == "webhook-cert-manager"
+        else set()
+    )
     assert skipped == expected_skips
 
 
 def test_chart_crds_accepted_as_they_are(kubectl: Path, kubeconfig: Path, chart_crds: list[str]) -> None:
     """`helm install` sends charts/kubetune/crds/*.yaml unchanged: the server must take them as they are."""
     for path in sorted((CHART / "crds").glob("*.yaml")):
-        result = run([kubectl, "--kubeconfig", kubeconfig, "apply", "--server-side", "--dry-run=server",
-                      "--force-conflicts", "-f", path])
+        result = run(
+            [
+                kubectl,
+                "--kubeconfig",
+                kubeconfig,
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--force-conflicts",
+                "-f",
+                path,
+            ]
+        )
         assert result.returncode == 0, f"{path.name}: {result.stderr}"
 
 
@@ -95,22 +122,43 @@ def test_helm_install_upgrade_uninstall(
     assert _names(kubectl, kubeconfig, "clusterrolebinding", None, selector) == {"kt-life-kubetune"}
 
     # Switch to a namespaced watch: the ClusterRole(Binding) go, a Role(Binding) appears in the namespace.
-    result = run([*base, "upgrade", release, CHART, "--wait=hookOnly",
-                  "--set", f"watch.namespaces={{{namespace}}}"], timeout=300)
+    result = run(
+        [*base, "upgrade", release, CHART, "--wait=hookOnly", "--set", f"watch.namespaces={{{namespace}}}"], timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "kt-life-kubetune" not in _names(kubectl, kubeconfig, "clusterrole", None, selector)
     assert _names(kubectl, kubeconfig, "clusterrolebinding", None, selector) == {"kt-life-kubetune-observe"}
     assert _names(kubectl, kubeconfig, "role", namespace, selector) == {"kt-life-kubetune"}
     assert _names(kubectl, kubeconfig, "rolebinding", namespace, selector) == {"kt-life-kubetune"}
-    deploy = json.loads(run([kubectl, "--kubeconfig", kubeconfig, "-n", namespace, "get", "deployment",
-                             "kt-life-kubetune", "-o", "json"]).stdout)
+    deploy = json.loads(
+        run(
+            [
+                kubectl,
+                "--kubeconfig",
+                kubeconfig,
+                "-n",
+                namespace,
+                "get",
+                "deployment",
+                "kt-life-kubetune",
+                "-o",
+                "json",
+            ]
+        ).stdout
+    )
     env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_NAMESPACES"] == namespace
 
     result = run([*base, "uninstall", release, "--wait"], timeout=300)
     assert result.returncode == 0, result.stderr
-    for kind, ns in (("deployment", namespace), ("serviceaccount", namespace), ("service", namespace),
-                     ("role", namespace), ("rolebinding", namespace), ("clusterrole", None)):
+    for kind, ns in (
+        ("deployment", namespace),
+        ("serviceaccount", namespace),
+        ("service", namespace),
+        ("role", namespace),
+        ("rolebinding", namespace),
+        ("clusterrole", None),
+    ):
         assert not _names(kubectl, kubeconfig, kind, ns, selector), kind
     # CRDs stay (helm never deletes what crds/ installed): FineTuneJobs outlive the release.
     crd = run([kubectl, "--kubeconfig", kubeconfig, "get", "crd", "finetunejobs.kubetune.io"])

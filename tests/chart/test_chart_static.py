@@ -23,14 +23,20 @@ NS = "kubetune-system"
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["lint", "lint-strict"])
-@pytest.mark.parametrize("values", [
-    [],
-    ["--set", "watch.namespaces={team-a,team-b}"],
-    ["--set", "webhook.enabled=true,metrics.serviceMonitor.enabled=true"],
-    ["--set", "webhook.enabled=true,webhook.certManager.enabled=false,webhook.existingSecret=tls,"
-              "webhook.caBundle=Q0E="],
-    ["--set", "leaderElection.enabled=true,replicaCount=2"],
-], ids=["defaults", "namespaced", "webhook-cert-manager", "webhook-secret", "leader-election"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["--set", "watch.namespaces={team-a,team-b}"],
+        ["--set", "webhook.enabled=true,metrics.serviceMonitor.enabled=true"],
+        [
+            "--set",
+            "webhook.enabled=true,webhook.certManager.enabled=false,webhook.existingSecret=tls,webhook.caBundle=Q0E=",
+        ],
+        ["--set", "leaderElection.enabled=true,replicaCount=2"],
+    ],
+    ids=["defaults", "namespaced", "webhook-cert-manager", "webhook-secret", "leader-election"],
+)
 def test_helm_lint_clean(helm: Path, strict: bool, values: list[str]) -> None:
     argv = [helm, "lint", CHART, "--namespace", NS, *values] + (["--strict"] if strict else [])
     result = run(argv)
@@ -57,15 +63,17 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 def test_defaults_render_cluster_wide(render) -> None:
     objects = render()
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
-    assert kinds == sorted([
-        ("ServiceAccount", "kubetune"),
-        ("ClusterRole", "kubetune"),
-        ("ClusterRoleBinding", "kubetune"),
-        ("ClusterRole", "kubetune-edit"),
-        ("ClusterRole", "kubetune-view"),
-        ("Service", "kubetune-metrics"),
-        ("Deployment", "kubetune"),
-    ])
+    assert kinds == sorted(
+        [
+            ("ServiceAccount", "kubetune"),
+            ("ClusterRole", "kubetune"),
+            ("ClusterRoleBinding", "kubetune"),
+            ("ClusterRole", "kubetune-edit"),
+            ("ClusterRole", "kubetune-view"),
+            ("Service", "kubetune-metrics"),
+            ("Deployment", "kubetune"),
+        ]
+    )
     for obj in objects:
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "kubetune"
@@ -126,6 +134,7 @@ def test_operator_settings_from_env(render) -> None:
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/kubetune-trainer:0.1.0"
     assert env["KUBETUNE_INFERENCE_IMAGE"] == "ghcr.io/kubetune/kubetune-inference:0.1.0"
     from kubetune_operator import settings
+
     plain = {k: v for k, v in env.items() if isinstance(v, str) and "$(" not in v}
     parsed = settings.Settings.from_env(plain)
     assert parsed.trainer_image == env["KUBETUNE_TRAINER_IMAGE"]
@@ -139,9 +148,16 @@ def test_operator_settings_from_env(render) -> None:
 def test_image_registries_and_ray_head_access_reach_the_operator(render) -> None:
     from kubetune_operator import settings
 
-    env = _env(_container(render({"allowedImageRegistries": ["ghcr.io/kubetune", "registry.example.com"],
-                                  "rayHeadAccess": {"kuberayNamespace": "ray-system",
-                                                    "operatorNamespaceOnly": True}})))
+    env = _env(
+        _container(
+            render(
+                {
+                    "allowedImageRegistries": ["ghcr.io/kubetune", "registry.example.com"],
+                    "rayHeadAccess": {"kuberayNamespace": "ray-system", "operatorNamespaceOnly": True},
+                }
+            )
+        )
+    )
     parsed = settings.Settings.from_env({k: v for k, v in env.items() if isinstance(v, str)})
     assert parsed.allowed_image_registries == ("ghcr.io/kubetune", "registry.example.com")
     assert parsed.kuberay_namespace == "ray-system" and parsed.operator_namespace == NS
@@ -157,9 +173,15 @@ def test_nothing_binds_all_interfaces(render) -> None:
 
 def test_image_tag_and_digest(render) -> None:
     digest = "sha256:" + "ab" * 32
-    objects = render({"image": {"tag": "1.2.3", "digest": digest, "pullPolicy": "Always"},
-                      "defaultImages": {"trainer": {"repository": "registry.example/kt/trainer", "tag": "2.0.0"},
-                                        "inference": {"repository": "registry.example/kt/vllm", "digest": digest}}})
+    objects = render(
+        {
+            "image": {"tag": "1.2.3", "digest": digest, "pullPolicy": "Always"},
+            "defaultImages": {
+                "trainer": {"repository": "registry.example/kt/trainer", "tag": "2.0.0"},
+                "inference": {"repository": "registry.example/kt/vllm", "digest": digest},
+            },
+        }
+    )
     c = _container(objects)
     assert c["image"] == f"ghcr.io/kubetune/kubetune-operator:1.2.3@{digest}"
     assert c["imagePullPolicy"] == "Always"
@@ -201,8 +223,15 @@ def _assert_least_privilege(role: dict[str, Any]) -> None:
         assert "update" not in rule["verbs"] or rule["resources"] == ["deployments"], rule
         # Secrets: get only (a job's named Secret is checked for its keys); never list or watch them.
         assert "secrets" not in rule["resources"] or rule["verbs"] == ["get"], rule
-        for resource in ("pods", "pods/exec", "nodes", "clusterroles", "clusterrolebindings",
-                         "validatingwebhookconfigurations", "mutatingwebhookconfigurations"):
+        for resource in (
+            "pods",
+            "pods/exec",
+            "nodes",
+            "clusterroles",
+            "clusterrolebindings",
+            "validatingwebhookconfigurations",
+            "mutatingwebhookconfigurations",
+        ):
             assert resource not in rule["resources"], rule
 
 
@@ -225,10 +254,15 @@ def test_namespaced_watch_renders_roles_per_namespace(render) -> None:
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubetune"}
     # Cluster-wide, the operator may only observe namespaces and CRDs (kopf); the rest are the user roles.
     assert sorted(o["metadata"]["name"] for o in by_kind(objects, "ClusterRole")) == [
-        "kubetune-edit", "kubetune-observe", "kubetune-view"]
+        "kubetune-edit",
+        "kubetune-observe",
+        "kubetune-view",
+    ]
     observe = next(o for o in by_kind(objects, "ClusterRole") if o["metadata"]["name"] == "kubetune-observe")
-    assert _rules(observe) == [(("",), ("namespaces",), ("list", "watch")),
-                               (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch"))]
+    assert _rules(observe) == [
+        (("",), ("namespaces",), ("list", "watch")),
+        (("apiextensions.k8s.io",), ("customresourcedefinitions",), ("get", "list", "watch")),
+    ]
     (binding,) = by_kind(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == "kubetune-observe"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": NS}]
@@ -249,8 +283,11 @@ def test_aggregated_user_roles(render) -> None:
 
 def test_rbac_and_serviceaccount_can_be_disabled(render) -> None:
     objects = render({"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "ops"}})
-    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                                                     "ServiceAccount")]
+    assert not [
+        o
+        for o in objects
+        if o["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount")
+    ]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
 
 
@@ -275,8 +312,9 @@ def test_leader_election(render) -> None:
 
 
 def test_metrics_service_and_service_monitor(render) -> None:
-    objects = render({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"},
-                                                     "interval": "15s"}}})
+    objects = render(
+        {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}, "interval": "15s"}}}
+    )
     service = next(o for o in by_kind(objects, "Service") if o["metadata"]["name"] == "kubetune-metrics")
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels.get(k) == v for k, v in service["spec"]["selector"].items())
@@ -309,8 +347,15 @@ def test_webhook_with_cert_manager(render) -> None:
     assert vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NS}/{cert['metadata']['name']}"
     (hook,) = vwc["webhooks"]
     assert hook["sideEffects"] == "None" and hook["failurePolicy"] == "Fail"
-    assert hook["rules"] == [{"apiGroups": ["kubetune.io"], "apiVersions": ["v1alpha1"], "resources": ["finetunejobs"],
-                              "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}]
+    assert hook["rules"] == [
+        {
+            "apiGroups": ["kubetune.io"],
+            "apiVersions": ["v1alpha1"],
+            "resources": ["finetunejobs"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        }
+    ]
     assert hook["clientConfig"]["service"]["name"] == service["metadata"]["name"]
     assert "caBundle" not in hook["clientConfig"]
     assert f"kubetune-webhook.{NS}.svc" in cert["spec"]["dnsNames"]
@@ -325,15 +370,24 @@ def test_webhook_with_cert_manager(render) -> None:
 
 
 def test_webhook_with_external_issuer(render) -> None:
-    objects = render({"webhook": {"enabled": True, "certManager": {"issuerRef": {"name": "corp-ca",
-                                                                                 "kind": "ClusterIssuer"}}}})
+    objects = render(
+        {"webhook": {"enabled": True, "certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}}
+    )
     assert not by_kind(objects, "Issuer")
     assert one(objects, "Certificate")["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
 
 
 def test_webhook_with_provided_secret(render) -> None:
-    objects = render({"webhook": {"enabled": True, "certManager": {"enabled": False},
-                                  "existingSecret": "kubetune-tls", "caBundle": "Q0EK"}})
+    objects = render(
+        {
+            "webhook": {
+                "enabled": True,
+                "certManager": {"enabled": False},
+                "existingSecret": "kubetune-tls",
+                "caBundle": "Q0EK",
+            }
+        }
+    )
     assert not by_kind(objects, "Certificate") and not by_kind(objects, "Issuer")
     vwc = one(objects, "ValidatingWebhookConfiguration")
     assert "annotations" not in vwc["metadata"]
@@ -345,6 +399,7 @@ def test_webhook_with_provided_secret(render) -> None:
 def test_webhook_path_is_the_operator_handler() -> None:
     """kopf routes admission requests by handler id: the configuration's path must name the operator's handler."""
     from kubetune_operator import webhook
+
     text = (CHART / "templates" / "_helpers.tpl").read_text()
     path = re.search(r'define "kubetune.webhookPath" -}}\n(\S+)\n', text).group(1)
     source = Path(webhook.__file__).read_text()
@@ -368,7 +423,10 @@ BAD_VALUES = [
     ({"webhook": {"failurePolicy": "Retry"}}, "/webhook/failurePolicy"),
     ({"webhook": {"timeoutSeconds": 60}}, "/webhook/timeoutSeconds"),
     ({"webhook": {"enabled": True, "certManager": {"enabled": False}}}, "/webhook/existingSecret"),
-    ({"webhook": {"certManager": {"issuerRef": {"name": "x", "kind": "Vault"}}}}, "/webhook/certManager/issuerRef/kind"),
+    (
+        {"webhook": {"certManager": {"issuerRef": {"name": "x", "kind": "Vault"}}}},
+        "/webhook/certManager/issuerRef/kind",
+    ),
     ({"operator": {"logLevel": "verbose"}}, "/operator/logLevel"),
     ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
     ({"defaultImages": {"trainer": {"repository": "Bad Repo"}}}, "/defaultImages/trainer/repository"),
@@ -435,7 +493,7 @@ def test_every_value_has_a_comment() -> None:
         if inside_native:
             continue
         prev = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        following = next((ln for ln in lines[i + 1:] if ln.strip()), "")
+        following = next((ln for ln in lines[i + 1 :] if ln.strip()), "")
         nested_map = line.rstrip().endswith(":") and len(following) - len(following.lstrip()) > indent
         # A group (a map whose keys are commented one by one) needs no comment of its own.
         if not prev.startswith("#") and not (nested_map and key not in NATIVE_OBJECTS):
@@ -444,8 +502,19 @@ def test_every_value_has_a_comment() -> None:
 
 
 def test_notes_render(helm: Path) -> None:
-    result = run([helm, "install", "kubetune", CHART, "--dry-run=client", "--namespace", NS,
-                  "--set", "watch.namespaces={team-a}"])
+    result = run(
+        [
+            helm,
+            "install",
+            "kubetune",
+            CHART,
+            "--dry-run=client",
+            "--namespace",
+            NS,
+            "--set",
+            "watch.namespaces={team-a}",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "reconciles FineTuneJobs in: team-a" in notes
@@ -461,14 +530,17 @@ def test_chart_crds_are_the_generated_crds_byte_for_byte() -> None:
     assert chart == sorted(source + ["kopf-peering.yaml"]), "the chart's own CRDs: kopf peering only"
     for name in source:
         assert (CHART / "crds" / name).read_bytes() == (ROOT / "crds" / name).read_bytes(), (
-            f"charts/kubetune/crds/{name} is stale: run python tools/sync-chart-crds.py")
-    check = subprocess.run([sys.executable, str(ROOT / "tools" / "sync-chart-crds.py"), "--check"],
-                           capture_output=True, text=True)
+            f"charts/kubetune/crds/{name} is stale: run python tools/sync-chart-crds.py"
+        )
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sync-chart-crds.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout
 
 
 def test_chart_crds_match_the_api_models() -> None:
     from kubetune import crd
+
     assert (CHART / "crds" / "finetunejob.yaml").read_text() == crd.render()
 
 

@@ -17,8 +17,12 @@ def _val(m: OperatorMetrics, name: str, **labels: str) -> float | None:
 
 
 def _status(state: str, **extra):
-    conds = {"Pending": [], "Training": [("Training", "True")], "Succeeded": [("Succeeded", "True")],
-             "Failed": [("Failed", "True")]}.get(state, [])
+    conds = {
+        "Pending": [],
+        "Training": [("Training", "True")],
+        "Succeeded": [("Succeeded", "True")],
+        "Failed": [("Failed", "True")],
+    }.get(state, [])
     return {"state": state, "conditions": [{"type": t, "status": s} for t, s in conds], **extra}
 
 
@@ -58,8 +62,14 @@ def test_durations_observed_once_per_transition_not_on_first_sighting():
 
 def test_progress_mirrored_and_removed():
     m = OperatorMetrics()
-    m.observe_job("ns", "j", {"state": "Training", "progress": {"step": 10, "totalSteps": 40, "percent": 25,
-                                                                 "loss": 1.5, "tokensPerSecond": 900.0}})
+    m.observe_job(
+        "ns",
+        "j",
+        {
+            "state": "Training",
+            "progress": {"step": 10, "totalSteps": 40, "percent": 25, "loss": 1.5, "tokensPerSecond": 900.0},
+        },
+    )
     assert _val(m, "kubetune_job_progress_step", namespace="ns", job="j") == 10
     assert _val(m, "kubetune_job_progress_ratio", namespace="ns", job="j") == 0.25
     assert _val(m, "kubetune_job_training_loss", namespace="ns", job="j") == 1.5

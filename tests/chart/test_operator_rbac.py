@@ -65,8 +65,11 @@ class OperatorThread:
 
     def _main(self) -> None:
         try:
-            asyncio.run(runner.run(self.settings, kubeconfig=self.kubeconfig,
-                                   stop_flag=self.stop_flag, ready_flag=self.ready_flag))
+            asyncio.run(
+                runner.run(
+                    self.settings, kubeconfig=self.kubeconfig, stop_flag=self.stop_flag, ready_flag=self.ready_flag
+                )
+            )
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.error = e
 
@@ -129,7 +132,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             metric, _, value = line.rpartition(" ")
-            got = metric[len(name):].strip("{}")
+            got = metric[len(name) :].strip("{}")
             if ",".join(sorted(got.split(","))) == want:
                 return float(value)
     return None
@@ -151,8 +154,15 @@ def log_capture() -> Iterator[LogCapture]:
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_operator_with_chart_rbac(
-    mode: str, render, helm: Path, kubectl: Path, control_plane: Any, kubeconfig: Path, namespace: str,
-    chart_crds: list[str], log_capture: LogCapture,
+    mode: str,
+    render,
+    helm: Path,
+    kubectl: Path,
+    control_plane: Any,
+    kubeconfig: Path,
+    namespace: str,
+    chart_crds: list[str],
+    log_capture: LogCapture,
 ) -> None:
     release = "kt-rbac"
     health_port, metrics_port = _free_port(), _free_port()
@@ -173,8 +183,14 @@ def test_operator_with_chart_rbac(
         assert (settings.metrics_addr, settings.health_addr) == ("127.0.0.1", "127.0.0.1")
         # The Secret the example jobs name (the GitOps example makes it with an ExternalSecret); without it
         # the operator holds the jobs back (Blocked, SecretNotFound).
-        admin("create", "secret", "generic", "s3-credentials", "--from-literal=AWS_ACCESS_KEY_ID=AKIARBACTEST",
-              "--from-literal=AWS_SECRET_ACCESS_KEY=rbac-test-secret-value")
+        admin(
+            "create",
+            "secret",
+            "generic",
+            "s3-credentials",
+            "--from-literal=AWS_ACCESS_KEY_ID=AKIARBACTEST",
+            "--from-literal=AWS_SECRET_ACCESS_KEY=rbac-test-secret-value",
+        )
         operator = OperatorThread(settings, sa_kubeconfig)
         operator.start()
         try:
@@ -206,28 +222,48 @@ def _check_rbac_is_no_more(sa: Kubectl, namespace: str) -> None:
     for args in attempts:
         result = sa(*args, check=False)
         assert result.returncode != 0 and "forbidden" in result.stderr.lower(), (args, result.stderr)
+
     # and what the rules grant, as the authorizer answers for this identity
     def can_i(verb: str, resource: str) -> str:
         kind, _, sub = resource.partition("/")
         argv = ["auth", "can-i", verb, kind] + ([f"--subresource={sub}"] if sub else [])
         return sa(*argv, check=False).stdout.strip()
 
-    for verb, resource in (("list", "finetunejobs.kubetune.io"), ("patch", "finetunejobs.kubetune.io/status"),
-                           ("create", "rayjobs.ray.io"), ("watch", "rayjobs.ray.io"), ("create", "configmaps"),
-                           ("create", "roles.rbac.authorization.k8s.io"), ("create", "events"),
-                           ("get", "secrets"), ("create", "networkpolicies.networking.k8s.io")):
+    for verb, resource in (
+        ("list", "finetunejobs.kubetune.io"),
+        ("patch", "finetunejobs.kubetune.io/status"),
+        ("create", "rayjobs.ray.io"),
+        ("watch", "rayjobs.ray.io"),
+        ("create", "configmaps"),
+        ("create", "roles.rbac.authorization.k8s.io"),
+        ("create", "events"),
+        ("get", "secrets"),
+        ("create", "networkpolicies.networking.k8s.io"),
+    ):
         assert can_i(verb, resource) == "yes", (verb, resource)
-    for verb, resource in (("update", "finetunejobs.kubetune.io"), ("list", "secrets"), ("escalate", "roles"),
-                           ("bind", "roles"), ("create", "pods"), ("patch", "rayjobs.ray.io/status"),
-                           ("update", "finetunejobs.kubetune.io/status"), ("create", "pods/exec"),
-                           ("delete", "rayjobs.ray.io")):
+    for verb, resource in (
+        ("update", "finetunejobs.kubetune.io"),
+        ("list", "secrets"),
+        ("escalate", "roles"),
+        ("bind", "roles"),
+        ("create", "pods"),
+        ("patch", "rayjobs.ray.io/status"),
+        ("update", "finetunejobs.kubetune.io/status"),
+        ("create", "pods/exec"),
+        ("delete", "rayjobs.ray.io"),
+    ):
         assert can_i(verb, resource) == "no", (verb, resource)
 
 
 def _children(namespace: str, job: str) -> list[tuple[str, str]]:
-    return [("configmap", names.config_map(job)), ("serviceaccount", names.service_account(job)),
-            ("role", names.role(job)), ("rolebinding", names.role_binding(job)),
-            ("networkpolicy", names.network_policy(job)), ("rayjobs.ray.io", names.ray_job(job))]
+    return [
+        ("configmap", names.config_map(job)),
+        ("serviceaccount", names.service_account(job)),
+        ("role", names.role(job)),
+        ("rolebinding", names.role_binding(job)),
+        ("networkpolicy", names.network_policy(job)),
+        ("rayjobs.ray.io", names.ray_job(job)),
+    ]
 
 
 def _versions(admin: Kubectl, namespace: str) -> dict[str, str]:
@@ -241,8 +277,15 @@ def _versions(admin: Kubectl, namespace: str) -> dict[str, str]:
 
 
 def _play_kuberay(admin: Kubectl, job: str, status: dict[str, Any]) -> None:
-    admin("patch", "rayjobs.ray.io", names.ray_job(job), "--subresource=status", "--type=merge",
-          "-p", json.dumps({"status": status}))
+    admin(
+        "patch",
+        "rayjobs.ray.io",
+        names.ray_job(job),
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
 
 
 def _state(admin: Kubectl, job: str) -> str | None:
@@ -268,22 +311,43 @@ def _reconcile_and_settle(admin: Kubectl, namespace: str, health_port: int, metr
         for kind, name in _children(namespace, job):
             _wait(f"{kind}/{name}", lambda k=kind, n=name: admin.get(k, n))
         _wait(f"{job} Pending", lambda j=job: _state(admin, j) == "Pending")
-    text = _wait("metrics: 2 Pending", lambda: (t := _scrape(metrics_port)) and _sample(
-        t, "kubetune_finetunejobs", namespace=namespace, state="Pending") == 2 and t)
+    text = _wait(
+        "metrics: 2 Pending",
+        lambda: (
+            (t := _scrape(metrics_port))
+            and _sample(t, "kubetune_finetunejobs", namespace=namespace, state="Pending") == 2
+            and t
+        ),
+    )
     assert _sample(text, "kubetune_finetunejobs", namespace=namespace, state="Training") in (None, 0.0)
 
     # KubeRay starts both jobs.
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for job in JOBS:
-        _play_kuberay(admin, job, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
-                                   "jobId": f"{job}-1", "startTime": started,
-                                   "dashboardURL": f"{job}-head-svc:8265"})
+        _play_kuberay(
+            admin,
+            job,
+            {
+                "jobDeploymentStatus": "Running",
+                "jobStatus": "RUNNING",
+                "jobId": f"{job}-1",
+                "startTime": started,
+                "dashboardURL": f"{job}-head-svc:8265",
+            },
+        )
         _wait(f"{job} Training", lambda j=job: _state(admin, j) == "Training")
-    text = _wait("metrics: 2 Training", lambda: (t := _scrape(metrics_port)) and _sample(
-        t, "kubetune_finetunejobs", namespace=namespace, state="Training") == 2 and t)
+    text = _wait(
+        "metrics: 2 Training",
+        lambda: (
+            (t := _scrape(metrics_port))
+            and _sample(t, "kubetune_finetunejobs", namespace=namespace, state="Training") == 2
+            and t
+        ),
+    )
     assert _sample(text, "kubetune_finetunejobs", namespace=namespace, state="Pending") == 0
-    assert _sample(text, "kubetune_finetunejob_conditions", namespace=namespace, condition="Training",
-                   status="True") == 2
+    assert (
+        _sample(text, "kubetune_finetunejob_conditions", namespace=namespace, condition="Training", status="True") == 2
+    )
 
     # Settled: nothing changes for a while; then the same manifests again (what a GitOps sync does).
     _wait_quiet(admin, namespace)
@@ -298,11 +362,18 @@ def _reconcile_and_settle(admin: Kubectl, namespace: str, health_port: int, metr
 
     # KubeRay finishes the classifier (no deploy): Succeeded, counted, with its training duration.
     ended = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
-    _play_kuberay(admin, "ticket-classifier", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED",
-                                               "endTime": ended})
+    _play_kuberay(
+        admin, "ticket-classifier", {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "endTime": ended}
+    )
     _wait("ticket-classifier Succeeded", lambda: _state(admin, "ticket-classifier") == "Succeeded")
-    text = _wait("metrics: 1 Succeeded", lambda: (t := _scrape(metrics_port)) and _sample(
-        t, "kubetune_finetunejobs", namespace=namespace, state="Succeeded") == 1 and t)
+    text = _wait(
+        "metrics: 1 Succeeded",
+        lambda: (
+            (t := _scrape(metrics_port))
+            and _sample(t, "kubetune_finetunejobs", namespace=namespace, state="Succeeded") == 1
+            and t
+        ),
+    )
     assert _sample(text, "kubetune_finetunejobs", namespace=namespace, state="Training") == 1
     assert (_sample(text, "kubetune_training_duration_seconds_count", outcome="succeeded") or 0) >= 1
     assert (_sample(text, "kubetune_time_to_training_start_seconds_count") or 0) >= 2
@@ -313,9 +384,16 @@ def _reconcile_and_settle(admin: Kubectl, namespace: str, health_port: int, metr
 
     # Deleted jobs leave the counts.
     admin("delete", "finetunejobs.kubetune.io", *JOBS, "--wait=false")
-    _wait("metrics: 0 jobs", lambda: (t := _scrape(metrics_port)) and all(
-        (_sample(t, "kubetune_finetunejobs", namespace=namespace, state=s) or 0) == 0
-        for s in ("Pending", "Training", "Succeeded")))
+    _wait(
+        "metrics: 0 jobs",
+        lambda: (
+            (t := _scrape(metrics_port))
+            and all(
+                (_sample(t, "kubetune_finetunejobs", namespace=namespace, state=s) or 0) == 0
+                for s in ("Pending", "Training", "Succeeded")
+            )
+        ),
+    )
 
 
 def _serve_with_chart_rbac(admin: Kubectl, namespace: str) -> None:
@@ -332,8 +410,10 @@ def _serve_with_chart_rbac(admin: Kubectl, namespace: str) -> None:
     doc["metadata"]["namespace"] = namespace
     doc["spec"]["deploy"].update({"replicas": 2, "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"}})
     admin("apply", "-f", "-", input=yaml.safe_dump(doc))
-    _wait("Deployment replaced with 2 replicas", lambda: (d := admin.get("deployment", name)) and
-          d["spec"]["replicas"] == 2)
+    _wait(
+        "Deployment replaced with 2 replicas",
+        lambda: (d := admin.get("deployment", name)) and d["spec"]["replicas"] == 2,
+    )
     doc["spec"]["deploy"]["enabled"] = False
     admin("apply", "-f", "-", input=yaml.safe_dump(doc))
     _wait("serving removed", lambda: admin.get("deployment", name) is None and admin.get("service", name) is None)

@@ -33,12 +33,16 @@ def tiny_manifest(s3_server: Any, tmp_path: Path) -> Path:
     client = s3_server.client()
     builtin.seed(client, [builtin.Builtin("model", "tiny-llama")])
     records = fortune_instructions()[:240]
-    client.put_object(Bucket="kubetune-test", Key="run-cli/fortunes.jsonl",
-                      Body=("\n".join(json.dumps(r) for r in records) + "\n").encode())
+    client.put_object(
+        Bucket="kubetune-test",
+        Key="run-cli/fortunes.jsonl",
+        Body=("\n".join(json.dumps(r) for r in records) + "\n").encode(),
+    )
     manifest = yaml.safe_load((ROOT / "tests" / "e2e" / "tiny-job.yaml").read_text())
     manifest["metadata"]["name"] = "tiny-run"
-    manifest["spec"]["dataset"].update(train="s3://kubetune-test/run-cli/fortunes.jsonl",
-                                       endpoint=s3_server.endpoint_url)
+    manifest["spec"]["dataset"].update(
+        train="s3://kubetune-test/run-cli/fortunes.jsonl", endpoint=s3_server.endpoint_url
+    )
     manifest["spec"]["output"]["uri"] = "s3://kubetune-test/runs"
     path = tmp_path / "tiny-run.yaml"
     path.write_text(yaml.safe_dump(manifest))
@@ -53,8 +57,14 @@ def test_run_trains_plots_serves_and_answers(tiny_manifest: Path, s3_server: Any
     args = ["run", str(tiny_manifest), "--out", str(tmp_path / "runs")]
     args += ["--exit-after-query"] if serve else ["--no-serve"]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kubetune_cli.main", *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
     print(f"kubetune run: {time.monotonic() - t0:.0f}s\n{proc.stdout[-3000:]}")
     run_dir = tmp_path / "runs" / "tiny-run"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + _tail(run_dir / "attempt-1" / "driver.log")

@@ -17,23 +17,38 @@ pytestmark = pytest.mark.unit
 def _sandbox(tmp_path: Path, pod: dict, secrets: dict | None = None, cms: dict | None = None):
     from kubetune_cli.localenv.pod_sandbox import PodSandbox
 
-    return PodSandbox(tmp_path, pod, namespace="ns", pod_name="p-0",
-                      config_maps=lambda n: (cms or {}).get(n), secrets=lambda n: (secrets or {}).get(n))
+    return PodSandbox(
+        tmp_path,
+        pod,
+        namespace="ns",
+        pod_name="p-0",
+        config_maps=lambda n: (cms or {}).get(n),
+        secrets=lambda n: (secrets or {}).get(n),
+    )
 
 
 def test_pod_env_and_volumes_resolve_like_the_kubelet(tmp_path: Path) -> None:
     from kubetune_cli.localenv.pod_sandbox import PodConfigError
 
-    pod = {"volumes": [{"name": "cfg", "configMap": {"name": "job-config"}}, {"name": "m", "emptyDir": {}},
-                       {"name": "keys", "secret": {"secretName": "s3", "items": [{"key": "id", "path": "k/id"}]}}]}
+    pod = {
+        "volumes": [
+            {"name": "cfg", "configMap": {"name": "job-config"}},
+            {"name": "m", "emptyDir": {}},
+            {"name": "keys", "secret": {"secretName": "s3", "items": [{"key": "id", "path": "k/id"}]}},
+        ]
+    }
     container = {
-        "env": [{"name": "A", "value": "x"}, {"name": "B", "value": "$(A)-$$(A)-$(NOPE)"},
-                {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
-                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "tok", "optional": True}}},
-                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                {"name": "CONFIG", "value": "/etc/kubetune/config.json"}],
+        "env": [
+            {"name": "A", "value": "x"},
+            {"name": "B", "value": "$(A)-$$(A)-$(NOPE)"},
+            {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}},
+            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "tok", "optional": True}}},
+            {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "CONFIG", "value": "/etc/kubetune/config.json"},
+        ],
         "volumeMounts": [{"name": "cfg", "mountPath": "/etc/kubetune"}, {"name": "m", "mountPath": "/models"}],
-        "command": ["python3", "-m", "x"], "args": ["--config=/etc/kubetune/config.json", "/models/model", "/modelsx"],
+        "command": ["python3", "-m", "x"],
+        "args": ["--config=/etc/kubetune/config.json", "/models/model", "/modelsx"],
     }
     sb = _sandbox(tmp_path, pod, secrets={"s3": {"id": "AKIA"}}, cms={"job-config": {"config.json": "{}"}})
     sb.materialise()
@@ -51,16 +66,19 @@ def test_pod_env_and_volumes_resolve_like_the_kubelet(tmp_path: Path) -> None:
 
 
 def test_operator_rayjob_sizes_the_local_cluster() -> None:
+    from kubetune_cli.localenv.rayjob_local import cluster_resources
     from kubetune_operator import builders
     from kubetune_operator.meta import Owner
     from kubetune_operator.settings import Settings
 
-    from kubetune_cli.localenv.rayjob_local import cluster_resources
-
-    spec = api.parse_spec({
-        "model": {"uri": "s3://bkt/m"}, "dataset": {"train": "s3://bkt/d", "format": "completion"},
-        "resources": {"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": "1500m"}, "output": {"uri": "s3://bkt/o"},
-    })
+    spec = api.parse_spec(
+        {
+            "model": {"uri": "s3://bkt/m"},
+            "dataset": {"train": "s3://bkt/d", "format": "completion"},
+            "resources": {"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": "1500m"},
+            "output": {"uri": "s3://bkt/o"},
+        }
+    )
     rj = builders.ray_job(Owner("j", "ns", "uid"), spec, Settings(), "h")
     assert cluster_resources(rj) == (2, 0)  # head num-cpus 0, 2 workers x floor(1.5)
     spec.resources.gpus_per_worker = 1
@@ -71,20 +89,50 @@ def test_operator_rayjob_sizes_the_local_cluster() -> None:
 def test_server_listen_address_is_rewritten_to_loopback() -> None:
     from kubetune_cli.localenv.deployments import _rewrite_listen
 
-    argv = ["python3", "-m", "vllm", "--model", "/m", "--host", "0.0.0.0", "--port", "8000", "--port=8000",
-            "--host=0.0.0.0", "--max-model-len", "256"]
+    argv = [
+        "python3",
+        "-m",
+        "vllm",
+        "--model",
+        "/m",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--port=8000",
+        "--host=0.0.0.0",
+        "--max-model-len",
+        "256",
+    ]
     assert _rewrite_listen(argv, {8000: 41000}) == [
-        "python3", "-m", "vllm", "--model", "/m", "--host", "127.0.0.1", "--port", "41000", "--port=41000",
-        "--host=127.0.0.1", "--max-model-len", "256"]
+        "python3",
+        "-m",
+        "vllm",
+        "--model",
+        "/m",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "41000",
+        "--port=41000",
+        "--host=127.0.0.1",
+        "--max-model-len",
+        "256",
+    ]
 
 
 def test_builtin_uris() -> None:
     from kubetune_cli.localenv import builtin
 
-    items = builtin.referenced(["s3://kubetune-samples/models/tiny-llama",
-                                "s3://kubetune-samples/datasets/fortunes-instruction/train.jsonl",
-                                "s3://kubetune-samples/datasets/fortunes-instruction/validation.jsonl",
-                                "s3://other/x", None])
+    items = builtin.referenced(
+        [
+            "s3://kubetune-samples/models/tiny-llama",
+            "s3://kubetune-samples/datasets/fortunes-instruction/train.jsonl",
+            "s3://kubetune-samples/datasets/fortunes-instruction/validation.jsonl",
+            "s3://other/x",
+            None,
+        ]
+    )
     assert [(i.kind, i.name) for i in items] == [("model", "tiny-llama"), ("dataset", "fortunes-instruction")]
     assert items[1].last_object.endswith("fortunes-instruction/train.jsonl")
     with pytest.raises(ValueError, match="built-in models: smollm2-135m-instruct, tiny-llama"):
@@ -122,7 +170,7 @@ def test_progress_view_follows_a_growing_file(tmp_path: Path) -> None:
     follower = FileFollower(path)
     assert follower.read() == []
     with open(path, "w") as f:
-        f.write(json.dumps({"status": {"progress": {"step": 1, "totalSteps": 2, "loss": 3.0}}}) + "\n{\"metr")
+        f.write(json.dumps({"status": {"progress": {"step": 1, "totalSteps": 2, "loss": 3.0}}}) + '\n{"metr')
     console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=120)
     view = TrainingView(console, "job")
     view.update(follower.read())

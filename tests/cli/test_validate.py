@@ -24,8 +24,14 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 def _kubetune(*args: str, cwd: Path, timeout: float = 60) -> tuple[int, str, float]:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kubetune_cli.main", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
 
 
@@ -115,7 +121,8 @@ def test_not_yaml_and_not_a_finetunejob(tmp_path: Path) -> None:
     (tmp_path / "broken.yaml").write_text("spec: [unclosed\n")
     rc, out, _ = _kubetune("validate", str(tmp_path / "broken.yaml"), cwd=tmp_path)
     assert rc == 2 and "not valid YAML" in out
-    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n"
-                                      "apiVersion: v1\nkind: Secret\nmetadata: {name: y}\n")
+    (tmp_path / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: y}\n"
+    )
     rc, out, _ = _kubetune("validate", str(tmp_path / "cm.yaml"), cwd=tmp_path)
     assert rc == 2 and "no FineTuneJob" in out

@@ -36,8 +36,9 @@ DEPLOY_TIMEOUT_S = 300
 
 
 def _kubetune(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kubetune_cli.main", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _free_port() -> int:
@@ -54,8 +55,8 @@ class Cluster:
     """kubectl and the REST API of the dev cluster, plus diagnostics for failures."""
 
     def __init__(self, dev_dir: Path, env: dict[str, str]) -> None:
-        from kubetune_cli.localenv.rest import Rest
         from kubetune_cli.localenv.binaries import find_kubectl
+        from kubetune_cli.localenv.rest import Rest
 
         self.dir = dev_dir
         self.env = {**env, "KUBECONFIG": str(dev_dir / "kubeconfig")}
@@ -63,8 +64,9 @@ class Cluster:
         self.rest = Rest(dev_dir / "kubeconfig")
 
     def kubectl_run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([self.kubectl, *args], input=stdin, env=self.env, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [self.kubectl, *args], input=stdin, env=self.env, capture_output=True, text=True, timeout=60
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
         return proc
@@ -134,8 +136,11 @@ def _upload_small_dataset(cluster: Cluster) -> None:
 
     creds = read_credentials(cluster.dir / "s3" / "credentials.json")
     assert creds is not None
-    client = make_s3_client(f"http://127.0.0.1:{cluster.s3_port}",  # type: ignore[attr-defined]  # set above
-                            access_key=creds["AWS_ACCESS_KEY_ID"], secret_key=creds["AWS_SECRET_ACCESS_KEY"])
+    client = make_s3_client(
+        f"http://127.0.0.1:{cluster.s3_port}",  # type: ignore[attr-defined]  # set above
+        access_key=creds["AWS_ACCESS_KEY_ID"],
+        secret_key=creds["AWS_SECRET_ACCESS_KEY"],
+    )
     client.create_bucket(Bucket="kubetune-e2e")
     records = fortune_instructions()[:300]
     body = "\n".join(json.dumps(r) for r in records) + "\n"
@@ -179,8 +184,9 @@ def test_apply_train_deploy_query_delete(dev: Cluster) -> None:
     assert job["status"]["model"]["kind"] == "adapter"
     assert job["status"]["data"]["records"] == 300
 
-    deployed = dev.wait("Deployed", lambda: dev.conditions().get("Deployed", {}).get("status") == "True",
-                        DEPLOY_TIMEOUT_S)
+    deployed = dev.wait(
+        "Deployed", lambda: dev.conditions().get("Deployed", {}).get("status") == "True", DEPLOY_TIMEOUT_S
+    )
     assert deployed
     timings["deploy"] = time.monotonic() - t0 - timings["train"]
     job = dev.job()
@@ -190,14 +196,18 @@ def test_apply_train_deploy_query_delete(dev: Cluster) -> None:
 
     # The Service's cluster address does not resolve on the host: the runtime put the local one on it.
     services = dev.rest.items("/api/v1/namespaces/default/services?labelSelector=kubetune.io%2Fjob%3Dtiny-e2e")
-    local = next(s["metadata"]["annotations"]["kubetune.io/local-url"] for s in services
-                 if (s["metadata"].get("annotations") or {}).get("kubetune.io/local-url"))
+    local = next(
+        s["metadata"]["annotations"]["kubetune.io/local-url"]
+        for s in services
+        if (s["metadata"].get("annotations") or {}).get("kubetune.io/local-url")
+    )
     import openai
 
     client = openai.OpenAI(base_url=f"{local}/v1", api_key="unused", timeout=120, max_retries=2)
     assert {m.id for m in client.models.list().data} >= {"tiny", "tiny-base"}
-    answer = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0,
-                                            messages=[{"role": "user", "content": "Tell me a fortune."}])
+    answer = client.chat.completions.create(
+        model="tiny", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Tell me a fortune."}]
+    )
     assert answer.choices[0].message.content, answer
     assert answer.usage is not None and answer.usage.completion_tokens > 0
 

@@ -33,8 +33,14 @@ def _cell(value: Any) -> str:
 def fault_row() -> Callable[..., None]:
     """Record one row of the recovery table (call once per observed fault)."""
 
-    def record(fault: str, outcome: str, *, steps_redone: int | str | None = None,
-               records_twice: int | str | None = None, recover_s: float | str | None = None) -> None:
+    def record(
+        fault: str,
+        outcome: str,
+        *,
+        steps_redone: int | str | None = None,
+        records_twice: int | str | None = None,
+        recover_s: float | str | None = None,
+    ) -> None:
         _ROWS.append((fault, outcome, _cell(steps_redone), _cell(records_twice), _cell(recover_s)))
 
     return record

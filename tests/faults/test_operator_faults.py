@@ -19,7 +19,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -38,8 +37,14 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = KINDS[("v1", "Secret")]
 SERVICEACCOUNT = KINDS[("v1", "ServiceAccount")]
 NETPOL = KINDS[("networking.k8s.io/v1", "NetworkPolicy")]
-CHILD_KINDS = (CONFIGMAP, SERVICEACCOUNT, KINDS[("rbac.authorization.k8s.io/v1", "Role")],
-               KINDS[("rbac.authorization.k8s.io/v1", "RoleBinding")], NETPOL, RAYJOB)
+CHILD_KINDS = (
+    CONFIGMAP,
+    SERVICEACCOUNT,
+    KINDS[("rbac.authorization.k8s.io/v1", "Role")],
+    KINDS[("rbac.authorization.k8s.io/v1", "RoleBinding")],
+    NETPOL,
+    RAYJOB,
+)
 # Values that must never show up anywhere (the tier's Secrets); the leak scan at the end looks for each.
 SECRET_VALUES: list[str] = []
 
@@ -69,8 +74,14 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m kubetune_operator` watching one namespace; kill() is SIGKILL, restart() starts it again."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_dir: Path, name: str = "operator",
-                 extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_dir: Path,
+        name: str = "operator",
+        extra_env: dict[str, str] | None = None,
+    ):
         self.kubeconfig, self.namespace, self.name = kubeconfig, namespace, name
         self.log = log_dir / f"{name}.log"
         self.extra_env = extra_env or {}
@@ -80,13 +91,23 @@ class OperatorProcess:
         self.starts = 0
 
     def start(self, wait: bool = True) -> OperatorProcess:
-        env = {**os.environ, "KUBETUNE_NAMESPACES": self.namespace, "KUBETUNE_HEALTH_ADDR": "127.0.0.1",
-               "KUBETUNE_HEALTH_PORT": str(self.health_port), "KUBETUNE_METRICS_ADDR": "127.0.0.1",
-               "KUBETUNE_METRICS_PORT": str(self.metrics_port), **self.extra_env}
+        env = {
+            **os.environ,
+            "KUBETUNE_NAMESPACES": self.namespace,
+            "KUBETUNE_HEALTH_ADDR": "127.0.0.1",
+            "KUBETUNE_HEALTH_PORT": str(self.health_port),
+            "KUBETUNE_METRICS_ADDR": "127.0.0.1",
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            **self.extra_env,
+        }
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--kubeconfig",
-                                          str(self.kubeconfig)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(self.kubeconfig)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.starts += 1
         if wait:
             self.wait_ready()
@@ -145,8 +166,15 @@ def env(control_plane: Any, kubeconfig: Path, tmp_path_factory: pytest.TempPathF
     logs = tmp_path_factory.mktemp("operator-logs")
     op = OperatorProcess(kubeconfig, ns, logs).start()
     kuberay = KubeRay(kubeconfig)
-    yield {"kube": kube, "ns": ns, "op": op, "kuberay": kuberay, "logs": logs, "cp": control_plane,
-           "kubeconfig": kubeconfig}
+    yield {
+        "kube": kube,
+        "ns": ns,
+        "op": op,
+        "kuberay": kuberay,
+        "logs": logs,
+        "cp": control_plane,
+        "kubeconfig": kubeconfig,
+    }
     op.stop()
     kuberay.close()
     kube._call("delete", "DELETE", f"/api/v1/namespaces/{ns}")
@@ -154,8 +182,12 @@ def env(control_plane: Any, kubeconfig: Path, tmp_path_factory: pytest.TempPathF
 
 
 def _secret(ns: str, name: str, data: dict[str, str]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
 
 
 def job_manifest(name: str, ns: str, **spec_changes: Any) -> dict[str, Any]:
@@ -174,8 +206,9 @@ def condition(job: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return {}
 
 
-def wait_condition(kube: Kube, ns: str, job: str, type_: str, field: str, value: str,
-                   timeout: float = 60) -> dict[str, Any]:
+def wait_condition(
+    kube: Kube, ns: str, job: str, type_: str, field: str, value: str, timeout: float = 60
+) -> dict[str, Any]:
     """The job once its condition `type_` has `field` == `value`; on timeout the error shows every condition."""
     seen: list[Any] = []
 
@@ -236,60 +269,114 @@ def test_inline_keys_are_refused_by_the_api_server(env: dict[str, Any], fault_ro
     SECRET_VALUES.append(leaked)
     m = job_manifest("inline-keys", env["ns"])
     m["spec"]["dataset"]["secretAccessKey"] = leaked
-    proc = subprocess.run([str(find_kubectl()), f"--kubeconfig={env['kubeconfig']}", "apply", "-f", "-"],
-                          input=yaml.safe_dump(m), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(find_kubectl()), f"--kubeconfig={env['kubeconfig']}", "apply", "-f", "-"],
+        input=yaml.safe_dump(m),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "spec.dataset.secretAccessKey" in proc.stderr, proc.stderr
     assert leaked not in proc.stderr + proc.stdout
     assert env["kube"].get(FINETUNEJOB, env["ns"], "inline-keys") is None  # nothing stored in etcd
-    fault_row("inline S3 keys in a spec (no webhook)", "refused by the CRD schema, field named, value not echoed",
-              steps_redone=0, records_twice=0, recover_s="-")
+    fault_row(
+        "inline S3 keys in a spec (no webhook)",
+        "refused by the CRD schema, field named, value not echoed",
+        steps_redone=0,
+        records_twice=0,
+        recover_s="-",
+    )
 
 
 def test_missing_secret_then_missing_key(env: dict[str, Any], fault_row: Any) -> None:
     kube, ns = env["kube"], env["ns"]
     spec = job_manifest("needs-creds", ns)["spec"]
     spec["dataset"]["credentialsSecret"] = "later-creds"
-    kube.create({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                 "metadata": {"name": "needs-creds", "namespace": ns}, "spec": spec})
-    blocked = wait_for("Blocked SecretNotFound", lambda: condition(kube.get(FINETUNEJOB, ns, "needs-creds"), "Blocked")
-                       .get("reason") == "SecretNotFound" and kube.get(FINETUNEJOB, ns, "needs-creds"), timeout=60)
+    kube.create(
+        {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "needs-creds", "namespace": ns},
+            "spec": spec,
+        }
+    )
+    blocked = wait_for(
+        "Blocked SecretNotFound",
+        lambda: (
+            condition(kube.get(FINETUNEJOB, ns, "needs-creds"), "Blocked").get("reason") == "SecretNotFound"
+            and kube.get(FINETUNEJOB, ns, "needs-creds")
+        ),
+        timeout=60,
+    )
     message = condition(blocked, "Blocked")["message"]
     assert f"{ns}/later-creds" in message and "AWS_ACCESS_KEY_ID" in message
     assert kube.get(RAYJOB, ns, names.ray_job("needs-creds")) is None  # nothing runs without its keys
     key_id = "AKIALATER" + secrets.token_hex(5).upper()
     SECRET_VALUES.append(key_id)
     kube.create(_secret(ns, "later-creds", {"AWS_ACCESS_KEY_ID": key_id}))
-    half = wait_for("Blocked SecretKeyMissing", lambda: condition(kube.get(FINETUNEJOB, ns, "needs-creds"), "Blocked")
-                    .get("reason") == "SecretKeyMissing" and kube.get(FINETUNEJOB, ns, "needs-creds"), timeout=60)
+    half = wait_for(
+        "Blocked SecretKeyMissing",
+        lambda: (
+            condition(kube.get(FINETUNEJOB, ns, "needs-creds"), "Blocked").get("reason") == "SecretKeyMissing"
+            and kube.get(FINETUNEJOB, ns, "needs-creds")
+        ),
+        timeout=60,
+    )
     assert "later-creds" in condition(half, "Blocked")["message"]
     assert "AWS_SECRET_ACCESS_KEY" in condition(half, "Blocked")["message"]
     fixed_value = "later-" + secrets.token_urlsafe(20)
     SECRET_VALUES.append(fixed_value)
     t0 = time.monotonic()
-    kube.patch(SECRET, ns, "later-creds", {"data": {"AWS_SECRET_ACCESS_KEY": base64.b64encode(fixed_value.encode()).decode()}})
+    kube.patch(
+        SECRET, ns, "later-creds", {"data": {"AWS_SECRET_ACCESS_KEY": base64.b64encode(fixed_value.encode()).decode()}}
+    )
     wait_for("the RayJob once the key exists", lambda: ray_job_made(kube, ns, "needs-creds"), timeout=90)
     recovered = time.monotonic() - t0
     job = kube.get(FINETUNEJOB, ns, "needs-creds")
     assert condition(job, "Blocked")["status"] == "False"
-    fault_row("missing Secret, then a missing key", "Blocked naming Secret and key; ran once both existed",
-              steps_redone=0, records_twice=0, recover_s=recovered)
+    fault_row(
+        "missing Secret, then a missing key",
+        "Blocked naming Secret and key; ran once both existed",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=recovered,
+    )
 
 
 def test_names_taken_by_objects_that_are_not_the_jobs(env: dict[str, Any], fault_row: Any) -> None:
     kube, ns = env["kube"], env["ns"]
     squatters = {
-        "cm-taken": {"apiVersion": "v1", "kind": "ConfigMap",
-                     "metadata": {"name": names.config_map("cm-taken"), "namespace": ns}, "data": {"mine": "yes"}},
-        "sa-taken": {"apiVersion": "v1", "kind": "ServiceAccount",
-                     "metadata": {"name": names.service_account("sa-taken"), "namespace": ns}},
+        "cm-taken": {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": names.config_map("cm-taken"), "namespace": ns},
+            "data": {"mine": "yes"},
+        },
+        "sa-taken": {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": names.service_account("sa-taken"), "namespace": ns},
+        },
     }
     for job, obj in squatters.items():
         kube.create(obj)
-        kube.create({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                     "metadata": {"name": job, "namespace": ns}, "spec": job_manifest(job, ns)["spec"]})
+        kube.create(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": job, "namespace": ns},
+                "spec": job_manifest(job, ns)["spec"],
+            }
+        )
     for job, obj in squatters.items():
-        got = wait_for(f"{job} Blocked NameConflict", lambda j=job: condition(kube.get(FINETUNEJOB, ns, j), "Blocked")
-                       .get("reason") == "NameConflict" and kube.get(FINETUNEJOB, ns, j), timeout=60)
+        got = wait_for(
+            f"{job} Blocked NameConflict",
+            lambda j=job: (
+                condition(kube.get(FINETUNEJOB, ns, j), "Blocked").get("reason") == "NameConflict"
+                and kube.get(FINETUNEJOB, ns, j)
+            ),
+            timeout=60,
+        )
         assert f"{obj['kind']} {ns}/{obj['metadata']['name']}" in condition(got, "Blocked")["message"]
         kind = CONFIGMAP if obj["kind"] == "ConfigMap" else SERVICEACCOUNT
         now = kube.get(kind, ns, obj["metadata"]["name"])
@@ -303,8 +390,13 @@ def test_names_taken_by_objects_that_are_not_the_jobs(env: dict[str, Any], fault
     for job in squatters:
         wait_for(f"{job} to run once the name is free", lambda j=job: ray_job_made(kube, ns, j), timeout=120)
         assert_one_of_each_and_owned(kube, ns, job)
-    fault_row("pre-existing unowned ConfigMap / ServiceAccount", "Blocked NameConflict, left untouched; ran once "
-              "removed", steps_redone=0, records_twice=0, recover_s=time.monotonic() - t0)
+    fault_row(
+        "pre-existing unowned ConfigMap / ServiceAccount",
+        "Blocked NameConflict, left untouched; ran once removed",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=time.monotonic() - t0,
+    )
 
 
 def test_wrong_keys_fail_with_s3_access_denied(env: dict[str, Any], s3_server: Any, fault_row: Any) -> None:
@@ -329,14 +421,22 @@ def test_wrong_keys_fail_with_s3_access_denied(env: dict[str, Any], s3_server: A
         _, kind, message = classify(exc, cfg)
     last_line = f"kubetune-trainer: error: {kind}: {message}"
     t0 = time.monotonic()
-    kuberay.fail(ns, names.ray_job("wrong-keys"),
-                 message=f"Job entrypoint command failed with exit code 1, last available logs:\n{last_line}\n")
+    kuberay.fail(
+        ns,
+        names.ray_job("wrong-keys"),
+        message=f"Job entrypoint command failed with exit code 1, last available logs:\n{last_line}\n",
+    )
     job = wait_condition(kube, ns, "wrong-keys", "Failed", "reason", "S3AccessDenied")
     failed = condition(job, "Failed")["message"]
     assert s3_server.endpoint_url in failed and "kubetune-runs" in failed and "datasets" in failed
     assert wrong not in failed and s3_server.access_key not in failed
-    fault_row("wrong S3 keys", "Failed, reason S3AccessDenied naming endpoint and buckets", steps_redone=0,
-              records_twice=0, recover_s=time.monotonic() - t0)
+    fault_row(
+        "wrong S3 keys",
+        "Failed, reason S3AccessDenied naming endpoint and buckets",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=time.monotonic() - t0,
+    )
 
 
 def test_kueue_drives_suspend(env: dict[str, Any], fault_row: Any) -> None:
@@ -350,8 +450,11 @@ def test_kueue_drives_suspend(env: dict[str, Any], fault_row: Any) -> None:
     kuberay.reconcile(ns, rj)  # KubeRay: New + suspend -> Suspended
     kuberay.set_suspend(ns, rj, False)  # Kueue admits the workload
     kuberay.resume(ns, rj)
-    wait_for("Training Running", lambda: condition(kube.get(FINETUNEJOB, ns, "queued"), "Training")
-             .get("reason") == "Running", timeout=60)
+    wait_for(
+        "Training Running",
+        lambda: condition(kube.get(FINETUNEJOB, ns, "queued"), "Training").get("reason") == "Running",
+        timeout=60,
+    )
     # The operator restarts: its resume pass must not re-suspend what Kueue admitted.
     before = op.handled("queued")
     op.kill()
@@ -366,8 +469,11 @@ def test_kueue_drives_suspend(env: dict[str, Any], fault_row: Any) -> None:
     # Kueue preempts it; the operator leaves that alone too.
     kuberay.set_suspend(ns, rj, True)
     kuberay.suspend(ns, rj)
-    wait_for("Suspended", lambda: condition(kube.get(FINETUNEJOB, ns, "queued"), "Suspended").get("status") == "True",
-             timeout=60)
+    wait_for(
+        "Suspended",
+        lambda: condition(kube.get(FINETUNEJOB, ns, "queued"), "Suspended").get("status") == "True",
+        timeout=60,
+    )
     before = op.handled("queued")
     kube.patch(FINETUNEJOB, ns, "queued", {"metadata": {"labels": {"team": "b"}}})
     wait_for("another pass", lambda: op.handled("queued") > before, timeout=90)
@@ -375,16 +481,22 @@ def test_kueue_drives_suspend(env: dict[str, Any], fault_row: Any) -> None:
     # The user's own edit of spec.suspend is passed on.
     t0 = time.monotonic()
     kube.patch(FINETUNEJOB, ns, "queued", {"spec": {"suspend": False}})
-    wait_for("the user's unsuspend on the RayJob", lambda: kube.get(RAYJOB, ns, rj)["spec"]["suspend"] is False,
-             timeout=60)
+    wait_for(
+        "the user's unsuspend on the RayJob", lambda: kube.get(RAYJOB, ns, rj)["spec"]["suspend"] is False, timeout=60
+    )
     recovered = time.monotonic() - t0
     kube.patch(FINETUNEJOB, ns, "queued", {"spec": {"suspend": True}})
-    wait_for("the user's suspend on the RayJob", lambda: kube.get(RAYJOB, ns, rj)["spec"]["suspend"] is True,
-             timeout=60)
+    wait_for(
+        "the user's suspend on the RayJob", lambda: kube.get(RAYJOB, ns, rj)["spec"]["suspend"] is True, timeout=60
+    )
     assert_one_of_each_and_owned(kube, ns, "queued")
-    fault_row("Kueue admits, preempts; operator restart; label edits; user edits suspend",
-              "Kueue's suspend never undone; the user's edits passed on", steps_redone=0, records_twice=0,
-              recover_s=recovered)
+    fault_row(
+        "Kueue admits, preempts; operator restart; label edits; user edits suspend",
+        "Kueue's suspend never undone; the user's edits passed on",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=recovered,
+    )
 
 
 def test_apiserver_restarted_mid_run(env: dict[str, Any], fault_row: Any) -> None:
@@ -393,18 +505,30 @@ def test_apiserver_restarted_mid_run(env: dict[str, Any], fault_row: Any) -> Non
     wait_for("the RayJob", lambda: ray_job_made(kube, ns, "through-restart"), timeout=60)
     rj = names.ray_job("through-restart")
     kuberay.start(ns, rj)
-    wait_for("Running", lambda: condition(kube.get(FINETUNEJOB, ns, "through-restart"), "Training")
-             .get("reason") == "Running", timeout=60)
+    wait_for(
+        "Running",
+        lambda: condition(kube.get(FINETUNEJOB, ns, "through-restart"), "Training").get("reason") == "Running",
+        timeout=60,
+    )
     down_and_up = cp.restart_apiserver(down_seconds=3)
     t0 = time.monotonic()
     wait_for("KubeRay's write after the restart", lambda: kuberay.succeed(ns, rj), timeout=60, interval=1)
-    wait_for("status catches up", lambda: condition(kube.get(FINETUNEJOB, ns, "through-restart"), "Succeeded")
-             .get("status") == "True", timeout=120, interval=0.5)
+    wait_for(
+        "status catches up",
+        lambda: condition(kube.get(FINETUNEJOB, ns, "through-restart"), "Succeeded").get("status") == "True",
+        timeout=120,
+        interval=0.5,
+    )
     recovered = time.monotonic() - t0
     assert env["op"].proc.poll() is None, "the operator died with the API server"
     assert_one_of_each_and_owned(kube, ns, "through-restart")
-    fault_row("kube-apiserver restarted mid-run", f"status caught up (server back in {down_and_up:.0f} s), "
-              "no duplicate children", steps_redone=0, records_twice=0, recover_s=recovered)
+    fault_row(
+        "kube-apiserver restarted mid-run",
+        f"status caught up (server back in {down_and_up:.0f} s), no duplicate children",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=recovered,
+    )
 
 
 def test_operator_killed_10_times_during_50_creations(env: dict[str, Any], fault_row: Any) -> None:
@@ -412,7 +536,7 @@ def test_operator_killed_10_times_during_50_creations(env: dict[str, Any], fault
     rng = random.Random(20261202)
     jobs = [f"burst-{i:02d}" for i in range(50)]
     for cycle in range(10):
-        for job in jobs[cycle * 5:(cycle + 1) * 5]:
+        for job in jobs[cycle * 5 : (cycle + 1) * 5]:
             kube.create({**job_manifest(job, ns), "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"})
         time.sleep(rng.uniform(0.0, 2.0))  # a random moment: before, during or after the passes for these jobs
         op.kill()
@@ -425,18 +549,34 @@ def test_operator_killed_10_times_during_50_creations(env: dict[str, Any], fault
         assert_one_of_each_and_owned(kube, ns, job)
     left = orphans(kube, ns)
     assert left == [], left
-    fault_row("operator killed 10x during 50 creations", "50 jobs, 0 duplicates, 0 orphans", steps_redone=0,
-              records_twice=0, recover_s=recovered)
+    fault_row(
+        "operator killed 10x during 50 creations",
+        "50 jobs, 0 duplicates, 0 orphans",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=recovered,
+    )
 
 
 def test_leader_killed_during_20_creations(env: dict[str, Any], fault_row: Any) -> None:
     kube, ns = env["kube"], env["ns"]
     env["op"].stop()  # the single operator steps aside for two peered replicas
-    kube._call("create", "POST", f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
-               body={"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kt-faults"}})
-    replicas = [OperatorProcess(env["kubeconfig"], ns, env["logs"], name=f"replica-{i}",
-                                extra_env={"KUBETUNE_PEERING": "kt-faults", "KUBETUNE_PEERING_PRIORITY": str(p)})
-                for i, p in ((0, 200), (1, 100))]  # replica-0 leads (the higher priority)
+    kube._call(
+        "create",
+        "POST",
+        f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings",
+        body={"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kt-faults"}},
+    )
+    replicas = [
+        OperatorProcess(
+            env["kubeconfig"],
+            ns,
+            env["logs"],
+            name=f"replica-{i}",
+            extra_env={"KUBETUNE_PEERING": "kt-faults", "KUBETUNE_PEERING_PRIORITY": str(p)},
+        )
+        for i, p in ((0, 200), (1, 100))
+    ]  # replica-0 leads (the higher priority)
     for r in replicas:
         r.start()
     leader, standby = replicas
@@ -460,8 +600,13 @@ def test_leader_killed_during_20_creations(env: dict[str, Any], fault_row: Any) 
         for r in replicas:
             r.stop()
         env["op"].start()
-    fault_row("leader replica killed during 20 creations", "the standby finished them, no duplicates",
-              steps_redone=0, records_twice=0, recover_s=takeover)
+    fault_row(
+        "leader replica killed during 20 creations",
+        "the standby finished them, no duplicates",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=takeover,
+    )
 
 
 def test_no_secret_value_anywhere(env: dict[str, Any], kubeconfig: Path, fault_row: Any) -> None:
@@ -478,18 +623,32 @@ def test_no_secret_value_anywhere(env: dict[str, Any], kubeconfig: Path, fault_r
     places["metrics"] = env["op"].metrics()
     kubectl = str(find_kubectl())
     for args in (["get", "ftj", "-o", "wide"], ["describe", "ftj"], ["get", "events"]):
-        proc = subprocess.run([kubectl, f"--kubeconfig={kubeconfig}", "-n", ns, *args], capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run(
+            [kubectl, f"--kubeconfig={kubeconfig}", "-n", ns, *args], capture_output=True, text=True, timeout=60
+        )
         places[f"kubectl {' '.join(args)}"] = proc.stdout + proc.stderr
-    cli = subprocess.run([sys.executable, "-m", "kubetune_cli.main", "status", "-n", ns, "wrong-keys"],
-                         env={**os.environ, "KUBECONFIG": str(kubeconfig)}, capture_output=True, text=True,
-                         timeout=120)
+    cli = subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", "status", "-n", ns, "wrong-keys"],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0 and "wrong-keys" in cli.stdout + cli.stderr, cli.stderr
     places["kubetune status"] = cli.stdout + cli.stderr
-    found = [(value[:6] + "...", where) for value in SECRET_VALUES for where, text in places.items()
-             for variant in (value, base64.b64encode(value.encode()).decode()) if variant in text]
+    found = [
+        (value[:6] + "...", where)
+        for value in SECRET_VALUES
+        for where, text in places.items()
+        for variant in (value, base64.b64encode(value.encode()).decode())
+        if variant in text
+    ]
     assert found == [], found
     assert sum(len(t) for t in places.values()) > 10_000  # the scan really read something
-    fault_row("leak scan (logs, status, Events, ConfigMaps, RayJobs, metrics, CLI)",
-              f"{len(SECRET_VALUES)} secret values, {len(places)} places: none found", steps_redone="-",
-              records_twice="-", recover_s="-")
+    fault_row(
+        "leak scan (logs, status, Events, ConfigMaps, RayJobs, metrics, CLI)",
+        f"{len(SECRET_VALUES)} secret values, {len(places)} places: none found",
+        steps_redone="-",
+        records_twice="-",
+        recover_s="-",
+    )

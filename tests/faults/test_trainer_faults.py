@@ -54,16 +54,24 @@ def fenv(tmp_path_factory: pytest.TempPathFactory) -> Any:
         client = server.client()
         model_uri = f"s3://{BUCKET}/models/tiny-llama"
         upload_dir(client, tiny_llama(workdir / "tiny-llama", hidden=64, layers=2, seed=0), model_uri)
-        data = put_jsonl(client, f"s3://{BUCKET}/data/fortunes.jsonl",
-                         [{"text": t} for t in fortunes("computers", limit=120)])
+        data = put_jsonl(
+            client, f"s3://{BUCKET}/data/fortunes.jsonl", [{"text": t} for t in fortunes("computers", limit=120)]
+        )
         env = {**process_env(server, workdir), "KUBETUNE_S3_OUTAGE_S": "120"}
         cluster_env = {**os.environ, **env}
         cluster_env.pop("KUBECONFIG", None)
         cluster = LocalRayCluster(workdir / "ray-head.log", num_cpus=2, env=cluster_env).start()
         try:
-            yield {"server": server, "s3": StoppableS3(server), "client": client, "model_uri": model_uri,
-                   "data": data, "workdir": workdir, "cluster": cluster,
-                   "env": {**env, **cluster.driver_env()}}
+            yield {
+                "server": server,
+                "s3": StoppableS3(server),
+                "client": client,
+                "model_uri": model_uri,
+                "data": data,
+                "workdir": workdir,
+                "cluster": cluster,
+                "env": {**env, **cluster.driver_env()},
+            }
         finally:
             cluster.stop()
     finally:
@@ -71,18 +79,32 @@ def fenv(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def _config(fenv: Any, uid: str, training: dict[str, Any] | None = None) -> dict[str, Any]:
-    spec = api.parse_spec({
-        "model": {"uri": fenv["model_uri"]},
-        "dataset": {"train": fenv["data"], "format": "completion", "validationSplit": 0.1,
-                    "endpoint": fenv["server"].endpoint_url, "preprocessing": {"maxSeqLength": 32}},
-        "training": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "maxSteps": STEPS,
-                     "learningRate": 0.003, "perDeviceBatchSize": 2, "evalIntervalSteps": STEPS,
-                     "checkpoint": {"intervalSteps": CKPT_EVERY, "keep": 10}, "deepspeed": {"zeroStage": 2},
-                     **(training or {})},
-        "resources": {"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": "1"},
-        "output": {"uri": f"s3://{BUCKET}/runs"},
-        "deploy": {"enabled": False},
-    })
+    spec = api.parse_spec(
+        {
+            "model": {"uri": fenv["model_uri"]},
+            "dataset": {
+                "train": fenv["data"],
+                "format": "completion",
+                "validationSplit": 0.1,
+                "endpoint": fenv["server"].endpoint_url,
+                "preprocessing": {"maxSeqLength": 32},
+            },
+            "training": {
+                "method": "lora",
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+                "maxSteps": STEPS,
+                "learningRate": 0.003,
+                "perDeviceBatchSize": 2,
+                "evalIntervalSteps": STEPS,
+                "checkpoint": {"intervalSteps": CKPT_EVERY, "keep": 10},
+                "deepspeed": {"zeroStage": 2},
+                **(training or {}),
+            },
+            "resources": {"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": "1"},
+            "output": {"uri": f"s3://{BUCKET}/runs"},
+            "deploy": {"enabled": False},
+        }
+    )
     cfg = api.resolve_trainer_config("faults", "tests", uid, spec)
     cfg.reporting.kubernetes = False
     return cfg.wire()
@@ -90,7 +112,7 @@ def _config(fenv: Any, uid: str, training: dict[str, Any] | None = None) -> dict
 
 def _keys(client: Any, uri: str) -> dict[str, str]:
     """key -> ETag of every object under the prefix."""
-    bucket, prefix = uri[len("s3://"):].split("/", 1)
+    bucket, prefix = uri[len("s3://") :].split("/", 1)
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         out.update({o["Key"]: o["ETag"] for o in page.get("Contents", [])})
@@ -100,7 +122,7 @@ def _keys(client: Any, uri: str) -> dict[str, str]:
 def _metrics(client: Any, run_uri: str) -> list[dict[str, Any]]:
     import json
 
-    bucket, key = f"{run_uri}/metrics.jsonl"[len("s3://"):].split("/", 1)
+    bucket, key = f"{run_uri}/metrics.jsonl"[len("s3://") :].split("/", 1)
     body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     return [json.loads(line) for line in body.splitlines() if line.strip()]
 
@@ -162,8 +184,9 @@ def _lineage_step(trace_dir: Path) -> int:
     return min((lineage(r)[0][-1]["step"] for r in rows.values() if r), default=0) if len(rows) == 2 else 0
 
 
-def test_worker_killed_recovers_in_the_same_attempt(fenv: Any, straight: dict[str, Any], faulted: dict[str, Any],
-                                                    fault_row: Any) -> None:
+def test_worker_killed_recovers_in_the_same_attempt(
+    fenv: Any, straight: dict[str, Any], faulted: dict[str, Any], fault_row: Any
+) -> None:
     """kill -9 of a Ray Train worker: Ray Train restarts the worker group in the same Ray job, which resumes
     from the newest complete checkpoint; no record counts twice, the result matches the uninterrupted run."""
     driver, cfg = faulted["driver"], faulted["cfg"]
@@ -189,9 +212,14 @@ def test_worker_killed_recovers_in_the_same_attempt(fenv: Any, straight: dict[st
     final = next(m for m in reversed(metrics) if m.get("event") == "finished")
     # Within noise of the uninterrupted run (identical up to float summation order: RNG states are restored).
     assert final["evalLoss"] == pytest.approx(straight["evalLoss"], rel=0.02)
-    fault_row("kill -9 a Ray Train worker", f"completed in the same Ray job from step {resumed_step}; evalLoss "
-              f"{final['evalLoss']:.4f} vs {straight['evalLoss']:.4f} uninterrupted",
-              steps_redone=redone_total, records_twice=twice_total, recover_s=faulted["recover_s"])
+    fault_row(
+        "kill -9 a Ray Train worker",
+        f"completed in the same Ray job from step {resumed_step}; evalLoss "
+        f"{final['evalLoss']:.4f} vs {straight['evalLoss']:.4f} uninterrupted",
+        steps_redone=redone_total,
+        records_twice=twice_total,
+        recover_s=faulted["recover_s"],
+    )
 
 
 def test_s3_stopped_during_checkpoint_upload(fenv: Any, faulted: dict[str, Any], fault_row: Any) -> None:
@@ -206,20 +234,28 @@ def test_s3_stopped_during_checkpoint_upload(fenv: Any, faulted: dict[str, Any],
     assert any(k.endswith(f"{step}/_COMPLETE") for k in keys), sorted(keys)
     restarts = [m for m in _metrics(fenv["client"], cfg["runUri"]) if m.get("event") == "restart"]
     assert len(restarts) == 1  # only the killed worker's; the outage cost no restart
-    fault_row("SeaweedFS stopped 15 s during a checkpoint upload",
-              f"training went on; {len(waited)} S3 requests waited; {step} complete",
-              steps_redone=0, records_twice=0, recover_s=faulted["outage_s"])
+    fault_row(
+        "SeaweedFS stopped 15 s during a checkpoint upload",
+        f"training went on; {len(waited)} S3 requests waited; {step} complete",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=faulted["outage_s"],
+    )
 
 
 def test_recreated_job_trains_from_zero_while_s3_stopped_at_its_start(
-        fenv: Any, straight: dict[str, Any], faulted: dict[str, Any], fault_row: Any) -> None:
+    fenv: Any, straight: dict[str, Any], faulted: dict[str, Any], fault_row: Any
+) -> None:
     """Job `faults` deleted and re-created with a new spec (incarnation C, new uid), started while SeaweedFS is
     down: its first S3 requests (the base model's listing, then the data) wait for S3, it trains from step 0
     under its own prefix, and incarnations A and B are untouched (same objects, same ETags)."""
     client = fenv["client"]
     before = {inc: _keys(client, run["cfg"]["runUri"]) for inc, run in (("A", straight), ("B", faulted))}
-    cfg = _config(fenv, "c-" + uuid.uuid4().hex[:8], {"maxSteps": 4, "learningRate": 0.001,
-                                                     "checkpoint": {"intervalSteps": 2, "keep": 1}})
+    cfg = _config(
+        fenv,
+        "c-" + uuid.uuid4().hex[:8],
+        {"maxSteps": 4, "learningRate": 0.001, "checkpoint": {"intervalSteps": 2, "keep": 1}},
+    )
     t_down = fenv["s3"].stop()
     driver = start_driver(cfg, fenv["workdir"], fenv["env"], "recreated")
     try:
@@ -240,10 +276,14 @@ def test_recreated_job_trains_from_zero_while_s3_stopped_at_its_start(
     assert after == before  # nothing of an earlier incarnation was written, replaced or deleted
     model = _keys(client, f"{cfg['runUri']}/model")
     assert any(k.endswith("adapter_model.safetensors") for k in model)
-    fault_row("delete + re-create (same name, new spec), S3 stopped 15 s+ at its start",
-              f"trained from step 0 under its own prefix; {len(waited)} S3 requests waited; earlier runs untouched "
-              f"({sum(len(v) for v in before.values())} objects)", steps_redone=0, records_twice=0,
-              recover_s=t_up - t_down)
+    fault_row(
+        "delete + re-create (same name, new spec), S3 stopped 15 s+ at its start",
+        f"trained from step 0 under its own prefix; {len(waited)} S3 requests waited; earlier runs untouched "
+        f"({sum(len(v) for v in before.values())} objects)",
+        steps_redone=0,
+        records_twice=0,
+        recover_s=t_up - t_down,
+    )
 
 
 def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> None:
@@ -258,8 +298,11 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
 
     workdir = fenv["workdir"]
     # Enough steps that the notice (a few seconds after the drain) arrives mid-run; no interval checkpoints.
-    cfg = _config(fenv, "p-" + uuid.uuid4().hex[:8], {"maxSteps": 60, "evalIntervalSteps": 60,
-                                                     "checkpoint": {"intervalSteps": 100, "keep": 2}})
+    cfg = _config(
+        fenv,
+        "p-" + uuid.uuid4().hex[:8],
+        {"maxSteps": 60, "evalIntervalSteps": 60, "checkpoint": {"intervalSteps": 100, "keep": 2}},
+    )
     cluster_env = {**os.environ, **process_env(fenv["server"], workdir)}
     cluster_env.pop("KUBECONFIG", None)
     trace = workdir / "trace-drained"
@@ -268,14 +311,23 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
         driver = start_driver(cfg, workdir, {**fenv["env"], **first.driver_env()}, "drained-1", trace)
         wait_for("step 3", lambda: max_step(trace) >= 3, 400, driver)
         drain = subprocess.run(
-            [str(ray_executable()), "drain-node", f"--address={first.address}",
-             "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim (faults test)",
-             "--deadline-remaining-seconds=10"],
-            env={**cluster_env, **first.driver_env()}, capture_output=True, text=True, timeout=60)
+            [
+                str(ray_executable()),
+                "drain-node",
+                f"--address={first.address}",
+                "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                "--reason-message=spot reclaim (faults test)",
+                "--deadline-remaining-seconds=10",
+            ],
+            env={**cluster_env, **first.driver_env()},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert drain.returncode == 0, drain.stdout + drain.stderr
         t_drain = time.monotonic()
         marker = f"{cfg['runUri']}/restarts.json"
-        bucket, key = marker[len("s3://"):].split("/", 1)
+        bucket, key = marker[len("s3://") :].split("/", 1)
 
         def preempted() -> bool:
             try:
@@ -294,8 +346,11 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
         os.killpg(driver.proc.pid, signal.SIGKILL)
         driver.proc.wait(10)
     t_lost = time.monotonic()
-    jit = [int(k.split("step-")[1][:8]) for k in _keys(fenv["client"], f"{cfg['runUri']}/checkpoints")
-           if k.endswith("/_COMPLETE")]
+    jit = [
+        int(k.split("step-")[1][:8])
+        for k in _keys(fenv["client"], f"{cfg['runUri']}/checkpoints")
+        if k.endswith("/_COMPLETE")
+    ]
     assert jit, "no complete checkpoint"
     jit_step = max(jit)
 
@@ -303,8 +358,9 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
     try:
         rows_before = sum(len(r) for r in trace_rows(trace).values())
         retry = start_driver(cfg, workdir, {**fenv["env"], **second.driver_env()}, "drained-2", trace)
-        wait_for("the retry's first step", lambda: sum(len(r) for r in trace_rows(trace).values()) > rows_before,
-                 400, retry)
+        wait_for(
+            "the retry's first step", lambda: sum(len(r) for r in trace_rows(trace).values()) > rows_before, 400, retry
+        )
         recover_s = time.monotonic() - t_lost
         rc = retry.wait()
     finally:
@@ -317,9 +373,13 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
     redone = max(lineage(rows)[1] for rows in trace_rows(trace).values())
     twice = sum(records_twice(lineage(rows)[0]) for rows in trace_rows(trace).values())
     assert redone <= 1 and twice == 0, (redone, twice, trained_before, jit_step)
-    fault_row("ray drain-node (preemption, 10 s deadline)",
-              f"just-in-time checkpoint at step {jit_step}; resumed on a fresh Ray cluster",
-              steps_redone=redone, records_twice=twice, recover_s=recover_s)
+    fault_row(
+        "ray drain-node (preemption, 10 s deadline)",
+        f"just-in-time checkpoint at step {jit_step}; resumed on a fresh Ray cluster",
+        steps_redone=redone,
+        records_twice=twice,
+        recover_s=recover_s,
+    )
 
 
 def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -> None:
@@ -327,20 +387,36 @@ def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -
     (what KubeRay's backoffLimit runs) restores Tune's experiment from S3, keeps the finished trial (its model
     is not written again), resumes the interrupted one from its checkpoint, and runs the rest."""
     client = fenv["client"]
-    cfg = _config(fenv, "t-" + uuid.uuid4().hex[:8], {"maxSteps": 6, "evalIntervalSteps": 3,
-                                                     "checkpoint": {"intervalSteps": 2, "keep": 1}})
+    cfg = _config(
+        fenv,
+        "t-" + uuid.uuid4().hex[:8],
+        {"maxSteps": 6, "evalIntervalSteps": 3, "checkpoint": {"intervalSteps": 2, "keep": 1}},
+    )
     cfg["spec"]["resources"]["workers"] = 1
-    cfg["spec"]["tuning"] = {"objective": {"metric": "evalLoss", "mode": "min"}, "algorithm": "grid", "trials": 3,
-                             "maxConcurrentTrials": 1, "maxStepsPerTrial": 6,
-                             "searchSpace": {"lora.r": {"type": "choice", "values": [2, 4, 8]}}}
+    cfg["spec"]["tuning"] = {
+        "objective": {"metric": "evalLoss", "mode": "min"},
+        "algorithm": "grid",
+        "trials": 3,
+        "maxConcurrentTrials": 1,
+        "maxStepsPerTrial": 6,
+        "searchSpace": {"lora.r": {"type": "choice", "values": [2, 4, 8]}},
+    }
     run = cfg["runUri"]
     first_model = f"{run}/trials/trial-00/model"
     driver = start_driver(cfg, fenv["workdir"], fenv["env"], "tune-1")
     try:
-        wait_for("trial-00's model", lambda: any(k.endswith("adapter_model.safetensors")
-                                                   for k in _keys(client, first_model)), 600, driver)
-        wait_for("trial-01's first checkpoint", lambda: any(
-            k.endswith("/_COMPLETE") for k in _keys(client, f"{run}/trials/trial-01/checkpoints")), 400, driver)
+        wait_for(
+            "trial-00's model",
+            lambda: any(k.endswith("adapter_model.safetensors") for k in _keys(client, first_model)),
+            600,
+            driver,
+        )
+        wait_for(
+            "trial-01's first checkpoint",
+            lambda: any(k.endswith("/_COMPLETE") for k in _keys(client, f"{run}/trials/trial-01/checkpoints")),
+            400,
+            driver,
+        )
     finally:
         if driver.proc.poll() is None:
             os.killpg(driver.proc.pid, signal.SIGKILL)  # the driver, as a lost Ray head or a killed submitter
@@ -365,7 +441,11 @@ def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -
     redone = max(0, max(r["step"] for r in rows[last_start:]) - resumed[0]["resumedStep"])
     for tid in ("trial-01", "trial-02"):
         assert any(k.endswith("adapter_model.safetensors") for k in _keys(client, f"{run}/trials/{tid}/model"))
-    fault_row("tuning driver killed after its first trial finished",
-              f"retry restored Tune's experiment from S3: {', '.join(restored[0]['keptTrials'])} kept, trial-01 "
-              f"resumed at step {resumed[0]['resumedStep']}, all 3 trials done", steps_redone=redone,
-              records_twice="-", recover_s=time.monotonic() - t_killed)
+    fault_row(
+        "tuning driver killed after its first trial finished",
+        f"retry restored Tune's experiment from S3: {', '.join(restored[0]['keptTrials'])} kept, trial-01 "
+        f"resumed at step {resumed[0]['resumedStep']}, all 3 trials done",
+        steps_redone=redone,
+        records_twice="-",
+        recover_s=time.monotonic() - t_killed,
+    )

@@ -41,8 +41,9 @@ class StoppableS3:
         assert self._argv is not None, "start() after stop()"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         env.update(AWS_ACCESS_KEY_ID=self.server.access_key, AWS_SECRET_ACCESS_KEY=self.server.secret_key)
-        self.server._proc = ManagedProcess("weed-mini", self._argv, self.server.workdir / "weed.log", env=env,
-                                           cwd=self.server.workdir)
+        self.server._proc = ManagedProcess(
+            "weed-mini", self._argv, self.server.workdir / "weed.log", env=env, cwd=self.server.workdir
+        )
         client = self.server.client(retries=0, timeout=2.0)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -78,8 +79,9 @@ class Driver:
         return lines[-1] if lines else ""
 
 
-def start_driver(config: dict[str, Any], workdir: Path, env: dict[str, str], tag: str,
-                 trace: Path | None = None) -> Driver:
+def start_driver(
+    config: dict[str, Any], workdir: Path, env: dict[str, str], tag: str, trace: Path | None = None
+) -> Driver:
     """The trainer driver in its own session; its micro-batch trace in `trace` (default workdir/trace-<tag>)."""
     path = workdir / f"{tag}.json"
     path.write_text(json.dumps(config))
@@ -87,8 +89,13 @@ def start_driver(config: dict[str, Any], workdir: Path, env: dict[str, str], tag
     trace.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{tag}.log"
     full = {**os.environ, **env, "KUBETUNE_TRACE_DIR": str(trace)}
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "--config", str(path)], env=full,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],
+        env=full,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # noqa: SIM115
     return Driver(proc=proc, log=log, trace_dir=trace)
 
 
@@ -159,7 +166,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, driver: Driver
         if value:
             return value
         if driver is not None and driver.proc.poll() is not None:
-            raise AssertionError(f"the trainer exited ({driver.proc.returncode}) before {what}:\n"
-                                 f"{driver.output()[-4000:]}")
+            raise AssertionError(
+                f"the trainer exited ({driver.proc.returncode}) before {what}:\n{driver.output()[-4000:]}"
+            )
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}" + (f":\n{driver.output()[-3000:]}" if driver else ""))

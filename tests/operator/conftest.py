@@ -23,8 +23,10 @@ def namespace(namespace: str, kube: Any) -> str:
     """The session's fresh namespace, with the credentials Secrets the examples name (`s3-credentials`, ...):
     without it the operator holds a job back (Blocked, SecretNotFound). Tests that check for leaks write
     their own values into it (`put_s3_secret`)."""
-    secret_names = {((load_example(p.stem).get("spec") or {}).get("dataset") or {}).get("credentialsSecret")
-                    for p in (ROOT / "examples").glob("*.yaml")}
+    secret_names = {
+        ((load_example(p.stem).get("spec") or {}).get("dataset") or {}).get("credentialsSecret")
+        for p in (ROOT / "examples").glob("*.yaml")
+    }
     for name in sorted(n for n in secret_names if n):
         put_s3_secret(kube, namespace, "AKIAKUBETUNETEST0000", "kubetune-default-test-secret", name=name)
     return namespace
@@ -81,8 +83,9 @@ class InProcessOperator:
 
         def main() -> None:
             try:
-                asyncio.run(runner.run(self.settings, kubeconfig=self.kubeconfig, stop_flag=self._stop,
-                                       ready_flag=ready))
+                asyncio.run(
+                    runner.run(self.settings, kubeconfig=self.kubeconfig, stop_flag=self._stop, ready_flag=ready)
+                )
             except BaseException as e:  # surfaced by start()/stop()
                 self.error = e
 
@@ -119,15 +122,15 @@ def operator(kubeconfig: Path, ftj_crd: str) -> Iterator[InProcessOperator]:
 @pytest.fixture(scope="module")
 def operator_with_webhook(kubeconfig: Path, ftj_crd: str, kubectl: Kubectl) -> Iterator[InProcessOperator]:
     """The operator serving its validating webhook on 127.0.0.1 (kopf manages the configuration)."""
-    op = _operator(kubeconfig, webhook=True, webhook_port=free_port(),
-                   webhook_config_name="kubetune.io-test").start()
+    op = _operator(kubeconfig, webhook=True, webhook_port=free_port(), webhook_config_name="kubetune.io-test").start()
     bad = load_example("lora-chat")
     bad["spec"]["training"]["method"] = "full"  # valid for the schema, refused by the webhook only
 
     def refused_by_webhook() -> bool:
         # The API server picks up webhook configurations asynchronously: wait until it really calls ours.
-        proc = kubectl.run("apply", "--dry-run=server", "-n", "default", "-f", "-", input=yaml.safe_dump(bad),
-                           check=False)
+        proc = kubectl.run(
+            "apply", "--dry-run=server", "-n", "default", "-f", "-", input=yaml.safe_dump(bad), check=False
+        )
         return proc.returncode != 0 and "denied the request" in proc.stderr
 
     wait_for("the admission webhook to be called", refused_by_webhook, timeout=60, interval=0.5)

@@ -46,8 +46,13 @@ def s3_secret(kube: Any, namespace: str) -> str:
 def _manifest(name: str, **deploy: Any) -> dict[str, Any]:
     m = load_example("lora-chat")
     m["metadata"]["name"] = name
-    m["spec"]["deploy"] = {"enabled": True, "replicas": 1, "servedModelName": "chat-assistant",
-                           "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"}, **deploy}
+    m["spec"]["deploy"] = {
+        "enabled": True,
+        "replicas": 1,
+        "servedModelName": "chat-assistant",
+        "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"},
+        **deploy,
+    }
     return m
 
 
@@ -64,7 +69,9 @@ def _deployed(kube: Any, ns: str, name: str, status: str, reason: str, timeout: 
     try:
         return wait_for(f"{name}: Deployed={status} ({reason})", ok, timeout=timeout)
     except AssertionError as e:
-        raise AssertionError(f"{e}\nconditions now: {_ftj(kube, ns, name).get('status', {}).get('conditions')}") from None
+        raise AssertionError(
+            f"{e}\nconditions now: {_ftj(kube, ns, name).get('status', {}).get('conditions')}"
+        ) from None
 
 
 def _serving(kube: Any, ns: str, job: str) -> tuple[dict | None, dict | None]:
@@ -80,8 +87,9 @@ def _patch_spec(kube: Any, ns: str, name: str, deploy: dict[str, Any]) -> None:
     kube.patch(FINETUNEJOB, ns, name, {"spec": {"deploy": deploy}})
 
 
-def _train(kube: Any, kuberay: Any, ns: str, name: str, *, model: dict | None = None,
-           evaluation: dict | None = None) -> str:
+def _train(
+    kube: Any, kuberay: Any, ns: str, name: str, *, model: dict | None = None, evaluation: dict | None = None
+) -> str:
     """KubeRay runs the job; the trainer reports its artifact (and evaluation); KubeRay completes it."""
     rj = wait_for(f"RayJob of {name}", lambda: kube.get(RAYJOB, ns, names.ray_job(name)), timeout=WAIT)
     rj_name = rj["metadata"]["name"]
@@ -96,7 +104,12 @@ def _train(kube: Any, kuberay: Any, ns: str, name: str, *, model: dict | None = 
 
 
 def test_serving_follows_training_and_spec_deploy(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, deployments: DeploymentController, namespace: str,
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    deployments: DeploymentController,
+    namespace: str,
     s3_secret: str,
 ) -> None:
     ns, job = namespace, "chat"
@@ -118,8 +131,9 @@ def test_serving_follows_training_and_spec_deploy(
     # Exactly what the builders make, accepted by the API server with nothing pruned.
     spec = api.parse_spec(body["spec"])
     owner = Owner.from_body(body)
-    expected_svc, expected_dep = inference.serving_children(owner, spec, operator.settings,
-                                                            inference.serving_plan(owner, spec, model))
+    expected_svc, expected_dep = inference.serving_children(
+        owner, spec, operator.settings, inference.serving_plan(owner, spec, model)
+    )
     assert first_difference(expected_dep, dep) is None, first_difference(expected_dep, dep)
     assert first_difference(expected_svc, svc) is None, first_difference(expected_svc, svc)
     assert dep["metadata"]["ownerReferences"][0]["uid"] == owner.uid
@@ -140,31 +154,49 @@ def test_serving_follows_training_and_spec_deploy(
 
     # spec.deploy is live: replicas.
     _patch_spec(kube, ns, job, {"replicas": 2})
-    dep = wait_for("Deployment scaled to 2", lambda: (d := _serving(kube, ns, job)[0]) and
-                   d["spec"]["replicas"] == 2 and d, timeout=WAIT)
+    dep = wait_for(
+        "Deployment scaled to 2",
+        lambda: (d := _serving(kube, ns, job)[0]) and d["spec"]["replicas"] == 2 and d,
+        timeout=WAIT,
+    )
     deployments.available(ns, dep["metadata"]["name"])
-    wait_for("2/2 available in Deployed's message", lambda: condition(_ftj(kube, ns, job), "Deployed")
-             .get("message", "").startswith("2/2"), timeout=WAIT)
+    wait_for(
+        "2/2 available in Deployed's message",
+        lambda: condition(_ftj(kube, ns, job), "Deployed").get("message", "").startswith("2/2"),
+        timeout=WAIT,
+    )
 
     # The served name and resources: the Deployment's spec is replaced (the GPU limit goes), the endpoint follows.
     _patch_spec(kube, ns, job, {"servedModelName": "chat-v2", "resources": {"gpus": 0, "cpu": "2", "memory": "8Gi"}})
-    dep = wait_for("Deployment on CPU serving chat-v2", lambda: (d := _serving(kube, ns, job)[0]) and
-                   "chat-v2=/models/model" in d["spec"]["template"]["spec"]["containers"][0]["args"] and d,
-                   timeout=WAIT)
+    dep = wait_for(
+        "Deployment on CPU serving chat-v2",
+        lambda: (
+            (d := _serving(kube, ns, job)[0])
+            and "chat-v2=/models/model" in d["spec"]["template"]["spec"]["containers"][0]["args"]
+            and d
+        ),
+        timeout=WAIT,
+    )
     server = dep["spec"]["template"]["spec"]["containers"][0]
     assert server["resources"]["limits"] == {"cpu": "2", "memory": "8Gi"}
     assert {"name": "VLLM_TARGET_DEVICE", "value": "cpu"} in server["env"]
     assert dep["spec"]["replicas"] == 2
-    wait_for("endpoint model chat-v2", lambda: (_ftj(kube, ns, job)["status"].get("endpoint") or {}).get("model")
-             == "chat-v2", timeout=WAIT)
+    wait_for(
+        "endpoint model chat-v2",
+        lambda: (_ftj(kube, ns, job)["status"].get("endpoint") or {}).get("model") == "chat-v2",
+        timeout=WAIT,
+    )
     deployments.available(ns, dep["metadata"]["name"])
     _deployed(kube, ns, job, "True", "Available")
 
     # Someone deletes the Deployment: it is put back.
     old_uid = dep["metadata"]["uid"]
     kube.delete(DEPLOYMENT, ns, dep["metadata"]["name"])
-    dep = wait_for("the Deployment recreated", lambda: (d := _serving(kube, ns, job)[0]) and
-                   d["metadata"]["uid"] != old_uid and d, timeout=WAIT)
+    dep = wait_for(
+        "the Deployment recreated",
+        lambda: (d := _serving(kube, ns, job)[0]) and d["metadata"]["uid"] != old_uid and d,
+        timeout=WAIT,
+    )
     deployments.available(ns, dep["metadata"]["name"])
     _deployed(kube, ns, job, "True", "Available")
 
@@ -179,13 +211,15 @@ def test_serving_follows_training_and_spec_deploy(
     _patch_spec(kube, ns, job, {"enabled": False, "replicas": 1})
     body = _deployed(kube, ns, job, "False", "Disabled")
     wait_for("serving objects removed", lambda: _gone(kube, ns, job), timeout=WAIT)
-    body = wait_for("endpoint removed", lambda: "endpoint" not in (j := _ftj(kube, ns, job))["status"] and j,
-                    timeout=WAIT)
+    body = wait_for(
+        "endpoint removed", lambda: "endpoint" not in (j := _ftj(kube, ns, job))["status"] and j, timeout=WAIT
+    )
     assert body["status"]["state"] == "Succeeded"
     _patch_spec(kube, ns, job, {"enabled": True})
     _deployed(kube, ns, job, "False", "Progressing")
-    dep = wait_for("serving objects back", lambda: all(_serving(kube, ns, job)) and _serving(kube, ns, job)[0],
-                   timeout=WAIT)
+    dep = wait_for(
+        "serving objects back", lambda: all(_serving(kube, ns, job)) and _serving(kube, ns, job)[0], timeout=WAIT
+    )
     deployments.available(ns, dep["metadata"]["name"])
     body = _deployed(kube, ns, job, "True", "Available")
     assert body["status"]["endpoint"]["model"] == "chat-v2"
@@ -206,13 +240,27 @@ def test_serving_follows_training_and_spec_deploy(
 
 
 def test_deployment_gate(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, deployments: DeploymentController, namespace: str,
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    deployments: DeploymentController,
+    namespace: str,
     s3_secret: str,
 ) -> None:
     ns, job = namespace, "gated"
     kubectl.apply(_manifest(job, minImprovement=0.1), ns)
-    _train(kube, kuberay, ns, job, model={"uri": f"s3://kubetune-runs/chat/{ns}/{job}/model", "kind": "adapter",
-                                          "baseUri": "s3://models/smollm2-135m-instruct"})
+    _train(
+        kube,
+        kuberay,
+        ns,
+        job,
+        model={
+            "uri": f"s3://kubetune-runs/chat/{ns}/{job}/model",
+            "kind": "adapter",
+            "baseUri": "s3://models/smollm2-135m-instruct",
+        },
+    )
 
     # Training succeeded but the trainer has not reported its evaluation: wait, serve nothing.
     body = _deployed(kube, ns, job, "False", "AwaitingEvaluation")
@@ -220,8 +268,12 @@ def test_deployment_gate(
     assert _gone(kube, ns, job)
 
     # The evaluation arrives (after the run): not good enough.
-    kube.patch_status(FINETUNEJOB, ns, job, {"evaluation": {"metric": "evalLoss", "base": 4.52, "fineTuned": 4.47,
-                                                            "improvement": 0.05}})
+    kube.patch_status(
+        FINETUNEJOB,
+        ns,
+        job,
+        {"evaluation": {"metric": "evalLoss", "base": 4.52, "fineTuned": 4.47, "improvement": 0.05}},
+    )
     body = _deployed(kube, ns, job, "False", "NotImproved")
     message = condition(body, "Deployed")["message"]
     assert "base 4.52" in message and "fine-tuned 4.47" in message and "minImprovement 0.1" in message
@@ -242,12 +294,20 @@ def test_deployment_gate(
 
 
 def test_disabled_job_never_gets_a_deployed_condition(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, namespace: str, s3_secret: str,
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    namespace: str,
+    s3_secret: str,
 ) -> None:
     ns, job = namespace, "no-serving"
     kubectl.apply(_manifest(job, enabled=False), ns)
     _train(kube, kuberay, ns, job)
-    body = wait_for("Succeeded", lambda: (j := _ftj(kube, ns, job)).get("status", {}).get("state") == "Succeeded"
-                    and j, timeout=WAIT)
+    body = wait_for(
+        "Succeeded",
+        lambda: (j := _ftj(kube, ns, job)).get("status", {}).get("state") == "Succeeded" and j,
+        timeout=WAIT,
+    )
     assert condition(body, "Deployed") == {} and "endpoint" not in body["status"]
     assert _gone(kube, ns, job)

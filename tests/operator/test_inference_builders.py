@@ -46,8 +46,9 @@ def _spec(change: Any = None) -> api.FineTuneJobSpec:
 
 def _merged(s: dict) -> None:
     s["output"]["exportMerged"] = True
-    s["deploy"].update(mode="merged", replicas=2, maxModelLen=4096,
-                       resources={"gpus": 2, "cpu": "16", "memory": "64Gi"})
+    s["deploy"].update(
+        mode="merged", replicas=2, maxModelLen=4096, resources={"gpus": 2, "cpu": "16", "memory": "64Gi"}
+    )
 
 
 def _full_cpu(s: dict) -> None:
@@ -114,8 +115,16 @@ def test_every_case_is_owned_labelled_probed_and_keyless(case: str) -> None:
     for obj in (svc, dep):
         meta = obj["metadata"]
         assert meta["name"] == names.inference("lora-chat") == "lora-chat-inference"
-        assert meta["ownerReferences"] == [{"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "lora-chat",
-                                            "uid": OWNER_UID, "controller": True, "blockOwnerDeletion": True}]
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "name": "lora-chat",
+                "uid": OWNER_UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         assert meta["labels"][LABEL_JOB] == "lora-chat"
         assert meta["labels"]["app.kubernetes.io/component"] == "inference"
         assert meta["annotations"][inference.ANNOTATION_SERVING_HASH] == inference.serving_hash(obj)
@@ -142,8 +151,7 @@ def test_every_case_is_owned_labelled_probed_and_keyless(case: str) -> None:
         assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
         assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
         assert all("value" not in e for e in init["env"] if e["name"].startswith("AWS_"))
-        assert init["command"][-4:] == ["--endpoint-url", "http://seaweedfs.storage.svc:8333", "--region",
-                                        "us-east-1"]
+        assert init["command"][-4:] == ["--endpoint-url", "http://seaweedfs.storage.svc:8333", "--region", "us-east-1"]
     assert not any(e["name"].startswith("AWS_") for e in server["env"])
     # 0.0.0.0 only inside the pod's own network namespace, never anywhere else in what is built.
     assert server["args"][server["args"].index("--host") + 1] == "0.0.0.0"
@@ -167,7 +175,9 @@ def test_adapter_is_served_on_its_base_under_the_served_name() -> None:
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert "nodeSelector" not in pod  # the training GPU class is not imposed on serving
     assert inference.endpoint(Owner("lora-chat", "ml-team", OWNER_UID), _spec()) == {
-        "url": "http://lora-chat-inference.ml-team.svc:8000/v1", "model": "chat-assistant"}
+        "url": "http://lora-chat-inference.ml-team.svc:8000/v1",
+        "model": "chat-assistant",
+    }
 
 
 def test_merged_serves_plain_weights_with_tensor_parallelism() -> None:
@@ -221,12 +231,18 @@ def test_tuned_lora_rank_sizes_the_bucket() -> None:
     assert plan.max_lora_rank == 64
 
 
-@pytest.mark.parametrize("change, model, reason", [
-    (lambda s: s["model"].update(ggufFile="m.gguf"), None, c.UNSUPPORTED_MODEL),
-    (lambda s: s["training"]["lora"].update(r=1000), None, c.UNSUPPORTED_MODEL),
-    (lambda s: (s["output"].update(exportMerged=True), s["deploy"].update(mode="merged")), TRAINER_ADAPTER,
-     c.MODEL_UNAVAILABLE),
-])
+@pytest.mark.parametrize(
+    "change, model, reason",
+    [
+        (lambda s: s["model"].update(ggufFile="m.gguf"), None, c.UNSUPPORTED_MODEL),
+        (lambda s: s["training"]["lora"].update(r=1000), None, c.UNSUPPORTED_MODEL),
+        (
+            lambda s: (s["output"].update(exportMerged=True), s["deploy"].update(mode="merged")),
+            TRAINER_ADAPTER,
+            c.MODEL_UNAVAILABLE,
+        ),
+    ],
+)
 def test_what_cannot_be_served_says_why(change: Any, model: dict | None, reason: str) -> None:
     with pytest.raises(inference.NotServable) as err:
         inference.serving_plan(Owner("lora-chat", "ml-team", OWNER_UID), _spec(change), model)

@@ -93,14 +93,23 @@ def test_fetcher_needs_only_boto3() -> None:
         seen.add(name)
         tree = ast.parse((ROOT / (name.replace(".", "/") + ".py")).read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module, *(f"{node.module}.{a.name}" for a in node.names)] \
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                else []
+            )
             for full in names:
                 if full.split(".")[0] == "kubetune":
                     path = ROOT / full.replace(".", "/")
-                    todo += [full] if path.with_suffix(".py").is_file() else \
-                        [f"{full}.__init__"] if (path / "__init__.py").is_file() else []
+                    todo += (
+                        [full]
+                        if path.with_suffix(".py").is_file()
+                        else [f"{full}.__init__"]
+                        if (path / "__init__.py").is_file()
+                        else []
+                    )
                 else:
                     modules.add(full.split(".")[0])
     third_party = {m for m in modules if m not in sys.stdlib_module_names and m != "__future__"}
@@ -115,10 +124,13 @@ def test_images_are_pinned_non_root_and_secret_free(dockerfile: Path) -> None:
     for op, rest in instrs:
         if op == "FROM":
             image = _resolve(rest.split()[0], args)
-            if image.lower() == "scratch" or image in {r.split()[-1] for o, r in instrs if o == "FROM" and " AS " in r.upper()}:
+            if image.lower() == "scratch" or image in {
+                r.split()[-1] for o, r in instrs if o == "FROM" and " AS " in r.upper()
+            }:
                 continue
-            assert "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")), \
+            assert "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest")), (
                 f"{dockerfile}: base {image} is not pinned"
+            )
         if op in ("ARG", "ENV"):
             for name in re.findall(r"(\w+)=", rest) or [rest.split()[0]]:
                 assert not SECRETISH.search(name), f"{dockerfile}: {op} {name} looks like a build-time secret"

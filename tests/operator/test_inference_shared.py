@@ -28,19 +28,46 @@ DECLARATION_UID = "00000000-0000-4000-8000-0000000000aa"
 
 
 def _declaration(text: str | None = None) -> dict[str, Any]:
-    text = text if text is not None else (
-        f"baseModel: {BASE}\nreplicas: 2\nresources: {{gpus: 0, cpu: '4', memory: 8Gi}}\nmaxLoraRank: 16\n"
-        "maxLoras: 2\nendpoint: http://seaweedfs.storage.svc:8333\ncredentialsSecret: base-s3\n")
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "chat-pool", "namespace": "ml-team", "uid": DECLARATION_UID,
-                         "labels": {ss.LABEL_SERVER: "chat-pool"}},
-            "data": {ss.DECLARATION_KEY: text}}
+    text = (
+        text
+        if text is not None
+        else (
+            f"baseModel: {BASE}\nreplicas: 2\nresources: {{gpus: 0, cpu: '4', memory: 8Gi}}\nmaxLoraRank: 16\n"
+            "maxLoras: 2\nendpoint: http://seaweedfs.storage.svc:8333\ncredentialsSecret: base-s3\n"
+        )
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "chat-pool",
+            "namespace": "ml-team",
+            "uid": DECLARATION_UID,
+            "labels": {ss.LABEL_SERVER: "chat-pool"},
+        },
+        "data": {ss.DECLARATION_KEY: text},
+    }
 
 
-def _adapter(job: str, model: str, *, rank: int = 8, base: str = BASE, created: str = "2026-01-01T00:00:00Z",
-             secret: str = "team-s3") -> ss.Adapter:
-    return ss.Adapter(job=job, model=model, uri=f"s3://kubetune-runs/ml-team/{job}/uid/model", base_uri=base,
-                      rank=rank, endpoint="http://seaweedfs.storage.svc:8333", secret=secret, created=created)
+def _adapter(
+    job: str,
+    model: str,
+    *,
+    rank: int = 8,
+    base: str = BASE,
+    created: str = "2026-01-01T00:00:00Z",
+    secret: str = "team-s3",
+) -> ss.Adapter:
+    return ss.Adapter(
+        job=job,
+        model=model,
+        uri=f"s3://kubetune-runs/ml-team/{job}/uid/model",
+        base_uri=base,
+        rank=rank,
+        endpoint="http://seaweedfs.storage.svc:8333",
+        secret=secret,
+        created=created,
+    )
 
 
 def _golden(name: str, objects: list[dict[str, Any]]) -> None:
@@ -54,21 +81,23 @@ def _golden(name: str, objects: list[dict[str, Any]]) -> None:
 def test_server_objects_match_golden() -> None:
     decl = _declaration()
     spec = ss.declaration_spec(decl)
-    adapters = ss.usable_adapters("chat-pool", spec, [_adapter("support-bot", "support"),
-                                                      _adapter("legal-bot", "legal", secret="legal-s3")])
+    adapters = ss.usable_adapters(
+        "chat-pool", spec, [_adapter("support-bot", "support"), _adapter("legal-bot", "legal", secret="legal-s3")]
+    )
     dep = ss.deployment(decl, spec, adapters, Settings())
     _golden("shared-server-cpu.yaml", [ss.service(decl), dep])
     pod = dep["spec"]["template"]["spec"]
     # every adapter in the pod template: fetched by its own init container with its own job's Secret ...
     fetch = {c["name"]: c for c in pod["initContainers"]}
     assert list(fetch) == ["fetch-base", "fetch-legal-bot", "fetch-support-bot"]
-    secrets = {n: {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
-               for n, c in fetch.items()}
+    secrets = {
+        n: {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e} for n, c in fetch.items()
+    }
     assert secrets == {"fetch-base": {"base-s3"}, "fetch-legal-bot": {"legal-s3"}, "fetch-support-bot": {"team-s3"}}
     # ... and named on the command line, so every replica and every restart serves it
     args = pod["containers"][0]["args"]
     i = args.index("--lora-modules")
-    assert args[i + 1:i + 3] == [f"legal={ss.ADAPTERS_DIR}/legal-bot", f"support={ss.ADAPTERS_DIR}/support-bot"]
+    assert args[i + 1 : i + 3] == [f"legal={ss.ADAPTERS_DIR}/legal-bot", f"support={ss.ADAPTERS_DIR}/support-bot"]
     assert ss.served_models(dep) == {"legal", "support"}
     assert args[args.index("--max-lora-rank") + 1] == "16" and args[args.index("--max-loras") + 1] == "2"
     assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
@@ -97,19 +126,23 @@ def test_refusals_name_the_field() -> None:
     too_big = _adapter("big", "big", rank=32)
     all_ = [older, newer, other_base, too_big]
     assert ss.refusal("chat-pool", spec, older, all_) is None
-    assert "already served on inference server chat-pool by job first" in (ss.refusal("chat-pool", spec, newer, all_)
-                                                                            or "")
+    assert "already served on inference server chat-pool by job first" in (
+        ss.refusal("chat-pool", spec, newer, all_) or ""
+    )
     assert "serves base s3://kubetune-models/smollm2-135m" in (ss.refusal("chat-pool", spec, other_base, all_) or "")
     assert "rank 32 exceeds" in (ss.refusal("chat-pool", spec, too_big, all_) or "")
     assert [a.job for a in ss.usable_adapters("chat-pool", spec, all_)] == ["first"]
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("replicas: 1\n", "baseModel: Field required"),
-    (f"baseModel: {BASE}\nmaxLoraRank: 12\n", "maxLoraRank: must be one of"),
-    (f"baseModel: {BASE}\nreplica: 2\n", "replica: Extra inputs are not permitted"),
-    ("baseModel: [\n", "not YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("replicas: 1\n", "baseModel: Field required"),
+        (f"baseModel: {BASE}\nmaxLoraRank: 12\n", "maxLoraRank: must be one of"),
+        (f"baseModel: {BASE}\nreplica: 2\n", "replica: Extra inputs are not permitted"),
+        ("baseModel: [\n", "not YAML"),
+    ],
+)
 def test_invalid_declaration_names_the_field(text: str, needle: str) -> None:
     with pytest.raises(ss.InvalidDeclaration) as e:
         ss.declaration_spec(_declaration(text))
@@ -147,8 +180,11 @@ def test_trainers_chat_template_is_handed_to_vllm() -> None:
     m = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "lora-chat.yaml").read_text())
     spec = api.parse_manifest(m)[2]
     owner = Owner("lora-chat", "ml-team", "u-1")
-    model = {"uri": "s3://kubetune-runs/chat/ml-team/lora-chat/u-1/model", "kind": "adapter",
-             "chatTemplate": "chat_template.jinja"}
+    model = {
+        "uri": "s3://kubetune-runs/chat/ml-team/lora-chat/u-1/model",
+        "kind": "adapter",
+        "chatTemplate": "chat_template.jinja",
+    }
     plan = inference.serving_plan(owner, spec, model)
     args = inference.server_args(spec, plan)
     assert args[args.index("--chat-template") + 1] == f"{inference.MODEL_DIR}/chat_template.jinja"

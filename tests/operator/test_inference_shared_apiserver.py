@@ -37,8 +37,11 @@ SERVER = "chat-pool"
 
 def doc_manifests() -> list[dict[str, Any]]:
     """The YAML blocks docs/serving.md marks as applied by this test, in order."""
-    blocks = re.findall(r"<!-- applied by tests/operator/test_inference_shared_apiserver.py -->\n```yaml\n(.*?)```",
-                        DOC.read_text(), re.S)
+    blocks = re.findall(
+        r"<!-- applied by tests/operator/test_inference_shared_apiserver.py -->\n```yaml\n(.*?)```",
+        DOC.read_text(),
+        re.S,
+    )
     return [yaml.safe_load(b) for b in blocks]
 
 
@@ -75,9 +78,18 @@ def _train(kube: Any, kuberay: Any, ns: str, name: str) -> None:
     rj = wait_for(f"RayJob of {name}", lambda: kube.get(RAYJOB, ns, names.ray_job(name)), timeout=WAIT)
     kuberay.start(ns, rj["metadata"]["name"])
     job = _ftj(kube, ns, name)
-    kube.patch_status(FINETUNEJOB, ns, name, {"model": {
-        "uri": f"s3://kubetune-runs/chat/{ns}/{name}/{job['metadata']['uid']}/model",
-        "baseUri": job["spec"]["model"]["uri"], "kind": "adapter"}})
+    kube.patch_status(
+        FINETUNEJOB,
+        ns,
+        name,
+        {
+            "model": {
+                "uri": f"s3://kubetune-runs/chat/{ns}/{name}/{job['metadata']['uid']}/model",
+                "baseUri": job["spec"]["model"]["uri"],
+                "kind": "adapter",
+            }
+        },
+    )
     kuberay.succeed(ns, rj["metadata"]["name"])
 
 
@@ -87,7 +99,12 @@ def _server_models(kube: Any, ns: str) -> set[str] | None:
 
 
 def test_shared_server_serves_every_registered_adapter(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, deployments: DeploymentController, namespace: str,
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    deployments: DeploymentController,
+    namespace: str,
 ) -> None:
     ns = namespace
     put_s3_secret(kube, ns, "AKIAKUBETUNETEST0003", SECRET_VALUE)
@@ -138,7 +155,9 @@ def test_shared_server_serves_every_registered_adapter(
 
     # An invalid declaration is reported in the jobs that use it, naming the key; fixing it serves again.
     good = kube.get(CONFIGMAP, ns, SERVER)["data"][ss.DECLARATION_KEY]
-    kube.patch(CONFIGMAP, ns, SERVER, {"data": {ss.DECLARATION_KEY: good.replace("maxLoraRank: 16", "maxLoraRank: 12")}})
+    kube.patch(
+        CONFIGMAP, ns, SERVER, {"data": {ss.DECLARATION_KEY: good.replace("maxLoraRank: 16", "maxLoraRank: 12")}}
+    )
     body = _deployed(kube, ns, "legal-bot", "False", "ServerInvalid")
     assert "server.yaml: maxLoraRank: must be one of" in condition(body, "Deployed")["message"]
     kube.patch(CONFIGMAP, ns, SERVER, {"data": {ss.DECLARATION_KEY: good}})
@@ -155,8 +174,9 @@ def test_shared_server_serves_every_registered_adapter(
 
     # Back to a dedicated server: the registration goes, the job's own Deployment comes.
     kube.patch(FINETUNEJOB, ns, "legal-bot", {"spec": {"deploy": {"server": None}}})
-    wait_for("registration removed", lambda: kube.get(CONFIGMAP, ns, ss.registration_name("legal-bot")) is None,
-             timeout=WAIT)
+    wait_for(
+        "registration removed", lambda: kube.get(CONFIGMAP, ns, ss.registration_name("legal-bot")) is None, timeout=WAIT
+    )
     wait_for("dedicated Deployment", lambda: kube.get(DEPLOYMENT, ns, names.inference("legal-bot")), timeout=WAIT)
     body = _deployed(kube, ns, "legal-bot", "False", "Progressing")
     assert body["status"]["endpoint"]["url"].startswith(f"http://{names.inference('legal-bot')}.{ns}.svc")

@@ -33,19 +33,29 @@ from kubetune_operator.builders import shared_server as ss
 from kubetune_operator.kube import DEPLOYMENT, FINETUNEJOB, RAYJOB, SERVICE
 
 pytestmark = [
-    pytest.mark.serving, pytest.mark.slow, pytest.mark.timeout(1500),
-    pytest.mark.skipif(serving_venv_python() is None, reason=f"no vLLM serving venv at {serving_venv_dir()}: run "
-                       "tools/serving-venv.sh (or set KUBETUNE_VLLM_VENV)"),
+    pytest.mark.serving,
+    pytest.mark.slow,
+    pytest.mark.timeout(1500),
+    pytest.mark.skipif(
+        serving_venv_python() is None,
+        reason=f"no vLLM serving venv at {serving_venv_dir()}: run tools/serving-venv.sh (or set KUBETUNE_VLLM_VENV)",
+    ),
 ]
 
 SERVER = "chat-pool"
 BUCKET = "kubetune-test"
 START_S = 900  # init containers + a vLLM CPU start on a shared 2-core machine
 # Not SmolLM2's own template: a server that ignored --chat-template would render other tokens.
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a fruit."},
-        {"role": "assistant", "content": "A pear."}, {"role": "user", "content": "And a colour?"}]
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "Name a fruit."},
+    {"role": "assistant", "content": "A pear."},
+    {"role": "user", "content": "And a colour?"},
+]
 GREEDY = {"temperature": 0, "max_tokens": 4, "extra_body": {"ignore_eos": True}}
 
 
@@ -75,8 +85,11 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("shared-vllm")
     base = tiny_llama(root / "base", hidden=128, layers=2, heads=2, max_positions=512)
-    return {"base": base, "support": _random_lora(base, root / "support", 1),
-            "legal": _random_lora(base, root / "legal", 2)}
+    return {
+        "base": base,
+        "support": _random_lora(base, root / "support", 1),
+        "legal": _random_lora(base, root / "legal", 2),
+    }
 
 
 @pytest.fixture
@@ -101,12 +114,23 @@ def _job(name: str, model: str, base_uri: str, s3: Any) -> dict[str, Any]:
 
 
 def _declaration(base_uri: str, s3: Any) -> dict[str, Any]:
-    server = {"baseModel": base_uri, "replicas": 1, "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"},
-              "maxLoraRank": 8, "maxModelLen": 256, "dtype": "float32", "chatTemplate": TEMPLATE,
-              "endpoint": s3.endpoint_url, "credentialsSecret": "s3-credentials"}
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": SERVER, "labels": {ss.LABEL_SERVER: SERVER}},
-            "data": {ss.DECLARATION_KEY: yaml.safe_dump(server)}}
+    server = {
+        "baseModel": base_uri,
+        "replicas": 1,
+        "resources": {"gpus": 0, "cpu": "2", "memory": "4Gi"},
+        "maxLoraRank": 8,
+        "maxModelLen": 256,
+        "dtype": "float32",
+        "chatTemplate": TEMPLATE,
+        "endpoint": s3.endpoint_url,
+        "credentialsSecret": "s3-credentials",
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": SERVER, "labels": {ss.LABEL_SERVER: SERVER}},
+        "data": {ss.DECLARATION_KEY: yaml.safe_dump(server)},
+    }
 
 
 def _train(kube: Any, kuberay: Any, ns: str, name: str, adapter_uri: str, base_uri: str) -> None:
@@ -131,6 +155,7 @@ def _models(url: str) -> set[str] | None:
 
 def _serving(kube: Any, ns: str, want: set[str]) -> str:
     """The server's local URL once it lists exactly `want` (plus the base)."""
+
     def ok() -> str | None:
         url = _local_url(kube, ns)
         return url if url and _models(url) == want | {f"{SERVER}-base"} else None
@@ -144,7 +169,13 @@ def _diagnostics(rt: Any) -> str:
 
 
 def test_two_adapters_on_one_vllm_server(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, kubelet: Any, s3_server: Any, namespace: str,
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    kubelet: Any,
+    s3_server: Any,
+    namespace: str,
     artifacts: dict[str, Path],
 ) -> None:
     import openai
@@ -159,8 +190,13 @@ def test_two_adapters_on_one_vllm_server(
         kubectl.apply(_job(f"{model}-bot", model, base_uri, s3_server), ns)
         _train(kube, kuberay, ns, f"{model}-bot", adapters[model], base_uri)
     for model in ("support", "legal"):  # registered, waiting for the server's declaration
-        wait_for(f"{model}-bot ServerNotFound", lambda m=model: condition(
-            kube.get(FINETUNEJOB, ns, f"{m}-bot") or {}, "Deployed").get("reason") == "ServerNotFound", timeout=60)
+        wait_for(
+            f"{model}-bot ServerNotFound",
+            lambda m=model: (
+                condition(kube.get(FINETUNEJOB, ns, f"{m}-bot") or {}, "Deployed").get("reason") == "ServerNotFound"
+            ),
+            timeout=60,
+        )
 
     # 1. One server start with both adapters.
     kubectl.apply(_declaration(base_uri, s3_server), ns)
@@ -171,13 +207,18 @@ def test_two_adapters_on_one_vllm_server(
         raise AssertionError(f"{e}\n{_diagnostics(kubelet)}") from None
     print(f"\nshared server up with 2 adapters in {time.monotonic() - t0:.0f} s")
     for model in ("support", "legal"):
-        wait_for(f"{model}-bot Deployed", lambda m=model: condition(
-            kube.get(FINETUNEJOB, ns, f"{m}-bot") or {}, "Deployed").get("status") == "True", timeout=120)
+        wait_for(
+            f"{model}-bot Deployed",
+            lambda m=model: condition(kube.get(FINETUNEJOB, ns, f"{m}-bot") or {}, "Deployed").get("status") == "True",
+            timeout=120,
+        )
         status = kube.get(FINETUNEJOB, ns, f"{model}-bot")["status"]
         assert status["endpoint"] == {"url": f"http://{SERVER}.{ns}.svc:8000/v1", "model": model}
     api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    answers = {m: api.chat.completions.create(model=m, messages=CHAT, **GREEDY).choices[0].message.content
-               for m in ("support", "legal")}
+    answers = {
+        m: api.chat.completions.create(model=m, messages=CHAT, **GREEDY).choices[0].message.content
+        for m in ("support", "legal")
+    }
     assert all(isinstance(a, str) and a for a in answers.values()), answers
 
     # The trainer's rendering and the server's give the same token ids (and not those of the base's template).
@@ -186,9 +227,12 @@ def test_two_adapters_on_one_vllm_server(
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     default = tok.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
     default = list(default["input_ids"] if hasattr(default, "keys") else default)
-    req = urllib.request.Request(url + "/tokenize", method="POST", headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"model": "support", "messages": CHAT,
-                                                  "add_generation_prompt": True}).encode())
+    req = urllib.request.Request(
+        url + "/tokenize",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "support", "messages": CHAT, "add_generation_prompt": True}).encode(),
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         served_ids = json.load(r)["tokens"]
     assert served_ids == ids, (len(served_ids), len(ids))
@@ -197,8 +241,11 @@ def test_two_adapters_on_one_vllm_server(
     # 2. Deleting a job: the pod is replaced without its adapter (the one restart); 404 for it, the other answers.
     assert len(list((kubelet.state_dir / "serving").rglob("vllm.log"))) == 1  # one server start so far
     kubectl.run("delete", "ftj", "support-bot", "-n", ns, "--wait=false")
-    wait_for("server Deployment without support", lambda: ss.served_models(kube.get(DEPLOYMENT, ns, SERVER) or {})
-             == {"legal"}, timeout=120)
+    wait_for(
+        "server Deployment without support",
+        lambda: ss.served_models(kube.get(DEPLOYMENT, ns, SERVER) or {}) == {"legal"},
+        timeout=120,
+    )
     t0 = time.monotonic()
     try:
         url = _serving(kube, ns, {"legal"})
@@ -211,5 +258,8 @@ def test_two_adapters_on_one_vllm_server(
         api.chat.completions.create(model="support", messages=CHAT, **GREEDY)
     again = api.chat.completions.create(model="legal", messages=CHAT, **GREEDY).choices[0].message.content
     assert again == answers["legal"]  # greedy: the same adapter, fetched again by the new pod, answers the same
-    wait_for("legal-bot Deployed after the restart", lambda: condition(
-        kube.get(FINETUNEJOB, ns, "legal-bot") or {}, "Deployed").get("status") == "True", timeout=120)
+    wait_for(
+        "legal-bot Deployed after the restart",
+        lambda: condition(kube.get(FINETUNEJOB, ns, "legal-bot") or {}, "Deployed").get("status") == "True",
+        timeout=120,
+    )

@@ -20,10 +20,15 @@ ENDPOINT = {"url": "http://chat-inference.ns.svc:8000/v1", "model": "chat"}
 
 
 def deployment(replicas: int = 1, generation: int = 1, status: dict | None = None) -> dict[str, Any]:
-    return {"metadata": {"name": "chat-inference", "generation": generation},
-            "spec": {"replicas": replicas, "template": {"metadata": {"labels": {"a": "b"}}},
-                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}},
-            "status": status or {}}
+    return {
+        "metadata": {"name": "chat-inference", "generation": generation},
+        "spec": {
+            "replicas": replicas,
+            "template": {"metadata": {"labels": {"a": "b"}}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        },
+        "status": status or {},
+    }
 
 
 def test_follows_the_rollout() -> None:
@@ -73,12 +78,14 @@ def test_zero_replicas_is_scaled_to_zero() -> None:
 
 
 def _spec(min_improvement: float | None) -> api.FineTuneJobSpec:
-    return api.FineTuneJobSpec.model_validate({
-        "model": {"uri": "s3://models/base"},
-        "dataset": {"train": "s3://data/train.jsonl", "validationSplit": 0.1, "format": "completion"},
-        "output": {"uri": "s3://runs/x"},
-        "deploy": {"minImprovement": min_improvement} if min_improvement is not None else {},
-    })
+    return api.FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "s3://models/base"},
+            "dataset": {"train": "s3://data/train.jsonl", "validationSplit": 0.1, "format": "completion"},
+            "output": {"uri": "s3://runs/x"},
+            "deploy": {"minImprovement": min_improvement} if min_improvement is not None else {},
+        }
+    )
 
 
 def test_gate() -> None:
@@ -99,15 +106,18 @@ def test_gate() -> None:
 SUCCEEDED = [{"type": "Succeeded", "status": "True", "reason": "JobSucceeded"}]
 
 
-@pytest.mark.parametrize("status, reason, state", [
-    (c.TRUE, c.AVAILABLE, "Deployed"),
-    (c.FALSE, c.PROGRESSING, "Deploying"),
-    (c.FALSE, c.AWAITING_EVALUATION, "Deploying"),
-    (c.FALSE, c.PROGRESS_DEADLINE_EXCEEDED, "Deploying"),
-    (c.FALSE, c.DISABLED, "Succeeded"),
-    (c.FALSE, c.NOT_IMPROVED, "Succeeded"),
-    (c.FALSE, c.SCALED_TO_ZERO, "Succeeded"),
-])
+@pytest.mark.parametrize(
+    "status, reason, state",
+    [
+        (c.TRUE, c.AVAILABLE, "Deployed"),
+        (c.FALSE, c.PROGRESSING, "Deploying"),
+        (c.FALSE, c.AWAITING_EVALUATION, "Deploying"),
+        (c.FALSE, c.PROGRESS_DEADLINE_EXCEEDED, "Deploying"),
+        (c.FALSE, c.DISABLED, "Succeeded"),
+        (c.FALSE, c.NOT_IMPROVED, "Succeeded"),
+        (c.FALSE, c.SCALED_TO_ZERO, "Succeeded"),
+    ],
+)
 def test_state(status: str, reason: str, state: str) -> None:
     assert state_of(SUCCEEDED + [{"type": "Deployed", "status": status, "reason": reason}]) == state
 
@@ -119,12 +129,16 @@ def test_endpoint_is_owned_set_and_removed() -> None:
     assert deploying["endpoint"] == ENDPOINT and deploying["state"] == "Deploying"
     patch = status_patch(current, deploying)
     assert set(patch) == {"conditions", "state", "endpoint"}  # never the trainer's keys (model)
-    up = desired_status({**current, **deploying}, Observation(
-        endpoint=ENDPOINT, extra_conditions=[(c.DEPLOYED, c.TRUE, c.AVAILABLE, "1/1")]), "t2")
+    up = desired_status(
+        {**current, **deploying},
+        Observation(endpoint=ENDPOINT, extra_conditions=[(c.DEPLOYED, c.TRUE, c.AVAILABLE, "1/1")]),
+        "t2",
+    )
     assert up["state"] == "Deployed"
     assert [(e.type, e.reason) for e in transition_events(deploying, up)] == [("Normal", "Deployed")]
-    off = desired_status(up, Observation(endpoint=None,
-                                         extra_conditions=[(c.DEPLOYED, c.FALSE, c.DISABLED, "off")]), "t3")
+    off = desired_status(
+        up, Observation(endpoint=None, extra_conditions=[(c.DEPLOYED, c.FALSE, c.DISABLED, "off")]), "t3"
+    )
     assert "endpoint" not in off and status_patch(up, off)["endpoint"] is None
     assert off["state"] == "Succeeded"
     assert [(e.type, e.reason) for e in transition_events(up, off)] == [("Normal", "Disabled")]
@@ -160,8 +174,11 @@ def _succeeded_context(kube: Any) -> Any:
     from kubetune_operator.reconcile import Context
     from kubetune_operator.settings import Settings
 
-    body = {"metadata": {"name": "chat", "namespace": "ns", "uid": "u1", "generation": 1},
-            "spec": _spec(None).wire(), "status": {"conditions": SUCCEEDED}}
+    body = {
+        "metadata": {"name": "chat", "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": _spec(None).wire(),
+        "status": {"conditions": SUCCEEDED},
+    }
     ctx = Context(kube=kube, settings=Settings(), body=body, owner=Owner.from_body(body), raw_spec=body["spec"])
     ctx.spec = _spec(None)
     return ctx

@@ -28,6 +28,7 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+
     return apply
 
 
@@ -38,6 +39,7 @@ def _delete(path: str) -> Callable[[dict], None]:
         for p in parents:
             node = node[p]
         del node[leaf]
+
     return apply
 
 
@@ -54,18 +56,31 @@ INVALID = [
     ("malformed-s3-uri", _set("spec.dataset.train", "https://bucket/train.jsonl"), "spec.dataset.train", "schema"),
     ("bad-quantity", _set("spec.resources.memoryPerWorker", "lots"), "spec.resources.memoryPerWorker", "schema"),
     ("lora-with-full", _set("spec.training.method", "full"), "spec.training.lora", "webhook"),
-    ("classification-without-labels", _set("spec.model.task", "sequence-classification"), "spec.model.numLabels",
-     "webhook"),
+    (
+        "classification-without-labels",
+        _set("spec.model.task", "sequence-classification"),
+        "spec.model.numLabels",
+        "webhook",
+    ),
     ("validation-twice", _set("spec.dataset.validationSplit", 0.1), "spec.dataset.validationSplit", "webhook"),
-    ("zero-max-chars", _set("spec.dataset.preprocessing.maxChars", 0), "spec.dataset.preprocessing.maxChars",
-     "schema"),
-    ("max-below-min-chars", lambda m: (_set("spec.dataset.preprocessing.minChars", 100)(m),
-                                       _set("spec.dataset.preprocessing.maxChars", 50)(m)),
-     "spec.dataset.preprocessing.maxChars", "webhook"),
+    ("zero-max-chars", _set("spec.dataset.preprocessing.maxChars", 0), "spec.dataset.preprocessing.maxChars", "schema"),
+    (
+        "max-below-min-chars",
+        lambda m: (
+            _set("spec.dataset.preprocessing.minChars", 100)(m),
+            _set("spec.dataset.preprocessing.maxChars", 50)(m),
+        ),
+        "spec.dataset.preprocessing.maxChars",
+        "webhook",
+    ),
     # The CRD itself refuses inline keys (before the webhook is asked), naming the field, never the value.
     ("inline-credentials", _set("spec.dataset.secretAccessKey", SECRET), "spec.dataset.secretAccessKey", "schema"),
-    ("unknown-tunable", _set("spec.tuning", {"searchSpace": {"optimizer": {"type": "choice", "values": [1]}}}),
-     "spec.tuning.searchSpace.optimizer", "webhook"),
+    (
+        "unknown-tunable",
+        _set("spec.tuning", {"searchSpace": {"optimizer": {"type": "choice", "values": [1]}}}),
+        "spec.tuning.searchSpace.optimizer",
+        "webhook",
+    ),
     ("dotted-name", _set("metadata.name", "chat.v2"), "metadata.name", "webhook"),
 ]
 
@@ -75,13 +90,18 @@ def names_field(message: str, path: str) -> bool:
     CRD's OpenAPI) says `FineTuneJob.spec.training.epochs`, or `missing required field "dataset" in
     ...FineTuneJob.spec`. Either names the field."""
     parent, _, leaf = path.rpartition(".")
-    return path in message or (f'FineTuneJob.{parent}' in message and f'"{leaf}"' in message)
+    return path in message or (f"FineTuneJob.{parent}" in message and f'"{leaf}"' in message)
 
 
 @pytest.mark.parametrize(("case", "breaker", "field", "by"), INVALID, ids=[c[0] for c in INVALID])
 def test_invalid_manifest_is_refused_naming_the_field(
-    case: str, breaker: Callable[[dict], None], field: str, by: str,
-    operator_with_webhook: Any, kubectl: Any, namespace: str,
+    case: str,
+    breaker: Callable[[dict], None],
+    field: str,
+    by: str,
+    operator_with_webhook: Any,
+    kubectl: Any,
+    namespace: str,
 ) -> None:
     manifest = load_example("lora-chat")
     breaker(manifest)
@@ -102,7 +122,9 @@ def test_training_change_after_start_is_refused_live_change_is_not(
 ) -> None:
     kubectl.apply(EXAMPLES / "lora-chat.yaml", namespace)
     rj = wait_for("the RayJob", lambda: kube.get(RAYJOB, namespace, names.ray_job("lora-chat")))
-    wait_for("status.specHash", lambda: (kube.get(FINETUNEJOB, namespace, "lora-chat").get("status") or {}).get("specHash"))
+    wait_for(
+        "status.specHash", lambda: (kube.get(FINETUNEJOB, namespace, "lora-chat").get("status") or {}).get("specHash")
+    )
 
     changed = load_example("lora-chat")
     changed["spec"]["training"]["learningRate"] = 0.001
@@ -116,7 +138,9 @@ def test_training_change_after_start_is_refused_live_change_is_not(
     live["spec"]["suspend"] = True
     live["spec"]["deploy"]["replicas"] = 2
     kubectl.apply(live, namespace)
-    after = wait_for("suspend on the RayJob", lambda: (r := kube.get(RAYJOB, namespace, rj["metadata"]["name"]))
-                     ["spec"]["suspend"] and r)
+    after = wait_for(
+        "suspend on the RayJob",
+        lambda: (r := kube.get(RAYJOB, namespace, rj["metadata"]["name"]))["spec"]["suspend"] and r,
+    )
     assert after["metadata"]["uid"] == rj["metadata"]["uid"]
     assert after["spec"]["rayClusterSpec"] == rj["spec"]["rayClusterSpec"]

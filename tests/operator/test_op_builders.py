@@ -55,10 +55,17 @@ def _children(name: str) -> list[dict]:
 def test_every_example_parses_and_builds(example: str) -> None:
     """Every top-level example (each is also applied to the API server by test_op_lifecycle) parses and builds."""
     manifest, spec = _example(example)
-    children = builders.training_children(Owner(manifest["metadata"]["name"], "ns", OWNER_UID), spec, Settings(),
-                                          policy.spec_hash(manifest["spec"]))
-    assert [c["kind"] for c in children] == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
-                                            "RayJob"]
+    children = builders.training_children(
+        Owner(manifest["metadata"]["name"], "ns", OWNER_UID), spec, Settings(), policy.spec_hash(manifest["spec"])
+    )
+    assert [c["kind"] for c in children] == [
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "NetworkPolicy",
+        "RayJob",
+    ]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
@@ -77,10 +84,16 @@ def test_every_child_is_owned_and_labelled(example: str) -> None:
     for obj in _children(example):
         meta = obj["metadata"]
         assert meta["namespace"] == "ml-team"
-        assert meta["ownerReferences"] == [{
-            "apiVersion": api.API_VERSION, "kind": api.KIND, "name": meta["labels"][LABEL_JOB],
-            "uid": OWNER_UID, "controller": True, "blockOwnerDeletion": True,
-        }]
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "name": meta["labels"][LABEL_JOB],
+                "uid": OWNER_UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
         assert len(meta["name"]) <= 63
 
@@ -99,8 +112,10 @@ def test_config_map_holds_the_resolved_config() -> None:
 def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
     rj = _children("lora-chat")[-1]
     spec = rj["spec"]
-    assert spec["entrypoint"] == ("python -m kubetune.runlog --config /etc/kubetune/config.json -- "
-                                  "python -m kubetune_trainer --config /etc/kubetune/config.json")
+    assert spec["entrypoint"] == (
+        "python -m kubetune.runlog --config /etc/kubetune/config.json -- "
+        "python -m kubetune_trainer --config /etc/kubetune/config.json"
+    )
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["activeDeadlineSeconds"] == 86400 and spec["backoffLimit"] == 1 and spec["suspend"] is False
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -113,8 +128,9 @@ def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
         assert {"name": "kubetune-config", "mountPath": "/etc/kubetune", "readOnly": True} in c["volumeMounts"]
         assert {"name": "KUBETUNE_JOB_NAME", "value": "lora-chat"} in c["env"]
         # Guaranteed QoS (CPU and memory requests = limits); the scratch emptyDir's size is requested only.
-        assert {k: v for k, v in c["resources"]["requests"].items() if k != "ephemeral-storage"} == \
-            c["resources"]["limits"]
+        assert {k: v for k, v in c["resources"]["requests"].items() if k != "ephemeral-storage"} == c["resources"][
+            "limits"
+        ]
         assert c["resources"]["requests"]["ephemeral-storage"] == "100Gi"
         assert {"name": "scratch", "mountPath": "/var/lib/kubetune"} in c["volumeMounts"]
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
@@ -133,7 +149,9 @@ def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
 def test_credentials_only_by_reference() -> None:
     manifest, _ = _example("lora-chat")
     rendered = json.dumps(_children("lora-chat"))
-    env = _children("lora-chat")[-1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    env = _children("lora-chat")[-1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
     assert refs["AWS_ACCESS_KEY_ID"] == {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
     assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
@@ -146,14 +164,19 @@ def test_queue_label_and_images() -> None:
     owner = Owner("ticket-classifier", "ml-team", OWNER_UID)
     rj = builders.ray_job(owner, spec, Settings(trainer_image="registry.example/trainer:9.9"), "h")
     assert rj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "ml-team"
-    images = {c["image"] for g in [rj["spec"]["rayClusterSpec"]["headGroupSpec"],
-                                   *rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for g in [rj["spec"]["rayClusterSpec"]["headGroupSpec"], *rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     assert images == {"registry.example/trainer:9.9"}
-    override = spec.model_copy(update={"resources": spec.resources.model_copy(
-        update={"images": api.ImageSpec(trainer="my/trainer:1.0")})})
+    override = spec.model_copy(
+        update={"resources": spec.resources.model_copy(update={"images": api.ImageSpec(trainer="my/trainer:1.0")})}
+    )
     rj = builders.ray_job(owner, override, Settings(), "h")
-    assert rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "my/trainer:1.0"
+    assert (
+        rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "my/trainer:1.0"
+    )
 
 
 def test_tuning_cluster_holds_the_concurrent_trials() -> None:
@@ -161,25 +184,41 @@ def test_tuning_cluster_holds_the_concurrent_trials() -> None:
     _, spec = _example("lora-tuning")
     assert spec.tuning is not None and spec.tuning.max_concurrent_trials == 2 and spec.resources.workers == 2
     (group,) = builders.ray_job(Owner("t", "ns", "u"), spec, Settings(), "h")["spec"]["rayClusterSpec"][
-        "workerGroupSpecs"]
+        "workerGroupSpecs"
+    ]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
     fewer_trials = spec.model_copy(update={"tuning": spec.tuning.model_copy(update={"trials": 1})})
     (group,) = builders.ray_job(Owner("t", "ns", "u"), fewer_trials, Settings(), "h")["spec"]["rayClusterSpec"][
-        "workerGroupSpecs"]
+        "workerGroupSpecs"
+    ]
     assert group["replicas"] == 2  # never more pods than trials can use
 
 
 def test_scratch_on_a_named_storage_class() -> None:
     _, spec = _example("lora-chat")
-    local_nvme = spec.model_copy(update={"resources": spec.resources.model_copy(update={
-        "scratch": api.ScratchSpec(size="500Gi", storage_class_name="local-nvme")})})
+    local_nvme = spec.model_copy(
+        update={
+            "resources": spec.resources.model_copy(
+                update={"scratch": api.ScratchSpec(size="500Gi", storage_class_name="local-nvme")}
+            )
+        }
+    )
     rj = builders.ray_job(Owner("t", "ns", "u"), local_nvme, Settings(), "h")
     (group,) = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     pod = group["template"]["spec"]
     (scratch,) = [v for v in pod["volumes"] if v["name"] == "scratch"]
-    assert scratch == {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
-        "accessModes": ["ReadWriteOnce"], "storageClassName": "local-nvme",
-        "resources": {"requests": {"storage": "500Gi"}}}}}}
+    assert scratch == {
+        "name": "scratch",
+        "ephemeral": {
+            "volumeClaimTemplate": {
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "local-nvme",
+                    "resources": {"requests": {"storage": "500Gi"}},
+                }
+            }
+        },
+    }
     assert "ephemeral-storage" not in pod["containers"][0]["resources"]["requests"]  # the claim holds it
 
 
@@ -197,8 +236,12 @@ def test_trainer_role_reaches_only_its_own_job() -> None:
     role = builders.role(Owner("job-a", "ns", "u"))
     assert role["rules"] == [
         {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "resourceNames": ["job-a"], "verbs": ["get"]},
-        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "resourceNames": ["job-a"],
-         "verbs": ["get", "patch"]},
+        {
+            "apiGroups": ["kubetune.io"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["job-a"],
+            "verbs": ["get", "patch"],
+        },
     ]
     binding = builders.role_binding(Owner("job-a", "ns", "u"))
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "job-a-trainer", "namespace": "ns"}]

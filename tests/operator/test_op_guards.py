@@ -55,8 +55,7 @@ def test_a_rayjob_without_the_annotation_keeps_its_suspend() -> None:
     ray = _ray(_spec(suspend=False))
     del ray["metadata"]["annotations"][ANNOTATION_APPLIED_SUSPEND]
     ray["spec"]["suspend"] = True  # an older operator's RayJob that Kueue suspended
-    assert live_patch(ray, _spec(suspend=False)) == {
-        "metadata": {"annotations": {ANNOTATION_APPLIED_SUSPEND: "false"}}}
+    assert live_patch(ray, _spec(suspend=False)) == {"metadata": {"annotations": {ANNOTATION_APPLIED_SUSPEND: "false"}}}
 
 
 def test_other_live_fields_still_follow() -> None:
@@ -64,10 +63,16 @@ def test_other_live_fields_still_follow() -> None:
     assert live_patch(ray, _spec(backoffLimit=3)) == {"spec": {"backoffLimit": 3}}
 
 
-@pytest.mark.parametrize("image, allowed", [
-    ("ghcr.io/kubetune/kubetune-trainer:1", True), ("ghcr.io/other/x:1", True),
-    ("registry.example.com/ml/trainer:2", False), ("ubuntu:22.04", False), ("ghcr.io.evil.com/x:1", False),
-])
+@pytest.mark.parametrize(
+    "image, allowed",
+    [
+        ("ghcr.io/kubetune/kubetune-trainer:1", True),
+        ("ghcr.io/other/x:1", True),
+        ("registry.example.com/ml/trainer:2", False),
+        ("ubuntu:22.04", False),
+        ("ghcr.io.evil.com/x:1", False),
+    ],
+)
 def test_image_registries(image: str, allowed: bool) -> None:
     assert guards.image_allowed(image, ("ghcr.io",)) is allowed
 
@@ -98,8 +103,11 @@ def test_missing_secret_and_key_are_named() -> None:
 
 def _job(name: str, uri: str, created: str, *, namespace: str = "ns", done: bool = False) -> dict:
     status = {"conditions": [{"type": "Succeeded", "status": "True"}]} if done else {}
-    return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "creationTimestamp": created},
-            "spec": {"output": {"uri": uri}}, "status": status}
+    return {
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "creationTimestamp": created},
+        "spec": {"output": {"uri": uri}},
+        "status": status,
+    }
 
 
 def test_overlapping_outputs_refuse_the_younger_job() -> None:
@@ -123,8 +131,10 @@ def test_ray_head_is_locked() -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for container in pod["containers"]:
-            assert container["securityContext"] == {"allowPrivilegeEscalation": False,
-                                                    "capabilities": {"drop": ["ALL"]}}
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+            }
     (netpol,) = [o for o in children if o["kind"] == "NetworkPolicy"]
     assert netpol["metadata"]["name"] == names.network_policy(OWNER.name)
     assert netpol["spec"]["podSelector"]["matchLabels"] == {"kubetune.io/job": "lora-chat", "ray.io/node-type": "head"}
@@ -163,10 +173,16 @@ def test_ownership_is_checked_on_conflicts() -> None:
 
 
 def test_s3_access_denied_has_a_reason_of_its_own() -> None:
-    ray = {"metadata": {"name": "r"}, "status": {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED",
-           "message": "Job entrypoint command failed with exit code 1, last available logs: ...\n"
-                      "kubetune-trainer: error: S3AccessDenied: endpoint http://s3:8333 refused the keys "
-                      "for bucket runs (InvalidAccessKeyId)"}}
+    ray = {
+        "metadata": {"name": "r"},
+        "status": {
+            "jobDeploymentStatus": "Complete",
+            "jobStatus": "FAILED",
+            "message": "Job entrypoint command failed with exit code 1, last available logs: ...\n"
+            "kubetune-trainer: error: S3AccessDenied: endpoint http://s3:8333 refused the keys "
+            "for bucket runs (InvalidAccessKeyId)",
+        },
+    }
     assert phase_of(ray).reason == c.S3_ACCESS_DENIED
     ray["status"]["message"] = "kubetune-trainer: error: training: RuntimeError: boom"
     assert phase_of(ray).reason == c.APP_FAILED
@@ -174,7 +190,8 @@ def test_s3_access_denied_has_a_reason_of_its_own() -> None:
 
 def test_spec_hash_ignores_live_fields() -> None:
     assert policy.spec_hash({"suspend": True, "output": {"uri": "s3://a"}}) == policy.spec_hash(
-        {"suspend": False, "output": {"uri": "s3://a"}})
+        {"suspend": False, "output": {"uri": "s3://a"}}
+    )
 
 
 def test_the_webhook_runs_on_the_event_loop_not_in_the_reconcile_threads() -> None:

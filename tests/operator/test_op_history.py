@@ -19,8 +19,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_failed_job_keeps_conditions_and_events(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, namespace: str, kubeconfig: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    namespace: str,
+    kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     ns, job = namespace, "short-lived"
     m = load_example("lora-chat")

@@ -22,7 +22,7 @@ def test_dockerfile_shape() -> None:
     text = DOCKERFILE.read_text()
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
     assert base and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base.group(1)), "base must be pinned by full tag"
-    assert ':latest' not in text
+    assert ":latest" not in text
     assert re.search(r'pip install --constraint constraints\.txt "\.\[operator\]"', text)
     assert "COPY trainer" not in text
     # Exactly these sources go in: the core and the operator. The CLI and local runtime (cli/) never do.
@@ -50,11 +50,16 @@ def test_wheel_from_the_image_sources_holds_api_and_operator_only(tmp_path: Path
     src.mkdir()
     for name in ("pyproject.toml", "constraints.txt"):
         (src / name).write_text((ROOT / name).read_text())
-    (src / "README.md").write_text((ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "# kubetune\n")
+    (src / "README.md").write_text(
+        (ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "# kubetune\n"
+    )
     subprocess.run(["cp", "-r", str(ROOT / "kubetune"), str(ROOT / "operator"), str(src)], check=True)
     out = tmp_path / "wheel"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(src)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = out.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()

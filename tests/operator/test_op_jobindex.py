@@ -12,8 +12,11 @@ pytestmark = pytest.mark.unit
 
 def _job(name: str, uri: str, created: str, *, namespace: str = "ns", done: bool = False) -> dict:
     status = {"conditions": [{"type": "Failed", "status": "True"}]} if done else {}
-    return {"metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "creationTimestamp": created},
-            "spec": {"output": {"uri": uri}}, "status": status}
+    return {
+        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "creationTimestamp": created},
+        "spec": {"output": {"uri": uri}},
+        "status": status,
+    }
 
 
 def _names(jobs: list[dict]) -> set[str]:
@@ -22,8 +25,13 @@ def _names(jobs: list[dict]) -> set[str]:
 
 def test_nesting_finds_prefixes_both_ways_and_nothing_else() -> None:
     index = LiveJobs()
-    for job in (_job("a", "s3://b/out", "t1"), _job("x", "s3://b/out/ns/a", "t2"), _job("ab", "s3://b/out", "t3"),
-                _job("other", "s3://c/out", "t4"), _job("deep", "s3://b/out/ns/a/x/ns/deep", "t5")):
+    for job in (
+        _job("a", "s3://b/out", "t1"),
+        _job("x", "s3://b/out/ns/a", "t2"),
+        _job("ab", "s3://b/out", "t3"),
+        _job("other", "s3://c/out", "t4"),
+        _job("deep", "s3://b/out/ns/a/x/ns/deep", "t5"),
+    ):
         index.observe(job)
     assert len(index) == 5
     assert _names(index.nesting(guards.output_base("s3://b/out", "ns", "a"))) == {"a", "x", "deep"}
@@ -33,8 +41,11 @@ def test_nesting_finds_prefixes_both_ways_and_nothing_else() -> None:
 
 
 def test_the_guard_decides_the_same_on_the_index_as_on_a_full_list() -> None:
-    jobs = [_job("a", "s3://b/out", "2026-01-01T00:00:00Z"), _job("x", "s3://b/out/ns/a", "2026-01-02T00:00:00Z"),
-            _job("b", "s3://b/out", "2026-01-03T00:00:00Z")]
+    jobs = [
+        _job("a", "s3://b/out", "2026-01-01T00:00:00Z"),
+        _job("x", "s3://b/out/ns/a", "2026-01-02T00:00:00Z"),
+        _job("b", "s3://b/out", "2026-01-03T00:00:00Z"),
+    ]
     index = LiveJobs()
     for job in jobs:
         index.observe(job)
@@ -42,8 +53,12 @@ def test_the_guard_decides_the_same_on_the_index_as_on_a_full_list() -> None:
         uri, meta = job["spec"]["output"]["uri"], job["metadata"]
         candidates = index.nesting(guards.output_base(uri, "ns", meta["name"]))
         assert guards.overlapping_job(meta, uri, candidates) == guards.overlapping_job(meta, uri, jobs)
-    assert guards.overlapping_job(jobs[1]["metadata"], "s3://b/out/ns/a", index.nesting(
-        guards.output_base("s3://b/out/ns/a", "ns", "x"))) == "ns/a"
+    assert (
+        guards.overlapping_job(
+            jobs[1]["metadata"], "s3://b/out/ns/a", index.nesting(guards.output_base("s3://b/out/ns/a", "ns", "x"))
+        )
+        == "ns/a"
+    )
 
 
 def test_finished_deleted_and_moved_jobs_leave_the_index() -> None:

@@ -3,7 +3,7 @@ transitions rayjob_controller.go makes."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,7 @@ from kubetune_cli.localenv.kuberay import JobInfo, World, next_status, status_ch
 
 pytestmark = pytest.mark.unit
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def rj(spec: dict | None = None, status: dict | None = None) -> dict:
@@ -51,15 +51,24 @@ def test_terminal_job_waits_for_the_submitter() -> None:
 
 def test_deadline_and_no_retry_after_it() -> None:
     st = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "startTime": "2026-01-01T00:00:00Z"}
-    out = next_status(rj({"activeDeadlineSeconds": 10, "backoffLimit": 3}, st), World(job=JobInfo("RUNNING")),
-                      T0 + timedelta(seconds=10))
+    out = next_status(
+        rj({"activeDeadlineSeconds": 10, "backoffLimit": 3}, st),
+        World(job=JobInfo("RUNNING")),
+        T0 + timedelta(seconds=10),
+    )
     assert out["jobDeploymentStatus"] == "Failed" and out["reason"] == "DeadlineExceeded"
     assert out["message"].startswith("The RayJob has passed the activeDeadlineSeconds.")
 
 
 def test_suspend_resets_the_run() -> None:
-    st = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "jobId": "chat-abcde",
-          "dashboardURL": "x:8265", "rayClusterName": "c", "startTime": "2026-01-01T00:00:00Z"}
+    st = {
+        "jobDeploymentStatus": "Running",
+        "jobStatus": "RUNNING",
+        "jobId": "chat-abcde",
+        "dashboardURL": "x:8265",
+        "rayClusterName": "c",
+        "startTime": "2026-01-01T00:00:00Z",
+    }
     s1 = next_status(rj({"suspend": True}, st), World(), T0)
     assert s1["jobDeploymentStatus"] == "Suspending"
     s2 = next_status(rj({"suspend": True}, s1), World(), T0)
@@ -70,8 +79,12 @@ def test_suspend_resets_the_run() -> None:
 
 
 def test_grace_period() -> None:
-    st = {"jobDeploymentStatus": "Running", "jobStatus": "FAILED", "startTime": "2026-01-01T00:00:00Z",
-          "rayJobInfo": {"endTime": "2026-01-01T00:00:00Z"}}
+    st = {
+        "jobDeploymentStatus": "Running",
+        "jobStatus": "FAILED",
+        "startTime": "2026-01-01T00:00:00Z",
+        "rayJobInfo": {"endTime": "2026-01-01T00:00:00Z"},
+    }
     out = next_status(rj(status=st), World(), T0 + timedelta(seconds=301))
     assert out["jobDeploymentStatus"] == "Failed"
     assert out["reason"] == "JobDeploymentStatusTransitionGracePeriodExceeded"
@@ -79,5 +92,7 @@ def test_grace_period() -> None:
 
 def test_writes_only_on_state_changes() -> None:
     assert status_changed({}, {"jobDeploymentStatus": "Initializing"})
-    assert not status_changed({"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
-                              {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running", "message": "new"})
+    assert not status_changed(
+        {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
+        {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running", "message": "new"},
+    )

@@ -39,13 +39,16 @@ def ftj(kube: Any, ns: str, name: str) -> dict:
 
 
 def wait_state(kube: Any, ns: str, name: str, state: str, timeout: float = 60) -> dict:
-    return wait_for(f"{name} in state {state}",
-                    lambda: (j := ftj(kube, ns, name)) and (j.get("status") or {}).get("state") == state and j,
-                    timeout=timeout)
+    return wait_for(
+        f"{name} in state {state}",
+        lambda: (j := ftj(kube, ns, name)) and (j.get("status") or {}).get("state") == state and j,
+        timeout=timeout,
+    )
 
 
-def wait_condition(kube: Any, ns: str, name: str, type_: str, status: str, reason: str | None = None,
-                   timeout: float = 60) -> dict:
+def wait_condition(
+    kube: Any, ns: str, name: str, type_: str, status: str, reason: str | None = None, timeout: float = 60
+) -> dict:
     def ok() -> dict | None:
         j = ftj(kube, ns, name)
         c = condition(j or {}, type_)
@@ -78,8 +81,14 @@ def test_example_creates_children_that_servers_accept_unpruned(
     # Build locally what the operator should have sent, and compare with what the server kept.
     owner = Owner.from_body(job)
     expected = builders.training_children(owner, spec, operator.settings, policy.spec_hash(job["spec"]))
-    kinds = {"ConfigMap": CONFIGMAP, "ServiceAccount": SERVICE_ACCOUNT, "Role": ROLE, "RoleBinding": ROLE_BINDING,
-             "NetworkPolicy": NETWORK_POLICY, "RayJob": RAYJOB}
+    kinds = {
+        "ConfigMap": CONFIGMAP,
+        "ServiceAccount": SERVICE_ACCOUNT,
+        "Role": ROLE,
+        "RoleBinding": ROLE_BINDING,
+        "NetworkPolicy": NETWORK_POLICY,
+        "RayJob": RAYJOB,
+    }
     for obj in expected:
         stored = kube.get(kinds[obj["kind"]], namespace, obj["metadata"]["name"])
         assert stored is not None, f"{obj['kind']} {obj['metadata']['name']} missing"
@@ -95,21 +104,36 @@ def test_example_creates_children_that_servers_accept_unpruned(
     assert status["specHash"] == policy.spec_hash(job["spec"])
     assert condition(job, "Validated")["status"] == "True"
     assert condition(job, "Training") | {"lastTransitionTime": None} == {
-        "type": "Training", "status": "False", "reason": "Pending", "lastTransitionTime": None,
-        "message": f"RayJob {names.ray_job(name)} created; waiting for KubeRay", "observedGeneration": 1}
+        "type": "Training",
+        "status": "False",
+        "reason": "Pending",
+        "lastTransitionTime": None,
+        "message": f"RayJob {names.ray_job(name)} created; waiting for KubeRay",
+        "observedGeneration": 1,
+    }
     ((kind, reason, message),) = events(kubectl, namespace, name)  # one Event: what was made, what it waits for
     assert (kind, reason) == ("Normal", "Created")
-    assert message == (f"created ConfigMap {names.config_map(name)}, ServiceAccount {names.service_account(name)}, "
-                       f"Role {names.role(name)}, RoleBinding {names.role_binding(name)}, "
-                       f"NetworkPolicy {names.network_policy(name)}, RayJob {names.ray_job(name)}; "
-                       f"RayJob {names.ray_job(name)} created; waiting for KubeRay")
+    assert message == (
+        f"created ConfigMap {names.config_map(name)}, ServiceAccount {names.service_account(name)}, "
+        f"Role {names.role(name)}, RoleBinding {names.role_binding(name)}, "
+        f"NetworkPolicy {names.network_policy(name)}, RayJob {names.ray_job(name)}; "
+        f"RayJob {names.ray_job(name)} created; waiting for KubeRay"
+    )
     # kopf keeps its bookkeeping in annotations under our prefix, not in status (which the schema prunes).
     assert "kopf" not in status
-    wait_for("kopf to record the handled spec in a kubetune.io/ annotation", lambda: _settled(ftj(kube, namespace, name)))
+    wait_for(
+        "kopf to record the handled spec in a kubetune.io/ annotation", lambda: _settled(ftj(kube, namespace, name))
+    )
 
 
 def test_status_and_columns_follow_the_run_to_success(
-    operator: Any, kubectl: Any, kube: Any, kuberay: Any, namespace: str, control_plane: Any, s3_secret: str,
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    namespace: str,
+    control_plane: Any,
+    s3_secret: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -123,8 +147,13 @@ def test_status_and_columns_follow_the_run_to_success(
     job = wait_condition(kube, namespace, "lora-chat", "Training", "True", "Running")
     assert job["status"]["state"] == "Training"
     ray_status = kube.get(RAYJOB, namespace, rj)["status"]
-    assert job["status"]["rayJob"] == {"name": rj, "jobId": ray_status["jobId"], "dashboardURL": ray_status["dashboardURL"],
-                                       "jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
+    assert job["status"]["rayJob"] == {
+        "name": rj,
+        "jobId": ray_status["jobId"],
+        "dashboardURL": ray_status["dashboardURL"],
+        "jobStatus": "RUNNING",
+        "jobDeploymentStatus": "Running",
+    }
     assert job["status"]["startTime"] == ray_status["startTime"]
 
     # The trainer reports progress as its own ServiceAccount, through the status subresource.
@@ -133,11 +162,17 @@ def test_status_and_columns_follow_the_run_to_success(
 
     as_trainer = Kube(load_configuration(trainer))
     try:
-        as_trainer.patch_status(FINETUNEJOB, namespace, "lora-chat",
-                                {"progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.25}})
+        as_trainer.patch_status(
+            FINETUNEJOB,
+            namespace,
+            "lora-chat",
+            {"progress": {"step": 40, "totalSteps": 100, "percent": 40, "loss": 1.25}},
+        )
     finally:
         as_trainer.close()
-    cols = wait_for("progress columns", lambda: (c := get_columns(kubectl, namespace, "lora-chat"))["PROGRESS"] == "40" and c)
+    cols = wait_for(
+        "progress columns", lambda: (c := get_columns(kubectl, namespace, "lora-chat"))["PROGRESS"] == "40" and c
+    )
     assert cols["STATUS"] == "Training" and cols["LOSS"] == "1.25" and cols["ENDPOINT"] == ""
 
     kuberay.succeed(namespace, rj)
@@ -277,8 +312,9 @@ def test_created_suspended_as_kueue_does(operator: Any, kubectl: Any, kube: Any,
     wait_state(kube, namespace, "ticket-classifier", "Suspended")
 
 
-def test_deleting_the_ray_job_mid_run_fails_the_job(operator: Any, kubectl: Any, kube: Any, kuberay: Any,
-                                                    namespace: str) -> None:
+def test_deleting_the_ray_job_mid_run_fails_the_job(
+    operator: Any, kubectl: Any, kube: Any, kuberay: Any, namespace: str
+) -> None:
     kubectl.apply(EXAMPLES / "sequence-classification.yaml", namespace)
     rj = wait_ray_job(kube, namespace, "ticket-classifier")["metadata"]["name"]
     kuberay.start(namespace, rj)
@@ -287,10 +323,13 @@ def test_deleting_the_ray_job_mid_run_fails_the_job(operator: Any, kubectl: Any,
     kuberay.remove_finalizer(namespace, rj)  # what KubeRay does for a RayJob being deleted
     job = wait_condition(kube, namespace, "ticket-classifier", "Failed", "True", "RayJobDeleted")
     # Never re-run a training behind the user's back: no new RayJob appears, even after a spec change.
-    kubectl.run("patch", "ftj", "ticket-classifier", "-n", namespace, "--type=merge",
-                "-p", '{"spec":{"backoffLimit":2}}')
-    wait_for("generation 2 observed",
-             lambda: ftj(kube, namespace, "ticket-classifier")["status"].get("observedGeneration") == 2)
+    kubectl.run(
+        "patch", "ftj", "ticket-classifier", "-n", namespace, "--type=merge", "-p", '{"spec":{"backoffLimit":2}}'
+    )
+    wait_for(
+        "generation 2 observed",
+        lambda: ftj(kube, namespace, "ticket-classifier")["status"].get("observedGeneration") == 2,
+    )
     assert kube.get(RAYJOB, namespace, rj) is None
     assert job["status"]["state"] == "Failed"
 
@@ -302,8 +341,12 @@ def test_deleting_the_job_removes_its_children(operator: Any, kubectl: Any, kube
     kinds = "configmap,serviceaccount,role,rolebinding,rayjob"
     assert len(kubectl.names(kinds, namespace, selector)) == 5
     kubectl.run("delete", "ftj", "lora-chat", "-n", namespace, "--wait=true", timeout=120)
-    wait_for("the garbage collector to delete every child", lambda: kubectl.names(kinds, namespace, selector) == [],
-             timeout=120, interval=0.5)
+    wait_for(
+        "the garbage collector to delete every child",
+        lambda: kubectl.names(kinds, namespace, selector) == [],
+        timeout=120,
+        interval=0.5,
+    )
 
 
 def test_reapplying_is_a_no_op(operator: Any, kubectl: Any, kube: Any, namespace: str) -> None:

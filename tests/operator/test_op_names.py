@@ -22,8 +22,13 @@ def test_short_names_are_kept() -> None:
 
 @pytest.mark.parametrize("parent", ["a" * 63, "x-" * 31 + "y", "job-" + "9" * 59, "0abc", "1" * 63])
 def test_limits_and_shapes(parent: str) -> None:
-    for name in (names.config_map(parent), names.service_account(parent), names.role(parent),
-                 names.role_binding(parent), names.label_value(parent)):
+    for name in (
+        names.config_map(parent),
+        names.service_account(parent),
+        names.role(parent),
+        names.role_binding(parent),
+        names.label_value(parent),
+    ):
         assert len(name) <= 63 and DNS1123.match(name), name
     rj = names.ray_job(parent)
     assert len(rj) <= 47 and DNS1035.match(rj), rj

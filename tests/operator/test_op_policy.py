@@ -103,8 +103,14 @@ def test_webhook_checks_the_name() -> None:
 
 
 def test_settings_from_env() -> None:
-    s = Settings.from_env({"KUBETUNE_NAMESPACES": "a, b", "KUBETUNE_WEBHOOK": "true", "KUBETUNE_METRICS_PORT": "0",
-                           "KUBETUNE_TRAINER_IMAGE": "reg.example/trainer@sha256:abc"})
+    s = Settings.from_env(
+        {
+            "KUBETUNE_NAMESPACES": "a, b",
+            "KUBETUNE_WEBHOOK": "true",
+            "KUBETUNE_METRICS_PORT": "0",
+            "KUBETUNE_TRAINER_IMAGE": "reg.example/trainer@sha256:abc",
+        }
+    )
     assert s.namespaces == ("a", "b") and s.webhook and s.metrics_port == 0
     assert s.trainer_image == "reg.example/trainer@sha256:abc"
     assert Settings.from_env({}).trainer_image.endswith(":0.1.0")

@@ -26,8 +26,13 @@ KINDS = "configmaps,serviceaccounts,roles,rolebindings,rayjobs"
 def _start(kubeconfig: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_HEALTH_PORT": "0", "KUBETUNE_WEBHOOK": "false"}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(kubeconfig)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(kubeconfig)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -53,8 +58,9 @@ def test_kill_mid_reconcile_then_restart_makes_no_duplicates(
     custom = client.CustomObjectsApi(k8s_client)
 
     def any_rayjob() -> bool:  # fast (one GET), so the kill lands while the batch is still in flight
-        resp = custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", limit=1,
-                                                    _preload_content=False)
+        resp = custom.list_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayjobs", limit=1, _preload_content=False
+        )
         return b'"items":[]' not in resp.data
 
     docs = []
@@ -78,9 +84,14 @@ def test_kill_mid_reconcile_then_restart_makes_no_duplicates(
     second = _start(kubeconfig, log)
     try:
         wait_for(f"{JOBS} RayJobs", lambda: len(_rayjobs(kubectl, namespace)) == JOBS, timeout=240, interval=0.5)
-        wait_for("every job's status", lambda: all(
-            (j.get("status") or {}).get("rayJob") for j in kubectl.json("get", "ftj", "-n", namespace)["items"]),
-            timeout=120, interval=0.5)
+        wait_for(
+            "every job's status",
+            lambda: all(
+                (j.get("status") or {}).get("rayJob") for j in kubectl.json("get", "ftj", "-n", namespace)["items"]
+            ),
+            timeout=120,
+            interval=0.5,
+        )
     finally:
         _stop(second)
 
@@ -89,8 +100,11 @@ def test_kill_mid_reconcile_then_restart_makes_no_duplicates(
     assert len(per_job) == JOBS * 5 and set(per_job.values()) == {1}, per_job
     after = _rayjobs(kubectl, namespace)
     assert all(after[name] == uid for name, uid in at_kill.items()), "a RayJob made before the kill was replaced"
-    created_events = [e for e in kubectl.json("get", "events", "-n", namespace)["items"]
-                      if e["reason"] == "Created" and "RayJob" in e["message"]]
+    created_events = [
+        e
+        for e in kubectl.json("get", "events", "-n", namespace)["items"]
+        if e["reason"] == "Created" and "RayJob" in e["message"]
+    ]
     # At most one creation per RayJob (an Event can be lost in a kill between the create and its Event).
     assert len(created_events) <= JOBS
     assert configs_at_kill >= len(at_kill)  # the ConfigMap always comes before the RayJob

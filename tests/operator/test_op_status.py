@@ -6,7 +6,7 @@ tests follow the same sequences the integration tests play against the API serve
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -24,12 +24,15 @@ from kubetune_operator.status import (
 
 pytestmark = pytest.mark.unit
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def ray_job(spec: dict | None = None) -> dict:
-    return {"metadata": {"name": "chat", "namespace": "ns", "annotations": {"kubetune.io/spec-hash": "h1"}},
-            "spec": {"backoffLimit": 0, **(spec or {})}, "status": {}}
+    return {
+        "metadata": {"name": "chat", "namespace": "ns", "annotations": {"kubetune.io/spec-hash": "h1"}},
+        "spec": {"backoffLimit": 0, **(spec or {})},
+        "status": {},
+    }
 
 
 def step(rj: dict, world: World | None = None, at: datetime = T0) -> dict:
@@ -41,8 +44,13 @@ def conds(status: dict) -> dict[str, tuple[str, str]]:
 
 
 def observe(current: dict | None, rj: dict | None, now: str = "2026-01-01T00:00:00Z", **kw) -> dict:
-    obs = Observation(generation=kw.pop("generation", 1), spec_errors=kw.pop("spec_errors", None),
-                      ray_job_name="chat", ray_job=rj, **kw)
+    obs = Observation(
+        generation=kw.pop("generation", 1),
+        spec_errors=kw.pop("spec_errors", None),
+        ray_job_name="chat",
+        ray_job=rj,
+        **kw,
+    )
     return desired_status(current, obs, now)
 
 
@@ -64,8 +72,16 @@ def test_happy_path_conditions_and_state() -> None:
         (initializing, "Pending", {"Training": ("False", "Initializing")}),
         (submitted, "Training", {"Training": ("True", "JobPending")}),
         (pending, "Training", {"Training": ("True", "JobPending")}),
-        (running, "Training", {"Training": ("True", "Running"), "Failed": ("False", "Running"),
-                               "Succeeded": ("False", "Running"), "Suspended": ("False", "Running")}),
+        (
+            running,
+            "Training",
+            {
+                "Training": ("True", "Running"),
+                "Failed": ("False", "Running"),
+                "Succeeded": ("False", "Running"),
+                "Suspended": ("False", "Running"),
+            },
+        ),
     ]
     status: dict = {}
     for rj, state, expected in expectations:
@@ -73,9 +89,13 @@ def test_happy_path_conditions_and_state() -> None:
         assert status["state"] == state
         for type_, value in expected.items():
             assert conds(status)[type_] == value, (rj["status"], type_)
-    assert status["rayJob"] == {"name": "chat", "jobId": running["status"]["jobId"],
-                                "dashboardURL": running["status"]["dashboardURL"],
-                                "jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}
+    assert status["rayJob"] == {
+        "name": "chat",
+        "jobId": running["status"]["jobId"],
+        "dashboardURL": running["status"]["dashboardURL"],
+        "jobStatus": "RUNNING",
+        "jobDeploymentStatus": "Running",
+    }
     assert status["startTime"] == "2026-01-01T00:00:00Z" and status["specHash"] == "h1"
     done = step(running, World(job=JobInfo("SUCCEEDED", end_time=T0)), at=T0 + timedelta(minutes=5))
     status = observe(status, done, now="2026-01-01T00:06:00Z")
@@ -89,8 +109,11 @@ def test_happy_path_conditions_and_state() -> None:
     ("make", "reason", "message_part"),
     [
         (lambda rj: step(rj, World(job=JobInfo("FAILED", message="Traceback: boom"))), "AppFailed", "boom"),
-        (lambda rj: step(rj, World(submitter_failed=("BackoffLimitExceeded", "too many"))), "SubmissionFailed",
-         "Job submission has failed. Reason: BackoffLimitExceeded"),
+        (
+            lambda rj: step(rj, World(submitter_failed=("BackoffLimitExceeded", "too many"))),
+            "SubmissionFailed",
+            "Job submission has failed. Reason: BackoffLimitExceeded",
+        ),
     ],
 )
 def test_failures_carry_kuberays_reason_and_message(make, reason, message_part) -> None:
@@ -125,7 +148,12 @@ def test_retrying_stays_training_until_the_last_attempt_fails() -> None:
         rj = step(rj, world)  # Retrying -> New -> Initializing -> Running -> RUNNING
         states.append(observe(None, rj))
     assert [conds(s)["Training"] for s in states] == [
-        ("True", "Retrying"), ("True", "Retrying"), ("True", "Retrying"), ("True", "JobPending"), ("True", "Running")]
+        ("True", "Retrying"),
+        ("True", "Retrying"),
+        ("True", "Retrying"),
+        ("True", "JobPending"),
+        ("True", "Running"),
+    ]
     rj = step(rj, World(job=JobInfo("FAILED", message="oom again")))
     assert rj["status"]["jobDeploymentStatus"] == "Failed" and rj["status"]["failed"] == 2
     assert conds(observe(None, rj))["Failed"] == ("True", "AppFailed")
@@ -153,7 +181,9 @@ def test_stopped_is_a_failure() -> None:
 
 
 def test_invalid_spec_before_any_ray_job() -> None:
-    status = observe(None, None, spec_errors=[("spec.training.lora", "LoRA settings are only allowed with method: lora")])
+    status = observe(
+        None, None, spec_errors=[("spec.training.lora", "LoRA settings are only allowed with method: lora")]
+    )
     assert conds(status)["Validated"] == ("False", "Invalid")
     failed = c.get(status["conditions"], c.FAILED)
     assert failed["reason"] == "Invalid" and failed["message"].startswith("spec.training.lora: ")
@@ -190,15 +220,26 @@ def test_patch_names_only_changed_owned_keys() -> None:
     assert status_patch(current, same) == {}  # nothing changed: no request at all
     done = observe(current, step(seq[4], World(job=JobInfo("SUCCEEDED"))))
     patch = status_patch(current, done)
-    assert set(patch) <= {"observedGeneration", "state", "conditions", "rayJob", "startTime", "completionTime",
-                          "specHash"}
+    assert set(patch) <= {
+        "observedGeneration",
+        "state",
+        "conditions",
+        "rayJob",
+        "startTime",
+        "completionTime",
+        "specHash",
+    }
     assert "progress" not in patch and "data" not in patch
     assert patch["rayJob"] == {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}
 
 
 def test_status_only_pass_keeps_spec_conditions() -> None:
-    rejected = observe(None, run_to_running()[-1], rejected_fields=["spec.training.learningRate"],
-                       rejection_message="spec.training.learningRate: immutable")
+    rejected = observe(
+        None,
+        run_to_running()[-1],
+        rejected_fields=["spec.training.learningRate"],
+        rejection_message="spec.training.learningRate: immutable",
+    )
     assert conds(rejected)["SpecChangeRejected"] == ("True", "TrainingFieldsImmutable")
     later = desired_status(rejected, Observation(ray_job_name="chat", ray_job=run_to_running()[-1]), "t")
     assert conds(later)["SpecChangeRejected"] == ("True", "TrainingFieldsImmutable")
@@ -229,8 +270,9 @@ def test_state_summary_knows_serving() -> None:
 
 
 def test_set_condition_orders_and_keeps_foreign_types() -> None:
-    out = c.set_condition([{"type": "Custom", "status": "True"}], c.FAILED, "False", "Running", "m",
-                          now="t", generation=1)
+    out = c.set_condition(
+        [{"type": "Custom", "status": "True"}], c.FAILED, "False", "Running", "m", now="t", generation=1
+    )
     out = c.set_condition(out, c.VALIDATED, "True", "Valid", "m", now="t", generation=1)
     assert [x["type"] for x in out] == ["Validated", "Failed", "Custom"]
 

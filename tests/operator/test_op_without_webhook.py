@@ -60,8 +60,10 @@ def test_cross_field_error_becomes_a_condition_and_nothing_is_built(
     kubectl.apply(EXAMPLES / "lora-chat.yaml", namespace)
     wait_for("the RayJob", lambda: kube.get(RAYJOB, namespace, names.ray_job("lora-chat")))
     j = wait_cond(kube, namespace, "lora-chat", "Validated", "True", "Valid")
-    j = wait_for("Failed cleared", lambda: (x := job(kube, namespace, "lora-chat"))
-                 and condition(x, "Failed").get("status") == "False" and x)
+    j = wait_for(
+        "Failed cleared",
+        lambda: (x := job(kube, namespace, "lora-chat")) and condition(x, "Failed").get("status") == "False" and x,
+    )
     assert "completionTime" not in j["status"]
 
 
@@ -121,7 +123,9 @@ def test_adopts_what_a_crashed_pass_left_behind(operator: Any, kubectl: Any, kub
     cm = kube.get(CONFIGMAP, namespace, names.config_map("lora-chat"))
     assert json.loads(cm["data"]["config.json"])["spec"]["training"]["learningRate"] == 0.0002  # brought up to date
     # The status is written after the RayJob is made: wait for it rather than race it.
-    spec_hash = wait_for("status.specHash", lambda: (job(kube, namespace, "lora-chat").get("status") or {}).get("specHash"))
+    spec_hash = wait_for(
+        "status.specHash", lambda: (job(kube, namespace, "lora-chat").get("status") or {}).get("specHash")
+    )
     assert rj["metadata"]["annotations"]["kubetune.io/spec-hash"] == spec_hash
     selector = "kubetune.io/job=lora-chat"
     assert len(kubectl.names("configmaps,serviceaccounts,roles,rolebindings,rayjobs", namespace, selector)) == 5

@@ -22,23 +22,37 @@ from kubetune_trainer.data.records import Example
 
 pytestmark = [pytest.mark.serving, pytest.mark.timeout(900)]
 
-CONVERSATION = [("system", "You answer in one sentence."), ("user", "What is a fortune cookie?"),
-                ("assistant", "A crisp cookie with a slip of paper inside."), ("user", "Who eats them?")]
+CONVERSATION = [
+    ("system", "You answer in one sentence."),
+    ("user", "What is a fortune cookie?"),
+    ("assistant", "A crisp cookie with a slip of paper inside."),
+    ("user", "Who eats them?"),
+]
 
 
 def _tokenize(server: LocalVLLMServer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    body = {"model": "tiny", "messages": messages, "add_generation_prompt": generation_prompt,
-            "add_special_tokens": False}
-    req = urllib.request.Request(server.base_url + "/tokenize", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    body = {
+        "model": "tiny",
+        "messages": messages,
+        "add_generation_prompt": generation_prompt,
+        "add_special_tokens": False,
+    }
+    req = urllib.request.Request(
+        server.base_url + "/tokenize", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())["tokens"]
 
 
 def test_trainer_and_vllm_render_the_same_token_ids(tiny_llama_artifacts, tmp_path: Path) -> None:
     base = tiny_llama_artifacts["base"]
-    spec = parse_spec({"model": {"uri": "s3://bucket/base"}, "output": {"uri": "s3://bucket/out"},
-                       "dataset": {"train": "s3://bucket/d.jsonl", "format": "chat", "chatTemplate": "zephyr"}})
+    spec = parse_spec(
+        {
+            "model": {"uri": "s3://bucket/base"},
+            "output": {"uri": "s3://bucket/out"},
+            "dataset": {"train": "s3://bucket/d.jsonl", "format": "chat", "chatTemplate": "zephyr"},
+        }
+    )
     tok = model_lib.load_tokenizer(spec, base)
     exported = tmp_path / "model"
     tok.save_pretrained(exported)  # what export.py writes beside the model

@@ -140,13 +140,21 @@ def test_cli_as_the_init_container_runs_it(s3, s3_server, prefix, tmp_path):
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
     }
-    cmd = [sys.executable, "-m", "kubetune.fetch", f"s3://{BUCKET}/{prefix}", str(tmp_path / "m"),
-           "--endpoint-url", s3_server.endpoint_url]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubetune.fetch",
+        f"s3://{BUCKET}/{prefix}",
+        str(tmp_path / "m"),
+        "--endpoint-url",
+        s3_server.endpoint_url,
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["files"] == 3
-    bad = subprocess.run(cmd, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        cmd, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 1
     assert bad.stderr.startswith("kubetune.fetch: error: ClientError") and "Traceback" not in bad.stderr
 

@@ -27,7 +27,14 @@ pytestmark = pytest.mark.unit
 
 def test_minimal_args():
     assert vllm_args("/models/base", "m", 8000, "0.0.0.0") == [
-        "--model", "/models/base", "--served-model-name", "m", "--host", "0.0.0.0", "--port", "8000",
+        "--model",
+        "/models/base",
+        "--served-model-name",
+        "m",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
     ]
 
 
@@ -44,10 +51,26 @@ def test_full_args_with_lora():
         max_loras=2,
     )
     assert args == [
-        "--model", "/models/base", "--served-model-name", "support-chat", "--host", "0.0.0.0", "--port", "8080",
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--enable-lora",
-        "--lora-modules", "support-chat-lora=/models/adapter", "other=/models/other",
-        "--max-lora-rank", "16", "--max-loras", "2",
+        "--model",
+        "/models/base",
+        "--served-model-name",
+        "support-chat",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "2048",
+        "--enable-lora",
+        "--lora-modules",
+        "support-chat-lora=/models/adapter",
+        "other=/models/other",
+        "--max-lora-rank",
+        "16",
+        "--max-loras",
+        "2",
     ]
 
 
@@ -148,8 +171,15 @@ def test_local_server_refuses_unservable_model_before_starting(tmp_path, monkeyp
 
 
 def test_chat_template_and_max_loras():
-    args = vllm_args("/b", "m", 8000, "127.0.0.1", lora_modules={"a": "/a"}, max_loras=3,
-                     chat_template="/models/model/chat_template.jinja")
+    args = vllm_args(
+        "/b",
+        "m",
+        8000,
+        "127.0.0.1",
+        lora_modules={"a": "/a"},
+        max_loras=3,
+        chat_template="/models/model/chat_template.jinja",
+    )
     assert args[args.index("--max-loras") + 1] == "3"
     assert args[args.index("--chat-template") + 1] == "/models/model/chat_template.jinja"
     with pytest.raises(ValueError, match="repeats flags"):

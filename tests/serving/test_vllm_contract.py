@@ -29,8 +29,7 @@ pytestmark = [
     pytest.mark.serving,
     pytest.mark.skipif(
         serving_venv_python() is None,
-        reason=f"no vLLM serving venv at {serving_venv_dir()}: run tools/serving-venv.sh "
-        "(or set KUBETUNE_VLLM_VENV)",
+        reason=f"no vLLM serving venv at {serving_venv_dir()}: run tools/serving-venv.sh (or set KUBETUNE_VLLM_VENV)",
     ),
 ]
 

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
 from trainer_helpers import BUCKET, TrainerEnv, process_env
 
 

@@ -18,10 +18,18 @@ pytestmark = [pytest.mark.training]
 @pytest.mark.timeout(900)
 def test_mixture_3_to_1_alpaca_validation_and_named_template(trainer_env: TrainerEnv, tmp_path: Path) -> None:
     env = trainer_env
-    chats = [{"messages": [{"role": "user", "content": "Tell me a fortune about computers."},
-                           {"role": "assistant", "content": t}]} for t in fortunes("computers", limit=120)]
-    instructions = [{"question": "Quote the science fortune, please.", "answer": t}
-                    for t in fortunes("science", limit=30)]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me a fortune about computers."},
+                {"role": "assistant", "content": t},
+            ]
+        }
+        for t in fortunes("computers", limit=120)
+    ]
+    instructions = [
+        {"question": "Quote the science fortune, please.", "answer": t} for t in fortunes("science", limit=30)
+    ]
     alpaca = [{"instruction": "Quote a linux fortune.", "input": "", "output": t} for t in fortunes("linux", limit=12)]
     a = put_jsonl(env.client, f"s3://{BUCKET}/data/mix/chat.jsonl", chats)
     b = put_parquet(env.client, f"s3://{BUCKET}/data/mix/instructions.parquet", instructions)
@@ -30,16 +38,26 @@ def test_mixture_3_to_1_alpaca_validation_and_named_template(trainer_env: Traine
     spec = {
         "model": {"uri": env.model_uri},
         "dataset": {
-            "format": "instruction", "fields": {"prompt": "instruction", "input": "input", "response": "output"},
-            "sources": [{"uri": a, "weight": 3, "format": "chat"},
-                        {"uri": b, "weight": 1, "fields": {"prompt": "question", "response": "answer"}}],
+            "format": "instruction",
+            "fields": {"prompt": "instruction", "input": "input", "response": "output"},
+            "sources": [
+                {"uri": a, "weight": 3, "format": "chat"},
+                {"uri": b, "weight": 1, "fields": {"prompt": "question", "response": "answer"}},
+            ],
             "validation": f"s3://{BUCKET}/{bucket_key}",
             "chatTemplate": "zephyr",
             "preprocessing": {"maxSeqLength": 32, "packing": False, "deduplicate": False},
         },
-        "training": {"method": "lora", "lora": {"r": 4, "alpha": 8}, "epochs": 1, "perDeviceBatchSize": 4,
-                     "learningRate": 3e-3, "evalIntervalSteps": 100, "checkpoint": {"intervalSteps": 100},
-                     "deepspeed": {"zeroStage": 2}},
+        "training": {
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8},
+            "epochs": 1,
+            "perDeviceBatchSize": 4,
+            "learningRate": 3e-3,
+            "evalIntervalSteps": 100,
+            "checkpoint": {"intervalSteps": 100},
+            "deepspeed": {"zeroStage": 2},
+        },
     }
     cfg = env.config("mixture-3-1", spec)
     trace_dir = tmp_path / "trace"
@@ -87,5 +105,5 @@ def _decode(ids) -> str:
 
 
 def _text(env: TrainerEnv, uri: str) -> str:
-    bucket, key = uri[len("s3://"):].split("/", 1)
+    bucket, key = uri[len("s3://") :].split("/", 1)
     return env.client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()

@@ -35,12 +35,26 @@ def test_dpo_lora_raises_held_out_preference_accuracy(trainer_env: TrainerEnv) -
     data = put_jsonl(env.client, f"s3://{BUCKET}/data/dpo/pairs.jsonl", preference_pairs("computers", 160))
     spec = {
         "model": {"uri": env.model_uri},
-        "dataset": {"train": data, "format": "preference", "validationSplit": 0.2, "chatTemplate": "zephyr",
-                    "preprocessing": {"maxSeqLength": 48}},
-        "training": {"objective": "dpo", "dpo": {"beta": 0.1}, "method": "lora",
-                     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
-                     "maxSteps": 12, "perDeviceBatchSize": 4, "learningRate": 1e-2, "warmupRatio": 0.0,
-                     "evalIntervalSteps": 6, "checkpoint": {"intervalSteps": 12}, "deepspeed": {"zeroStage": 2}},
+        "dataset": {
+            "train": data,
+            "format": "preference",
+            "validationSplit": 0.2,
+            "chatTemplate": "zephyr",
+            "preprocessing": {"maxSeqLength": 48},
+        },
+        "training": {
+            "objective": "dpo",
+            "dpo": {"beta": 0.1},
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
+            "maxSteps": 12,
+            "perDeviceBatchSize": 4,
+            "learningRate": 1e-2,
+            "warmupRatio": 0.0,
+            "evalIntervalSteps": 6,
+            "checkpoint": {"intervalSteps": 12},
+            "deepspeed": {"zeroStage": 2},
+        },
     }
     cfg = env.config("dpo-lora", spec)
     run = env.run(cfg, timeout=1200)  # three passes per step (reference, policy, backward)
@@ -53,13 +67,17 @@ def test_dpo_lora_raises_held_out_preference_accuracy(trainer_env: TrainerEnv) -
 
     report = env.get_json(f"{cfg['runUri']}/eval/report.json")
     base, fine = report["base"], report["fineTuned"]
-    print(f"held-out preference accuracy: base {base['preferenceAccuracy']:.3f} -> "
-          f"fine-tuned {fine['preferenceAccuracy']:.3f}; reward margin {fine['rewardMargin']:.3f}; "
-          f"DPO loss {base['evalLoss']:.4f} -> {fine['evalLoss']:.4f}")
+    print(
+        f"held-out preference accuracy: base {base['preferenceAccuracy']:.3f} -> "
+        f"fine-tuned {fine['preferenceAccuracy']:.3f}; reward margin {fine['rewardMargin']:.3f}; "
+        f"DPO loss {base['evalLoss']:.4f} -> {fine['evalLoss']:.4f}"
+    )
     assert report["metric"] == "preferenceAccuracy"
     assert fine["preferenceAccuracy"] > base["preferenceAccuracy"]
     assert base["rewardMargin"] == 0.0 and fine["rewardMargin"] > 0
     assert report["improvement"]["preferenceAccuracy"] == pytest.approx(
-        fine["preferenceAccuracy"] - base["preferenceAccuracy"])
+        fine["preferenceAccuracy"] - base["preferenceAccuracy"]
+    )
     assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"} <= set(
-        env.keys(f"{cfg['runUri']}/model"))
+        env.keys(f"{cfg['runUri']}/model")
+    )

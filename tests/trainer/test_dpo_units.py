@@ -50,19 +50,25 @@ def test_pair_logps_sums_each_segments_targets():
 
 
 def _spec(**over) -> dict:
-    spec = {"model": {"uri": "s3://bucket/m"}, "output": {"uri": "s3://bucket/out"},
-            "dataset": {"train": "s3://bucket/p.jsonl", "format": "preference", "validationSplit": 0.1},
-            "training": {"objective": "dpo"}}
+    spec = {
+        "model": {"uri": "s3://bucket/m"},
+        "output": {"uri": "s3://bucket/out"},
+        "dataset": {"train": "s3://bucket/p.jsonl", "format": "preference", "validationSplit": 0.1},
+        "training": {"objective": "dpo"},
+    }
     for k, v in over.items():
         spec[k] = {**spec[k], **v}
     return spec
 
 
-@pytest.mark.parametrize("over,path", [
-    ({"dataset": {"format": "chat"}}, "spec.dataset.format"),
-    ({"training": {"objective": None}}, "spec.training.objective"),
-    ({"training": {"objective": "sft", "dpo": {"beta": 0.2}}, "dataset": {"format": "chat"}}, "spec.training.dpo"),
-])
+@pytest.mark.parametrize(
+    "over,path",
+    [
+        ({"dataset": {"format": "chat"}}, "spec.dataset.format"),
+        ({"training": {"objective": None}}, "spec.training.objective"),
+        ({"training": {"objective": "sft", "dpo": {"beta": 0.2}}, "dataset": {"format": "chat"}}, "spec.training.dpo"),
+    ],
+)
 def test_objective_rules_name_the_field(over, path):
     with pytest.raises(ValueError, match=path.replace(".", r"\.")):
         parse_spec(_spec(**over))
@@ -76,8 +82,11 @@ def test_dpo_job_is_judged_and_gated_on_preference_accuracy():
     assert objective_metric(spec) == "preferenceAccuracy"
     assert improvement("preferenceAccuracy", 0.55, 0.8) == pytest.approx(0.25)
     gated = parse_spec({**_spec(), "deploy": {"minImprovement": 0.3}})
-    s = summary({"base": {"preferenceAccuracy": 0.55}, "fineTuned": {"preferenceAccuracy": 0.8}},
-                "preferenceAccuracy", "s3://bucket/r.json").wire()
+    s = summary(
+        {"base": {"preferenceAccuracy": 0.55}, "fineTuned": {"preferenceAccuracy": 0.8}},
+        "preferenceAccuracy",
+        "s3://bucket/r.json",
+    ).wire()
     verdict = gate(gated, s)
     assert verdict is not None and "preferenceAccuracy" in verdict[1] and "0.25" in verdict[1]
     assert gate(parse_spec({**_spec(), "deploy": {"minImprovement": 0.2}}), s) is None

@@ -14,9 +14,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_lists_every_case_with_valid_configs() -> None:
-    out = subprocess.run(["bash", str(REPO / "scripts/gpu-check.sh"), "--dry-run", "--gpus", "4"], text=True,
-                         capture_output=True, timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": "/root",
-                                                                "KUBETUNE_VENV": str(Path(sys.executable).parents[1])})
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts/gpu-check.sh"), "--dry-run", "--gpus", "4"],
+        text=True,
+        capture_output=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/root", "KUBETUNE_VENV": str(Path(sys.executable).parents[1])},
+    )
     assert out.returncode == 0, out.stderr
     for method in ("lora", "full"):
         for zero in (2, 3):
@@ -35,5 +39,9 @@ def test_mfu_arithmetic() -> None:
     assert gpu_check.flops_per_token(cfg, 134_515_008, "full", 1024) == 6 * 134_515_008 + 12 * 30 * 576 * 1024
     assert gpu_check.flops_per_token(cfg, 100, "lora", 1) == 4 * 100 + 12 * 30 * 576 * 2 / 3
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
-    assert [c["name"] for c in gpu_check.cases(1)] == ["lora-zero2-1gpu", "full-zero2-1gpu", "lora-zero3-1gpu",
-                                                       "full-zero3-1gpu"]
+    assert [c["name"] for c in gpu_check.cases(1)] == [
+        "lora-zero2-1gpu",
+        "full-zero2-1gpu",
+        "lora-zero3-1gpu",
+        "full-zero3-1gpu",
+    ]

@@ -52,17 +52,22 @@ def test_hf_uri_with_pinned_revision_loads_from_the_hub_cache_layout(tmp_path: P
 
     from safetensors.torch import load_file
 
-    expected = {rev: float(load_file(d / "model.safetensors")["model.embed_tokens.weight"][0, 0])
-                for rev, d in ((REV_MAIN, main), (REV_PINNED, pinned))}
+    expected = {
+        rev: float(load_file(d / "model.safetensors")["model.embed_tokens.weight"][0, 0])
+        for rev, d in ((REV_MAIN, main), (REV_PINNED, pinned))
+    }
     assert expected[REV_MAIN] != expected[REV_PINNED]
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def load(revision: str | None) -> dict:
-        spec = {"model": {"uri": "hf://kubetune-test/tiny-llama", **({"revision": revision} if revision else {})},
-                "dataset": {"train": "s3://bucket/d.jsonl", "format": "completion"},
-                "output": {"uri": "s3://bucket/out"}}
-        out = subprocess.run([sys.executable, "-c", LOAD, json.dumps(spec)], env=env, capture_output=True,
-                             text=True, timeout=240)
+        spec = {
+            "model": {"uri": "hf://kubetune-test/tiny-llama", **({"revision": revision} if revision else {})},
+            "dataset": {"train": "s3://bucket/d.jsonl", "format": "completion"},
+            "output": {"uri": "s3://bucket/out"},
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", LOAD, json.dumps(spec)], env=env, capture_output=True, text=True, timeout=240
+        )
         assert out.returncode == 0 or revision == "c" * 40, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr}
 

@@ -23,16 +23,26 @@ def test_two_pods_of_two_ranks_train_on_disjoint_data(trainer_env: TrainerEnv, t
     from kubetune_trainer.data import load_shard
 
     env = trainer_env
-    data = put_jsonl(env.client, f"s3://{BUCKET}/data/layout/fortunes.jsonl",
-                     [{"text": t} for t in fortunes("computers", limit=80)])
-    cfg = env.config("layout-2x2", {
-        "model": {"uri": env.model_uri},
-        "dataset": {"train": data, "format": "completion", "preprocessing": {"maxSeqLength": 32}},
-        "training": {"method": "full", "maxSteps": 3, "perDeviceBatchSize": 2, "learningRate": 1e-3,
-                     "deepspeed": {"zeroStage": 3}, "checkpoint": {"intervalSteps": 100}},
-        # The session's cluster has 2 CPUs: 2 pods x 1 CPU, half a CPU per rank.
-        "resources": {"workers": 2, "gpusPerWorker": 0, "ranksPerWorker": 2, "cpuPerWorker": "1"},
-    })
+    data = put_jsonl(
+        env.client, f"s3://{BUCKET}/data/layout/fortunes.jsonl", [{"text": t} for t in fortunes("computers", limit=80)]
+    )
+    cfg = env.config(
+        "layout-2x2",
+        {
+            "model": {"uri": env.model_uri},
+            "dataset": {"train": data, "format": "completion", "preprocessing": {"maxSeqLength": 32}},
+            "training": {
+                "method": "full",
+                "maxSteps": 3,
+                "perDeviceBatchSize": 2,
+                "learningRate": 1e-3,
+                "deepspeed": {"zeroStage": 3},
+                "checkpoint": {"intervalSteps": 100},
+            },
+            # The session's cluster has 2 CPUs: 2 pods x 1 CPU, half a CPU per rank.
+            "resources": {"workers": 2, "gpusPerWorker": 0, "ranksPerWorker": 2, "cpuPerWorker": "1"},
+        },
+    )
     trace = tmp_path / "trace"
     trace.mkdir()
     run = env.run(cfg, env={"KUBETUNE_TRACE_DIR": str(trace)})

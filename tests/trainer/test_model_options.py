@@ -14,9 +14,14 @@ pytestmark = pytest.mark.unit
 
 
 def _spec(**training: Any) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({
-        "model": {"uri": "s3://bucket/model"}, "output": {"uri": "s3://bucket/out"},
-        "dataset": {"train": "s3://bucket/data.jsonl", "format": "completion"}, "training": training})
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "s3://bucket/model"},
+            "output": {"uri": "s3://bucket/out"},
+            "dataset": {"train": "s3://bucket/data.jsonl", "format": "completion"},
+            "training": training,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +31,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=4, vocab_size=512)).save_pretrained(folder)
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+        )
+    ).save_pretrained(folder)
     return folder
 
 

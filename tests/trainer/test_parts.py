@@ -22,14 +22,22 @@ from kubetune.api import TrainerConfig, TrainingSpec
 def test_deepspeed_config_on_cpu_and_gpu() -> None:
     from kubetune_trainer.deepspeed_config import deepspeed_config
 
-    spec = TrainingSpec.model_validate({"perDeviceBatchSize": 4, "gradientAccumulationSteps": 3,
-                                        "maxGradNorm": 0.5, "weightDecay": 0.1,
-                                        "deepspeed": {"zeroStage": 3, "offload": "cpu"}})
+    spec = TrainingSpec.model_validate(
+        {
+            "perDeviceBatchSize": 4,
+            "gradientAccumulationSteps": 3,
+            "maxGradNorm": 0.5,
+            "weightDecay": 0.1,
+            "deepspeed": {"zeroStage": 3, "offload": "cpu"},
+        }
+    )
     cpu = deepspeed_config(spec, world_size=2, use_gpu=False)
     assert cpu["train_batch_size"] == 24 and cpu["gradient_accumulation_steps"] == 3
     assert cpu["gradient_clipping"] == 0.5
-    assert cpu["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                            "weight_decay": 0.1, "torch_adam": True}}
+    assert cpu["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 2e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True},
+    }
     assert cpu["bf16"] == {"enabled": False} and not cpu["fp16"]["enabled"]
     assert cpu["zero_optimization"]["stage"] == 3
     assert "offload_optimizer" not in cpu["zero_optimization"]  # offload is meaningless without GPUs
@@ -89,13 +97,19 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
 
 
 def _cfg(run_uri: str = f"s3://{BUCKET}/runs/ns/job", **resources: Any) -> TrainerConfig:
-    return TrainerConfig.model_validate({
-        "job": {"name": "job", "namespace": "ns"},
-        "spec": {"model": {"uri": f"s3://{BUCKET}/m"}, "dataset": {"train": f"s3://{BUCKET}/d", "format": "completion"},
-                 "output": {"uri": f"s3://{BUCKET}/runs"}, "deploy": {"enabled": False},
-                 "resources": resources or {"workers": 2}},
-        "runUri": run_uri,
-    })
+    return TrainerConfig.model_validate(
+        {
+            "job": {"name": "job", "namespace": "ns"},
+            "spec": {
+                "model": {"uri": f"s3://{BUCKET}/m"},
+                "dataset": {"train": f"s3://{BUCKET}/d", "format": "completion"},
+                "output": {"uri": f"s3://{BUCKET}/runs"},
+                "deploy": {"enabled": False},
+                "resources": resources or {"workers": 2},
+            },
+            "runUri": run_uri,
+        }
+    )
 
 
 @pytest.mark.unit
@@ -108,7 +122,9 @@ def test_rank_resources() -> None:
     assert rank_resources(res(_cfg(workers=2, gpusPerWorker=0)), local=True) == {"CPU": 0.5}
     # A pod's whole CPUs (rounded down) shared by its ranks, one GPU each.
     assert rank_resources(res(_cfg(workers=2, cpuPerWorker="7500m", gpusPerWorker=2)), local=False) == {
-        "CPU": 3.5, "GPU": 1.0}
+        "CPU": 3.5,
+        "GPU": 1.0,
+    }
     assert rank_resources(res(_cfg(workers=1, cpuPerWorker="500m", gpusPerWorker=0)), local=False) == {"CPU": 1.0}
 
 
@@ -122,23 +138,36 @@ def test_rank_layout_one_rank_per_gpu_packed_per_pod() -> None:
     gpu = ResourcesSpec.model_validate({"workers": 2, "gpusPerWorker": 8, "cpuPerWorker": "64"})
     assert world_size(gpu) == 16
     assert scaling_kwargs(gpu, local=False) == {
-        "num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 8.0, "GPU": 1.0},
-        "placement_strategy": "PACK"}
+        "num_workers": 16,
+        "use_gpu": True,
+        "resources_per_worker": {"CPU": 8.0, "GPU": 1.0},
+        "placement_strategy": "PACK",
+    }
     cpu = ResourcesSpec.model_validate({"workers": 2, "gpusPerWorker": 0, "ranksPerWorker": 2, "cpuPerWorker": "1"})
     assert world_size(cpu) == 4
     assert scaling_kwargs(cpu, local=False)["resources_per_worker"] == {"CPU": 0.5}
     assert scaling_kwargs(cpu, local=True)["resources_per_worker"] == {"CPU": 0.5}
     # Real pods: Ray's node and local ranks. One node for all 4 ranks of a 2-pod spec: emulated pods.
-    assert place(gpu, world_rank=9, world=16, local_rank=1, local_world=8, node_rank=1).describe() == \
-        "pod 1 local rank 1/8"
+    assert (
+        place(gpu, world_rank=9, world=16, local_rank=1, local_world=8, node_rank=1).describe()
+        == "pod 1 local rank 1/8"
+    )
     emulated = [place(cpu, world_rank=r, world=4, local_rank=r, local_world=4, node_rank=0) for r in range(4)]
-    assert [(p.pod, p.local_rank, p.emulated) for p in emulated] == [(0, 0, True), (0, 1, True), (1, 0, True),
-                                                                       (1, 1, True)]
+    assert [(p.pod, p.local_rank, p.emulated) for p in emulated] == [
+        (0, 0, True),
+        (0, 1, True),
+        (1, 0, True),
+        (1, 1, True),
+    ]
     with pytest.raises(ValidationError, match="spec.resources.ranksPerWorker"):
-        FineTuneJobSpec.model_validate({
-            "model": {"uri": "s3://bkt/m"}, "dataset": {"train": "s3://bkt/d.jsonl", "format": "completion"},
-            "output": {"uri": "s3://bkt/o"},
-            "resources": {"gpusPerWorker": 8, "ranksPerWorker": 4}})
+        FineTuneJobSpec.model_validate(
+            {
+                "model": {"uri": "s3://bkt/m"},
+                "dataset": {"train": "s3://bkt/d.jsonl", "format": "completion"},
+                "output": {"uri": "s3://bkt/o"},
+                "resources": {"gpusPerWorker": 8, "ranksPerWorker": 4},
+            }
+        )
 
 
 @pytest.mark.unit
@@ -226,10 +255,15 @@ def test_model_is_downloaded_once_per_node(s3_server: Any, tmp_path: Path) -> No
     assert len(downloader_pids) == 1, "more than one process downloaded the model"
     folder = Path(folders.pop())
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
-        "config.json", "model.safetensors", "tokenizer.json"]
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
 
     # The tokenizer-only fetch is satisfied by the full download; a rewritten file is fetched again.
-    assert model.fetch(client, uri, cache, endpoint=s3_server.endpoint_url, only=frozenset({"tokenizer.json"})) == folder
+    assert (
+        model.fetch(client, uri, cache, endpoint=s3_server.endpoint_url, only=frozenset({"tokenizer.json"})) == folder
+    )
     storage.put_bytes(client, f"{uri}/config.json", b"{}")
     model.fetch(client, uri, cache, endpoint=s3_server.endpoint_url)
     assert (folder / "config.json").read_bytes() == b"{}"

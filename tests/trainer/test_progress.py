@@ -6,23 +6,28 @@ import json
 import time
 
 import pytest
-
 from helpers_k8s import create_job, get_job, install_finetunejob_crd, trainer_kubeconfig, wait_for_status
-from kubetune.api import CheckpointRef, ModelArtifact, TrainerConfig
 from trainer_helpers import BUCKET
+
+from kubetune.api import CheckpointRef, ModelArtifact, TrainerConfig
 
 pytestmark = [pytest.mark.training, pytest.mark.integration]
 
 
 def _config(namespace: str, name: str, uid: str | None, interval: float) -> TrainerConfig:
-    return TrainerConfig.model_validate({
-        "job": {"name": name, "namespace": namespace, "uid": uid},
-        "spec": {"model": {"uri": f"s3://{BUCKET}/models/x"},
-                 "dataset": {"train": f"s3://{BUCKET}/data/x.jsonl", "format": "completion"},
-                 "output": {"uri": f"s3://{BUCKET}/runs"}, "deploy": {"enabled": False}},
-        "runUri": f"s3://{BUCKET}/runs/{namespace}/{name}",
-        "reporting": {"kubernetes": True, "minIntervalSeconds": interval},
-    })
+    return TrainerConfig.model_validate(
+        {
+            "job": {"name": name, "namespace": namespace, "uid": uid},
+            "spec": {
+                "model": {"uri": f"s3://{BUCKET}/models/x"},
+                "dataset": {"train": f"s3://{BUCKET}/data/x.jsonl", "format": "completion"},
+                "output": {"uri": f"s3://{BUCKET}/runs"},
+                "deploy": {"enabled": False},
+            },
+            "runUri": f"s3://{BUCKET}/runs/{namespace}/{name}",
+            "reporting": {"kubernetes": True, "minIntervalSeconds": interval},
+        }
+    )
 
 
 @pytest.mark.timeout(180)
@@ -37,18 +42,42 @@ def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespac
 
     t0 = time.monotonic()
     reporter = Reporter(cfg, s3)
-    reporter.data({"records": 100, "trainRecords": 90, "duplicatesRemoved": 3, "invalidRecords": 2,
-                   "invalidByReason": {"bad_json": 2}, "tokens": 5000, "sequences": 80})
+    reporter.data(
+        {
+            "records": 100,
+            "trainRecords": 90,
+            "duplicatesRemoved": 3,
+            "invalidRecords": 2,
+            "invalidByReason": {"bad_json": 2},
+            "tokens": 5000,
+            "sequences": 80,
+        }
+    )
     for step in range(1, 31):  # 30 steps in ~1.5 s: rate-limited to about one patch a second
-        reporter.progress(step=step, total_steps=100, epoch=step / 50, loss=5.0 - step * 0.01,
-                          tokens_per_second=1234.5, eta_seconds=100 - step, percent=step)
+        reporter.progress(
+            step=step,
+            total_steps=100,
+            epoch=step / 50,
+            loss=5.0 - step * 0.01,
+            tokens_per_second=1234.5,
+            eta_seconds=100 - step,
+            percent=step,
+        )
         reporter.metric({"step": step, "loss": 5.0 - step * 0.01})
         time.sleep(0.05)
     status = wait_for_status(k8s_client, namespace, "reported", lambda s: (s.get("progress") or {}).get("step"))
     assert status["data"]["records"] == 100 and status["data"]["invalidByReason"] == {"bad_json": 2}
     reporter.checkpoints([CheckpointRef(step=30, uri=f"{cfg.checkpoints_uri}/step-00000030", eval_loss=4.2)])
-    reporter.startup({"rayStartSeconds": 2.5, "dataSeconds": 4.0, "modelLoadSeconds": 7.25,
-                      "deepspeedInitSeconds": 1.5, "firstStepSeconds": 0.5, "timeToFirstStepSeconds": 20.0})
+    reporter.startup(
+        {
+            "rayStartSeconds": 2.5,
+            "dataSeconds": 4.0,
+            "modelLoadSeconds": 7.25,
+            "deepspeedInitSeconds": 1.5,
+            "firstStepSeconds": 0.5,
+            "timeToFirstStepSeconds": 20.0,
+        }
+    )
     reporter.model(ModelArtifact(uri=cfg.model_uri, kind="adapter", base_uri=cfg.spec.model.uri))
     reporter.progress(step=31, total_steps=100, eval_loss=float("nan"))  # NaN cannot travel in JSON: null
     reporter.close()
@@ -61,8 +90,14 @@ def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespac
     assert "evalLoss" not in progress
     assert status["checkpoints"] == [{"step": 30, "uri": f"{cfg.checkpoints_uri}/step-00000030", "evalLoss": 4.2}]
     assert status["model"]["uri"] == cfg.model_uri and status["model"]["kind"] == "adapter"
-    assert status["startup"] == {"rayStartSeconds": 2.5, "dataSeconds": 4.0, "modelLoadSeconds": 7.25,
-                                 "deepspeedInitSeconds": 1.5, "firstStepSeconds": 0.5, "timeToFirstStepSeconds": 20.0}
+    assert status["startup"] == {
+        "rayStartSeconds": 2.5,
+        "dataSeconds": 4.0,
+        "modelLoadSeconds": 7.25,
+        "deepspeedInitSeconds": 1.5,
+        "firstStepSeconds": 0.5,
+        "timeToFirstStepSeconds": 20.0,
+    }
     # Rate limit: 30+ progress updates in a few seconds became a handful of patches.
     assert 2 <= reporter.patches_sent <= elapsed / cfg.reporting.min_interval_seconds + 4, reporter.patches_sent
 
@@ -81,8 +116,9 @@ def test_progress_patches_land_in_the_status(control_plane, k8s_client, namespac
 
 
 @pytest.mark.timeout(120)
-def test_a_refused_patch_never_fails_training(control_plane, k8s_client, namespace, s3_server, monkeypatch,
-                                             caplog) -> None:
+def test_a_refused_patch_never_fails_training(
+    control_plane, k8s_client, namespace, s3_server, monkeypatch, caplog
+) -> None:
     """The trainer's Role reaches its own job only; patching another one is refused, logged, and survived."""
     from kubetune_trainer.status_reporter import Reporter
 
@@ -99,8 +135,9 @@ def test_a_refused_patch_never_fails_training(control_plane, k8s_client, namespa
     assert "progress" not in (get_job(k8s_client, namespace, "other").get("status") or {})
 
     # A uid that is not the job's (the job was deleted and re-created under the same name) is refused too.
-    reporter = Reporter(_config(namespace, "own", "00000000-0000-0000-0000-000000000000", interval=0),
-                        s3_server.client())
+    reporter = Reporter(
+        _config(namespace, "own", "00000000-0000-0000-0000-000000000000", interval=0), s3_server.client()
+    )
     reporter.progress(step=1, total_steps=2)
     reporter.close(timeout=20)
     assert reporter.patches_sent == 0
@@ -114,11 +151,18 @@ def test_kubetune_run_prints_the_time_to_first_step_by_phase(tmp_path) -> None:
 
     from kubetune_cli.progress_view import TrainingView, startup_line
 
-    startup = {"dataSeconds": 14.0, "rayStartSeconds": 1.2, "modelLoadSeconds": 9.5, "firstStepSeconds": 3.0,
-               "timeToFirstStepSeconds": 50.0}
+    startup = {
+        "dataSeconds": 14.0,
+        "rayStartSeconds": 1.2,
+        "modelLoadSeconds": 9.5,
+        "firstStepSeconds": 3.0,
+        "timeToFirstStepSeconds": 50.0,
+    }
     line = startup_line(startup, {"Ray cluster start": 20.0})
-    assert line == ("time to first step 1m10s: Ray cluster start 20.0s, Ray start 1.2s, data 14.0s, "
-                    "model load 9.5s, first step 3.0s")
+    assert line == (
+        "time to first step 1m10s: Ray cluster start 20.0s, Ray start 1.2s, data 14.0s, "
+        "model load 9.5s, first step 3.0s"
+    )
     console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=200)
     view = TrainingView(console, "job", before_trainer={"Ray cluster start": 20.0})
     view.update([{"status": {"startup": startup}}, {"status": {"progress": {"step": 1, "totalSteps": 2}}}])

@@ -35,14 +35,23 @@ def _rows(env: TrainerEnv, run_uri: str, trace: Path, world: int) -> dict[int, l
 @pytest.mark.timeout(1200)
 def test_two_rank_checkpoint_resumes_on_one_rank(trainer_env: TrainerEnv, tmp_path: Path) -> None:
     env = trainer_env
-    data = put_jsonl(env.client, f"s3://{BUCKET}/data/resize/fortunes.jsonl",
-                     [{"text": t} for t in fortunes("computers", limit=120)])
+    data = put_jsonl(
+        env.client, f"s3://{BUCKET}/data/resize/fortunes.jsonl", [{"text": t} for t in fortunes("computers", limit=120)]
+    )
     spec = {
         "model": {"uri": env.model_uri},
         "dataset": {"train": data, "format": "completion", "preprocessing": {"maxSeqLength": 32}},
-        "training": {"method": "full", "maxSteps": 6, "perDeviceBatchSize": 2, "learningRate": 3e-3,
-                     "warmupRatio": 0.0, "scheduler": "constant", "deepspeed": {"zeroStage": 2},
-                     "checkpoint": {"intervalSteps": 3, "keep": 2}, "maxWorkerRestarts": 0},
+        "training": {
+            "method": "full",
+            "maxSteps": 6,
+            "perDeviceBatchSize": 2,
+            "learningRate": 3e-3,
+            "warmupRatio": 0.0,
+            "scheduler": "constant",
+            "deepspeed": {"zeroStage": 2},
+            "checkpoint": {"intervalSteps": 3, "keep": 2},
+            "maxWorkerRestarts": 0,
+        },
     }
     two = env.config("resize", {**spec, "resources": {"workers": 2, "gpusPerWorker": 0, "cpuPerWorker": "1"}})
     trace_two, trace_one = tmp_path / "trace-2", tmp_path / "trace-1"

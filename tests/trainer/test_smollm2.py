@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
@@ -27,18 +26,31 @@ def test_lora_on_smollm2_lowers_held_out_loss(trainer_env: TrainerEnv, tmp_path:
 
     env = trainer_env
     model_uri = f"s3://{BUCKET}/models/smollm2-135m-instruct-gguf"
-    env.client.upload_file(str(smollm2_package_dir() / SMOLLM2_GGUF), BUCKET,
-                           f"models/smollm2-135m-instruct-gguf/{SMOLLM2_GGUF}")
+    env.client.upload_file(
+        str(smollm2_package_dir() / SMOLLM2_GGUF), BUCKET, f"models/smollm2-135m-instruct-gguf/{SMOLLM2_GGUF}"
+    )
     texts = fortunes("computers", limit=400)
     data = put_jsonl(env.client, f"s3://{BUCKET}/data/smollm2/fortunes.jsonl", [{"text": t} for t in texts])
     spec = {
         "model": {"uri": model_uri, "ggufFile": SMOLLM2_GGUF},
-        "dataset": {"train": data, "format": "completion", "validationSplit": 0.1,
-                    "preprocessing": {"maxSeqLength": 64}},
-        "training": {"method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                     "maxSteps": 16, "perDeviceBatchSize": 4, "learningRate": 1e-3, "warmupRatio": 0.1,
-                     "evalIntervalSteps": 8, "maxEvalBatches": 4, "checkpoint": {"intervalSteps": 16},
-                     "deepspeed": {"zeroStage": 2}},
+        "dataset": {
+            "train": data,
+            "format": "completion",
+            "validationSplit": 0.1,
+            "preprocessing": {"maxSeqLength": 64},
+        },
+        "training": {
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "maxSteps": 16,
+            "perDeviceBatchSize": 4,
+            "learningRate": 1e-3,
+            "warmupRatio": 0.1,
+            "evalIntervalSteps": 8,
+            "maxEvalBatches": 4,
+            "checkpoint": {"intervalSteps": 16},
+            "deepspeed": {"zeroStage": 2},
+        },
         "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "2"},
     }
     cfg = env.config("smollm2-lora", spec)

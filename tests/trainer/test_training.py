@@ -18,7 +18,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from helpers_k8s import create_job, install_finetunejob_crd, trainer_kubeconfig, wait_for_status
 from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl, put_parquet
 
@@ -41,23 +40,37 @@ def _trace(folder: Path) -> dict[int, list[dict]]:
 
 
 @pytest.mark.timeout(1200)
-def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_plane, k8s_client, namespace,
-                                               tmp_path: Path) -> None:
+def test_completion_lora_zero2_resumes_exactly(
+    trainer_env: TrainerEnv, control_plane, k8s_client, namespace, tmp_path: Path
+) -> None:
     """Exact resume, in two trainings instead of three: the uninterrupted run's checkpoint at step 6 is
     exactly what a run stopped after step 6 leaves behind, so a second job that finds (a copy of) it must
     train steps 7 and 8 to the same losses on the same rows. That second run is also made to fail right
     after its last checkpoint, to check how a failed run ends (exit code, last line, history kept)."""
     env = trainer_env
-    data = put_jsonl(env.client, f"s3://{BUCKET}/data/completion/fortunes.jsonl",
-                     [{"text": t} for t in fortunes("computers", limit=60)])
+    data = put_jsonl(
+        env.client,
+        f"s3://{BUCKET}/data/completion/fortunes.jsonl",
+        [{"text": t} for t in fortunes("computers", limit=60)],
+    )
     spec = {
         "model": {"uri": env.model_uri},
-        "dataset": {"train": data, "format": "completion", "validationSplit": 0.1,
-                    "preprocessing": {"maxSeqLength": 32}},
+        "dataset": {
+            "train": data,
+            "format": "completion",
+            "validationSplit": 0.1,
+            "preprocessing": {"maxSeqLength": 32},
+        },
         "training": {
-            "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: resume must restore RNG
-            "maxSteps": 8, "perDeviceBatchSize": 2, "gradientAccumulationSteps": 2, "learningRate": 3e-3,
-            "warmupRatio": 0.2, "evalIntervalSteps": 4, "checkpoint": {"intervalSteps": 3, "keep": 2},
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: resume must restore RNG
+            "maxSteps": 8,
+            "perDeviceBatchSize": 2,
+            "gradientAccumulationSteps": 2,
+            "learningRate": 3e-3,
+            "warmupRatio": 0.2,
+            "evalIntervalSteps": 4,
+            "checkpoint": {"intervalSteps": 3, "keep": 2},
             "deepspeed": {"zeroStage": 2},
         },
         "output": {"uri": f"s3://{BUCKET}/runs", "exportMerged": True},
@@ -67,10 +80,16 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
     install_finetunejob_crd(control_plane)
     job = create_job(k8s_client, namespace, "straight", env.model_uri)
     kubeconfig = trainer_kubeconfig(control_plane, k8s_client, job)
-    straight_cfg = env.config("straight", spec, reporting={"kubernetes": True, "minIntervalSeconds": 0},
-                              job={"name": "straight", "namespace": namespace, "uid": job["metadata"]["uid"]})
-    straight = env.run(straight_cfg, env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-straight")),
-                                          "KUBECONFIG": str(kubeconfig)})
+    straight_cfg = env.config(
+        "straight",
+        spec,
+        reporting={"kubernetes": True, "minIntervalSeconds": 0},
+        job={"name": "straight", "namespace": namespace, "uid": job["metadata"]["uid"]},
+    )
+    straight = env.run(
+        straight_cfg,
+        env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-straight")), "KUBECONFIG": str(kubeconfig)},
+    )
     assert straight.returncode == 0, straight.output[-6000:]
     assert straight.final_line.startswith("kubetune-trainer: succeeded: step 8/8"), straight.final_line
     straight_uri = straight_cfg["runUri"]
@@ -83,18 +102,24 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
     resumed_uri = resumed_cfg["runUri"]
     step6 = "checkpoints/step-00000006"
     for rel in env.keys(f"{straight_uri}/{step6}"):
-        env.client.copy_object(Bucket=BUCKET, Key=f"{_key(resumed_uri)}/{step6}/{rel}",
-                               CopySource={"Bucket": BUCKET, "Key": f"{_key(straight_uri)}/{step6}/{rel}"})
+        env.client.copy_object(
+            Bucket=BUCKET,
+            Key=f"{_key(resumed_uri)}/{step6}/{rel}",
+            CopySource={"Bucket": BUCKET, "Key": f"{_key(straight_uri)}/{step6}/{rel}"},
+        )
     env.client.put_object(Bucket=BUCKET, Key=f"{_key(resumed_uri)}/checkpoints/step-00000007/ds/x.pt", Body=b"partial")
 
-    resumed = env.run(resumed_cfg, env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-resumed")),
-                                        "KUBETUNE_FAIL_AFTER_STEP": "8"})
+    resumed = env.run(
+        resumed_cfg,
+        env={"KUBETUNE_TRACE_DIR": str(_mkdir(tmp_path / "trace-resumed")), "KUBETUNE_FAIL_AFTER_STEP": "8"},
+    )
     assert f"resumed from {resumed_uri}/checkpoints/step-00000006 at step 6 (epoch 1, micro-batch 0)" in resumed.output
     assert "data fingerprint differs" not in resumed.output
     # ... and failed on purpose after its last checkpoint: exit code 1, one clear last line.
     assert resumed.returncode == 1, resumed.output[-6000:]
-    assert resumed.final_line == ("kubetune-trainer: error: training: InjectedFailure: injected failure after "
-                                  "step 8 (KUBETUNE_FAIL_AFTER_STEP)"), resumed.final_line
+    assert resumed.final_line == (
+        "kubetune-trainer: error: training: InjectedFailure: injected failure after step 8 (KUBETUNE_FAIL_AFTER_STEP)"
+    ), resumed.final_line
 
     # Same losses and learning rates at the same steps (LoRA dropout included).
     a = _steps(env.metrics(straight_uri))
@@ -141,9 +166,13 @@ def test_completion_lora_zero2_resumes_exactly(trainer_env: TrainerEnv, control_
     assert status["progress"]["tokensPerSecond"] > 0 and status["progress"]["updatedAt"]
     assert status["data"]["records"] == 60 and status["data"]["sequences"] > 0
     assert [c["step"] for c in status["checkpoints"]] == [8, 6]
-    assert status["model"] == {"uri": f"{straight_uri}/model", "baseUri": env.model_uri,
-                               "mergedUri": f"{straight_uri}/merged", "kind": "adapter",
-                               "chatTemplate": "chat_template.jinja"}  # the tokenizer's, exported with it
+    assert status["model"] == {
+        "uri": f"{straight_uri}/model",
+        "baseUri": env.model_uri,
+        "mergedUri": f"{straight_uri}/merged",
+        "kind": "adapter",
+        "chatTemplate": "chat_template.jinja",
+    }  # the tokenizer's, exported with it
     startup = status["startup"]  # the time to first step, by phase (rank 0 reports it after its first step)
     assert startup["timeToFirstStepSeconds"] >= startup["modelLoadSeconds"] + startup["deepspeedInitSeconds"] > 0
     assert {"rayStartSeconds", "dataSeconds", "workerStartSeconds", "firstStepSeconds"} <= set(startup)
@@ -165,17 +194,29 @@ def _mkdir(path: Path) -> Path:
 def test_chat_parquet_full_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None:
     env = trainer_env
     texts = fortunes("science", limit=48)
-    records = [{"messages": [{"role": "user", "content": "Tell me something about science."},
-                             {"role": "assistant", "content": t}]} for t in texts]
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me something about science."},
+                {"role": "assistant", "content": t},
+            ]
+        }
+        for t in texts
+    ]
     train = put_parquet(env.client, f"s3://{BUCKET}/data/chat/train.parquet", records[:40])
     validation = put_parquet(env.client, f"s3://{BUCKET}/data/chat/validation.parquet", records[40:])
     spec = {
         "model": {"uri": env.model_uri},
-        "dataset": {"train": train, "validation": validation, "format": "chat",
-                    "preprocessing": {"maxSeqLength": 48}},
-        "training": {"method": "full", "maxSteps": 6, "perDeviceBatchSize": 2, "learningRate": 2e-3,
-                     "evalIntervalSteps": 3, "checkpoint": {"intervalSteps": 6},
-                     "deepspeed": {"zeroStage": 3}},
+        "dataset": {"train": train, "validation": validation, "format": "chat", "preprocessing": {"maxSeqLength": 48}},
+        "training": {
+            "method": "full",
+            "maxSteps": 6,
+            "perDeviceBatchSize": 2,
+            "learningRate": 2e-3,
+            "evalIntervalSteps": 3,
+            "checkpoint": {"intervalSteps": 6},
+            "deepspeed": {"zeroStage": 3},
+        },
     }
     cfg = env.config("chat-full-zero3", spec)
     run = env.run(cfg)
@@ -216,11 +257,22 @@ def test_instruction_lora_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None
     train = put_jsonl(env.client, f"s3://{BUCKET}/data/instruction/train.jsonl", records)
     spec = {
         "model": {"uri": env.model_uri},
-        "dataset": {"train": train, "format": "instruction", "validationSplit": 0.15,
-                    "preprocessing": {"maxSeqLength": 48, "packing": False}},
-        "training": {"method": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
-                     "maxSteps": 4, "perDeviceBatchSize": 2, "learningRate": 3e-3, "evalIntervalSteps": 4,
-                     "checkpoint": {"intervalSteps": 4}, "deepspeed": {"zeroStage": 3, "offload": "cpu"}},
+        "dataset": {
+            "train": train,
+            "format": "instruction",
+            "validationSplit": 0.15,
+            "preprocessing": {"maxSeqLength": 48, "packing": False},
+        },
+        "training": {
+            "method": "lora",
+            "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
+            "maxSteps": 4,
+            "perDeviceBatchSize": 2,
+            "learningRate": 3e-3,
+            "evalIntervalSteps": 4,
+            "checkpoint": {"intervalSteps": 4},
+            "deepspeed": {"zeroStage": 3, "offload": "cpu"},
+        },
     }
     cfg = env.config("instruction-lora-zero3", spec)
     run = env.run(cfg)
@@ -250,11 +302,23 @@ def test_classification_full_zero2(trainer_env: TrainerEnv, tmp_path: Path) -> N
     train = put_jsonl(env.client, f"s3://{BUCKET}/data/classification/train.jsonl", records)
     spec = {
         "model": {"uri": env.model_uri, "task": "sequence-classification", "numLabels": 2},
-        "dataset": {"train": train, "format": "classification", "validationSplit": 0.2,
-                    "labels": ["computers", "riddles"], "preprocessing": {"maxSeqLength": 32}},
-        "training": {"method": "full", "maxSteps": 4, "perDeviceBatchSize": 4, "learningRate": 1e-3,
-                     "evalIntervalSteps": 2, "checkpoint": {"intervalSteps": 4}, "deepspeed": {"zeroStage": 2},
-                     "earlyStopping": {"patience": 5}},
+        "dataset": {
+            "train": train,
+            "format": "classification",
+            "validationSplit": 0.2,
+            "labels": ["computers", "riddles"],
+            "preprocessing": {"maxSeqLength": 32},
+        },
+        "training": {
+            "method": "full",
+            "maxSteps": 4,
+            "perDeviceBatchSize": 4,
+            "learningRate": 1e-3,
+            "evalIntervalSteps": 2,
+            "checkpoint": {"intervalSteps": 4},
+            "deepspeed": {"zeroStage": 2},
+            "earlyStopping": {"patience": 5},
+        },
     }
     cfg = env.config("classification-full-zero2", spec)
     run = env.run(cfg, local=True)  # this one starts its own Ray, as `--local` runs on a workstation do

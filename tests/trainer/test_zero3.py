@@ -37,16 +37,26 @@ def _anon_kb() -> int:
 def _spec(stage: int) -> Any:
     from kubetune.api import FineTuneJobSpec
 
-    return FineTuneJobSpec.model_validate({
-        "model": {"uri": "s3://bucket/model"}, "output": {"uri": "s3://bucket/out"},
-        "dataset": {"train": "s3://bucket/data.jsonl", "format": "completion"},
-        "training": {"method": "full", "deepspeed": {"zeroStage": stage}}})
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "s3://bucket/model"},
+            "output": {"uri": "s3://bucket/out"},
+            "dataset": {"train": "s3://bucket/data.jsonl", "format": "completion"},
+            "training": {"method": "full", "deepspeed": {"zeroStage": stage}},
+        }
+    )
 
 
 def _rank(rank: int, port: int, big: str, tiny: str, out: str) -> None:
     """One rank: warm-up load, measured partitioned load, DeepSpeed engine, export gather."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo needs no shm extension
     import deepspeed
     import torch
@@ -81,8 +91,12 @@ def _rank(rank: int, port: int, big: str, tiny: str, out: str) -> None:
     held = sum(p.ds_tensor.numel() * p.element_size() for p in model.parameters())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()], config=ds)
     state = gather_state_dict(engine, rank=rank, trainable_only=False)
-    result: dict[str, Any] = {"rank": rank, "loadPeakMB": round(peak_mb, 1), "heldMB": round(held / 2**20, 1),
-                              "gatheredHere": state is not None}
+    result: dict[str, Any] = {
+        "rank": rank,
+        "loadPeakMB": round(peak_mb, 1),
+        "heldMB": round(held / 2**20, 1),
+        "gatheredHere": state is not None,
+    }
     if rank == 0:
         from safetensors.torch import load_file
 
@@ -98,14 +112,16 @@ def _random_llama(folder: Path, **shape: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(num_attention_heads=16, num_key_value_heads=16, vocab_size=8192,
-                         tie_word_embeddings=True, **shape)
+    config = LlamaConfig(
+        num_attention_heads=16, num_key_value_heads=16, vocab_size=8192, tie_word_embeddings=True, **shape
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
-def test_zero3_loads_partitioned_and_exports_the_unsharded_weights(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zero3_loads_partitioned_and_exports_the_unsharded_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -122,8 +138,10 @@ def test_zero3_loads_partitioned_and_exports_the_unsharded_weights(tmp_path: Pat
     mp.start_processes(_rank, args=(port, str(big), str(tiny), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
-        print(f"ZeRO-3 load, rank {r['rank']} of {WORLD}: peak {r['loadPeakMB']} MB, holds {r['heldMB']} MB of "
-              f"parameters; the full model is {full_mb:.1f} MB ({r['loadPeakMB'] / full_mb:.2f}x)")
+        print(
+            f"ZeRO-3 load, rank {r['rank']} of {WORLD}: peak {r['loadPeakMB']} MB, holds {r['heldMB']} MB of "
+            f"parameters; the full model is {full_mb:.1f} MB ({r['loadPeakMB'] / full_mb:.2f}x)"
+        )
     for r in results:
         assert r["heldMB"] == pytest.approx(full_mb / WORLD, rel=0.02)  # each rank holds its partition only
         assert r["loadPeakMB"] < 0.8 * full_mb, r  # the whole model never lands on one rank while loading

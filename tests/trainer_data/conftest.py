@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from data_test_helpers import BUCKET, jsonl_bytes, parquet_bytes
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -62,8 +63,12 @@ def make_cfg(s3_server: Any, prefix: str) -> Callable[..., Any]:
     prefix and the S3 endpoint of the session's server."""
     from kubetune.api import parse_spec, resolve_trainer_config
 
-    def _make(dataset: dict[str, Any], training: dict[str, Any] | None = None,
-              model: dict[str, Any] | None = None, name: str = "job") -> Any:
+    def _make(
+        dataset: dict[str, Any],
+        training: dict[str, Any] | None = None,
+        model: dict[str, Any] | None = None,
+        name: str = "job",
+    ) -> Any:
         ds = {"endpoint": s3_server.endpoint_url, **dataset}
         spec: dict[str, Any] = {
             "model": {"uri": f"s3://{BUCKET}/models/base", **(model or {})},

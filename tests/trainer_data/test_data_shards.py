@@ -19,8 +19,10 @@ RECORDS = [{"text": f"record {i}: " + "lorem ipsum " * (i % 5)} for i in range(1
 
 
 def _cfg(make_cfg, uri, name="job", **pre):
-    return make_cfg({"train": uri, "format": "completion",
-                     "preprocessing": {"packing": False, "maxSeqLength": 32, **pre}}, name=name)
+    return make_cfg(
+        {"train": uri, "format": "completion", "preprocessing": {"packing": False, "maxSeqLength": 32, **pre}},
+        name=name,
+    )
 
 
 def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_cfg):
@@ -96,8 +98,7 @@ def test_half_written_preparation_is_redone(tokenizer, s3, put, prefix, make_cfg
     p = prepare(cfg, tokenizer, num_shards=2, client=s3)
     listed = s3.list_objects_v2(Bucket="kubetune-test", Prefix=parse_uri(out_prefix)[1] + "/")["Contents"]
     keys = sorted(o["Key"].split(f"/{p.fingerprint}/", 1)[1] for o in listed)
-    assert keys == ["_COMPLETE", "manifest.json", "stats.json", "train/part-00000.parquet",
-                    "train/part-00001.parquet"]
+    assert keys == ["_COMPLETE", "manifest.json", "stats.json", "train/part-00000.parquet", "train/part-00001.parquet"]
     assert sum(len(load_shard([u], client=s3)["input_ids"]) for u in p.train_shards) == 100
 
 

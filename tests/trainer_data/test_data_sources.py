@@ -14,8 +14,14 @@ from kubetune_trainer.data import DataError, load_shard, prepare
 pytestmark = pytest.mark.integration
 
 # Alpaca's layout: instruction, optional input, output; a JSON array, pretty-printed as people save it.
-ALPACA = [{"instruction": f"Add one to {i}.", "input": (f"Show the working for {i}." if i % 3 == 0 else ""),
-           "output": f"{i} plus one is {i + 1}."} for i in range(40)]
+ALPACA = [
+    {
+        "instruction": f"Add one to {i}.",
+        "input": (f"Show the working for {i}." if i % 3 == 0 else ""),
+        "output": f"{i} plus one is {i + 1}.",
+    }
+    for i in range(40)
+]
 ALPACA_FIELDS = {"prompt": "instruction", "input": "input", "response": "output"}
 
 
@@ -26,8 +32,15 @@ def _all(s3, p):
 def test_alpaca_json_array_trains_with_the_right_counts(tokenizer, s3, put, prefix, make_cfg):
     body = json.dumps(ALPACA + [["not", "an", "object"]], indent=2).encode()
     uri = put(f"{prefix}/alpaca/alpaca_data.json", body, "raw")
-    cfg = make_cfg({"train": uri, "format": "instruction", "fields": ALPACA_FIELDS, "validationSplit": 0.2,
-                    "preprocessing": {"maxSeqLength": 96, "packing": False}})
+    cfg = make_cfg(
+        {
+            "train": uri,
+            "format": "instruction",
+            "fields": ALPACA_FIELDS,
+            "validationSplit": 0.2,
+            "preprocessing": {"maxSeqLength": 96, "packing": False},
+        }
+    )
     p = prepare(cfg, tokenizer, num_shards=2, client=s3)
     s = p.stats
     assert s["records"] == 41 and s["invalidRecords"] == 1 and s["invalidByReason"] == {"not_an_object": 1}
@@ -55,14 +68,20 @@ def test_json_array_gzipped_and_configured(tokenizer, s3, put, prefix, make_cfg)
     assert p.stats["records"] == 2
 
 
-@pytest.mark.parametrize("body,name,found", [
-    (b"<html><head><title>403 Forbidden</title>", "page.jsonl", "starts with '<html><head>' — not JSONL, a JSON "
-                                                                "array or Parquet"),
-    (b"PK\x03\x04\x14\x00\x00\x00", "data.json", "starts with a zip archive's signature"),
-    (b"text,label\nhello,1\n", "data.csv", "starts with 'text,label\\\\nh' — not JSONL"),
-    (b'[{"text": "a"}, {"text": "b"', "data.json", "element 2 is not valid JSON"),
-    (b'{"text": "a"}', "data.bin", None),  # JSONL under an unknown extension: sniffed and read
-])
+@pytest.mark.parametrize(
+    "body,name,found",
+    [
+        (
+            b"<html><head><title>403 Forbidden</title>",
+            "page.jsonl",
+            "starts with '<html><head>' — not JSONL, a JSON array or Parquet",
+        ),
+        (b"PK\x03\x04\x14\x00\x00\x00", "data.json", "starts with a zip archive's signature"),
+        (b"text,label\nhello,1\n", "data.csv", "starts with 'text,label\\\\nh' — not JSONL"),
+        (b'[{"text": "a"}, {"text": "b"', "data.json", "element 2 is not valid JSON"),
+        (b'{"text": "a"}', "data.bin", None),  # JSONL under an unknown extension: sniffed and read
+    ],
+)
 def test_unreadable_file_names_what_it_found(body, name, found, tokenizer, s3, put, prefix, make_cfg):
     uri = put(f"{prefix}/odd/{name}", body, "raw")
     cfg = make_cfg({"train": uri, "format": "completion"})
@@ -80,8 +99,15 @@ def test_parquet_under_a_json_name_is_read_as_parquet(tokenizer, s3, put, prefix
     assert p.stats["records"] == 5
 
 
-CHAT_A = [{"messages": [{"role": "user", "content": f"Chat question {i}?"},
-                        {"role": "assistant", "content": f"Chat answer {i}."}]} for i in range(400)]
+CHAT_A = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Chat question {i}?"},
+            {"role": "assistant", "content": f"Chat answer {i}."},
+        ]
+    }
+    for i in range(400)
+]
 INSTR_B = [{"question": f"Instruction number {i}.", "answer": f"Instruction reply {i}."} for i in range(60)]
 
 
@@ -91,10 +117,21 @@ def test_mixture_of_chat_jsonl_and_instruction_parquet_by_weight(tokenizer, s3, 
     source runs out."""
     a = put(f"{prefix}/mix/chat.jsonl", CHAT_A[:300] + ["not json"] + CHAT_A[300:])
     b = put(f"{prefix}/mix/instr.parquet", INSTR_B, "parquet")
-    cfg = make_cfg({"format": "chat", "sources": [
-        {"uri": a, "weight": 3},
-        {"uri": b, "weight": 1, "format": "instruction", "fields": {"prompt": "question", "response": "answer"}},
-    ], "preprocessing": {"maxSeqLength": 64, "packing": False}})
+    cfg = make_cfg(
+        {
+            "format": "chat",
+            "sources": [
+                {"uri": a, "weight": 3},
+                {
+                    "uri": b,
+                    "weight": 1,
+                    "format": "instruction",
+                    "fields": {"prompt": "question", "response": "answer"},
+                },
+            ],
+            "preprocessing": {"maxSeqLength": 64, "packing": False},
+        }
+    )
     p = prepare(cfg, tokenizer, num_shards=1, client=s3)
     kept = p.stats["sourceRecords"]
     assert kept[1] == 60  # the smaller source, read to its end

@@ -16,9 +16,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Words that SmolLM2's tokenizer keeps as one token each: many bytes per token, so the file is large while
 # tokenising it stays affordable on a shared 2-core machine.
-WORDS = ("international communication development information government university environment management "
-         "performance relationship technology especially particularly organization significant "
-         "understanding experience community political president increasingly").split()
+WORDS = [
+    "international",
+    "communication",
+    "development",
+    "information",
+    "government",
+    "university",
+    "environment",
+    "management",
+    "performance",
+    "relationship",
+    "technology",
+    "especially",
+    "particularly",
+    "organization",
+    "significant",
+    "understanding",
+    "experience",
+    "community",
+    "political",
+    "president",
+    "increasingly",
+]
 FILE_BYTES = 16 << 20
 
 
@@ -40,11 +60,21 @@ def test_big_file_streams_with_bounded_memory(tokenizer, s3, put, prefix, make_c
     os.remove(path)
     # Warm up first, so imports and the tokenizer's lazy state do not count as data-proportional memory.
     put(f"{prefix}/warm/data.jsonl", [{"text": "warm up"}])
-    prepare(make_cfg({"train": f"s3://kubetune-test/{prefix}/warm", "format": "completion"}, name="warm"),
-            tokenizer, num_shards=1, client=s3)
+    prepare(
+        make_cfg({"train": f"s3://kubetune-test/{prefix}/warm", "format": "completion"}, name="warm"),
+        tokenizer,
+        num_shards=1,
+        client=s3,
+    )
 
-    cfg = make_cfg({"train": f"s3://kubetune-test/{prefix}/big", "format": "completion",
-                    "validationSplit": 0.05, "preprocessing": {"maxSeqLength": 512}})
+    cfg = make_cfg(
+        {
+            "train": f"s3://kubetune-test/{prefix}/big",
+            "format": "completion",
+            "validationSplit": 0.05,
+            "preprocessing": {"maxSeqLength": 512},
+        }
+    )
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]

@@ -24,15 +24,18 @@ from kubetune_trainer.data.spill import RowSpill
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("raw,form,expected", [
-    ("  a   b\tc  ", "NFKC", "a b c"),
-    ("line one  \r\nline two\r\n\r\n\r\n\r\nlast", "NFKC", "line one\nline two\n\nlast"),
-    ("def f():\n    return  1\n", "NFKC", "def f():\n    return 1"),  # indentation kept, inner run collapsed
-    ("\ufb01ne\u00a0print", "NFKC", "fine print"),
-    ("\ufb01ne", "NFC", "\ufb01ne"),
-    ("e\u0301", "NFC", "\u00e9"),
-    ("e\u0301  x", "none", "e\u0301 x"),
-])
+@pytest.mark.parametrize(
+    "raw,form,expected",
+    [
+        ("  a   b\tc  ", "NFKC", "a b c"),
+        ("line one  \r\nline two\r\n\r\n\r\n\r\nlast", "NFKC", "line one\nline two\n\nlast"),
+        ("def f():\n    return  1\n", "NFKC", "def f():\n    return 1"),  # indentation kept, inner run collapsed
+        ("\ufb01ne\u00a0print", "NFKC", "fine print"),
+        ("\ufb01ne", "NFC", "\ufb01ne"),
+        ("e\u0301", "NFC", "\u00e9"),
+        ("e\u0301  x", "none", "e\u0301 x"),
+    ],
+)
 def test_normalize_text(raw, form, expected):
     assert normalize_text(raw, form, True) == expected
 
@@ -46,26 +49,32 @@ def _rules(**dataset) -> RecordRules:
     return RecordRules.from_spec(ds, None)
 
 
-@pytest.mark.parametrize("fmt,value,expected", [
-    ("completion", {"text": "hi"}, None),
-    ("completion", {}, "missing_field"),
-    ("completion", {"text": None}, "missing_field"),
-    ("completion", {"text": 3}, "wrong_type"),
-    ("completion", {"text": " \t "}, "empty_text"),
-    ("instruction", {"prompt": "p", "response": "r"}, None),
-    ("instruction", {"prompt": "p", "response": "r", "system": None}, None),
-    ("instruction", {"prompt": "", "response": 5}, "wrong_type"),  # type before emptiness, whatever the order
-    ("instruction", {"prompt": "", "response": "r"}, "empty_text"),
-    ("instruction", {"response": "r", "system": 1}, "missing_field"),
-    ("chat", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, None),
-    ("chat", {"messages": {"role": "user"}}, "wrong_type"),
-    ("chat", {"messages": ["user: hi"]}, "wrong_type"),
-    ("chat", {"messages": [{"role": "user"}]}, "missing_field"),
-    ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "unknown_role"),
-    ("chat", {"messages": []}, "empty_text"),
-    ("chat", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
-     "no_assistant_turn"),
-])
+@pytest.mark.parametrize(
+    "fmt,value,expected",
+    [
+        ("completion", {"text": "hi"}, None),
+        ("completion", {}, "missing_field"),
+        ("completion", {"text": None}, "missing_field"),
+        ("completion", {"text": 3}, "wrong_type"),
+        ("completion", {"text": " \t "}, "empty_text"),
+        ("instruction", {"prompt": "p", "response": "r"}, None),
+        ("instruction", {"prompt": "p", "response": "r", "system": None}, None),
+        ("instruction", {"prompt": "", "response": 5}, "wrong_type"),  # type before emptiness, whatever the order
+        ("instruction", {"prompt": "", "response": "r"}, "empty_text"),
+        ("instruction", {"response": "r", "system": 1}, "missing_field"),
+        ("chat", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, None),
+        ("chat", {"messages": {"role": "user"}}, "wrong_type"),
+        ("chat", {"messages": ["user: hi"]}, "wrong_type"),
+        ("chat", {"messages": [{"role": "user"}]}, "missing_field"),
+        ("chat", {"messages": [{"role": "tool", "content": "x"}]}, "unknown_role"),
+        ("chat", {"messages": []}, "empty_text"),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+            "no_assistant_turn",
+        ),
+    ],
+)
 def test_parse_record_reasons(fmt, value, expected):
     out = parse_record(value, _rules(format=fmt))
     if expected is None:
@@ -75,8 +84,9 @@ def test_parse_record_reasons(fmt, value, expected):
 
 
 def test_parse_classification_labels():
-    rules = RecordRules.from_spec(DatasetSpec.model_validate(
-        {"train": "s3://bucket/x", "format": "classification", "labels": ["neg", "pos"]}), 2)
+    rules = RecordRules.from_spec(
+        DatasetSpec.model_validate({"train": "s3://bucket/x", "format": "classification", "labels": ["neg", "pos"]}), 2
+    )
     assert parse_record({"text": "t", "label": "pos"}, rules).label == 1
     assert parse_record({"text": "t", "label": " neg "}, rules).label == 0
     assert parse_record({"text": "t", "label": 1}, rules).label == 1
@@ -156,8 +166,19 @@ def test_named_templates_render_and_mask(tokenizer, name):
     """Every named template renders prefix-stably, so each assistant turn is found and masked."""
     t = copy.copy(tokenizer)
     t.chat_template = chat_templates.resolve(name)
-    ex = Example([("system", "Be brief."), ("user", "Hi?"), ("assistant", "Hello."), ("user", "Bye?"),
-                  ("assistant", "Goodbye.")], None, None, "", 0)
+    ex = Example(
+        [
+            ("system", "Be brief."),
+            ("user", "Hi?"),
+            ("assistant", "Hello."),
+            ("user", "Bye?"),
+            ("assistant", "Goodbye."),
+        ],
+        None,
+        None,
+        "",
+        0,
+    )
     enc = Encoder(t, "chat", 512)
     assert enc._turn_markers is not None
     (out,) = enc.encode([ex])
@@ -203,10 +224,12 @@ def test_packing_whole_examples_with_positions_and_segments(tmp_path):
     packer.finish()
     rows = spill.read()
     # Next-fit over whole examples: an example that does not fit closes the row, none is ever split.
-    assert rows["input_ids"].tolist() == [[10, 11, 12, 20, 21, 22, 23, 0],
-                                          [30, 31, 0, 0, 0, 0, 0, 0],
-                                          [40, 41, 42, 43, 44, 45, 46, 47],
-                                          [50, 0, 0, 0, 0, 0, 0, 0]]
+    assert rows["input_ids"].tolist() == [
+        [10, 11, 12, 20, 21, 22, 23, 0],
+        [30, 31, 0, 0, 0, 0, 0, 0],
+        [40, 41, 42, 43, 44, 45, 46, 47],
+        [50, 0, 0, 0, 0, 0, 0, 0],
+    ]
     assert packer.examples == 5 and packer.max_fill == 8
     assert rows["segment_ids"][0].tolist() == [1, 1, 1, 2, 2, 2, 2, 0]
     assert rows["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
@@ -246,7 +269,7 @@ def test_hash_set_matches_a_python_set():
     rng.shuffle(values)
     hs, ref = HashSet64(), set()
     for i in range(0, len(values), 300):
-        batch = values[i:i + 300]
+        batch = values[i : i + 300]
         expected = []
         for v in batch:
             expected.append(v in ref)
@@ -266,8 +289,13 @@ def test_near_dedup_keeps_the_first():
 
 
 def _cfg(**dataset):
-    spec = parse_spec({"model": {"uri": "s3://bucket/m"}, "output": {"uri": "s3://bucket/o"},
-                       "dataset": {"train": "s3://bucket/d", "format": "completion", **dataset}})
+    spec = parse_spec(
+        {
+            "model": {"uri": "s3://bucket/m"},
+            "output": {"uri": "s3://bucket/o"},
+            "dataset": {"train": "s3://bucket/d", "format": "completion", **dataset},
+        }
+    )
     return resolve_trainer_config("j", "default", None, spec)
 
 

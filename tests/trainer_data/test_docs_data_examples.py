@@ -38,8 +38,13 @@ def _crd_api(control_plane: Any, k8s_client: Any) -> Any:
 
 def test_documented_manifests_parse_and_apply(control_plane, k8s_client, namespace):
     objs = documented()
-    assert {o["metadata"]["name"] for o in objs} >= {"alpaca", "mixture", "base-with-template", "dpo-helpfulness",
-                                                      "dpo"}
+    assert {o["metadata"]["name"] for o in objs} >= {
+        "alpaca",
+        "mixture",
+        "base-with-template",
+        "dpo-helpfulness",
+        "dpo",
+    }
     crd = _crd_api(control_plane, k8s_client)
     for obj in objs:
         name, _, spec = api.parse_manifest(obj)
@@ -55,12 +60,15 @@ def test_documented_manifests_parse_and_apply(control_plane, k8s_client, namespa
     assert mixture["spec"]["dataset"]["sources"][1]["fields"].items() <= stored_fields.items()
 
 
-@pytest.mark.parametrize("path,value,field", [
-    (("dataset", "sources", 0, "weight"), 0, "spec.dataset.sources.weight"),  # 1.20 names no index
-    (("dataset", "fileFormat"), "csv", "spec.dataset.fileFormat"),
-    (("training", "objective"), "ppo", "spec.training.objective"),
-    (("training", "dpo", "beta"), -1, "spec.training.dpo.beta"),
-])
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (("dataset", "sources", 0, "weight"), 0, "spec.dataset.sources.weight"),  # 1.20 names no index
+        (("dataset", "fileFormat"), "csv", "spec.dataset.fileFormat"),
+        (("training", "objective"), "ppo", "spec.training.objective"),
+        (("training", "dpo", "beta"), -1, "spec.training.dpo.beta"),
+    ],
+)
 def test_schema_refuses_bad_new_fields_naming_them(path, value, field, control_plane, k8s_client, namespace):
     from kubernetes.client.rest import ApiException
 

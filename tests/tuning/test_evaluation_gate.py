@@ -61,31 +61,48 @@ def _wait(what: str, fn: Any, timeout: float = 60.0) -> Any:
 
 
 @pytest.mark.timeout(900)
-def test_a_fine_tune_that_does_not_improve_is_not_deployed(tuning_env: TrainerEnv, operator: Any, kuberay: Any,
-                                                            control_plane: Any, namespace: str) -> None:
+def test_a_fine_tune_that_does_not_improve_is_not_deployed(
+    tuning_env: TrainerEnv, operator: Any, kuberay: Any, control_plane: Any, namespace: str
+) -> None:
     from kubetune_operator import names
     from kubetune_operator.builders.config import CONFIG_KEY
     from kubetune_operator.kube import CONFIGMAP, FINETUNEJOB, RAYJOB, Kube, load_configuration
 
     env = tuning_env
     kube = Kube(load_configuration(control_plane.kubeconfig))
-    data = put_jsonl(env.client, f"s3://{BUCKET}/data/gate/fortunes.jsonl",
-                     [{"text": t} for t in fortunes("computers", limit=60)])
+    data = put_jsonl(
+        env.client, f"s3://{BUCKET}/data/gate/fortunes.jsonl", [{"text": t} for t in fortunes("computers", limit=60)]
+    )
     name = "no-gain"
-    kube.create({
-        "apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "model": {"uri": env.model_uri},
-            "dataset": {"train": data, "format": "completion", "validationSplit": 0.15,
-                        "preprocessing": {"maxSeqLength": 32}, "endpoint": env.s3.endpoint_url},
-            "training": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "maxSteps": 3,
-                         "perDeviceBatchSize": 2, "learningRate": 1e-9, "evalIntervalSteps": 3,
-                         "checkpoint": {"intervalSteps": 100, "keep": 1}},
-            "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "1"},
-            "output": {"uri": f"s3://{BUCKET}/runs"},
-            "deploy": {"enabled": True, "minImprovement": 0.05},
-        },
-    })
+    kube.create(
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "model": {"uri": env.model_uri},
+                "dataset": {
+                    "train": data,
+                    "format": "completion",
+                    "validationSplit": 0.15,
+                    "preprocessing": {"maxSeqLength": 32},
+                    "endpoint": env.s3.endpoint_url,
+                },
+                "training": {
+                    "method": "lora",
+                    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                    "maxSteps": 3,
+                    "perDeviceBatchSize": 2,
+                    "learningRate": 1e-9,
+                    "evalIntervalSteps": 3,
+                    "checkpoint": {"intervalSteps": 100, "keep": 1},
+                },
+                "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "1"},
+                "output": {"uri": f"s3://{BUCKET}/runs"},
+                "deploy": {"enabled": True, "minImprovement": 0.05},
+            },
+        }
+    )
 
     # The operator made the trainer's config, identity and RayJob; KubeRay starts the job.
     rj = _wait("the RayJob", lambda: kube.get(RAYJOB, namespace, names.ray_job(name)))

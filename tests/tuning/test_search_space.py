@@ -49,49 +49,109 @@ def _space(**params: Any) -> dict[str, Any]:
 
 INVALID = [
     ("empty-choice", _tuning(searchSpace=_space(lora__r={"type": "choice", "values": []})), f"{SPACE}.lora.r.values"),
-    ("low-above-high", _tuning(searchSpace=_space(learningRate={"type": "loguniform", "low": 1e-2, "high": 1e-4})),
-     f"{SPACE}.learningRate.low"),
-    ("low-equals-high", _tuning(searchSpace=_space(weightDecay={"type": "uniform", "low": 0.1, "high": 0.1})),
-     f"{SPACE}.weightDecay.low"),
+    (
+        "low-above-high",
+        _tuning(searchSpace=_space(learningRate={"type": "loguniform", "low": 1e-2, "high": 1e-4})),
+        f"{SPACE}.learningRate.low",
+    ),
+    (
+        "low-equals-high",
+        _tuning(searchSpace=_space(weightDecay={"type": "uniform", "low": 0.1, "high": 0.1})),
+        f"{SPACE}.weightDecay.low",
+    ),
     ("not-tunable", _tuning(searchSpace=_space(scheduler={"type": "choice", "values": [1]})), f"{SPACE}.scheduler"),
     ("not-a-field", _tuning(searchSpace=_space(optimizer={"type": "choice", "values": [1]})), f"{SPACE}.optimizer"),
-    ("missing-bounds", _tuning(searchSpace=_space(learningRate={"type": "uniform", "low": 1e-4})),
-     f"{SPACE}.learningRate"),
-    ("choice-with-bounds", _tuning(searchSpace=_space(lora__r={"type": "choice", "values": [4], "low": 1})),
-     f"{SPACE}.lora.r"),
-    ("range-with-values", _tuning(searchSpace=_space(learningRate={"type": "uniform", "values": [1e-3],
-                                                                    "low": 1e-4, "high": 1e-3})),
-     f"{SPACE}.learningRate.values"),
-    ("loguniform-from-zero", _tuning(searchSpace=_space(weightDecay={"type": "loguniform", "low": 0, "high": 0.1})),
-     f"{SPACE}.weightDecay.low"),
-    ("randint-on-float", _tuning(searchSpace=_space(learningRate={"type": "randint", "low": 1, "high": 3})),
-     f"{SPACE}.learningRate"),
-    ("fractional-rank", _tuning(searchSpace=_space(lora__r={"type": "choice", "values": [4, 8.5]})),
-     f"{SPACE}.lora.r.values"),
-    ("value-breaks-field-rule", _tuning(searchSpace=_space(learningRate={"type": "choice", "values": [1e-3, 2.0]})),
-     f"{SPACE}.learningRate.values[1]"),
-    ("bound-breaks-field-rule", _tuning(searchSpace=_space(lora__r={"type": "randint", "low": 0, "high": 8})),
-     f"{SPACE}.lora.r.low"),
-    ("grid-over-a-range", _tuning(algorithm="grid", searchSpace=_space(learningRate={"type": "uniform", "low": 1e-4,
-                                                                                       "high": 1e-3})),
-     f"{SPACE}.learningRate"),
-    ("grid-trials-mismatch", _tuning(algorithm="grid", trials=3, searchSpace=_space(
-        lora__r={"type": "choice", "values": [2, 4]}, learningRate={"type": "choice", "values": [1e-3, 1e-2]})),
-     "spec.tuning.trials"),
-    ("concurrency-above-trials", _tuning(trials=2, maxConcurrentTrials=3,
-                                         searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
-     "spec.tuning.maxConcurrentTrials"),
-    ("lora-field-with-full", {**_tuning(searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
-                              "training": {"method": "full"}}, f"{SPACE}.lora.r"),
-    ("accuracy-for-causal-lm", _tuning(objective={"metric": "accuracy", "mode": "max"},
-                                       searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
-     "spec.tuning.objective.metric"),
-    ("loss-maximised", _tuning(objective={"metric": "evalLoss", "mode": "max"},
-                               searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
-     "spec.tuning.objective.mode"),
+    (
+        "missing-bounds",
+        _tuning(searchSpace=_space(learningRate={"type": "uniform", "low": 1e-4})),
+        f"{SPACE}.learningRate",
+    ),
+    (
+        "choice-with-bounds",
+        _tuning(searchSpace=_space(lora__r={"type": "choice", "values": [4], "low": 1})),
+        f"{SPACE}.lora.r",
+    ),
+    (
+        "range-with-values",
+        _tuning(searchSpace=_space(learningRate={"type": "uniform", "values": [1e-3], "low": 1e-4, "high": 1e-3})),
+        f"{SPACE}.learningRate.values",
+    ),
+    (
+        "loguniform-from-zero",
+        _tuning(searchSpace=_space(weightDecay={"type": "loguniform", "low": 0, "high": 0.1})),
+        f"{SPACE}.weightDecay.low",
+    ),
+    (
+        "randint-on-float",
+        _tuning(searchSpace=_space(learningRate={"type": "randint", "low": 1, "high": 3})),
+        f"{SPACE}.learningRate",
+    ),
+    (
+        "fractional-rank",
+        _tuning(searchSpace=_space(lora__r={"type": "choice", "values": [4, 8.5]})),
+        f"{SPACE}.lora.r.values",
+    ),
+    (
+        "value-breaks-field-rule",
+        _tuning(searchSpace=_space(learningRate={"type": "choice", "values": [1e-3, 2.0]})),
+        f"{SPACE}.learningRate.values[1]",
+    ),
+    (
+        "bound-breaks-field-rule",
+        _tuning(searchSpace=_space(lora__r={"type": "randint", "low": 0, "high": 8})),
+        f"{SPACE}.lora.r.low",
+    ),
+    (
+        "grid-over-a-range",
+        _tuning(algorithm="grid", searchSpace=_space(learningRate={"type": "uniform", "low": 1e-4, "high": 1e-3})),
+        f"{SPACE}.learningRate",
+    ),
+    (
+        "grid-trials-mismatch",
+        _tuning(
+            algorithm="grid",
+            trials=3,
+            searchSpace=_space(
+                lora__r={"type": "choice", "values": [2, 4]}, learningRate={"type": "choice", "values": [1e-3, 1e-2]}
+            ),
+        ),
+        "spec.tuning.trials",
+    ),
+    (
+        "concurrency-above-trials",
+        _tuning(trials=2, maxConcurrentTrials=3, searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
+        "spec.tuning.maxConcurrentTrials",
+    ),
+    (
+        "lora-field-with-full",
+        {**_tuning(searchSpace=_space(lora__r={"type": "choice", "values": [2]})), "training": {"method": "full"}},
+        f"{SPACE}.lora.r",
+    ),
+    (
+        "accuracy-for-causal-lm",
+        _tuning(
+            objective={"metric": "accuracy", "mode": "max"},
+            searchSpace=_space(lora__r={"type": "choice", "values": [2]}),
+        ),
+        "spec.tuning.objective.metric",
+    ),
+    (
+        "loss-maximised",
+        _tuning(
+            objective={"metric": "evalLoss", "mode": "max"},
+            searchSpace=_space(lora__r={"type": "choice", "values": [2]}),
+        ),
+        "spec.tuning.objective.mode",
+    ),
     ("empty-space", _tuning(searchSpace={}), "spec.tuning.searchSpace"),
-    ("no-held-out-data", {**_tuning(searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
-                          "dataset": {"train": "s3://data/chat/train.jsonl", "format": "chat"}}, "spec.tuning"),
+    (
+        "no-held-out-data",
+        {
+            **_tuning(searchSpace=_space(lora__r={"type": "choice", "values": [2]})),
+            "dataset": {"train": "s3://data/chat/train.jsonl", "format": "chat"},
+        },
+        "spec.tuning",
+    ),
 ]
 
 
@@ -102,15 +162,29 @@ def test_invalid_search_space_names_the_field(case: str, spec: dict[str, Any], f
 
 
 def test_valid_search_spaces() -> None:
-    grid = api.parse_spec(_tuning(algorithm="grid", trials=4, maxConcurrentTrials=2, earlyStopping="asha",
-                                  searchSpace=_space(lora__r={"type": "choice", "values": [2, 4]},
-                                                     learningRate={"type": "choice", "values": [1e-3, 0.5]})))
+    grid = api.parse_spec(
+        _tuning(
+            algorithm="grid",
+            trials=4,
+            maxConcurrentTrials=2,
+            earlyStopping="asha",
+            searchSpace=_space(
+                lora__r={"type": "choice", "values": [2, 4]}, learningRate={"type": "choice", "values": [1e-3, 0.5]}
+            ),
+        )
+    )
     assert grid.tuning.trials == 4
-    rnd = api.parse_spec(_tuning(trials=6, searchSpace=_space(
-        learningRate={"type": "loguniform", "low": 1e-5, "high": 1e-3},
-        lora__r={"type": "randint", "low": 4, "high": 16},
-        lora__dropout={"type": "uniform", "low": 0.0, "high": 0.2},
-        perDeviceBatchSize={"type": "choice", "values": [2, 4]})))
+    rnd = api.parse_spec(
+        _tuning(
+            trials=6,
+            searchSpace=_space(
+                learningRate={"type": "loguniform", "low": 1e-5, "high": 1e-3},
+                lora__r={"type": "randint", "low": 4, "high": 16},
+                lora__dropout={"type": "uniform", "low": 0.0, "high": 0.2},
+                perDeviceBatchSize={"type": "choice", "values": [2, 4]},
+            ),
+        )
+    )
     assert list(rnd.tuning.search_space) == ["learningRate", "lora.r", "lora.dropout", "perDeviceBatchSize"]
 
 
@@ -119,11 +193,20 @@ def test_validate_and_webhook_and_trainer_refuse_before_anything_runs(tmp_path: 
     exit 2 before it starts Ray."""
     from kubetune_operator.webhook import admission_errors
 
-    manifest = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "bad-space"},
-                "spec": _tuning(algorithm="grid", trials=2, searchSpace=_space(
-                    lora__r={"type": "choice", "values": []},
-                    learningRate={"type": "loguniform", "low": 1e-2, "high": 1e-4},
-                    optimizer={"type": "choice", "values": [1]}))}
+    manifest = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "bad-space"},
+        "spec": _tuning(
+            algorithm="grid",
+            trials=2,
+            searchSpace=_space(
+                lora__r={"type": "choice", "values": []},
+                learningRate={"type": "loguniform", "low": 1e-2, "high": 1e-4},
+                optimizer={"type": "choice", "values": [1]},
+            ),
+        ),
+    }
     errors = admission_errors("CREATE", manifest, None)
     paths = [p for p, _ in errors]
     assert {f"{SPACE}.lora.r.values", f"{SPACE}.learningRate.low", f"{SPACE}.optimizer"} <= set(paths), errors
@@ -132,18 +215,36 @@ def test_validate_and_webhook_and_trainer_refuse_before_anything_runs(tmp_path: 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "kubetune_cli.main", "validate", str(path)], capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_cli.main", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     said = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
     assert webhook in said, f"validate said:\n{said}\nthe webhook says:\n{webhook}"
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"job": {"name": "bad-space", "namespace": "default"}, "spec": manifest["spec"],
-                                  "runUri": "s3://outputs/runs/default/bad-space"}))
+    config.write_text(
+        json.dumps(
+            {
+                "job": {"name": "bad-space", "namespace": "default"},
+                "spec": manifest["spec"],
+                "runUri": "s3://outputs/runs/default/bad-space",
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "kubetune_trainer", "--config", str(config), "--local"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(config), "--local"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "kubetune-trainer: error: config:" in out and f"{SPACE}.lora.r.values" in out, out
@@ -163,12 +264,16 @@ def test_search_space_maps_to_tune_domains() -> None:
 
     from kubetune_trainer.tune_space import grid_size, search_space
 
-    rnd = _spec(trials=3, searchSpace=_space(
-        learningRate={"type": "loguniform", "low": 1e-5, "high": 1e-3},
-        lora__r={"type": "randint", "low": 4, "high": 16},
-        lora__alpha={"type": "uniform", "low": 8, "high": 32},
-        weightDecay={"type": "uniform", "low": 0.0, "high": 0.1},
-        perDeviceBatchSize={"type": "choice", "values": [2, 4]}))
+    rnd = _spec(
+        trials=3,
+        searchSpace=_space(
+            learningRate={"type": "loguniform", "low": 1e-5, "high": 1e-3},
+            lora__r={"type": "randint", "low": 4, "high": 16},
+            lora__alpha={"type": "uniform", "low": 8, "high": 32},
+            weightDecay={"type": "uniform", "low": 0.0, "high": 0.1},
+            perDeviceBatchSize={"type": "choice", "values": [2, 4]},
+        ),
+    )
     space = search_space(rnd.tuning)["params"]
     assert isinstance(space["learningRate"], Float) and space["learningRate"].lower == 1e-5
     assert isinstance(space["lora.r"], Integer) and (space["lora.r"].lower, space["lora.r"].upper) == (4, 17)
@@ -177,15 +282,23 @@ def test_search_space_maps_to_tune_domains() -> None:
     assert isinstance(space["perDeviceBatchSize"], Categorical)
     assert space["perDeviceBatchSize"].categories == [2, 4]
 
-    grid = _spec(algorithm="grid", trials=4, searchSpace=_space(lora__r={"type": "choice", "values": [2, 4]},
-                                                                 learningRate={"type": "choice",
-                                                                               "values": [1e-3, 0.5]}))
+    grid = _spec(
+        algorithm="grid",
+        trials=4,
+        searchSpace=_space(
+            lora__r={"type": "choice", "values": [2, 4]}, learningRate={"type": "choice", "values": [1e-3, 0.5]}
+        ),
+    )
     variants = [v["params"] for _, v in generate_variants(search_space(grid.tuning))]
     assert grid_size(grid.tuning) == 4
     # Nested loops over the fields in name order, whatever the spec's order (the API server sorts map keys):
     # the last field varies fastest. The tuning test relies on it.
-    assert variants == [{"learningRate": 1e-3, "lora.r": 2}, {"learningRate": 1e-3, "lora.r": 4},
-                        {"learningRate": 0.5, "lora.r": 2}, {"learningRate": 0.5, "lora.r": 4}]
+    assert variants == [
+        {"learningRate": 1e-3, "lora.r": 2},
+        {"learningRate": 1e-3, "lora.r": 4},
+        {"learningRate": 0.5, "lora.r": 2},
+        {"learningRate": 0.5, "lora.r": 4},
+    ]
     assert [list(v) for v in variants] == [["learningRate", "lora.r"]] * 4
 
 
@@ -214,11 +327,13 @@ def test_best_trial_is_the_best_finished_one() -> None:
     from kubetune_trainer.tune_space import select_best, trial_state
 
     T = api.TrialStatus
-    trials = [T(id="trial-00", objective=3.1, state="TERMINATED", step=6),
-              T(id="trial-01", objective=2.9, state="TERMINATED", step=6),
-              T(id="trial-02", objective=1.0, state="EARLY_STOPPED", step=2),  # an earlier step, and no model
-              T(id="trial-03", objective=None, state="ERROR"),
-              T(id="trial-04", objective=2.9, state="TERMINATED", step=6)]
+    trials = [
+        T(id="trial-00", objective=3.1, state="TERMINATED", step=6),
+        T(id="trial-01", objective=2.9, state="TERMINATED", step=6),
+        T(id="trial-02", objective=1.0, state="EARLY_STOPPED", step=2),  # an earlier step, and no model
+        T(id="trial-03", objective=None, state="ERROR"),
+        T(id="trial-04", objective=2.9, state="TERMINATED", step=6),
+    ]
     assert select_best(trials, "min").id == "trial-01"  # ties go to the lower id
     assert select_best(trials, "max").id == "trial-00"
     assert select_best(trials[2:4], "min") is None
@@ -238,13 +353,25 @@ def test_improvement_is_positive_when_better() -> None:
     assert improvement("accuracy", 0.5, 0.8) == pytest.approx(0.3)
     assert improvement("evalLoss", 4.5, float("nan")) is None and improvement("evalLoss", None, 3.0) is None
     s = summary({"base": {"evalLoss": 4.5}, "fineTuned": {"evalLoss": 4.6}}, "evalLoss", "s3://b/r.json")
-    assert s.wire() == {"metric": "evalLoss", "base": 4.5, "fineTuned": 4.6, "improvement": pytest.approx(-0.1),
-                        "reportUri": "s3://b/r.json"}
+    assert s.wire() == {
+        "metric": "evalLoss",
+        "base": 4.5,
+        "fineTuned": 4.6,
+        "improvement": pytest.approx(-0.1),
+        "reportUri": "s3://b/r.json",
+    }
     assert tune_safe({"evalLoss": float("nan"), "accuracy": float("nan"), "perplexity": 3.0}) == {
-        "evalLoss": float("inf"), "accuracy": 0.0, "perplexity": 3.0}
+        "evalLoss": float("inf"),
+        "accuracy": 0.0,
+        "perplexity": 3.0,
+    }
     assert objective_metric(api.parse_spec(GOOD)) == "evalLoss"
-    assert objective_metric(_spec(objective={"metric": "perplexity"},
-                                  searchSpace=_space(lora__r={"type": "choice", "values": [2]}))) == "perplexity"
+    assert (
+        objective_metric(
+            _spec(objective={"metric": "perplexity"}, searchSpace=_space(lora__r={"type": "choice", "values": [2]}))
+        )
+        == "perplexity"
+    )
 
 
 def test_held_out_prompts_come_from_the_validation_rows() -> None:
@@ -265,8 +392,11 @@ def test_held_out_prompts_come_from_the_validation_rows() -> None:
     out = held_out_examples(data, classification=False, k=3, completion=True)
     assert out[2]["prompt"] == list(range(100, 105))
     assert COMPLETION_PROMPT_TOKENS >= 5 and NEW_TOKENS >= 2
-    cls = {"input_ids": np.array([[5, 6, 7, 0], [8, 9, 0, 0]]), "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]]),
-           "label": np.array([1, 0])}
+    cls = {
+        "input_ids": np.array([[5, 6, 7, 0], [8, 9, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        "label": np.array([1, 0]),
+    }
     assert held_out_examples(cls, classification=True) == [{"ids": [5, 6, 7], "label": 1}, {"ids": [8, 9], "label": 0}]
 
 
@@ -282,8 +412,11 @@ def test_the_tuning_example_samples_valid_trials() -> None:
 
     def sample(seed: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng(seed)  # what BasicVariantGenerator(random_state=seed) draws from
-        return [v["params"] for _ in range(spec.tuning.trials)
-                for _, v in generate_variants(search_space(spec.tuning), random_state=rng)]
+        return [
+            v["params"]
+            for _ in range(spec.tuning.trials)
+            for _, v in generate_variants(search_space(spec.tuning), random_state=rng)
+        ]
 
     configs = sample(spec.training.seed)
     assert len(configs) == 8 and len({json.dumps(c, sort_keys=True) for c in configs}) == 8

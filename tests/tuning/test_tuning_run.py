@@ -30,24 +30,41 @@ STEPS = 6
 
 
 def _spec(env: TrainerEnv) -> dict[str, Any]:
-    data = put_jsonl(env.client, f"s3://{BUCKET}/data/tuning/fortunes.jsonl",
-                     [{"text": t} for t in fortunes("computers", limit=80)])
+    data = put_jsonl(
+        env.client, f"s3://{BUCKET}/data/tuning/fortunes.jsonl", [{"text": t} for t in fortunes("computers", limit=80)]
+    )
     return {
         "model": {"uri": env.model_uri},
-        "dataset": {"train": data, "format": "completion", "validationSplit": 0.15,
-                    "preprocessing": {"maxSeqLength": 32}, "endpoint": env.s3.endpoint_url},
+        "dataset": {
+            "train": data,
+            "format": "completion",
+            "validationSplit": 0.15,
+            "preprocessing": {"maxSeqLength": 32},
+            "endpoint": env.s3.endpoint_url,
+        },
         "training": {
-            "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-            "maxSteps": 50, "perDeviceBatchSize": 2, "learningRate": 1e-3, "warmupRatio": 0.0,
-            "scheduler": "constant", "evalIntervalSteps": 2, "checkpoint": {"intervalSteps": 100, "keep": 1},
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "maxSteps": 50,
+            "perDeviceBatchSize": 2,
+            "learningRate": 1e-3,
+            "warmupRatio": 0.0,
+            "scheduler": "constant",
+            "evalIntervalSteps": 2,
+            "checkpoint": {"intervalSteps": 100, "keep": 1},
         },
         "tuning": {
             "objective": {"metric": "evalLoss", "mode": "min"},
-            "trials": 4, "maxConcurrentTrials": 2, "algorithm": "grid", "earlyStopping": "asha",
+            "trials": 4,
+            "maxConcurrentTrials": 2,
+            "algorithm": "grid",
+            "earlyStopping": "asha",
             "maxStepsPerTrial": STEPS,
             # Nested loops over the fields in name order (learningRate, lora.r): trials 0,1 = GOOD_LR; 2,3 = BAD_LR.
-            "searchSpace": {"lora.r": {"type": "choice", "values": [2, 4]},
-                            "learningRate": {"type": "choice", "values": [GOOD_LR, BAD_LR]}},
+            "searchSpace": {
+                "lora.r": {"type": "choice", "values": [2, 4]},
+                "learningRate": {"type": "choice", "values": [GOOD_LR, BAD_LR]},
+            },
         },
         "resources": {"workers": 1, "gpusPerWorker": 0, "cpuPerWorker": "1"},
         "output": {"uri": f"s3://{BUCKET}/runs"},
@@ -58,41 +75,54 @@ def _spec(env: TrainerEnv) -> dict[str, Any]:
 def _create_job(k8s_client: Any, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     from kubernetes import client
 
-    body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
-            "spec": spec}
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
     return client.CustomObjectsApi(k8s_client).create_namespaced_custom_object(
-        api.GROUP, api.VERSION, namespace, api.PLURAL, body)
+        api.GROUP, api.VERSION, namespace, api.PLURAL, body
+    )
 
 
 @pytest.mark.timeout(900)
-def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, control_plane, k8s_client,
-                                                       namespace) -> None:
+def test_tuning_grid_with_asha_exports_the_best_trial(
+    tuning_env: TrainerEnv, control_plane, k8s_client, namespace
+) -> None:
     env = tuning_env
     spec = _spec(env)
     install_finetunejob_crd(control_plane)
     job = _create_job(k8s_client, namespace, "tuned", spec)  # the CRD (and its schema) takes the tuning spec
     kubeconfig = trainer_kubeconfig(control_plane, k8s_client, job)
-    cfg = env.config("tuned", spec, reporting={"kubernetes": True, "minIntervalSeconds": 0},
-                     job={"name": "tuned", "namespace": namespace, "uid": job["metadata"]["uid"]})
+    cfg = env.config(
+        "tuned",
+        spec,
+        reporting={"kubernetes": True, "minIntervalSeconds": 0},
+        job={"name": "tuned", "namespace": namespace, "uid": job["metadata"]["uid"]},
+    )
     run_uri = cfg["runUri"] = f"s3://{BUCKET}/runs/{namespace}/tuned"
     progress_file = env.workdir / f"progress-{namespace}.jsonl"
 
-    run = env.run(cfg, env={"KUBECONFIG": str(kubeconfig), "KUBETUNE_PROGRESS_FILE": str(progress_file)},
-                  timeout=720)
+    run = env.run(cfg, env={"KUBECONFIG": str(kubeconfig), "KUBETUNE_PROGRESS_FILE": str(progress_file)}, timeout=720)
     assert run.returncode == 0, run.output[-8000:]
     assert "succeeded" in run.final_line and "best of 4 trials" in run.final_line, run.final_line
 
     # ---- every trial is in the status, short and readable, through the API server
-    status = wait_for_status(k8s_client, namespace, "tuned",
-                             lambda s: s.get("bestTrial") and (s.get("evaluation") or {}).get("reportUri"))
+    status = wait_for_status(
+        k8s_client, namespace, "tuned", lambda s: s.get("bestTrial") and (s.get("evaluation") or {}).get("reportUri")
+    )
     trials = {t["id"]: t for t in status["trials"]}
     assert sorted(trials) == ["trial-00", "trial-01", "trial-02", "trial-03"], status["trials"]
     for tid, t in trials.items():
         assert set(t) <= {"id", "params", "objective", "state", "step"}, t
         assert set(t["params"]) == {"lora.r", "learningRate"}
     assert [trials[t]["params"] for t in sorted(trials)] == [
-        {"learningRate": GOOD_LR, "lora.r": 2}, {"learningRate": GOOD_LR, "lora.r": 4},
-        {"learningRate": BAD_LR, "lora.r": 2}, {"learningRate": BAD_LR, "lora.r": 4}]
+        {"learningRate": GOOD_LR, "lora.r": 2},
+        {"learningRate": GOOD_LR, "lora.r": 4},
+        {"learningRate": BAD_LR, "lora.r": 2},
+        {"learningRate": BAD_LR, "lora.r": 4},
+    ]
 
     # ---- ASHA stopped the absurd learning rates early; at least one sane trial trained to the end
     for tid in ("trial-02", "trial-03"):
@@ -177,11 +207,18 @@ def test_tuning_grid_with_asha_exports_the_best_trial(tuning_env: TrainerEnv, co
 
     text = render({"metadata": {"name": "tuned", "namespace": namespace}, "status": status})
     assert f"best {best['id']}" in text and "EARLY_STOPPED" in text and "eval      evalLoss: base" in text
-    curves = trial_curves(metrics, {tid: env.metrics(f"{run_uri}/trials/{tid}") for tid in trials
-                                    if trials[tid]["state"] == "TERMINATED"})
+    curves = trial_curves(
+        metrics, {tid: env.metrics(f"{run_uri}/trials/{tid}") for tid in trials if trials[tid]["state"] == "TERMINATED"}
+    )
     assert set(curves) == set(trials)
-    png = plot_trials(curves, env.workdir / "trials.png", "tuned", best=best["id"],
-                      states={tid: t["state"] for tid, t in trials.items()}, baseline=ev["base"])
+    png = plot_trials(
+        curves,
+        env.workdir / "trials.png",
+        "tuned",
+        best=best["id"],
+        states={tid: t["state"] for tid, t in trials.items()},
+        baseline=ev["base"],
+    )
     assert png.stat().st_size > 10_000
 
     # ---- the local progress file (kubetune run's view) saw the trials too

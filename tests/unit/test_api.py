@@ -10,8 +10,13 @@ pytestmark = pytest.mark.unit
 
 GOOD = {
     "model": {"uri": "s3://models/smollm2-135m"},
-    "dataset": {"train": "s3://data/chat/train.jsonl", "validationSplit": 0.1, "format": "chat",
-                "endpoint": "http://127.0.0.1:8333", "credentialsSecret": "s3-creds"},
+    "dataset": {
+        "train": "s3://data/chat/train.jsonl",
+        "validationSplit": 0.1,
+        "format": "chat",
+        "endpoint": "http://127.0.0.1:8333",
+        "credentialsSecret": "s3-creds",
+    },
     "output": {"uri": "s3://outputs/runs"},
 }
 
@@ -59,12 +64,16 @@ def test_defaults_resolve():
         (with_("training.lora", {"r": 8}, with_("training.method", "full")), "spec.training.lora"),
         (with_("model.task", "sequence-classification"), "spec.model.numLabels"),
         (with_("dataset.validation", "s3://data/val.jsonl"), "spec.dataset.validationSplit"),
-        (with_("training.earlyStopping", {"patience": 2}, with_("dataset.validationSplit", None)),
-         "spec.training.earlyStopping"),
+        (
+            with_("training.earlyStopping", {"patience": 2}, with_("dataset.validationSplit", None)),
+            "spec.training.earlyStopping",
+        ),
         (with_("deploy.mode", "adapter", with_("training.method", "full")), "spec.deploy.mode"),
         (with_("training.unknownKnob", 3), "spec.training.unknownKnob"),
-        (with_("dataset.preprocessing.maxChars", 5, with_("dataset.preprocessing.minChars", 10)),
-         "spec.dataset.preprocessing.maxChars"),
+        (
+            with_("dataset.preprocessing.maxChars", 5, with_("dataset.preprocessing.minChars", 10)),
+            "spec.dataset.preprocessing.maxChars",
+        ),
     ],
 )
 def test_invalid_specs_name_the_field(spec, field):
@@ -88,39 +97,53 @@ def test_inline_credentials_are_refused_and_never_echoed():
 
 
 def test_tuning_search_space_rules():
-    tuning = {"trials": 2, "maxConcurrentTrials": 3, "searchSpace": {
-        "learningRate": {"type": "loguniform", "low": 0.01, "high": 0.001},
-        "lora.r": {"type": "choice", "values": []},
-        "optimizer": {"type": "choice", "values": [1]},
-        "perDeviceBatchSize": {"type": "uniform", "low": 1, "high": 4},
-        "lora.alpha": {"type": "choice", "values": [8.5]},
-    }}
+    tuning = {
+        "trials": 2,
+        "maxConcurrentTrials": 3,
+        "searchSpace": {
+            "learningRate": {"type": "loguniform", "low": 0.01, "high": 0.001},
+            "lora.r": {"type": "choice", "values": []},
+            "optimizer": {"type": "choice", "values": [1]},
+            "perDeviceBatchSize": {"type": "uniform", "low": 1, "high": 4},
+            "lora.alpha": {"type": "choice", "values": [8.5]},
+        },
+    }
     paths = [p for p, _ in errors_of(with_("tuning", tuning))]
     assert "spec.tuning.searchSpace.learningRate.low" in paths
     assert "spec.tuning.searchSpace.lora.r.values" in paths
     assert "spec.tuning.searchSpace.optimizer" in paths
     assert "spec.tuning.maxConcurrentTrials" in paths
     assert "spec.tuning.searchSpace.lora.alpha.values" in paths
-    ok = {"trials": 4, "earlyStopping": "asha", "searchSpace": {
-        "learningRate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
-        "lora.r": {"type": "choice", "values": [4, 8]}}}
+    ok = {
+        "trials": 4,
+        "earlyStopping": "asha",
+        "searchSpace": {
+            "learningRate": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+            "lora.r": {"type": "choice", "values": [4, 8]},
+        },
+    }
     assert api.parse_spec(with_("tuning", ok)).tuning.trials == 4
 
 
 def test_tuning_needs_held_out_data():
-    spec = with_("tuning", {"searchSpace": {"learningRate": {"type": "choice", "values": [0.1]}}},
-                 with_("dataset.validationSplit", None))
+    spec = with_(
+        "tuning",
+        {"searchSpace": {"learningRate": {"type": "choice", "values": [0.1]}}},
+        with_("dataset.validationSplit", None),
+    )
     assert "spec.tuning" in [p for p, _ in errors_of(spec)]
 
 
 def test_manifest_envelope():
     with pytest.raises(api.SpecError) as info:
-        api.parse_manifest({"apiVersion": "kubetune.io/v1", "kind": "FineTuneJob",
-                            "metadata": {"name": "Bad_Name"}, "spec": GOOD})
+        api.parse_manifest(
+            {"apiVersion": "kubetune.io/v1", "kind": "FineTuneJob", "metadata": {"name": "Bad_Name"}, "spec": GOOD}
+        )
     paths = [p for p, _ in info.value.errors]
     assert paths == ["apiVersion", "metadata.name"]
-    name, ns, spec = api.parse_manifest({"apiVersion": api.API_VERSION, "kind": api.KIND,
-                                         "metadata": {"name": "ok", "namespace": "team"}, "spec": GOOD})
+    name, ns, spec = api.parse_manifest(
+        {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "ok", "namespace": "team"}, "spec": GOOD}
+    )
     assert (name, ns, spec.output.uri) == ("ok", "team", "s3://outputs/runs")
 
 

@@ -76,9 +76,17 @@ def test_schema_and_models_agree_on_examples():
 
 def test_schema_refuses_what_the_models_refuse():
     schema = _openapi_to_jsonschema(crd.openapi_schema())
-    doc = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "x"},
-           "spec": {"model": {"uri": "s3://models/m"}, "dataset": {"train": "s3://data/t", "format": "chat"},
-                    "output": {"uri": "s3://out/x"}, "training": {"learningRate": 0}}}
+    doc = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": "x"},
+        "spec": {
+            "model": {"uri": "s3://models/m"},
+            "dataset": {"train": "s3://data/t", "format": "chat"},
+            "output": {"uri": "s3://out/x"},
+            "training": {"learningRate": 0},
+        },
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, schema)
     with pytest.raises(api.SpecError):

@@ -52,10 +52,15 @@ def test_backoff_limit_counts_failures_and_skips_deadline_failures() -> None:
     job.start()
     job.attempt_ended(False, "boom", T0, T0)
     assert job.status["failed"] == 1 and job.status["succeeded"] == 0
-    st = kuberay.next_status({**_ray_job(3), "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
-                                                        "startTime": kuberay.rfc3339(T0)},
-                              "spec": {**_ray_job(3)["spec"], "activeDeadlineSeconds": 10}},
-                             kuberay.World(), T0 + timedelta(seconds=11))
+    st = kuberay.next_status(
+        {
+            **_ray_job(3),
+            "status": {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "startTime": kuberay.rfc3339(T0)},
+            "spec": {**_ray_job(3)["spec"], "activeDeadlineSeconds": 10},
+        },
+        kuberay.World(),
+        T0 + timedelta(seconds=11),
+    )
     assert (st["jobDeploymentStatus"], st["reason"]) == ("Failed", "DeadlineExceeded")  # never retried
 
 
@@ -98,8 +103,14 @@ def test_retrying_waits_out_an_outage_and_not_other_errors() -> None:
 def test_failure_config_from_the_spec() -> None:
     from kubetune_trainer.train import failure_config
 
-    spec = api.parse_spec({"model": {"uri": "s3://bkt/m"}, "dataset": {"train": "s3://bkt/d", "format": "completion"},
-                           "output": {"uri": "s3://bkt/o"}, "training": {"maxWorkerRestarts": 5}})
+    spec = api.parse_spec(
+        {
+            "model": {"uri": "s3://bkt/m"},
+            "dataset": {"train": "s3://bkt/d", "format": "completion"},
+            "output": {"uri": "s3://bkt/o"},
+            "training": {"maxWorkerRestarts": 5},
+        }
+    )
     fc = failure_config(api.resolve_trainer_config("j", "ns", "u1", spec))
     assert (fc.max_failures, fc.max_preemption_failures) == (5, 10)
     assert api.TrainingSpec().max_worker_restarts == 3  # the default recovers a lost worker

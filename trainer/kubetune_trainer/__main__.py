@@ -38,8 +38,9 @@ _PREFIX = "kubetune-trainer"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="the resolved trainer config (JSON) the operator wrote")
-    parser.add_argument("--local", action="store_true",
-                        help="start a Ray cluster on this machine instead of joining KubeRay's")
+    parser.add_argument(
+        "--local", action="store_true", help="start a Ray cluster on this machine instead of joining KubeRay's"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         model_cache=os.environ.get("KUBETUNE_MODEL_CACHE") or "/tmp/kubetune-models",
         staging_dir=os.environ.get("KUBETUNE_STAGING_DIR", ""),
         ray_storage=os.environ.get("KUBETUNE_RAY_STORAGE", ""),
-        fail_after_step=int(os.environ["KUBETUNE_FAIL_AFTER_STEP"]) if os.environ.get("KUBETUNE_FAIL_AFTER_STEP")
+        fail_after_step=int(os.environ["KUBETUNE_FAIL_AFTER_STEP"])
+        if os.environ.get("KUBETUNE_FAIL_AFTER_STEP")
         else None,
         trace_dir=os.environ.get("KUBETUNE_TRACE_DIR") or None,
         # Workers are processes of the Ray cluster, with the cluster's environment, not this process's.
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     options.startup["startedAt"] = time.time()  # time to first step counts from here (wall clock: other processes)
     try:
         summary = run(cfg, options)
-    except Exception as exc:  # noqa: BLE001 - every failure ends in one clear line and an exit code
+    except Exception as exc:
         code, kind, message = classify(exc, cfg)
         log.exception("the run failed")
         _quiet_ray()
@@ -74,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     model = summary.get("model") or {}
     eval_loss = summary.get("evalLoss")
     # The leading newline: a log line of Ray's left without its newline must not swallow this one.
-    print(f"\n{_PREFIX}: succeeded: step {summary.get('step')}/{summary.get('totalSteps')} "
-          f"({summary.get('stopReason')}), evalLoss {eval_loss if eval_loss is None else round(eval_loss, 4)}, "
-          f"{summary.get('tokensPerSecond')} tokens/s, model {model.get('uri')} ({model.get('kind')}), "
-          f"{time.monotonic() - t0:.0f}s", flush=True)
+    print(
+        f"\n{_PREFIX}: succeeded: step {summary.get('step')}/{summary.get('totalSteps')} "
+        f"({summary.get('stopReason')}), evalLoss {eval_loss if eval_loss is None else round(eval_loss, 4)}, "
+        f"{summary.get('tokensPerSecond')} tokens/s, model {model.get('uri')} ({model.get('kind')}), "
+        f"{time.monotonic() - t0:.0f}s",
+        flush=True,
+    )
     return EXIT_OK
 
 
@@ -105,8 +110,13 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
     tokenizer = model_lib.load_tokenizer(cfg.spec, tokenizer_dir)
     prepared = prepare(cfg, tokenizer, world_size(cfg.spec.resources))  # one shard per rank
     options.startup["dataSeconds"] = round(time.monotonic() - t0, 2)
-    log.info("data ready: %s (%d training sequences of %d tokens in %d shards)", prepared.manifest_uri,
-             prepared.num_train_sequences, prepared.seq_length, len(prepared.train_shards))
+    log.info(
+        "data ready: %s (%d training sequences of %d tokens in %d shards)",
+        prepared.manifest_uri,
+        prepared.num_train_sequences,
+        prepared.seq_length,
+        len(prepared.train_shards),
+    )
     if cfg.spec.tuning is not None:  # hyperparameter search: Ray Tune trials of this training, best one exported
         from kubetune_trainer.tune import run_tuning
 
@@ -126,7 +136,7 @@ def _start_local_ray(attempts: int = 3) -> None:
         try:
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
             return
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+        except Exception as exc:
             if attempt == attempts or "timed out during startup" not in str(exc):
                 raise
             log.warning("the local Ray cluster did not start in time (attempt %d); trying again", attempt)
@@ -134,8 +144,14 @@ def _start_local_ray(attempts: int = 3) -> None:
 
 
 # S3 error codes that mean "these keys are wrong, expired or not allowed here".
-S3_DENIED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
-                   "TokenRefreshRequired")
+S3_DENIED_CODES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+)
 S3_ACCESS_DENIED = "S3AccessDenied"  # the operator maps this marker to the Failed reason of the same name
 
 
@@ -173,8 +189,15 @@ def _s3_denied_code(exc: BaseException) -> str | None:
             if f"({candidate})" in text:
                 return candidate
         failures = getattr(e, "worker_failures", None) or {}
-        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None),
-                     *failures.values()])
+        todo.extend(
+            [
+                e.__cause__,
+                e.__context__,
+                getattr(e, "cause", None),
+                getattr(e, "controller_failure", None),
+                *failures.values(),
+            ]
+        )
     return None
 
 
@@ -184,11 +207,18 @@ def _access_denied_message(code: str, cfg: TrainerConfig | None) -> str:
         return f"S3 refused the credentials ({code}); check the Secret named in spec.dataset.credentialsSecret"
     spec = cfg.spec
     sources = getattr(spec.dataset, "sources", None) or []
-    uris = [spec.dataset.train, spec.dataset.validation, spec.output.uri, spec.model.uri,
-            *(getattr(src, "uri", None) for src in sources)]
-    buckets = sorted({u[len("s3://"):].split("/", 1)[0] for u in uris if isinstance(u, str) and u.startswith("s3://")})
-    return (f"endpoint {spec.dataset.endpoint or 'AWS S3'} refused the credentials for bucket "
-            f"{', '.join(buckets)} ({code}); check the keys in Secret {spec.dataset.credentials_secret or '(none)'}")
+    uris = [
+        spec.dataset.train,
+        spec.dataset.validation,
+        spec.output.uri,
+        spec.model.uri,
+        *(getattr(src, "uri", None) for src in sources),
+    ]
+    buckets = sorted({u[len("s3://") :].split("/", 1)[0] for u in uris if isinstance(u, str) and u.startswith("s3://")})
+    return (
+        f"endpoint {spec.dataset.endpoint or 'AWS S3'} refused the credentials for bucket "
+        f"{', '.join(buckets)} ({code}); check the keys in Secret {spec.dataset.credentials_secret or '(none)'}"
+    )
 
 
 def _root_cause(exc: BaseException) -> BaseException:

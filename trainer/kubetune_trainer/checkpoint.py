@@ -103,8 +103,14 @@ def find_latest(client: Any, cfg: TrainerConfig) -> str | None:
         marker = storage.get_json(client, f"{checkpoint_uri(cfg, step)}/{COMPLETE}")
         uid = marker.get("jobUid")
         if cfg.job.uid and uid and uid != cfg.job.uid:
-            log.warning("ignoring checkpoint %s: written by another incarnation of %s/%s (uid %s, this one is %s)",
-                        checkpoint_uri(cfg, step), cfg.job.namespace, cfg.job.name, uid, cfg.job.uid)
+            log.warning(
+                "ignoring checkpoint %s: written by another incarnation of %s/%s (uid %s, this one is %s)",
+                checkpoint_uri(cfg, step),
+                cfg.job.namespace,
+                cfg.job.name,
+                uid,
+                cfg.job.uid,
+            )
             continue
         latest = step
         break
@@ -135,8 +141,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save(engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, client: Any, staging: Path,
-         exclude_frozen: bool) -> str:
+def save(
+    engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, client: Any, staging: Path, exclude_frozen: bool
+) -> str:
     """Write a checkpoint of `state.step` to S3 (collective: every rank calls it); returns its URI."""
     import torch
     import torch.distributed as dist
@@ -163,18 +170,23 @@ def save(engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, clien
 
     dist.barrier()  # every rank's files are in S3
     if rank == 0:
-        storage.put_json(client, f"{uri}/{COMPLETE}", {
-            "step": state.step,
-            "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
-            "time": now_rfc3339(),
-            "worldSize": state.world_size,
-            "jobUid": cfg.job.uid,  # which incarnation wrote it (find_latest resumes only its own)
-        })
+        storage.put_json(
+            client,
+            f"{uri}/{COMPLETE}",
+            {
+                "step": state.step,
+                "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
+                "time": now_rfc3339(),
+                "worldSize": state.world_size,
+                "jobUid": cfg.job.uid,  # which incarnation wrote it (find_latest resumes only its own)
+            },
+        )
     return uri
 
 
-def load(engine: Any, uri: str, *, rank: int, world_size: int, client: Any, staging: Path,
-         exclude_frozen: bool) -> TrainState:
+def load(
+    engine: Any, uri: str, *, rank: int, world_size: int, client: Any, staging: Path, exclude_frozen: bool
+) -> TrainState:
     """Restore engine (weights, optimizer, scheduler), RNG states and loop position from checkpoint `uri`."""
     import torch
 
@@ -191,8 +203,11 @@ def load(engine: Any, uri: str, *, rank: int, world_size: int, client: Any, stag
     # ZeRO-1/2 read every rank's optimizer file (they are merged to allow elastic resizing), so all of ds/.
     storage.download(client, uri, local, want=lambda rel: rel.startswith(f"{_DS_TAG}/") or rel == mine)
     load_path, _ = engine.load_checkpoint(
-        str(local), tag=_DS_TAG, load_module_strict=not exclude_frozen,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
+        str(local),
+        tag=_DS_TAG,
+        load_module_strict=not exclude_frozen,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {uri}")

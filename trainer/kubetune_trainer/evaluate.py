@@ -27,7 +27,8 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kubetune.api import EvaluationSummary, FineTuneJobSpec, TrainerConfig
 from kubetune.clock import now_rfc3339
@@ -41,8 +42,13 @@ PROMPT_TOKENS = 48  # at most this many prompt tokens (the end is kept: the assi
 COMPLETION_PROMPT_TOKENS = 16  # completion records: the prompt is the first this-many tokens (at most half)
 NEW_TOKENS = 16  # greedy tokens generated per sample
 # Wire metric name -> key of the trainer's evaluation dict (train._evaluate).
-METRIC_KEYS = {"evalLoss": "loss", "perplexity": "perplexity", "accuracy": "accuracy",
-               "preferenceAccuracy": "preferenceAccuracy", "rewardMargin": "rewardMargin"}
+METRIC_KEYS = {
+    "evalLoss": "loss",
+    "perplexity": "perplexity",
+    "accuracy": "accuracy",
+    "preferenceAccuracy": "preferenceAccuracy",
+    "rewardMargin": "rewardMargin",
+}
 HIGHER_IS_BETTER = {"accuracy", "preferenceAccuracy", "rewardMargin"}
 
 
@@ -80,16 +86,22 @@ def summary(report: dict[str, Any], metric: str, report_uri: str) -> EvaluationS
     """status.evaluation for a report."""
     base = (report.get("base") or {}).get(metric)
     fine = (report.get("fineTuned") or {}).get(metric)
-    return EvaluationSummary(metric=metric, base=_finite(base), fine_tuned=_finite(fine),
-                             improvement=improvement(metric, base, fine), report_uri=report_uri)
+    return EvaluationSummary(
+        metric=metric,
+        base=_finite(base),
+        fine_tuned=_finite(fine),
+        improvement=improvement(metric, base, fine),
+        report_uri=report_uri,
+    )
 
 
 def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def held_out_examples(data: dict[str, Any], classification: bool, k: int = NUM_SAMPLES,
-                      completion: bool = False) -> list[dict[str, Any]]:
+def held_out_examples(
+    data: dict[str, Any], classification: bool, k: int = NUM_SAMPLES, completion: bool = False
+) -> list[dict[str, Any]]:
     """The first `k` held-out examples as token lists: {"prompt", "reference"} for causal LM (prompt: what an
     instruction/chat record asks, i.e. the tokens before its first target, or for `completion` records the
     first tokens; reference: what follows), and {"ids", "label"} for classification. A pure function of the
@@ -119,8 +131,12 @@ def held_out_examples(data: dict[str, Any], classification: bool, k: int = NUM_S
                 cut = min(COMPLETION_PROMPT_TOKENS, max(1, len(ids) // 2))
             if cut >= len(ids):
                 continue
-            out.append({"prompt": [int(t) for t in ids[:cut][-PROMPT_TOKENS:]],
-                        "reference": [int(t) for t in ids[cut:cut + NEW_TOKENS]]})
+            out.append(
+                {
+                    "prompt": [int(t) for t in ids[:cut][-PROMPT_TOKENS:]],
+                    "reference": [int(t) for t in ids[cut : cut + NEW_TOKENS]],
+                }
+            )
     return out
 
 
@@ -135,9 +151,22 @@ class Evaluator:
     (ASHA decides on them) and the final one after the model is exported.
     """
 
-    def __init__(self, cfg: TrainerConfig, client: Any, tokenizer: Any, data: dict[str, Any], *, rank: int,
-                 device: Any, lora: bool, zero_stage: int, classification: bool, data_fingerprint: str,
-                 evaluate: Callable[[], dict[str, float]], trial: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        client: Any,
+        tokenizer: Any,
+        data: dict[str, Any],
+        *,
+        rank: int,
+        device: Any,
+        lora: bool,
+        zero_stage: int,
+        classification: bool,
+        data_fingerprint: str,
+        evaluate: Callable[[], dict[str, float]],
+        trial: dict[str, Any] | None = None,
+    ):
         self.cfg, self.client, self.tokenizer = cfg, client, tokenizer
         self.rank, self.device, self.lora, self.classification = rank, device, lora, classification
         self.zero3 = zero_stage == 3
@@ -151,9 +180,14 @@ class Evaluator:
         self.base_uri = f"{base_dir}/base.json"
         self.report_uri = f"{cfg.eval_uri}/report.json"
         training = cfg.spec.training
-        self.cache_key = {"model": cfg.spec.model.uri, "data": data_fingerprint, "task": cfg.spec.model.task,
-                          "maxEvalBatches": training.max_eval_batches, "seed": training.seed,
-                          "batch": training.per_device_batch_size}
+        self.cache_key = {
+            "model": cfg.spec.model.uri,
+            "data": data_fingerprint,
+            "task": cfg.spec.model.task,
+            "maxEvalBatches": training.max_eval_batches,
+            "seed": training.seed,
+            "batch": training.per_device_batch_size,
+        }
         self.base_figures: dict[str, float] | None = None
         self.base_samples: list[Any] = []
         self._last: tuple[int, dict[str, float]] | None = None
@@ -170,8 +204,11 @@ class Evaluator:
             self.base_figures, self.base_samples = cached[0]["metrics"], cached[0]["samples"]
             return
         if step > 0 and not self.lora:
-            log.warning("resumed at step %d without the base model's evaluation (%s): the report will have no "
-                        "base figures", step, self.base_uri)
+            log.warning(
+                "resumed at step %d without the base model's evaluation (%s): the report will have no base figures",
+                step,
+                self.base_uri,
+            )
             return
         t0 = time.monotonic()
         # At step 0 the engine is the base model; later (resumed LoRA) the adapters are switched off.
@@ -181,8 +218,16 @@ class Evaluator:
             self.base_samples = self._samples(engine)
         if self.rank == 0:
             try:
-                storage.put_json(self.client, self.base_uri, {"key": self.cache_key, "metrics": self.base_figures,
-                                                              "samples": self.base_samples, "time": now_rfc3339()})
+                storage.put_json(
+                    self.client,
+                    self.base_uri,
+                    {
+                        "key": self.cache_key,
+                        "metrics": self.base_figures,
+                        "samples": self.base_samples,
+                        "time": now_rfc3339(),
+                    },
+                )
             except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
                 log.warning("could not write %s (%s)", self.base_uri, type(exc).__name__)
         log.info("base model on the held-out data: %s (%.1fs)", _fmt(self.base_figures), time.monotonic() - t0)
@@ -227,8 +272,14 @@ class Evaluator:
             report = self._report(step, fine, fine_samples, artifact)
             storage.put_json(self.client, self.report_uri, report)
             result = summary(report, self.metric, self.report_uri)
-            log.info("evaluation: %s base %s -> fine-tuned %s (improvement %s); report %s", self.metric,
-                     _num(result.base), _num(result.fine_tuned), _num(result.improvement), self.report_uri)
+            log.info(
+                "evaluation: %s base %s -> fine-tuned %s (improvement %s); report %s",
+                self.metric,
+                _num(result.base),
+                _num(result.fine_tuned),
+                _num(result.improvement),
+                self.report_uri,
+            )
         if self.trial is not None:
             report_to_tune(step, fine, final=True)
         return result
@@ -271,11 +322,18 @@ class Evaluator:
             def name(i: Any) -> Any:
                 return names[i] if names and isinstance(i, int) and 0 <= i < len(names) else i
 
-            return {"text": tok.decode(ex["ids"], skip_special_tokens=True)[:500], "label": name(ex["label"]),
-                    "base": name(base), "fineTuned": name(fine)}
-        return {"prompt": tok.decode(ex["prompt"], skip_special_tokens=False),
-                "reference": tok.decode(ex["reference"], skip_special_tokens=True),
-                "base": base, "fineTuned": fine}
+            return {
+                "text": tok.decode(ex["ids"], skip_special_tokens=True)[:500],
+                "label": name(ex["label"]),
+                "base": name(base),
+                "fineTuned": name(fine),
+            }
+        return {
+            "prompt": tok.decode(ex["prompt"], skip_special_tokens=False),
+            "reference": tok.decode(ex["reference"], skip_special_tokens=True),
+            "base": base,
+            "fineTuned": fine,
+        }
 
     # ---------------------------------------------------------------- samples
 
@@ -300,12 +358,17 @@ class Evaluator:
                         continue
                     ids = torch.tensor([ex["prompt"]], dtype=torch.long, device=self.device)
                     gen = module.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                        do_sample=False, use_cache=True, synced_gpus=self.zero3,
-                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=NEW_TOKENS,
+                        do_sample=False,
+                        use_cache=True,
+                        synced_gpus=self.zero3,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id,
                     )
-                    out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-        except Exception as exc:  # noqa: BLE001 - samples illustrate; they must never fail a finished training
+                    out.append(self.tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+        except Exception as exc:
             if self.zero3:
                 raise  # the other ranks are inside the same collective generation
             log.warning("sample generation failed (%s: %s); the report has no samples", type(exc).__name__, exc)
@@ -330,8 +393,6 @@ def tune_safe(metrics: dict[str, float]) -> dict[str, float]:
     """A diverged trial's NaN loss would never be stopped (NaN compares false): report it as the worst value."""
     worst = {"accuracy": 0.0, "preferenceAccuracy": 0.0, "rewardMargin": -math.inf}
     return {k: (v if math.isfinite(v) else worst.get(k, math.inf)) for k, v in metrics.items()}
-
-
 
 
 def _num(x: float | None) -> str:

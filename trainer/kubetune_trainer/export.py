@@ -23,7 +23,6 @@ from typing import Any
 
 from kubetune import chat_templates
 from kubetune.api import ModelArtifact, TrainerConfig
-
 from kubetune_trainer import model as model_lib
 from kubetune_trainer import storage
 
@@ -48,8 +47,17 @@ def gather_state_dict(engine: Any, *, rank: int, trainable_only: bool) -> dict[s
         return {n: t.detach().to("cpu", copy=True) for n, t in module.state_dict().items()}
 
 
-def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client: Any, staging: Path,
-           base_dir: Path | str, precision: str) -> ModelArtifact | None:
+def export(
+    engine: Any,
+    cfg: TrainerConfig,
+    tokenizer: Any,
+    *,
+    rank: int,
+    client: Any,
+    staging: Path,
+    base_dir: Path | str,
+    precision: str,
+) -> ModelArtifact | None:
     """Save the trained model to S3 (all ranks call; rank 0 writes). Returns the artifact on rank 0."""
     spec = cfg.spec
     lora = spec.training.method == "lora"
@@ -66,8 +74,9 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
     if lora:
         # save_embedding_layers=False: peft would otherwise look up the base's config by its name (an s3://
         # URI here) to guess whether the vocabulary changed; it did not, LoRA leaves embeddings alone.
-        module.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True,
-                               save_embedding_layers=False)
+        module.save_pretrained(
+            out / "model", state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
+        )
     else:
         module.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
@@ -75,8 +84,12 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
     # transformers writes the tokenizer's chat template as chat_template.jinja: the file the inference server is
     # started with (--chat-template), so serving renders prompts exactly as training did.
     template = chat_templates.EXPORT_FILE if (out / "model" / chat_templates.EXPORT_FILE).is_file() else None
-    artifact = ModelArtifact(uri=cfg.model_uri, kind="adapter" if lora else "full",
-                             base_uri=spec.model.uri if lora else None, chat_template=template)
+    artifact = ModelArtifact(
+        uri=cfg.model_uri,
+        kind="adapter" if lora else "full",
+        base_uri=spec.model.uri if lora else None,
+        chat_template=template,
+    )
     log.info("exported the %s to %s", "adapter" if lora else "model", cfg.model_uri)
 
     if lora and spec.output.export_merged:
@@ -91,8 +104,9 @@ def export(engine: Any, cfg: TrainerConfig, tokenizer: Any, *, rank: int, client
     return artifact
 
 
-def merge_adapter(peft_module: Any, adapter_state: dict[str, Any], cfg: TrainerConfig, base_dir: Path | str,
-                  precision: str) -> Any:
+def merge_adapter(
+    peft_module: Any, adapter_state: dict[str, Any], cfg: TrainerConfig, base_dir: Path | str, precision: str
+) -> Any:
     """A plain transformers model: a fresh base with the trained adapter folded into its weights."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 

@@ -88,8 +88,9 @@ class RankPlace:
         return f"{kind} {self.pod} local rank {self.local_rank}/{self.ranks_per_pod}"
 
 
-def place(res: ResourcesSpec, *, world_rank: int, world: int, local_rank: int, local_world: int,
-          node_rank: int) -> RankPlace:
+def place(
+    res: ResourcesSpec, *, world_rank: int, world: int, local_rank: int, local_world: int, node_rank: int
+) -> RankPlace:
     """This rank's place, from what Ray Train reports (see the module docstring for the emulated case)."""
     rpw = ranks_per_worker(res)
     if res.workers > 1 and local_world == world:  # one Ray node standing in for several pods

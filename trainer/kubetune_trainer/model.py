@@ -29,11 +29,21 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = "/tmp/kubetune-models"
 _MARKER = ".kubetune-complete"
 # Enough to build the tokenizer (and read the config) without the weights, for the data preparation step.
-TOKENIZER_FILES = frozenset({
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "config.json", "generation_config.json",
-})
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "chat_template.json",
+        "config.json",
+        "generation_config.json",
+    }
+)
 
 
 def cache_dir() -> Path:
@@ -41,8 +51,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KUBETUNE_MODEL_CACHE") or DEFAULT_CACHE_DIR)
 
 
-def fetch(client: Any, uri: str, root: Path, *, endpoint: str | None = None,
-          only: frozenset[str] | None = None) -> Path:
+def fetch(
+    client: Any, uri: str, root: Path, *, endpoint: str | None = None, only: frozenset[str] | None = None
+) -> Path:
     """Download the s3:// prefix `uri` into `root` once per node; returns the local folder.
 
     `only` limits the download to those file names (the tokenizer for data preparation); a later full
@@ -84,27 +95,36 @@ def fetch(client: Any, uri: str, root: Path, *, endpoint: str | None = None,
         tmp = folder / f"{_MARKER}.tmp"
         tmp.write_text(json.dumps({"uri": uri, "files": done, "pid": os.getpid()}))
         os.replace(tmp, folder / _MARKER)
-        log.info("model %s: downloaded %d files, %.1f MB in %.1fs into %s",
-                 uri, len(stale), nbytes / 1e6, time.monotonic() - t0, folder)
+        log.info(
+            "model %s: downloaded %d files, %.1f MB in %.1fs into %s",
+            uri,
+            len(stale),
+            nbytes / 1e6,
+            time.monotonic() - t0,
+            folder,
+        )
     return folder
 
 
-def fetch_base(spec: FineTuneJobSpec, client: Any, root: Path | None = None, *,
-               tokenizer_only: bool = False) -> Path | str:
+def fetch_base(
+    spec: FineTuneJobSpec, client: Any, root: Path | None = None, *, tokenizer_only: bool = False
+) -> Path | str:
     """The base model of `spec` in the node cache (only the tokenizer's files when `tokenizer_only`).
 
     For hf://org/name the Hugging Face repo id is returned instead: transformers downloads it into the HF
     cache, whose own file locks let the workers of a node share one download.
     """
     if spec.model.uri.startswith("hf://"):
-        return spec.model.uri[len("hf://"):]
+        return spec.model.uri[len("hf://") :]
     only = None
     if tokenizer_only:
         # A GGUF file carries its tokenizer inside, so for GGUF bases the file itself is needed.
         only = TOKENIZER_FILES | {spec.model.gguf_file} if spec.model.gguf_file else TOKENIZER_FILES
     # Waits out an S3 outage (kubetune_trainer.data.s3.retrying) instead of failing the run at start-up.
-    return retrying(f"fetching {spec.model.uri}", lambda: fetch(client, spec.model.uri, root or cache_dir(),
-                                                                endpoint=spec.dataset.endpoint, only=only))
+    return retrying(
+        f"fetching {spec.model.uri}",
+        lambda: fetch(client, spec.model.uri, root or cache_dir(), endpoint=spec.dataset.endpoint, only=only),
+    )
 
 
 def _source_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
@@ -169,8 +189,10 @@ def attention_implementation(requested: str, use_gpu: bool) -> str:
     if requested == "auto":
         return "flash_attention_2" if use_gpu and installed else "sdpa"
     if requested == "flash_attention_2" and not (use_gpu and installed):
-        raise ValueError("training.attention flash_attention_2 needs GPUs and the flash-attn package "
-                         f"({'not installed' if not installed else 'no GPU here'}); use auto or sdpa")
+        raise ValueError(
+            "training.attention flash_attention_2 needs GPUs and the flash-attn package "
+            f"({'not installed' if not installed else 'no GPU here'}); use auto or sdpa"
+        )
     return requested
 
 
@@ -193,8 +215,15 @@ def load_base(spec: FineTuneJobSpec, model_dir: Path | str, dtype: Any, attentio
     return model
 
 
-def load_model(spec: FineTuneJobSpec, model_dir: Path | str, *, precision: str, pad_token_id: int | None,
-               ds_config: dict[str, Any] | None = None, use_gpu: bool = False) -> Any:
+def load_model(
+    spec: FineTuneJobSpec,
+    model_dir: Path | str,
+    *,
+    precision: str,
+    pad_token_id: int | None,
+    ds_config: dict[str, Any] | None = None,
+    use_gpu: bool = False,
+) -> Any:
     """The trainable model: base (+ classification head) (+ LoRA adapters), in train mode.
 
     With precision fp32 the weights are upcast whatever dtype they were stored in: DeepSpeed's fp32 path

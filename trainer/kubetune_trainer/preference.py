@@ -63,8 +63,12 @@ def _inputs(data: dict[str, Any], rows: Any, device: Any) -> dict[str, Any]:
     def tensor(name: str) -> Any:
         return torch.from_numpy(data[name][rows]).long().to(device, non_blocking=True)
 
-    return {"input_ids": tensor("input_ids"), "position_ids": tensor("position_ids"),
-            "labels": tensor("labels"), "segment_ids": tensor("segment_ids")}
+    return {
+        "input_ids": tensor("input_ids"),
+        "position_ids": tensor("position_ids"),
+        "labels": tensor("labels"),
+        "segment_ids": tensor("segment_ids"),
+    }
 
 
 def _scores(engine: Any, data: dict[str, Any], rows: Any, device: Any) -> Any:
@@ -126,15 +130,15 @@ class Dpo:
         losses, _ = dpo_loss(policy, reference.to(policy.dtype), self.beta)
         return losses.mean()
 
-    def evaluate(self, engine: Any, data: dict[str, Any], *, rank: int, world: int, batch: int,
-                 max_batches: int | None) -> dict[str, float]:
+    def evaluate(
+        self, engine: Any, data: dict[str, Any], *, rank: int, world: int, batch: int, max_batches: int | None
+    ) -> dict[str, float]:
         """DPO loss, preference accuracy and reward margin over the held-out pairs, summed over all ranks."""
         import torch
         import torch.distributed as dist
 
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, preferred, margin, pairs
-        for rows in eval_batches(len(data["input_ids"]), rank=rank, world=world, batch=batch,
-                                 max_batches=max_batches):
+        for rows in eval_batches(len(data["input_ids"]), rank=rank, world=world, batch=batch, max_batches=max_batches):
             real = len(rows) > 0
             rows = rows if real else np.arange(1)  # every rank runs every forward pass (ZeRO-3)
             reference = self.reference(engine, "eval", data, rows) if real or self.lora else None
@@ -149,14 +153,19 @@ class Dpo:
             assert reference is not None
             losses, margins = dpo_loss(policy.double(), reference.double(), self.beta)
             preferred = (policy[:, 0] > policy[:, 1]).sum()
-            sums += torch.stack([x.double() for x in (losses.sum(), preferred, margins.sum())]
-                                + [torch.tensor(float(len(rows)), dtype=torch.float64, device=policy.device)])
+            sums += torch.stack(
+                [x.double() for x in (losses.sum(), preferred, margins.sum())]
+                + [torch.tensor(float(len(rows)), dtype=torch.float64, device=policy.device)]
+            )
         dist.all_reduce(sums)
         pairs = sums[3].item()
         if not pairs:
             return {"loss": float("nan"), "preferenceAccuracy": float("nan"), "rewardMargin": float("nan")}
-        return {"loss": sums[0].item() / pairs, "preferenceAccuracy": sums[1].item() / pairs,
-                "rewardMargin": sums[2].item() / pairs}
+        return {
+            "loss": sums[0].item() / pairs,
+            "preferenceAccuracy": sums[1].item() / pairs,
+            "rewardMargin": sums[2].item() / pairs,
+        }
 
 
 def adapters_off(module: Any) -> bool:
@@ -178,4 +187,4 @@ def eval_batches(n: int, *, rank: int, world: int, batch: int, max_batches: int 
 def _batches(rows: np.ndarray, batch: int, count: int) -> list[np.ndarray]:
     """`count` batches of `batch` rows each, the last ones short or empty (a rank with fewer rows still takes
     part in every forward pass)."""
-    return [rows[b * batch:(b + 1) * batch] for b in range(count)]
+    return [rows[b * batch : (b + 1) * batch] for b in range(count)]

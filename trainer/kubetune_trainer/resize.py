@@ -35,8 +35,19 @@ log = logging.getLogger(__name__)
 _DS_TAG = "ds"
 
 
-def load_resized(engine: Any, uri: str, state: Any, *, rank: int, world: int, client: Any, staging: Path,
-                 exclude_frozen: bool, zero_stage: int, fingerprint: str) -> Any:
+def load_resized(
+    engine: Any,
+    uri: str,
+    state: Any,
+    *,
+    rank: int,
+    world: int,
+    client: Any,
+    staging: Path,
+    exclude_frozen: bool,
+    zero_stage: int,
+    fingerprint: str,
+) -> Any:
     """Restore weights, schedule, counters and RNG of checkpoint `uri` written by `state.world_size` ranks
     into this `world`-rank engine; returns the TrainState, marked as resized (see the module docstring)."""
     import torch
@@ -47,18 +58,23 @@ def load_resized(engine: Any, uri: str, state: Any, *, rank: int, world: int, cl
 
     old = state.world_size
     if zero_stage != 2:
-        raise RuntimeError(f"checkpoint {uri} was written by {old} ranks and this run has {world}: only ZeRO-2 "
-                           f"checkpoints resume on a different number of ranks (this run is ZeRO-{zero_stage}). "
-                           f"Use {old} ranks, or write to a new output.uri to start over.")
+        raise RuntimeError(
+            f"checkpoint {uri} was written by {old} ranks and this run has {world}: only ZeRO-2 "
+            f"checkpoints resume on a different number of ranks (this run is ZeRO-{zero_stage}). "
+            f"Use {old} ranks, or write to a new output.uri to start over."
+        )
     if state.resized and state.resized.get("epoch") == state.epoch:
-        raise RuntimeError(f"checkpoint {uri} is in an epoch already shortened by a resize from "
-                           f"{state.resized['world']} ranks; resume it on {old} ranks until that epoch ends")
+        raise RuntimeError(
+            f"checkpoint {uri} is in an epoch already shortened by a resize from "
+            f"{state.resized['world']} ranks; resume it on {old} ranks until that epoch ends"
+        )
     local = staging / f"resize-rank-{rank}"
     shutil.rmtree(local, ignore_errors=True)
     rng = f"rng/rank-{rank % old:05d}.pt"
     storage.download(client, uri, local, want=lambda rel: rel.startswith(f"{_DS_TAG}/") or rel == rng)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=_DS_TAG,
-                                                       exclude_frozen_parameters=exclude_frozen)
+    weights = get_fp32_state_dict_from_zero_checkpoint(
+        str(local), tag=_DS_TAG, exclude_frozen_parameters=exclude_frozen
+    )
     module = engine.module
     missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in weights]
     if missing:
@@ -76,37 +92,49 @@ def load_resized(engine: Any, uri: str, state: Any, *, rank: int, world: int, cl
     engine.global_samples = saved.get("global_samples", engine.global_samples)
     set_rng_states(torch.load(local / rng, weights_only=False))
     shutil.rmtree(local, ignore_errors=True)
-    state.resized = {"epoch": state.epoch, "world": old, "micro": state.micro_batch,
-                     "fingerprint": state.data_fingerprint}
-    log.info("resized %s from %d to %d ranks: weights, schedule and RNG restored, Adam moments restarted; "
-             "epoch %d continues without the rows the %d old ranks had trained on", uri, old, world, state.epoch,
-             old)
+    state.resized = {
+        "epoch": state.epoch,
+        "world": old,
+        "micro": state.micro_batch,
+        "fingerprint": state.data_fingerprint,
+    }
+    log.info(
+        "resized %s from %d to %d ranks: weights, schedule and RNG restored, Adam moments restarted; "
+        "epoch %d continues without the rows the %d old ranks had trained on",
+        uri,
+        old,
+        world,
+        state.epoch,
+        old,
+    )
     state.world_size, state.micro_batch, state.data_fingerprint = world, 0, fingerprint
     return state
 
 
-def consumed_rows(manifest: dict[str, Any], resized: dict[str, Any], *, batch: int, seed: int,
-                  client: Any) -> set[bytes]:
+def consumed_rows(
+    manifest: dict[str, Any], resized: dict[str, Any], *, batch: int, seed: int, client: Any
+) -> set[bytes]:
     """Content (input_ids bytes) of every row the old ranks trained on in the resized epoch."""
     from kubetune_trainer.data import batch_indices, load_shard
 
     done: set[bytes] = set()
     for shard in manifest["train_shards"]:
         ids = load_shard([shard], client)["input_ids"]
-        for rows in batch_indices(len(ids), batch, resized["epoch"], seed)[:resized["micro"]]:
+        for rows in batch_indices(len(ids), batch, resized["epoch"], seed)[: resized["micro"]]:
             done.update(ids[r].tobytes() for r in rows)
     return done
 
 
-def remaining_batches(input_ids: np.ndarray, consumed: set[bytes], *, batch: int, epoch: int,
-                      seed: int) -> list[np.ndarray]:
+def remaining_batches(
+    input_ids: np.ndarray, consumed: set[bytes], *, batch: int, epoch: int, seed: int
+) -> list[np.ndarray]:
     """This rank's batches of `epoch` in its usual order, without the consumed rows (not yet cut to the
     ranks' common length)."""
     from kubetune_trainer.data import batch_indices
 
     order = np.concatenate(batch_indices(len(input_ids), 1, epoch, seed)) if len(input_ids) else np.array([], int)
     keep = np.array([r for r in order if input_ids[r].tobytes() not in consumed], dtype=np.int64)
-    return [keep[i * batch:(i + 1) * batch] for i in range(len(keep) // batch)]
+    return [keep[i * batch : (i + 1) * batch] for i in range(len(keep) // batch)]
 
 
 def written_state(client: Any, uri: str) -> Any:
@@ -117,8 +145,9 @@ def written_state(client: Any, uri: str) -> Any:
     return TrainState.from_json(storage.get_json(client, f"{uri}/trainer_state.json"))
 
 
-def resized_epoch(input_ids: np.ndarray, state: Any, *, run_uri: str, batch: int, accum: int, seed: int,
-                  client: Any) -> list[np.ndarray]:
+def resized_epoch(
+    input_ids: np.ndarray, state: Any, *, run_uri: str, batch: int, accum: int, seed: int, client: Any
+) -> list[np.ndarray]:
     """This rank's micro-batches for the rest of the epoch begun on another number of ranks, cut to the
     number every rank has (a collective: all ranks call it at the same point)."""
     import torch
@@ -133,6 +162,10 @@ def resized_epoch(input_ids: np.ndarray, state: Any, *, run_uri: str, batch: int
     common = torch.tensor(len(mine))
     dist.all_reduce(common, op=dist.ReduceOp.MIN)
     cut = int(common) // accum * accum
-    log.info("epoch %d after the resize: %d rows consumed before, %d micro-batches left on each rank",
-             state.epoch, len(consumed), cut)
+    log.info(
+        "epoch %d after the resize: %d rows consumed before, %d micro-batches left on each rank",
+        state.epoch,
+        len(consumed),
+        cut,
+    )
     return mine[:cut]

@@ -52,13 +52,22 @@ def classify(previous: dict[str, Any], driver_id: str) -> tuple[str, str] | None
     if previous.get("preempted"):
         return "NodePreempted", "a node of the worker group was preempted or drained; resumed from its checkpoint"
     if previous.get("driver") == driver_id:
-        return "WorkerFailed", ("a training worker was lost; Ray Train restarted the worker group in the same "
-                                "Ray cluster (spec.training.maxWorkerRestarts)")
+        return "WorkerFailed", (
+            "a training worker was lost; Ray Train restarted the worker group in the same "
+            "Ray cluster (spec.training.maxWorkerRestarts)"
+        )
     return "JobRetried", "the Ray job ran again (spec.backoffLimit, a new Ray cluster or a new driver)"
 
 
-def record_start(client: Any, cfg: TrainerConfig, *, driver_id: str, resumed_step: int,
-                 resumed_from: str | None, trial: str | None = None) -> tuple[list[Restart], bool]:
+def record_start(
+    client: Any,
+    cfg: TrainerConfig,
+    *,
+    driver_id: str,
+    resumed_step: int,
+    resumed_from: str | None,
+    trial: str | None = None,
+) -> tuple[list[Restart], bool]:
     """Rank 0 at every start of the workers: count it, and when it is a restart, append why. Returns the
     restarts so far (newest last, at most KEEP) and whether this start is one of them."""
     previous = _read(client, cfg)
@@ -66,13 +75,34 @@ def record_start(client: Any, cfg: TrainerConfig, *, driver_id: str, resumed_ste
     why = classify(previous, driver_id)
     if why is not None:
         cause, message = why
-        restarts.append(Restart(time=_now(), cause=cause, message=message, resumed_step=resumed_step,
-                                resumed_from=resumed_from, trial=trial))
-        log.warning("restart %d (%s): resuming at step %d from %s", len(restarts), cause, resumed_step,
-                    resumed_from or "the start")
+        restarts.append(
+            Restart(
+                time=_now(),
+                cause=cause,
+                message=message,
+                resumed_step=resumed_step,
+                resumed_from=resumed_from,
+                trial=trial,
+            )
+        )
+        log.warning(
+            "restart %d (%s): resuming at step %d from %s",
+            len(restarts),
+            cause,
+            resumed_step,
+            resumed_from or "the start",
+        )
     restarts = restarts[-KEEP:]
-    storage.put_json(client, _uri(cfg), {"driver": driver_id, "starts": int(previous.get("starts") or 0) + 1,
-                                         "preempted": False, "restarts": [r.wire() for r in restarts]})
+    storage.put_json(
+        client,
+        _uri(cfg),
+        {
+            "driver": driver_id,
+            "starts": int(previous.get("starts") or 0) + 1,
+            "preempted": False,
+            "restarts": [r.wire() for r in restarts],
+        },
+    )
     return restarts, why is not None
 
 

@@ -77,7 +77,7 @@ def _open_progress_file() -> Any:
     if not path:
         return None
     try:
-        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by Reporter.close()
+        return open(path, "a", encoding="utf-8")
     except OSError as exc:
         log.warning("cannot append progress to %s (%s)", path, exc.strerror)
         return None
@@ -97,8 +97,7 @@ def _clean(value: Any) -> Any:
 class Reporter:
     """Status patches and metrics history for one run. Create on rank 0 only; call close() at the end."""
 
-    def __init__(self, cfg: TrainerConfig, s3: Any, *, resumed_step: int | None = None,
-                 kubeconfig: str | None = None):
+    def __init__(self, cfg: TrainerConfig, s3: Any, *, resumed_step: int | None = None, kubeconfig: str | None = None):
         self._cfg = cfg
         self._s3 = s3
         self._api = kube_status_api(kubeconfig) if cfg.reporting.kubernetes else None
@@ -222,7 +221,8 @@ class Reporter:
                     patch_at = max(self._backoff_until, now if self._urgent else self._last_patch + self._interval)
                     send = bool(self._pending) and now >= patch_at
                     flush = self._metrics_dirty and (
-                        self._closed or now - self._last_metrics_flush >= METRICS_FLUSH_SECONDS)
+                        self._closed or now - self._last_metrics_flush >= METRICS_FLUSH_SECONDS
+                    )
                     done = self._closed and not self._pending and not self._metrics_dirty
                     if send or flush or done:
                         break
@@ -262,8 +262,14 @@ class Reporter:
             if self._api is None:
                 return True
             self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, job.namespace, PLURAL, job.name, {"status": status},
-                _content_type="application/merge-patch+json", _request_timeout=_PATCH_TIMEOUT,
+                GROUP,
+                VERSION,
+                job.namespace,
+                PLURAL,
+                job.name,
+                {"status": status},
+                _content_type="application/merge-patch+json",
+                _request_timeout=_PATCH_TIMEOUT,
             )
         except Exception as exc:  # noqa: BLE001 - a failed report must never fail training
             self._failures += 1
@@ -271,8 +277,14 @@ class Reporter:
                 # Only the status and reason: an exception's full text can carry request headers.
                 code = getattr(exc, "status", None)
                 reason = getattr(exc, "reason", None) or type(exc).__name__
-                log.warning("status patch of %s/%s failed (%s %s; failure %d); training continues",
-                            job.namespace, job.name, code or "", reason, self._failures)
+                log.warning(
+                    "status patch of %s/%s failed (%s %s; failure %d); training continues",
+                    job.namespace,
+                    job.name,
+                    code or "",
+                    reason,
+                    self._failures,
+                )
             return False
         self.patches_sent += 1
         return True
@@ -286,18 +298,25 @@ class Reporter:
         job = self._cfg.job
         if job.uid:
             current = self._api.get_namespaced_custom_object(
-                GROUP, VERSION, job.namespace, PLURAL, job.name, _request_timeout=_PATCH_TIMEOUT)
+                GROUP, VERSION, job.namespace, PLURAL, job.name, _request_timeout=_PATCH_TIMEOUT
+            )
             uid = (current.get("metadata") or {}).get("uid")
             if uid != job.uid:
-                log.warning("FineTuneJob %s/%s is a different object now (uid %s, this run's is %s); "
-                            "status reporting is off", job.namespace, job.name, uid, job.uid)
+                log.warning(
+                    "FineTuneJob %s/%s is a different object now (uid %s, this run's is %s); status reporting is off",
+                    job.namespace,
+                    job.name,
+                    uid,
+                    job.uid,
+                )
                 self._api = None
         self._uid_checked = True
 
     def _flush_metrics(self, lines: list[str]) -> None:
         try:
-            storage.put_bytes(self._s3, self._cfg.metrics_uri, ("\n".join(lines) + "\n").encode(),
-                              content_type="application/x-ndjson")
+            storage.put_bytes(
+                self._s3, self._cfg.metrics_uri, ("\n".join(lines) + "\n").encode(), content_type="application/x-ndjson"
+            )
         except Exception as exc:  # noqa: BLE001 - history is best effort; training goes on
             log.warning("could not write %s (%s); will retry", self._cfg.metrics_uri, type(exc).__name__)
             with self._lock:

@@ -23,7 +23,15 @@ from kubetune.s3 import parse_uri
 from kubetune_trainer.data.s3 import retrying
 
 __all__ = [
-    "delete", "delete_prefix", "download", "get_bytes", "get_json", "join", "list_keys", "put_bytes", "put_json",
+    "delete",
+    "delete_prefix",
+    "download",
+    "get_bytes",
+    "get_json",
+    "join",
+    "list_keys",
+    "put_bytes",
+    "put_json",
     "upload_dir",
 ]
 
@@ -67,8 +75,7 @@ def upload_dir(client: Any, local_dir: str | Path, prefix_uri: str) -> list[str]
     for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
         rel = path.relative_to(local_dir).as_posix()
         obj_key = f"{base}/{rel}" if base else rel
-        retrying(f"uploading s3://{bucket}/{obj_key}",
-                 lambda p=str(path), k=obj_key: client.upload_file(p, bucket, k))
+        retrying(f"uploading s3://{bucket}/{obj_key}", lambda p=str(path), k=obj_key: client.upload_file(p, bucket, k))
         uris.append(f"s3://{bucket}/{obj_key}")
     return uris
 
@@ -90,8 +97,10 @@ def download(client: Any, prefix_uri: str, local_dir: str | Path, want: Callable
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
         os.close(fd)
         try:
-            retrying(f"downloading s3://{bucket}/{obj['key']}",
-                     lambda k=obj["key"], t=tmp: client.download_file(bucket, k, t))
+            retrying(
+                f"downloading s3://{bucket}/{obj['key']}",
+                lambda k=obj["key"], t=tmp: client.download_file(bucket, k, t),
+            )
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):

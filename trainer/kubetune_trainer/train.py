@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import TrainerConfig
-
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import resize
 from kubetune_trainer.checkpoint import TrainState
@@ -79,8 +78,9 @@ class InjectedFailure(RuntimeError):
 # ------------------------------------------------------------------------------------------- driver
 
 
-def fit(cfg: TrainerConfig, prepared: PreparedData, options: RunOptions,
-        trial: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit(
+    cfg: TrainerConfig, prepared: PreparedData, options: RunOptions, trial: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run the training on the Ray cluster; returns rank 0's summary. Raises ray's TrainingFailedError.
 
     `trial` ({"id", "params", "jobRunUri"}) when this run is a Ray Tune trial (kubetune_trainer.tune_trial)."""
@@ -122,8 +122,9 @@ def failure_config(cfg: TrainerConfig) -> Any:
     from ray.train import FailureConfig
 
     training = cfg.spec.training
-    return FailureConfig(max_failures=training.max_worker_restarts,
-                         max_preemption_failures=training.max_preemption_restarts)
+    return FailureConfig(
+        max_failures=training.max_worker_restarts, max_preemption_failures=training.max_preemption_restarts
+    )
 
 
 # ------------------------------------------------------------------------------------------- worker
@@ -190,9 +191,14 @@ class Recipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         # This rank's pod and local rank (emulated pods on a single-node Ray; kubetune_trainer.layout).
-        self.place = place(self.cfg.spec.resources, world_rank=self.rank, world=self.world,
-                           local_rank=ctx.get_local_rank(), local_world=ctx.get_local_world_size(),
-                           node_rank=ctx.get_node_rank())
+        self.place = place(
+            self.cfg.spec.resources,
+            world_rank=self.rank,
+            world=self.world,
+            local_rank=ctx.get_local_rank(),
+            local_world=ctx.get_local_world_size(),
+            node_rank=ctx.get_node_rank(),
+        )
         self.t_start = time.monotonic()
         self.t_init_wall = time.time()
         # Time to first step, by phase (StartupTimes wire names): the driver's figures, then this worker's.
@@ -272,8 +278,9 @@ class Recipe:
             log.info("deepspeed.offload=cpu has no effect on a CPU-only run; everything is in host memory already")
         if self.opts.staging_dir:  # a folder on a scratch volume need not exist yet
             os.makedirs(self.opts.staging_dir, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f"kubetune-{self.cfg.job.name}-rank{self.rank}-",
-                                             dir=self.opts.staging_dir or None))
+        self.staging = Path(
+            tempfile.mkdtemp(prefix=f"kubetune-{self.cfg.job.name}-rank{self.rank}-", dir=self.opts.staging_dir or None)
+        )
         log.info("rank %d of %d: %s, device %s", self.rank, self.world, self.place.describe(), self.device)
 
     def _setup_model(self) -> None:
@@ -288,9 +295,14 @@ class Recipe:
         self.tokenizer = model_lib.load_tokenizer(self.spec, self.base_dir)
         # Built before the model: with ZeRO-3 the model is partitioned across the ranks as it loads.
         self.ds_config = deepspeed_config(self.training, world_size=self.world, use_gpu=self.use_gpu)
-        self.model = model_lib.load_model(self.spec, self.base_dir, precision=self.precision,
-                                          pad_token_id=self.tokenizer.pad_token_id, ds_config=self.ds_config,
-                                          use_gpu=self.use_gpu)
+        self.model = model_lib.load_model(
+            self.spec,
+            self.base_dir,
+            precision=self.precision,
+            pad_token_id=self.tokenizer.pad_token_id,
+            ds_config=self.ds_config,
+            use_gpu=self.use_gpu,
+        )
 
     def _setup_data(self) -> None:
         prepared, training = self.prepared, self.training
@@ -335,12 +347,19 @@ class Recipe:
             return
         micro = self.total_steps * training.gradient_accumulation_steps
         epochs = math.ceil(micro / self.micro_per_epoch)
-        planned = [batch_indices(self.num_rows, batch, e, training.seed)[:self.micro_per_epoch] for e in range(epochs)]
+        planned = [batch_indices(self.num_rows, batch, e, training.seed)[: self.micro_per_epoch] for e in range(epochs)]
         used = np.unique(np.concatenate([b for per_epoch in planned for b in per_epoch][:micro]))
         self.dpo.precompute(self.engine, "train", self.train_data, used, batch)
         if self.eval_data is not None:
-            rows = np.concatenate(eval_batches(len(self.eval_data["input_ids"]), rank=self.rank, world=self.world,
-                                               batch=batch, max_batches=training.max_eval_batches))
+            rows = np.concatenate(
+                eval_batches(
+                    len(self.eval_data["input_ids"]),
+                    rank=self.rank,
+                    world=self.world,
+                    batch=batch,
+                    max_batches=training.max_eval_batches,
+                )
+            )
             self.dpo.precompute(self.engine, "eval", self.eval_data, rows, batch)
 
     def _resume(self) -> None:
@@ -355,26 +374,54 @@ class Recipe:
             written = resize.written_state(self.client, self.resumed_from)
             if written.world_size != self.world:  # written by another number of ranks (kubetune_trainer.resize)
                 self.state = resize.load_resized(
-                    self.engine, self.resumed_from, written, rank=self.rank, world=self.world, client=self.client,
-                    staging=self.staging, exclude_frozen=self.lora, zero_stage=self.training.deepspeed.zero_stage,
-                    fingerprint=self.prepared.fingerprint)
+                    self.engine,
+                    self.resumed_from,
+                    written,
+                    rank=self.rank,
+                    world=self.world,
+                    client=self.client,
+                    staging=self.staging,
+                    exclude_frozen=self.lora,
+                    zero_stage=self.training.deepspeed.zero_stage,
+                    fingerprint=self.prepared.fingerprint,
+                )
             else:
-                self.state = ckpt.load(self.engine, self.resumed_from, rank=self.rank, world_size=self.world,
-                                       client=self.client, staging=self.staging, exclude_frozen=self.lora)
+                self.state = ckpt.load(
+                    self.engine,
+                    self.resumed_from,
+                    rank=self.rank,
+                    world_size=self.world,
+                    client=self.client,
+                    staging=self.staging,
+                    exclude_frozen=self.lora,
+                )
             if self.state.data_fingerprint != self.prepared.fingerprint:
-                log.warning("resuming %s, whose data fingerprint differs from this run's: the data or its "
-                            "preprocessing changed, so the data position is only approximate", self.resumed_from)
-            log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", self.resumed_from, self.state.step,
-                     self.state.epoch, self.state.micro_batch)
+                log.warning(
+                    "resuming %s, whose data fingerprint differs from this run's: the data or its "
+                    "preprocessing changed, so the data position is only approximate",
+                    self.resumed_from,
+                )
+            log.info(
+                "resumed from %s at step %d (epoch %d, micro-batch %d)",
+                self.resumed_from,
+                self.state.step,
+                self.state.epoch,
+                self.state.micro_batch,
+            )
             self.last_checkpoint_step = self.state.step
         else:
             _seed_all(self.training.seed + 1 + self.rank)  # dropout differs between ranks (data, masks)
         if self.rank == 0:
             from kubetune_trainer import restarts
 
-            self.restarts, self.restarted = restarts.record_start(self.client, self.cfg, driver_id=self.driver_id,
-                                                  resumed_step=self.state.step, resumed_from=self.resumed_from,
-                                                  trial=(self.trial or {}).get("id"))
+            self.restarts, self.restarted = restarts.record_start(
+                self.client,
+                self.cfg,
+                driver_id=self.driver_id,
+                resumed_step=self.state.step,
+                resumed_from=self.resumed_from,
+                trial=(self.trial or {}).get("id"),
+            )
         self.attempt_start_step = self.state.step
         self.stop_reason = self.state.stop_reason or ("max steps" if self.state.step >= self.total_steps else None)
 
@@ -384,26 +431,45 @@ class Recipe:
 
         state = self.state
         if self.rank == 0:
-            self.reporter = Reporter(self.cfg, self.client, resumed_step=state.step if self.resumed_from else None,
-                                     kubeconfig=self.opts.kubeconfig)
+            self.reporter = Reporter(
+                self.cfg,
+                self.client,
+                resumed_step=state.step if self.resumed_from else None,
+                kubeconfig=self.opts.kubeconfig,
+            )
             self.reporter.data(self.prepared.stats)
             self.reporter.restarts(self.restarts)
             if self.restarted:
                 self.reporter.metric({"event": "restart", **self.restarts[-1].wire()})
-            self.reporter.metric({"event": "start", "step": state.step, "totalSteps": self.total_steps,
-                                  "worldSize": self.world, "stepsPerEpoch": self.steps_per_epoch,
-                                  "resumedFrom": self.resumed_from})
+            self.reporter.metric(
+                {
+                    "event": "start",
+                    "step": state.step,
+                    "totalSteps": self.total_steps,
+                    "worldSize": self.world,
+                    "stepsPerEpoch": self.steps_per_epoch,
+                    "resumedFrom": self.resumed_from,
+                }
+            )
         if self.opts.trace_dir:
             self.trace = open(Path(self.opts.trace_dir) / f"rank-{self.rank}.jsonl", "a")
         if self.eval_data is not None:
             from kubetune_trainer.evaluate import Evaluator
 
-            self.evaluator = Evaluator(self.cfg, self.client, self.tokenizer, self.eval_data, rank=self.rank,
-                                       device=self.device, lora=self.lora,
-                                       zero_stage=self.training.deepspeed.zero_stage,
-                                       classification=self.classification,
-                                       data_fingerprint=self.prepared.fingerprint, evaluate=self.evaluate,
-                                       trial=self.trial)
+            self.evaluator = Evaluator(
+                self.cfg,
+                self.client,
+                self.tokenizer,
+                self.eval_data,
+                rank=self.rank,
+                device=self.device,
+                lora=self.lora,
+                zero_stage=self.training.deepspeed.zero_stage,
+                classification=self.classification,
+                data_fingerprint=self.prepared.fingerprint,
+                evaluate=self.evaluate,
+                trial=self.trial,
+            )
             # LoRA leaves the base weights untouched: the base model is measured after training, with the
             # adapters switched off, so the first step comes sooner. A full fine-tune must measure it now.
             if not self.lora:
@@ -418,9 +484,17 @@ class Recipe:
         """Optimizer steps until the planned steps are done or early stopping says so; evaluation, reports and
         checkpoints at their intervals."""
         training = self.training
-        log.info("training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); "
-                 "setup took %.1fs", self.total_steps, self.steps_per_epoch, self.num_rows, self.world,
-                 training.deepspeed.zero_stage, training.method, self.precision, time.monotonic() - self.t_start)
+        log.info(
+            "training %d steps (%d per epoch, %d sequences per worker, %d workers, ZeRO-%d, %s, %s); setup took %.1fs",
+            self.total_steps,
+            self.steps_per_epoch,
+            self.num_rows,
+            self.world,
+            training.deepspeed.zero_stage,
+            training.method,
+            self.precision,
+            time.monotonic() - self.t_start,
+        )
         while self.stop_reason is None:
             step = self.train_step()
             state = self.state
@@ -434,8 +508,12 @@ class Recipe:
             state.stop_reason = self.stop_reason  # saved with the checkpoint: a finished run is not continued
             checkpoint_due = state.step % training.checkpoint.interval_steps == 0 or self.stop_reason is not None
             # Every input of this decision is the same on every rank, so all ranks sync at the same steps.
-            synced = (checkpoint_due or bool(eval_metrics) or state.step >= self.next_sync_step
-                      or state.step == self.opts.fail_after_step)
+            synced = (
+                checkpoint_due
+                or bool(eval_metrics)
+                or state.step >= self.next_sync_step
+                or state.step == self.opts.fail_after_step
+            )
             preempted = synced and self.sync_and_report(eval_metrics)
             if checkpoint_due or preempted:
                 self.checkpoint()  # just in time on a preemption notice: a restart redoes at most a sync interval
@@ -455,8 +533,12 @@ class Recipe:
         info = ray.train.get_preemption_info()
         if info is None or self.preempt_checkpointed:
             return False
-        log.warning("preemption notice for ranks %s (deadline %s ms): writing a just-in-time checkpoint at step "
-                    "%d", info.preempted_ranks, info.deadline_ms, self.state.step)
+        log.warning(
+            "preemption notice for ranks %s (deadline %s ms): writing a just-in-time checkpoint at step %d",
+            info.preempted_ranks,
+            info.deadline_ms,
+            self.state.step,
+        )
         self.preemption_deadline = info.deadline_ms / 1000 if info.deadline_ms else None
         return True
 
@@ -486,8 +568,9 @@ class Recipe:
         if self.reporter:
             self.reporter.startup(self.startup)
             self.reporter.metric({"event": "startup", "step": self.state.step, **self.startup})
-            log.info("time to first step: %s", ", ".join(f"{k[:-len('Seconds')]} {v:.1f}s"
-                                                        for k, v in self.startup.items()))
+            log.info(
+                "time to first step: %s", ", ".join(f"{k[: -len('Seconds')]} {v:.1f}s" for k, v in self.startup.items())
+            )
 
     def _next_rows(self) -> Any:
         """The rows of this rank's next micro-batch (data order is a pure function of epoch and seed)."""
@@ -496,14 +579,20 @@ class Recipe:
             self._epoch_batches = []
             if state.resized and state.resized["epoch"] == state.epoch:  # the rest of an epoch begun on other ranks
                 self._epoch_batches = resize.resized_epoch(
-                    self.train_data["input_ids"], state, run_uri=self.cfg.run_uri,
-                    batch=self.training.per_device_batch_size, accum=self.training.gradient_accumulation_steps,
-                    seed=self.training.seed, client=self.client)
+                    self.train_data["input_ids"],
+                    state,
+                    run_uri=self.cfg.run_uri,
+                    batch=self.training.per_device_batch_size,
+                    accum=self.training.gradient_accumulation_steps,
+                    seed=self.training.seed,
+                    client=self.client,
+                )
                 if not self._epoch_batches:  # the old ranks had consumed all of it
                     state.epoch, state.micro_batch = state.epoch + 1, 0
             if not self._epoch_batches:
-                self._epoch_batches = batch_indices(self.num_rows, self.training.per_device_batch_size, state.epoch,
-                                                    self.training.seed)[:self.micro_per_epoch]
+                self._epoch_batches = batch_indices(
+                    self.num_rows, self.training.per_device_batch_size, state.epoch, self.training.seed
+                )[: self.micro_per_epoch]
             self._epoch_of_batches = state.epoch
         return self._epoch_batches[state.micro_batch]
 
@@ -525,18 +614,34 @@ class Recipe:
             loss_sum += loss.detach().double()  # on the device: no host sync per micro-batch
             tokens += int(self.train_data["attention_mask"][rows].sum())  # real tokens, counted on the host
             if self.trace:
-                self.trace.write(json.dumps({"step": state.step + 1, "epoch": state.epoch,
-                                             "micro": state.micro_batch, "rows": [int(r) for r in rows],
-                                             "pod": self.place.pod, "localRank": self.place.local_rank}) + "\n")
+                self.trace.write(
+                    json.dumps(
+                        {
+                            "step": state.step + 1,
+                            "epoch": state.epoch,
+                            "micro": state.micro_batch,
+                            "rows": [int(r) for r in rows],
+                            "pod": self.place.pod,
+                            "localRank": self.place.local_rank,
+                        }
+                    )
+                    + "\n"
+                )
                 self.trace.flush()
             state.micro_batch += 1
         state.step += 1
         if state.micro_batch >= len(self._epoch_batches):  # micro_per_epoch, or a resized epoch's rest
             state.epoch, state.micro_batch = state.epoch + 1, 0
         seconds, self.carried_seconds = time.perf_counter() - t0 + self.carried_seconds, 0.0
-        result = StepResult(step=state.step, epoch=round(state.epoch + state.micro_batch / self.micro_per_epoch, 4),
-                            seconds=seconds, cpu_seconds=time.process_time() - cpu0,
-                            lr=self.scheduler.get_last_lr()[0], local_loss=loss_sum / accum, local_tokens=tokens)
+        result = StepResult(
+            step=state.step,
+            epoch=round(state.epoch + state.micro_batch / self.micro_per_epoch, 4),
+            seconds=seconds,
+            cpu_seconds=time.process_time() - cpu0,
+            lr=self.scheduler.get_last_lr()[0],
+            local_loss=loss_sum / accum,
+            local_tokens=tokens,
+        )
         state.samples += self.training.per_device_batch_size * accum * self.world
         self.train_seconds += result.seconds
         self.unsynced.append(result)
@@ -580,12 +685,24 @@ class Recipe:
         on the held-out rows, over all ranks."""
         if self.dpo:
             assert self.eval_data is not None
-            return self.dpo.evaluate(self.engine, self.eval_data, rank=self.rank, world=self.world,
-                                     batch=self.training.per_device_batch_size,
-                                     max_batches=self.training.max_eval_batches)
-        return _evaluate(self.engine, self.eval_data, rank=self.rank, world=self.world,
-                         batch=self.training.per_device_batch_size, device=self.device,
-                         max_batches=self.training.max_eval_batches, classification=self.classification)
+            return self.dpo.evaluate(
+                self.engine,
+                self.eval_data,
+                rank=self.rank,
+                world=self.world,
+                batch=self.training.per_device_batch_size,
+                max_batches=self.training.max_eval_batches,
+            )
+        return _evaluate(
+            self.engine,
+            self.eval_data,
+            rank=self.rank,
+            world=self.world,
+            batch=self.training.per_device_batch_size,
+            device=self.device,
+            max_batches=self.training.max_eval_batches,
+            classification=self.classification,
+        )
 
     def evaluate_at_interval(self) -> dict[str, float]:
         """Evaluate every evalIntervalSteps and at the last step; updates early stopping (and, in a tuning
@@ -597,8 +714,10 @@ class Recipe:
             metrics = self.evaluate()
         state.last_eval_loss, state.last_eval_step = metrics["loss"], state.step
         if self.dpo:
-            self.preference_metrics = {"preference_accuracy": metrics["preferenceAccuracy"],
-                                       "reward_margin": metrics["rewardMargin"]}
+            self.preference_metrics = {
+                "preference_accuracy": metrics["preferenceAccuracy"],
+                "reward_margin": metrics["rewardMargin"],
+            }
         if _early_stopping(self.training, state, metrics["loss"]) and self.stop_reason is None:
             self.stop_reason = "early stopping"
         if self.evaluator:
@@ -615,27 +734,45 @@ class Recipe:
             self.attempt_tokens += step.tokens
             seconds += step.seconds
             if self.reporter:
-                record = {"step": step.step, "epoch": step.epoch, "loss": step.loss, "lr": step.lr,
-                          "tokens": state.tokens, "stepTokens": step.tokens, "stepSeconds": round(step.seconds, 4),
-                          # CPU time of rank 0's process: well below stepSeconds when the machine is contended
-                          "stepCpuSeconds": round(step.cpu_seconds, 4),
-                          "tokensPerSecond": round(self.attempt_tokens / seconds, 1) if seconds else 0.0}
+                record = {
+                    "step": step.step,
+                    "epoch": step.epoch,
+                    "loss": step.loss,
+                    "lr": step.lr,
+                    "tokens": state.tokens,
+                    "stepTokens": step.tokens,
+                    "stepSeconds": round(step.seconds, 4),
+                    # CPU time of rank 0's process: well below stepSeconds when the machine is contended
+                    "stepCpuSeconds": round(step.cpu_seconds, 4),
+                    "tokensPerSecond": round(self.attempt_tokens / seconds, 1) if seconds else 0.0,
+                }
                 if eval_metrics and step is steps[-1]:
                     record.update({f"eval{k[0].upper()}{k[1:]}": v for k, v in eval_metrics.items()})
                 self.reporter.metric(record)
             if step.step % self.training.eval_interval_steps == 0:
-                log.info("step %d/%d loss %.4f%s lr %.2e", step.step, total_steps, step.loss,
-                         f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics and step is steps[-1] else "",
-                         step.lr)
+                log.info(
+                    "step %d/%d loss %.4f%s lr %.2e",
+                    step.step,
+                    total_steps,
+                    step.loss,
+                    f" evalLoss {eval_metrics['loss']:.4f}" if eval_metrics and step is steps[-1] else "",
+                    step.lr,
+                )
         last = steps[-1]
         tps = self.attempt_tokens / self.train_seconds if self.train_seconds else 0.0
         if self.reporter:
             eta = (total_steps - state.step) * self.train_seconds / max(1, state.step - self.attempt_start_step)
-            self.reporter.progress(step=state.step, total_steps=total_steps, epoch=last.epoch,
-                                   loss=round(last.loss or 0.0, 6), eval_loss=state.last_eval_loss,
-                                   **self.preference_metrics,
-                                   tokens_per_second=round(tps, 1), eta_seconds=int(eta),
-                                   percent=min(100, int(100 * state.step / total_steps)))
+            self.reporter.progress(
+                step=state.step,
+                total_steps=total_steps,
+                epoch=last.epoch,
+                loss=round(last.loss or 0.0, 6),
+                eval_loss=state.last_eval_loss,
+                **self.preference_metrics,
+                tokens_per_second=round(tps, 1),
+                eta_seconds=int(eta),
+                percent=min(100, int(100 * state.step / total_steps)),
+            )
 
     # ---------------------------------------------------------------- checkpoint
 
@@ -645,15 +782,23 @@ class Recipe:
         assert self.staging is not None
         t0 = time.monotonic()
         with self._timed("checkpoint", self.phase_seconds):
-            uri = ckpt.save(self.engine, self.cfg, self.state, rank=self.rank, client=self.client,
-                            staging=self.staging, exclude_frozen=self.lora)
+            uri = ckpt.save(
+                self.engine,
+                self.cfg,
+                self.state,
+                rank=self.rank,
+                client=self.client,
+                staging=self.staging,
+                exclude_frozen=self.lora,
+            )
             self.last_checkpoint_step = self.state.step
             if self.reporter:
                 refs = ckpt.apply_retention(self.client, self.cfg, self.training.checkpoint.keep)
                 self.reporter.checkpoints(refs)
         if self.reporter:
-            self.reporter.metric({"event": "checkpoint", "step": self.state.step, "uri": uri,
-                                  "seconds": round(time.monotonic() - t0, 3)})
+            self.reporter.metric(
+                {"event": "checkpoint", "step": self.state.step, "uri": uri, "seconds": round(time.monotonic() - t0, 3)}
+            )
         return uri
 
     # ---------------------------------------------------------------- export
@@ -667,16 +812,31 @@ class Recipe:
         if self.last_checkpoint_step != state.step:
             assert self.staging is not None
             with timed("checkpoint", self.phase_seconds):
-                ckpt.save(self.engine, self.cfg, state, rank=self.rank, client=self.client, staging=self.staging,
-                          exclude_frozen=self.lora)
+                ckpt.save(
+                    self.engine,
+                    self.cfg,
+                    state,
+                    rank=self.rank,
+                    client=self.client,
+                    staging=self.staging,
+                    exclude_frozen=self.lora,
+                )
         final_eval = {}
         if self.eval_data is not None and state.last_eval_step != state.step:
             with timed("eval", self.phase_seconds):
                 final_eval = self.evaluate()
             state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
         with timed("export", self.phase_seconds):
-            self.artifact = export(self.engine, self.cfg, self.tokenizer, rank=self.rank, client=self.client,
-                                   staging=self.staging, base_dir=self.base_dir, precision=self.precision)
+            self.artifact = export(
+                self.engine,
+                self.cfg,
+                self.tokenizer,
+                rank=self.rank,
+                client=self.client,
+                staging=self.staging,
+                base_dir=self.base_dir,
+                precision=self.precision,
+            )
         from kubetune_trainer.memory import all_ranks_peak_mb
 
         self.peak_memory_mb = all_ranks_peak_mb(self.device)  # training and export done: the run's peaks
@@ -694,7 +854,9 @@ class Recipe:
             return None
         state = self.state
         summary = {
-            "step": state.step, "totalSteps": self.total_steps, "stopReason": self.stop_reason,
+            "step": state.step,
+            "totalSteps": self.total_steps,
+            "stopReason": self.stop_reason,
             "evalLoss": state.last_eval_loss,
             "tokensPerSecond": round(self.attempt_tokens / self.train_seconds, 1) if self.train_seconds else None,
             "model": self.artifact.wire() if self.artifact else None,
@@ -704,12 +866,19 @@ class Recipe:
         if self.evaluation:
             self.reporter.evaluation(self.evaluation)
             summary["evaluation"] = self.evaluation.wire()
-        self.reporter.progress(step=state.step, total_steps=self.total_steps, eval_loss=state.last_eval_loss,
-                               percent=100, eta_seconds=0, **self.preference_metrics)
+        self.reporter.progress(
+            step=state.step,
+            total_steps=self.total_steps,
+            eval_loss=state.last_eval_loss,
+            percent=100,
+            eta_seconds=0,
+            **self.preference_metrics,
+        )
         # Where the wall time after setup went besides the training steps (the benchmark prints their shares).
         phases = {"train": round(self.train_seconds, 2), **self.phase_seconds}
-        self.reporter.metric({"event": "finished", **summary, "phaseSeconds": phases,
-                              "peakMemoryMB": self.peak_memory_mb})
+        self.reporter.metric(
+            {"event": "finished", **summary, "phaseSeconds": phases, "peakMemoryMB": self.peak_memory_mb}
+        )
         self.reporter.close()
         self.reporter = None
         log.info("done in %.1fs: %s", time.monotonic() - self.t_start, json.dumps(summary))
@@ -721,8 +890,9 @@ class Recipe:
         """Rank 0: a failed attempt still leaves its history in S3: the steps so far, and why it stopped."""
         if self.reporter:
             first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            self.reporter.metric({"event": "failed", "step": self.state.step,
-                                  "error": f"{type(exc).__name__}: {first_line}"})
+            self.reporter.metric(
+                {"event": "failed", "step": self.state.step, "error": f"{type(exc).__name__}: {first_line}"}
+            )
             self.reporter.close(timeout=15)
             self.reporter = None
 
@@ -798,8 +968,7 @@ def _to_tensors(data: dict[str, Any], rows: Any, device: Any, classification: bo
         return torch.from_numpy(data[name][rows]).long().to(device, non_blocking=True)
 
     if classification:
-        return {"input_ids": tensor("input_ids"), "attention_mask": tensor("attention_mask"),
-                "labels": tensor("label")}
+        return {"input_ids": tensor("input_ids"), "attention_mask": tensor("attention_mask"), "labels": tensor("label")}
     return {"input_ids": tensor("input_ids"), "position_ids": tensor("position_ids"), "labels": tensor("labels")}
 
 
@@ -815,8 +984,17 @@ def _early_stopping(training: Any, state: TrainState, eval_loss: float) -> bool:
     return state.evals_without_improvement >= rule.patience
 
 
-def _evaluate(engine: Any, data: dict[str, Any] | None, *, rank: int, world: int, batch: int, device: Any,
-              max_batches: int | None, classification: bool) -> dict[str, float]:
+def _evaluate(
+    engine: Any,
+    data: dict[str, Any] | None,
+    *,
+    rank: int,
+    world: int,
+    batch: int,
+    device: Any,
+    max_batches: int | None,
+    classification: bool,
+) -> dict[str, float]:
     """Loss (token-weighted), perplexity, and accuracy for classification, over the validation rows.
 
     Rank r takes rows r, r+world, ...; every rank runs the same number of forward passes (ZeRO-3 gathers
@@ -838,7 +1016,7 @@ def _evaluate(engine: Any, data: dict[str, Any] | None, *, rank: int, world: int
     engine.eval()
     with torch.no_grad():
         for b in range(num_batches):
-            rows = mine[b * batch:(b + 1) * batch]
+            rows = mine[b * batch : (b + 1) * batch]
             real = len(rows) > 0
             inputs = _to_tensors(data, rows if real else np.arange(1), device, classification)
             out = engine(**inputs)

@@ -43,7 +43,6 @@ from dataclasses import asdict
 from typing import Any
 
 from kubetune.api import EvaluationSummary, ModelArtifact, TrainerConfig, TrialStatus
-
 from kubetune_trainer import evaluate as evaluation
 from kubetune_trainer import storage
 from kubetune_trainer.tune_space import (
@@ -87,9 +86,17 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     try:
         reporter.data(prepared.stats)
         tracker = TrialTracker(cfg, reporter, steps, num_trials)
-        reporter.metric({"event": "tuningStarted", "trials": num_trials, "algorithm": tuning.algorithm,
-                         "earlyStopping": tuning.early_stopping, "objective": {"metric": metric, "mode": mode},
-                         "stepsPerTrial": steps, "maxConcurrentTrials": tuning.max_concurrent_trials})
+        reporter.metric(
+            {
+                "event": "tuningStarted",
+                "trials": num_trials,
+                "algorithm": tuning.algorithm,
+                "earlyStopping": tuning.early_stopping,
+                "objective": {"metric": metric, "mode": mode},
+                "stepsPerTrial": steps,
+                "maxConcurrentTrials": tuning.max_concurrent_trials,
+            }
+        )
         tuner = restore_or_build_tuner(cfg, prepared, options, tracker, steps)
         t0 = time.monotonic()
         with Reclaimer():
@@ -101,20 +108,39 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
             if errors and isinstance(errors[0], BaseException):
                 raise errors[0]  # the entry point classifies it (data, config, training)
             first = next(iter(tracker.errors.values()), "")
-            raise TuningError(f"no trial finished training ({', '.join(f'{t.id} {t.state}' for t in trials)})"
-                              + (f"; first error: {first.strip().splitlines()[-1]}" if first.strip() else ""))
-        log.info("tuning done in %.0fs: best %s %s=%s %s", time.monotonic() - t0, best.id, metric, best.objective,
-                 best.params)
+            raise TuningError(
+                f"no trial finished training ({', '.join(f'{t.id} {t.state}' for t in trials)})"
+                + (f"; first error: {first.strip().splitlines()[-1]}" if first.strip() else "")
+            )
+        log.info(
+            "tuning done in %.0fs: best %s %s=%s %s",
+            time.monotonic() - t0,
+            best.id,
+            metric,
+            best.objective,
+            best.params,
+        )
         artifact, summary, report = promote(client, cfg, best, trials, reporter)
         report_best(client, cfg, reporter, best, trials, artifact, summary, report, steps)
-        reporter.metric({"event": "tuningFinished", "bestTrial": best.id, metric: best.objective,
-                         "seconds": round(time.monotonic() - t0, 1)})
+        reporter.metric(
+            {
+                "event": "tuningFinished",
+                "bestTrial": best.id,
+                metric: best.objective,
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+        )
     finally:
         reporter.close()
     return {
-        "step": best.step, "totalSteps": steps, "stopReason": f"tuning: best of {len(trials)} trials is {best.id}",
-        "evalLoss": (report.get("fineTuned") or {}).get("evalLoss"), "tokensPerSecond": None,
-        "model": artifact.wire(), "bestTrial": best.id, "trials": [t.wire() for t in trials],
+        "step": best.step,
+        "totalSteps": steps,
+        "stopReason": f"tuning: best of {len(trials)} trials is {best.id}",
+        "evalLoss": (report.get("fineTuned") or {}).get("evalLoss"),
+        "tokensPerSecond": None,
+        "model": artifact.wire(),
+        "bestTrial": best.id,
+        "trials": [t.wire() for t in trials],
         "evaluation": summary.wire() if summary is not None else None,
     }
 
@@ -153,14 +179,24 @@ def restore_or_build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, trac
         return build_tuner(cfg, prepared, options, tracker, steps)
     tuning = cfg.spec.tuning
     assert tuning is not None
-    tuner = ray.tune.Tuner.restore(path, trainable=_trainable(cfg, prepared, options),
-                                   param_space=search_space(tuning), resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False, storage_filesystem=fs)
+    tuner = ray.tune.Tuner.restore(
+        path,
+        trainable=_trainable(cfg, prepared, options),
+        param_space=search_space(tuning),
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+        storage_filesystem=fs,
+    )
     # The restored run config holds the pickled tracker (without its reporter): report through this one.
     tuner._local_tuner.get_run_config().callbacks = [tracker]
     kept = tracker.seed(ray.tune.ExperimentAnalysis(path, storage_filesystem=fs).trials)
-    log.info("restored the tuning experiment from s3://%s: %d finished trials kept (%s)", path, len(kept),
-             ", ".join(kept) or "none")
+    log.info(
+        "restored the tuning experiment from s3://%s: %d finished trials kept (%s)",
+        path,
+        len(kept),
+        ", ".join(kept) or "none",
+    )
     tracker.reporter.metric({"event": "tuningRestored", "keptTrials": kept})
     return tuner
 
@@ -171,8 +207,9 @@ def _trainable(cfg: TrainerConfig, prepared: Any, options: Any) -> Any:
 
     from kubetune_trainer.tune_trial import run_trial
 
-    trainable = ray.tune.with_parameters(run_trial, job_config=cfg.wire(), prepared=asdict(prepared),
-                                         options=asdict(options))
+    trainable = ray.tune.with_parameters(
+        run_trial, job_config=cfg.wire(), prepared=asdict(prepared), options=asdict(options)
+    )
     # The trial actor only drives its Ray Train run (whose workers ask for their own resources): no CPU,
     # so trials x workers x CPU-per-worker is all a tuning job takes. Tune refuses an all-zero request,
     # and memory is a fair thing for a driver process to ask for.
@@ -190,9 +227,15 @@ def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, s
     scheduler = None
     if tuning.early_stopping == "asha":
         grace = max(1, min(cfg.spec.training.eval_interval_steps, steps))
-        scheduler = ASHAScheduler(time_attr="step", metric=tuning.objective.metric, mode=tuning.objective.mode,
-                                  max_t=max(steps, grace), grace_period=grace,
-                                  reduction_factor=ASHA_REDUCTION_FACTOR, stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            metric=tuning.objective.metric,
+            mode=tuning.objective.mode,
+            max_t=max(steps, grace),
+            grace_period=grace,
+            reduction_factor=ASHA_REDUCTION_FACTOR,
+            stop_last_trials=False,
+        )
     storage_path, fs = experiment_storage(cfg)
     return ray.tune.Tuner(
         _trainable(cfg, prepared, options),
@@ -201,8 +244,9 @@ def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, s
             num_samples=1 if tuning.algorithm == "grid" else tuning.trials,
             # maxConcurrentTrials goes to the search algorithm: Tune ignores TuneConfig.max_concurrent_trials
             # (with a warning) when it is given a BasicVariantGenerator of its own.
-            search_alg=BasicVariantGenerator(random_state=cfg.spec.training.seed,
-                                             max_concurrent=tuning.max_concurrent_trials),
+            search_alg=BasicVariantGenerator(
+                random_state=cfg.spec.training.seed, max_concurrent=tuning.max_concurrent_trials
+            ),
             scheduler=scheduler,
             trial_name_creator=lambda trial: trial_id_of(trial.trial_id),
             trial_dirname_creator=lambda trial: trial_id_of(trial.trial_id),
@@ -217,9 +261,17 @@ def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, s
     )
 
 
-def report_best(client: Any, cfg: TrainerConfig, reporter: Any, best: TrialStatus, trials: list[TrialStatus],
-                artifact: ModelArtifact, summary: EvaluationSummary | None, report: dict[str, Any],
-                steps: int) -> None:
+def report_best(
+    client: Any,
+    cfg: TrainerConfig,
+    reporter: Any,
+    best: TrialStatus,
+    trials: list[TrialStatus],
+    artifact: ModelArtifact,
+    summary: EvaluationSummary | None,
+    report: dict[str, Any],
+    steps: int,
+) -> None:
     """The job's status after tuning: trials, the best trial's checkpoints, model, evaluation, progress 100%."""
     from kubetune_trainer.tune_tracker import STATUS_TRIALS_LIMIT
 
@@ -234,19 +286,27 @@ def report_best(client: Any, cfg: TrainerConfig, reporter: Any, best: TrialStatu
     reporter.model(artifact)
     if summary is not None:
         reporter.evaluation(summary)
-    reporter.progress(step=best.step, total_steps=steps, eval_loss=(report.get("fineTuned") or {}).get("evalLoss"),
-                      percent=100, eta_seconds=0, trial=best.id)
+    reporter.progress(
+        step=best.step,
+        total_steps=steps,
+        eval_loss=(report.get("fineTuned") or {}).get("evalLoss"),
+        percent=100,
+        eta_seconds=0,
+        trial=best.id,
+    )
 
 
-def promote(client: Any, cfg: TrainerConfig, best: TrialStatus, trials: list[TrialStatus],
-            reporter: Any) -> tuple[ModelArtifact, EvaluationSummary | None, dict[str, Any]]:
+def promote(
+    client: Any, cfg: TrainerConfig, best: TrialStatus, trials: list[TrialStatus], reporter: Any
+) -> tuple[ModelArtifact, EvaluationSummary | None, dict[str, Any]]:
     """Make the best trial the job's result: its model (and merged model) to <run>/model (<run>/merged), its
     report with the trials table to <run>/eval/report.json, its training curve into <run>/metrics.jsonl."""
     src = trial_run_uri(cfg, best.id)
     lora = cfg.spec.training.method == "lora"
     copy_prefix(client, f"{src}/model", cfg.model_uri)
-    artifact = ModelArtifact(uri=cfg.model_uri, kind="adapter" if lora else "full",
-                             base_uri=cfg.spec.model.uri if lora else None)
+    artifact = ModelArtifact(
+        uri=cfg.model_uri, kind="adapter" if lora else "full", base_uri=cfg.spec.model.uri if lora else None
+    )
     if lora and cfg.spec.output.export_merged:
         copy_prefix(client, f"{src}/merged", f"{cfg.run_uri}/merged")
         artifact.merged_uri = f"{cfg.run_uri}/merged"
@@ -262,8 +322,10 @@ def promote(client: Any, cfg: TrainerConfig, best: TrialStatus, trials: list[Tri
         report["trialReportUri"] = f"{src}/eval/report.json"
         report["model"] = artifact.wire()
         report["bestTrial"] = best.id
-        report["trials"] = [{**t.wire(), "reportUri": f"{trial_run_uri(cfg, t.id)}/eval/report.json"
-                             if t.state == TERMINATED else None} for t in trials]
+        report["trials"] = [
+            {**t.wire(), "reportUri": f"{trial_run_uri(cfg, t.id)}/eval/report.json" if t.state == TERMINATED else None}
+            for t in trials
+        ]
         storage.put_json(client, report_uri, report)
         summary = evaluation.summary(report, evaluation.objective_metric(cfg.spec), report_uri)
     raw = storage.get_bytes(client, f"{src}/metrics.jsonl") or b""
@@ -289,6 +351,9 @@ def copy_prefix(client: Any, src_uri: str, dst_uri: str) -> int:
     src_bucket, _ = parse_uri(src_uri)
     dst_bucket, dst_key = parse_uri(dst_uri)
     for obj in objects:
-        client.copy_object(Bucket=dst_bucket, Key=f"{dst_key.rstrip('/')}/{obj['rel']}",
-                           CopySource={"Bucket": src_bucket, "Key": obj["key"]})
+        client.copy_object(
+            Bucket=dst_bucket,
+            Key=f"{dst_key.rstrip('/')}/{obj['rel']}",
+            CopySource={"Bucket": src_bucket, "Key": obj["key"]},
+        )
     return len(objects)

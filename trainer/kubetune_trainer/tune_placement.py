@@ -30,8 +30,13 @@ def reclaim_orphaned_placement_groups() -> int:
         # A group made by a driver (Tune's own, for the trial actors) has a nil creator actor, which the GCS
         # counts as dead: only groups made by an actor (a Train controller) qualify.
         made_by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
-        if (pg.state == gcs_pb2.PlacementGroupTableData.CREATED and not pg.is_detached and made_by_actor
-                and pg.creator_actor_dead and pg.creator_job_id.hex() == job):
+        if (
+            pg.state == gcs_pb2.PlacementGroupTableData.CREATED
+            and not pg.is_detached
+            and made_by_actor
+            and pg.creator_actor_dead
+            and pg.creator_job_id.hex() == job
+        ):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed += 1
     if removed:

@@ -39,8 +39,9 @@ def search_space(tuning: TuningSpec) -> dict[str, Any]:
         elif p.type == "randint" or (integer and p.type == "uniform"):
             space[key] = tune.randint(int(math.ceil(p.low)), int(p.high) + 1)
         elif p.type == "loguniform":
-            space[key] = (tune.lograndint(int(math.ceil(p.low)), int(p.high) + 1) if integer
-                          else tune.loguniform(p.low, p.high))
+            space[key] = (
+                tune.lograndint(int(math.ceil(p.low)), int(p.high) + 1) if integer else tune.loguniform(p.low, p.high)
+            )
         else:
             space[key] = tune.uniform(p.low, p.high)
     return {"params": space}

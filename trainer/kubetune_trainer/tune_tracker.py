@@ -9,7 +9,6 @@ from typing import Any
 from ray.tune import Callback
 
 from kubetune.api import TrainerConfig, TrialStatus
-
 from kubetune_trainer import evaluate as evaluation
 from kubetune_trainer.tune_space import (
     EARLY_STOPPED,
@@ -51,8 +50,9 @@ class TrialTracker(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._entry(trial).state = RUNNING
-        self.reporter.metric({"event": "trialStarted", "trial": self._entry(trial).id,
-                              "params": self._entry(trial).params})
+        self.reporter.metric(
+            {"event": "trialStarted", "trial": self._entry(trial).id, "params": self._entry(trial).params}
+        )
         self._publish()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
@@ -67,15 +67,24 @@ class TrialTracker(Callback):
         # Every evaluation of every trial, also of trials killed before their own metrics.jsonl was written
         # (kubetune plot --trials draws the held-out curves from these lines).
         figures = {k: result[k] for k in evaluation.METRIC_KEYS if isinstance(result.get(k), (int, float))}
-        self.reporter.metric({"event": "trialResult", "trial": t.id, "step": t.step, **figures,
-                              "final": bool(result.get("final")), "stop": bool(result.get("done"))})
+        self.reporter.metric(
+            {
+                "event": "trialResult",
+                "trial": t.id,
+                "step": t.step,
+                **figures,
+                "final": bool(result.get("final")),
+                "stop": bool(result.get("done")),
+            }
+        )
         self._publish()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         t = self._entry(trial)
         t.state = trial_state("TERMINATED", self.last.get(t.id))
-        self.reporter.metric({"event": "trialEnded", "trial": t.id, "state": t.state, "step": t.step,
-                              self.metric: t.objective})
+        self.reporter.metric(
+            {"event": "trialEnded", "trial": t.id, "state": t.state, "step": t.step, self.metric: t.objective}
+        )
         log.info("%s %s at step %s: %s %s", t.id, t.state, t.step, self.metric, t.objective)
         self._publish()
 
@@ -83,8 +92,15 @@ class TrialTracker(Callback):
         t = self._entry(trial)
         t.state = ERROR
         self.errors[t.id] = _error_text(trial)
-        self.reporter.metric({"event": "trialEnded", "trial": t.id, "state": ERROR, "step": t.step,
-                              "error": self.errors[t.id].strip().splitlines()[-1:] or None})
+        self.reporter.metric(
+            {
+                "event": "trialEnded",
+                "trial": t.id,
+                "state": ERROR,
+                "step": t.step,
+                "error": self.errors[t.id].strip().splitlines()[-1:] or None,
+            }
+        )
         log.warning("%s failed:\n%s", t.id, self.errors[t.id][-4000:])
         self._publish()
 

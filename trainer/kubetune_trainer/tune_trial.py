@@ -9,7 +9,6 @@ import os
 from typing import Any
 
 from kubetune.api import TrainerConfig
-
 from kubetune_trainer import storage
 from kubetune_trainer.tune_space import clean_params, trial_config, trial_id_of
 
@@ -18,8 +17,9 @@ log = logging.getLogger("kubetune_trainer")
 TRIAL_WORKER_START_TIMEOUT_S = 1800
 
 
-def run_trial(config: dict[str, Any], *, job_config: dict[str, Any], prepared: dict[str, Any],
-               options: dict[str, Any]) -> None:
+def run_trial(
+    config: dict[str, Any], *, job_config: dict[str, Any], prepared: dict[str, Any], options: dict[str, Any]
+) -> None:
     """A Tune trial (runs in its trial actor): fit one Ray Train run with the trial's parameters."""
     import ray.tune
 
@@ -36,8 +36,12 @@ def run_trial(config: dict[str, Any], *, job_config: dict[str, Any], prepared: d
     tcfg = trial_config(cfg, trial_id, params)
     client = s3_client(cfg.spec.dataset.endpoint, cfg.spec.dataset.region)
     claim_prefix(client, tcfg, params)
-    fit(tcfg, PreparedData(**prepared), RunOptions(**options),
-        trial={"id": trial_id, "params": clean_params(params), "jobRunUri": cfg.run_uri})
+    fit(
+        tcfg,
+        PreparedData(**prepared),
+        RunOptions(**options),
+        trial={"id": trial_id, "params": clean_params(params), "jobRunUri": cfg.run_uri},
+    )
 
 
 def claim_prefix(client: Any, tcfg: TrainerConfig, params: dict[str, Any]) -> None:
@@ -63,5 +67,8 @@ def trial_run_config(cfg: TrainerConfig, options: Any, trial: dict[str, Any]) ->
     from ray.train import RunConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    return RunConfig(name=f"{cfg.job.namespace}-{cfg.job.name}-{trial['id']}",
-                     storage_path=options.ray_storage or None, callbacks=[TuneReportCallback()])
+    return RunConfig(
+        name=f"{cfg.job.namespace}-{cfg.job.name}-{trial['id']}",
+        storage_path=options.ray_storage or None,
+        callbacks=[TuneReportCallback()],
+    )

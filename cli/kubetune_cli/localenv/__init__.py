@@ -28,13 +28,22 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "ControlPlane", "ControlPlaneError", "KubeBinaries", "KubeRayCRDs", "S3Server", "S3ServerError", "ToolNotFound",
-    "find_etcd", "find_helm", "find_kube_binaries", "find_kubectl", "install_crds", "install_kuberay_crds",
+    "ControlPlane",
+    "ControlPlaneError",
+    "KubeBinaries",
+    "KubeRayCRDs",
+    "S3Server",
+    "S3ServerError",
+    "ToolNotFound",
+    "find_etcd",
+    "find_helm",
+    "find_kube_binaries",
+    "find_kubectl",
+    "install_crds",
+    "install_kuberay_crds",
 ]
 
 if TYPE_CHECKING:
-    from kubetune_cli.localenv.control_plane import ControlPlane, ControlPlaneError, KubeRayCRDs, install_crds, install_kuberay_crds
-    from kubetune_cli.localenv.s3_server import S3Server, S3ServerError
     from kubetune_cli.localenv.binaries import (
         KubeBinaries,
         ToolNotFound,
@@ -43,6 +52,14 @@ if TYPE_CHECKING:
         find_kube_binaries,
         find_kubectl,
     )
+    from kubetune_cli.localenv.control_plane import (
+        ControlPlane,
+        ControlPlaneError,
+        KubeRayCRDs,
+        install_crds,
+        install_kuberay_crds,
+    )
+    from kubetune_cli.localenv.s3_server import S3Server, S3ServerError
 
 
 def __getattr__(name: str) -> Any:

@@ -73,10 +73,11 @@ def referenced(uris: Iterable[str | None]) -> list[Builtin]:
     for uri in uris:
         if not uri or not uri.startswith(f"s3://{SAMPLES_BUCKET}/"):
             continue
-        parts = uri[len(f"s3://{SAMPLES_BUCKET}/"):].strip("/").split("/")
+        parts = uri[len(f"s3://{SAMPLES_BUCKET}/") :].strip("/").split("/")
         if len(parts) < 2 or parts[0] not in ("models", "datasets"):
-            raise ValueError(f"{uri}: built-in URIs look like {MODELS_PREFIX}/<model> or "
-                             f"{DATASETS_PREFIX}/<sample>/train.jsonl")
+            raise ValueError(
+                f"{uri}: built-in URIs look like {MODELS_PREFIX}/<model> or {DATASETS_PREFIX}/<sample>/train.jsonl"
+            )
         kind, name = parts[0][:-1], parts[1]
         known = model_names() if kind == "model" else _dataset_names()
         if name not in known:
@@ -91,7 +92,7 @@ def spec_uris(spec: Any) -> list[str | None]:
 
 
 def is_present(client: Any, item: Builtin) -> bool:
-    bucket, _, key = item.last_object[len("s3://"):].partition("/")
+    bucket, _, key = item.last_object[len("s3://") :].partition("/")
     resp = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
     return any(o["Key"] == key for o in resp.get("Contents", []))
 
@@ -135,7 +136,7 @@ def seed(client: Any, items: Iterable[Builtin], say: Callable[[str], None] = log
 
 def _upload_last(client: Any, local: Path, uri: str, last: str) -> None:
     """Upload a folder with `last` uploaded last, so that its presence means the whole folder is there."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
     for path in files:
         client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
@@ -149,8 +150,8 @@ def _smollm2_dir() -> Path:
 
 def _tiny_llama_dir() -> Path:
     """The tiny test model, built once into the cache (published with an atomic rename)."""
-    from kubetune_cli.localenv.models import tiny_llama
     from kubetune_cli.localenv.binaries import cache_dir
+    from kubetune_cli.localenv.models import tiny_llama
 
     target = cache_dir() / "models" / f"tiny-llama-h128-v{_TINY_VERSION}"
     if target.is_dir():

@@ -31,10 +31,10 @@ from types import TracebackType
 from typing import Any
 
 from kubetune_cli.localenv import pki
+from kubetune_cli.localenv.binaries import KubeBinaries, find_kube_binaries
 from kubetune_cli.localenv.crds import KubeRayCRDs, install_crds, install_kuberay_crds
 from kubetune_cli.localenv.kubeclient import api_client, as_dict, current_cluster, load_kubeconfig, write_kubeconfig
 from kubetune_cli.localenv.processes import ManagedProcess, ProcessExited, free_ports, make_workdir, wait_until
-from kubetune_cli.localenv.binaries import KubeBinaries, find_kube_binaries
 
 __all__ = ["ControlPlane", "ControlPlaneError", "KubeRayCRDs", "install_crds", "install_kuberay_crds"]
 
@@ -187,8 +187,14 @@ class ControlPlane:
     def _write_pki(self) -> None:
         d = self._pki_dir
         ca = pki.make_ca(d)
-        pki.issue_cert(ca, d, "apiserver", "kube-apiserver",
-                       ips=("127.0.0.1",), dns_names=("localhost", "kubernetes", "kubernetes.default"))
+        pki.issue_cert(
+            ca,
+            d,
+            "apiserver",
+            "kube-apiserver",
+            ips=("127.0.0.1",),
+            dns_names=("localhost", "kubernetes", "kubernetes.default"),
+        )
         pki.make_signing_key(d, "sa")
         self.ca_file = ca.cert_file
         self.token = secrets.token_hex(16)
@@ -213,26 +219,46 @@ class ControlPlane:
         etcd_dir = self.workdir / "etcd"
         shutil.rmtree(etcd_dir, ignore_errors=True)
         etcd_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
-        etcd = self._spawn("etcd", [
-            str(b.etcd), "--name=kubetune", f"--data-dir={etcd_dir}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=kubetune={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
-        ])
+        etcd = self._spawn(
+            "etcd",
+            [
+                str(b.etcd),
+                "--name=kubetune",
+                f"--data-dir={etcd_dir}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=kubetune={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
         p = self._pki_dir
-        apiserver = self._spawn("kube-apiserver", [
-            str(b.kube_apiserver), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
-            f"--cert-dir={self.workdir / 'certs'}",
-            f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
-            f"--client-ca-file={p / 'ca.crt'}", f"--token-auth-file={p / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
-            f"--service-account-key-file={p / 'sa.pub'}", f"--service-account-signing-key-file={p / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            "--service-cluster-ip-range=10.0.0.0/24", "--disable-admission-plugins=ServiceAccount",
-            "--allow-privileged=true", "--profiling=false",
-            *self._extra_apiserver_args,
-        ])
+        apiserver = self._spawn(
+            "kube-apiserver",
+            [
+                str(b.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--cert-dir={self.workdir / 'certs'}",
+                f"--tls-cert-file={p / 'apiserver.crt'}",
+                f"--tls-private-key-file={p / 'apiserver.key'}",
+                f"--client-ca-file={p / 'ca.crt'}",
+                f"--token-auth-file={p / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-key-file={p / 'sa.pub'}",
+                f"--service-account-signing-key-file={p / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                "--profiling=false",
+                *self._extra_apiserver_args,
+            ],
+        )
         self.server = f"https://127.0.0.1:{api_port}"
         try:
             ok = wait_until(self._ready, self.timeout, procs=[etcd, apiserver], interval=0.25)
@@ -241,8 +267,11 @@ class ControlPlane:
         if not ok:
             raise ControlPlaneError(f"kube-apiserver not ready after {self.timeout:.0f} s\n{self._logs()}")
         self.kubeconfig = write_kubeconfig(
-            self.workdir / "kubeconfig", server=self.server, token=self._tokens["admin"],
-            ca_data_b64=base64.b64encode((p / "ca.crt").read_bytes()).decode(), user="admin",
+            self.workdir / "kubeconfig",
+            server=self.server,
+            token=self._tokens["admin"],
+            ca_data_b64=base64.b64encode((p / "ca.crt").read_bytes()).decode(),
+            user="admin",
         )
 
     def _ready(self) -> bool:
@@ -277,11 +306,19 @@ class ControlPlane:
 
     def _start_controller_manager(self, b: KubeBinaries) -> None:
         p = self._pki_dir
-        kcm = self._spawn("kube-controller-manager", [
-            str(b.kube_controller_manager), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
-            "--port=0", "--secure-port=0", f"--controllers={','.join(KCM_CONTROLLERS)}",
-            f"--service-account-private-key-file={p / 'sa.key'}", f"--root-ca-file={p / 'ca.crt'}",
-        ])
+        kcm = self._spawn(
+            "kube-controller-manager",
+            [
+                str(b.kube_controller_manager),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                f"--controllers={','.join(KCM_CONTROLLERS)}",
+                f"--service-account-private-key-file={p / 'sa.key'}",
+                f"--root-ca-file={p / 'ca.crt'}",
+            ],
+        )
         # The serviceaccount controller creating default/default proves the controller-manager is working.
         try:
             ok = wait_until(self._default_sa_exists, self.timeout, procs=[kcm], interval=0.25)
@@ -314,8 +351,12 @@ class ControlPlane:
         if name not in self._tokens or self.server is None or self.workdir is None:
             raise KeyError(f"unknown user {name!r}: pass users={{{name!r}: [groups]}} to ControlPlane()")
         return write_kubeconfig(
-            self.workdir / "kubeconfigs" / f"user-{name}", server=self.server, token=self._tokens[name],
-            ca_data_b64=self._ca_data_b64(), user=name, namespace=namespace,
+            self.workdir / "kubeconfigs" / f"user-{name}",
+            server=self.server,
+            token=self._tokens[name],
+            ca_data_b64=self._ca_data_b64(),
+            user=name,
+            namespace=namespace,
         )
 
     def kubeconfig_for_service_account(
@@ -341,8 +382,11 @@ class ControlPlane:
                     )
             token = _wait_for_sa_token(core, namespace, name, timeout)
         return write_kubeconfig(
-            self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}", server=self.server, token=token,
-            ca_data_b64=self._ca_data_b64(), user=f"system:serviceaccount:{namespace}:{name}",
+            self.workdir / "kubeconfigs" / f"sa-{namespace}-{name}",
+            server=self.server,
+            token=token,
+            ca_data_b64=self._ca_data_b64(),
+            user=f"system:serviceaccount:{namespace}:{name}",
             namespace=namespace,
         )
 
@@ -384,14 +428,20 @@ def _wait_for_sa_token(core: Any, namespace: str, name: str, timeout: float) -> 
                 return base64.b64decode(token).decode()
         if sa and not created_own and time.monotonic() >= fallback_at:
             with contextlib.suppress(ApiException):
-                core.create_namespaced_secret(namespace, {
-                    "metadata": {"name": own_secret, "annotations": {"kubernetes.io/service-account.name": name}},
-                    "type": "kubernetes.io/service-account-token",
-                }, _preload_content=False)
+                core.create_namespaced_secret(
+                    namespace,
+                    {
+                        "metadata": {"name": own_secret, "annotations": {"kubernetes.io/service-account.name": name}},
+                        "type": "kubernetes.io/service-account-token",
+                    },
+                    _preload_content=False,
+                )
             created_own = True
         time.sleep(0.2)
-    raise TimeoutError(f"no token Secret for ServiceAccount {namespace}/{name} within {timeout:.0f} s "
-                       "(is kube-controller-manager running with the serviceaccount-token controller?)")
+    raise TimeoutError(
+        f"no token Secret for ServiceAccount {namespace}/{name} within {timeout:.0f} s "
+        "(is kube-controller-manager running with the serviceaccount-token controller?)"
+    )
 
 
 # Control planes started in this process, stopped at exit if their owner did not (temp dirs included).

@@ -41,8 +41,10 @@ from kubetune_cli.localenv.rest import RestError
 log = logging.getLogger(__name__)
 
 # The operator's Deployments: a job's own inference server, and shared inference servers.
-DEPLOYMENT_LISTS = ("/apis/apps/v1/deployments?labelSelector=kubetune.io%2Fjob",
-                    "/apis/apps/v1/deployments?labelSelector=kubetune.io%2Finference-server")
+DEPLOYMENT_LISTS = (
+    "/apis/apps/v1/deployments?labelSelector=kubetune.io%2Fjob",
+    "/apis/apps/v1/deployments?labelSelector=kubetune.io%2Finference-server",
+)
 LOCAL_URL_ANNOTATION = "kubetune.io/local-url"
 INIT_TIMEOUT_S = 1800
 RESTART_BACKOFF_S = 10.0
@@ -75,9 +77,14 @@ class Replica:
         self.revision = replica_set_name(dep)
         self.name = f"{self.revision}-{index}"
         self.root = rt.state_dir / "serving" / ns / dep["metadata"]["name"] / self.name
-        self.sandbox = PodSandbox(self.root, self.template["spec"], namespace=ns, pod_name=self.name,
-                                  config_maps=lambda n: rt.configmap_data(ns, n),
-                                  secrets=lambda n: rt.secret_data(ns, n))
+        self.sandbox = PodSandbox(
+            self.root,
+            self.template["spec"],
+            namespace=ns,
+            pod_name=self.name,
+            config_maps=lambda n: rt.configmap_data(ns, n),
+            secrets=lambda n: rt.secret_data(ns, n),
+        )
         self.port_map: dict[int, int] = {}
         self.proc: ManagedProcess | None = None
         self.ready = False
@@ -135,8 +142,10 @@ class Replica:
 
                 python = serving_venv_python()
                 if python is None:
-                    raise PodConfigError(f"the vLLM serving environment is missing at {serving_venv_dir()} (the "
-                                         "local stand-in for the inference image): run tools/serving-venv.sh")
+                    raise PodConfigError(
+                        f"the vLLM serving environment is missing at {serving_venv_dir()} (the "
+                        "local stand-in for the inference image): run tools/serving-venv.sh"
+                    )
                 argv[0] = str(python)
                 return argv, local_vllm_env(base_env=env)
             argv[0] = sys.executable  # kubetune's own environment plays the image
@@ -156,8 +165,9 @@ class Replica:
         self.proc = None
         self.runner.rt.record_pids(f"pod-{self.name}", [])
         if proc.popen.returncode != 0:
-            self._fail("BackOff", f"init container {container['name']} exited with {proc.popen.returncode}: "
-                       f"{proc.log_tail(3)}")
+            self._fail(
+                "BackOff", f"init container {container['name']} exited with {proc.popen.returncode}: {proc.log_tail(3)}"
+            )
             return False
         return True
 
@@ -186,8 +196,10 @@ class Replica:
             self.ready = False
             self.runner.changed.set()
         if self.proc is not None and not self.stopping.is_set():
-            self._fail("BackOff", f"container {container['name']} exited with {self.proc.popen.poll()}: "
-                       f"{self.proc.log_tail(5)}")
+            self._fail(
+                "BackOff",
+                f"container {container['name']} exited with {self.proc.popen.poll()}: {self.proc.log_tail(5)}",
+            )
             self.proc.stop()
             self.proc = None
         self.runner.rt.record_pids(f"pod-{self.name}", [])
@@ -266,10 +278,12 @@ class DeploymentRunner:
             sel = (svc.get("spec") or {}).get("selector") or {}
             if not sel or any(labels.get(k) != v for k, v in sel.items()):
                 continue
-            current = ((svc["metadata"].get("annotations") or {}).get(LOCAL_URL_ANNOTATION))
+            current = (svc["metadata"].get("annotations") or {}).get(LOCAL_URL_ANNOTATION)
             if current != url:
-                self.rt.rest.merge_patch(f"/api/v1/namespaces/{self.ns}/services/{svc['metadata']['name']}",
-                                         {"metadata": {"annotations": {LOCAL_URL_ANNOTATION: url}}})
+                self.rt.rest.merge_patch(
+                    f"/api/v1/namespaces/{self.ns}/services/{svc['metadata']['name']}",
+                    {"metadata": {"annotations": {LOCAL_URL_ANNOTATION: url}}},
+                )
 
 
 def _rewrite_listen(argv: list[str], port_map: dict[int, int]) -> list[str]:
@@ -298,7 +312,6 @@ def _http_ok(url: str) -> bool:
             return bool(r.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
-
 
 
 class LocalKubelet(LocalRuntime):

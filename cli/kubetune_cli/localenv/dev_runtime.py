@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,15 @@ class DevS3:
 class LocalRuntime:
     """Starts a controller thread per RayJob and per kubetune Deployment; `stop()` ends them all."""
 
-    def __init__(self, kubeconfig: Path, state_dir: Path, *, s3: DevS3 | None = None,
-                 pid_dir: Path | None = None, poll: float = POLL_S) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        state_dir: Path,
+        *,
+        s3: DevS3 | None = None,
+        pid_dir: Path | None = None,
+        poll: float = POLL_S,
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.state_dir = state_dir
         self.s3 = s3
@@ -100,7 +107,7 @@ class LocalRuntime:
                 self._deployments.sync()
             except RestError as e:
                 log.warning("runtime: listing failed (%s); retrying", e)
-            except Exception:  # noqa: BLE001 - the runtime keeps going; the error is in its log
+            except Exception:
                 log.exception("runtime loop")
             self.stopping.wait(self.poll)
 
@@ -153,9 +160,14 @@ class LocalRuntime:
                     raise PodConfigError(f'no token for serviceaccount "{name}" (is it created?)')
                 time.sleep(0.5)
         _, cluster = current_cluster(load_kubeconfig(self.kubeconfig))
-        return write_kubeconfig(path, server=cluster["server"], token=token,
-                                ca_data_b64=cluster.get("certificate-authority-data"),
-                                user=f"system:serviceaccount:{ns}:{name}", namespace=ns)
+        return write_kubeconfig(
+            path,
+            server=cluster["server"],
+            token=token,
+            ca_data_b64=cluster.get("certificate-authority-data"),
+            user=f"system:serviceaccount:{ns}:{name}",
+            namespace=ns,
+        )
 
     def seed_for(self, config: dict[str, Any]) -> None:
         """Upload built-ins a trainer config reads and create its buckets, when it uses the dev S3."""
@@ -169,7 +181,7 @@ class LocalRuntime:
             return
         client = self.s3.client()
         for uri in (cfg.spec.output.uri, *cfg.spec.dataset.train_uris(), cfg.spec.model.uri):
-            builtin.ensure_bucket(client, uri[len("s3://"):].split("/", 1)[0])
+            builtin.ensure_bucket(client, uri[len("s3://") :].split("/", 1)[0])
         builtin.seed(client, builtin.referenced(builtin.spec_uris(cfg.spec)))
 
 
@@ -247,14 +259,15 @@ class RayJobController:
             self._stop_run()
             if run is None and not suspend and not self._deadline_passed(rj):
                 # The cluster went away under a Running job (e.g. the runtime restarted): the submitter fails.
-                self._reconcile(kuberay.World(submitter_failed=("BackoffLimitExceeded",
-                                                                "the local Ray cluster is gone")))
+                self._reconcile(
+                    kuberay.World(submitter_failed=("BackoffLimitExceeded", "the local Ray cluster is gone"))
+                )
             else:
                 self._reconcile(kuberay.World(job=kuberay.JobInfo(js or "RUNNING")))
             return
         if run.driver is None:
             run.submit()
-            self._job_start = datetime.now(timezone.utc)
+            self._job_start = datetime.now(UTC)
             self._reconcile(kuberay.World(job=kuberay.JobInfo("PENDING")))
             self._reconcile(kuberay.World(job=kuberay.JobInfo("RUNNING", start_time=self._job_start)))
             return
@@ -264,10 +277,13 @@ class RayJobController:
                 self._reconcile(kuberay.World(job=kuberay.JobInfo("RUNNING", start_time=self._job_start)))
             return
         message = run.message()
-        end = datetime.now(timezone.utc)
-        info = kuberay.JobInfo("SUCCEEDED" if rc == 0 else "FAILED",
-                               message="Job finished successfully." if rc == 0 else message,
-                               start_time=self._job_start, end_time=end)
+        end = datetime.now(UTC)
+        info = kuberay.JobInfo(
+            "SUCCEEDED" if rc == 0 else "FAILED",
+            message="Job finished successfully." if rc == 0 else message,
+            start_time=self._job_start,
+            end_time=end,
+        )
         self._result = info
         self._stop_run()
         self._reconcile(kuberay.World(job=info))
@@ -277,7 +293,7 @@ class RayJobController:
         if ads is None or start is None:
             return False
         started = datetime.fromisoformat(start.replace("Z", "+00:00"))
-        return datetime.now(timezone.utc) >= started + timedelta(seconds=int(ads))
+        return datetime.now(UTC) >= started + timedelta(seconds=int(ads))
 
     # ---- the RayCluster ---------------------------------------------------------------------------------------
 
@@ -315,7 +331,8 @@ class RayJobController:
             sa = head_pod.get("serviceAccountName") or "default"
             kubeconfig = self.rt.service_account_kubeconfig(self.ns, sa, workdir / "serviceaccount.kubeconfig")
             run = LocalRayJobRun(
-                rj, workdir,
+                rj,
+                workdir,
                 config_maps=lambda n: self.rt.configmap_data(self.ns, n),
                 secrets=lambda n: self.rt.secret_data(self.ns, n),
                 extra_env=self._extra_env(kubeconfig, workdir),
@@ -323,8 +340,13 @@ class RayJobController:
             )
             self._seed(rj)
             self.run_ = run
-            log.info("RayJob %s/%s attempt %d: starting a local Ray cluster (%d CPUs)", self.ns, self.name,
-                     self.attempt, run.cpus)
+            log.info(
+                "RayJob %s/%s attempt %d: starting a local Ray cluster (%d CPUs)",
+                self.ns,
+                self.name,
+                self.attempt,
+                run.cpus,
+            )
             run.start_cluster()
         except (PodConfigError, RayClusterError, RestError, ValueError) as e:
             self._start_error = str(e)
@@ -337,8 +359,10 @@ class RayJobController:
 
         _, gpus = cluster_resources(rj)
         if gpus and not Path("/dev/nvidia0").exists():
-            return (f"0/1 nodes are available: 1 Insufficient GPU (the RayCluster needs {gpus}; this machine has "
-                    "none). Set spec.resources.gpusPerWorker: 0 to train on the CPU.")
+            return (
+                f"0/1 nodes are available: 1 Insufficient GPU (the RayCluster needs {gpus}; this machine has "
+                "none). Set spec.resources.gpusPerWorker: 0 to train on the CPU."
+            )
         return None
 
     def _extra_env(self, kubeconfig: Path, workdir: Path) -> dict[str, str]:

@@ -91,18 +91,34 @@ class DevEnv:
 
     # ---- up / down ------------------------------------------------------------------------------------------
 
-    def up(self, *, s3_port: int = DEFAULT_S3_PORT, webhook: bool = True, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
+    def up(
+        self, *, s3_port: int = DEFAULT_S3_PORT, webhook: bool = True, timeout: float = UP_TIMEOUT_S
+    ) -> dict[str, Any]:
         """Start the daemon (unless it runs) and wait until it is ready; returns its state."""
         if self.pid() is not None:
             return self._wait_ready(self.pid() or 0, timeout)
         self._kill_leftovers()
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         self.state_file.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "kubetune_cli.localenv.devenv", "serve", "--dir", str(self.dir),
-                "--s3-port", str(s3_port)] + ([] if webhook else ["--no-webhook"])
+        argv = [
+            sys.executable,
+            "-m",
+            "kubetune_cli.localenv.devenv",
+            "serve",
+            "--dir",
+            str(self.dir),
+            "--s3-port",
+            str(s3_port),
+        ] + ([] if webhook else ["--no-webhook"])
         with open(self.log_file, "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=self.dir)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.dir,
+            )
         return self._wait_ready(proc.pid, timeout, proc)
 
     def _wait_ready(self, pid: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
@@ -224,17 +240,25 @@ class Daemon:
         creds_path = s3_dir / CREDENTIALS_FILE
         creds = read_credentials(creds_path)
         if creds is None:
-            creds = {"AWS_ACCESS_KEY_ID": "kt" + secrets.token_hex(8), "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+            creds = {
+                "AWS_ACCESS_KEY_ID": "kt" + secrets.token_hex(8),
+                "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
+            }
             write_credentials(creds_path, creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"])
-        server = S3Server(s3_dir, buckets=S3_BUCKETS, access_key=creds["AWS_ACCESS_KEY_ID"],
-                          secret_key=creds["AWS_SECRET_ACCESS_KEY"]).start()
+        server = S3Server(
+            s3_dir, buckets=S3_BUCKETS, access_key=creds["AWS_ACCESS_KEY_ID"], secret_key=creds["AWS_SECRET_ACCESS_KEY"]
+        ).start()
         self._stops.append(server.stop)
         assert server.endpoint_url is not None
         forward = PortForward(self.s3_port, int(server.endpoint_url.rsplit(":", 1)[1])).start()
         self._stops.append(forward.stop)
         endpoint = f"http://127.0.0.1:{self.s3_port}"
-        self.state["s3"] = {"endpoint": endpoint, "server": server.endpoint_url, "secret": f"default/{S3_SECRET}",
-                            "credentialsFile": str(creds_path)}
+        self.state["s3"] = {
+            "endpoint": endpoint,
+            "server": server.endpoint_url,
+            "secret": f"default/{S3_SECRET}",
+            "credentialsFile": str(creds_path),
+        }
         log.info("S3 at %s (SeaweedFS %s)", endpoint, server.endpoint_url)
         return server
 
@@ -243,9 +267,13 @@ class Daemon:
 
         rest = Rest(cp.kubeconfig)
         try:
-            body = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": S3_SECRET, "namespace": "default"},
-                    "type": "Opaque",
-                    "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}
+            body = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": S3_SECRET, "namespace": "default"},
+                "type": "Opaque",
+                "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
+            }
             try:
                 rest.call("POST", "/api/v1/namespaces/default/secrets", body)
             except RestError as e:
@@ -258,13 +286,23 @@ class Daemon:
         from kubetune_cli.localenv.processes import ManagedProcess, free_ports, wait_until
 
         metrics, health, webhook = free_ports(3)
-        env = {**os.environ, "KUBETUNE_METRICS_PORT": str(metrics), "KUBETUNE_HEALTH_PORT": str(health),
-               "KUBETUNE_WEBHOOK": "true" if self.webhook else "false", "KUBETUNE_WEBHOOK_PORT": str(webhook),
-               "KUBETUNE_WEBHOOK_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "KUBETUNE_METRICS_PORT": str(metrics),
+            "KUBETUNE_HEALTH_PORT": str(health),
+            "KUBETUNE_WEBHOOK": "true" if self.webhook else "false",
+            "KUBETUNE_WEBHOOK_PORT": str(webhook),
+            "KUBETUNE_WEBHOOK_ADDR": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+        }
         env.pop("KUBECONFIG", None)
-        proc = ManagedProcess("operator", [sys.executable, "-m", "kubetune_operator", "--kubeconfig",
-                                           str(cp.kubeconfig)], self.env.dir / "logs" / "operator.log", env=env,
-                              cwd=self.env.dir)
+        proc = ManagedProcess(
+            "operator",
+            [sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(cp.kubeconfig)],
+            self.env.dir / "logs" / "operator.log",
+            env=env,
+            cwd=self.env.dir,
+        )
         self._stops.append(lambda: proc.stop(grace=10.0))
         healthz = f"http://127.0.0.1:{health}/healthz"
         ok = wait_until(lambda: _http_ok(healthz), 120, procs=[proc], interval=0.5)
@@ -272,8 +310,11 @@ class Daemon:
             ok = wait_until(lambda: self._webhook_registered(cp), 60, procs=[proc], interval=0.5)
         if not ok:
             raise DevEnvError(f"the operator did not become ready:\n{proc.log_tail()}")
-        self.state["operator"] = {"pid": proc.pid, "metrics": f"http://127.0.0.1:{metrics}/metrics",
-                                  "webhook": self.webhook}
+        self.state["operator"] = {
+            "pid": proc.pid,
+            "metrics": f"http://127.0.0.1:{metrics}/metrics",
+            "webhook": self.webhook,
+        }
         log.info("operator running (pid %d)", proc.pid)
 
     @staticmethod
@@ -293,8 +334,10 @@ class Daemon:
         from kubetune.s3 import make_client as make_s3_client
         from kubetune_cli.localenv.dev_runtime import DevS3, LocalRuntime
 
-        dev_s3 = DevS3(self.state["s3"]["endpoint"], lambda: make_s3_client(
-            s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key))
+        dev_s3 = DevS3(
+            self.state["s3"]["endpoint"],
+            lambda: make_s3_client(s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key),
+        )
         runtime = LocalRuntime(Path(cp.kubeconfig), self.env.dir, s3=dev_s3, pid_dir=self.env.pid_dir).start()
         self._stops.append(runtime.stop)
         log.info("local runtime running (plays KubeRay and the kubelet)")
@@ -304,7 +347,7 @@ class Daemon:
             stop = self._stops.pop()
             try:
                 stop()
-            except Exception:  # noqa: BLE001 - stop the rest anyway
+            except Exception:
                 log.exception("while stopping")
 
 

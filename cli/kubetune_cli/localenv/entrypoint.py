@@ -44,5 +44,5 @@ def final_message(log_path: Path, prefix: str = TRAINER_PREFIX) -> str:
         return ""
     for line in reversed(lines):
         if line.startswith(prefix):
-            return line[len(prefix):].strip()
+            return line[len(prefix) :].strip()
     return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +55,30 @@ def replica_set_name(deployment: dict[str, Any]) -> str:
     return f"{deployment['metadata']['name']}-" + "".join(_ALPHANUMS[b % len(_ALPHANUMS)] for b in digest[:10])
 
 
-def _condition(old: list[dict[str, Any]], type_: str, status: str, reason: str, message: str,
-               now: str) -> dict[str, Any]:
+def _condition(
+    old: list[dict[str, Any]], type_: str, status: str, reason: str, message: str, now: str
+) -> dict[str, Any]:
     prev = next((c for c in old if c.get("type") == type_), None)
     # SetDeploymentCondition keeps lastTransitionTime when the status did not change.
     transition = prev["lastTransitionTime"] if prev is not None and prev.get("status") == status else now
-    return {"type": type_, "status": status, "lastUpdateTime": now, "lastTransitionTime": transition,
-            "reason": reason, "message": message}
+    return {
+        "type": type_,
+        "status": status,
+        "lastUpdateTime": now,
+        "lastTransitionTime": transition,
+        "reason": reason,
+        "message": message,
+    }
 
 
-def deployment_status(deployment: dict[str, Any], *, ready: int | None = None, timed_out: bool = False,
-                      failure: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+def deployment_status(
+    deployment: dict[str, Any],
+    *,
+    ready: int | None = None,
+    timed_out: bool = False,
+    failure: str | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
     """The status the Deployment controller writes when `ready` of the new ReplicaSet's pods are ready (all of
     them when None, none when failing), or when the rollout timed out, or when pods cannot be created (`failure`: the
     ReplicaSet's FailedCreate message)."""
@@ -74,7 +87,7 @@ def deployment_status(deployment: dict[str, Any], *, ready: int | None = None, t
     if ready is None:
         ready = 0 if failure or timed_out else replicas
     ready_n = max(0, min(int(ready), replicas))
-    when = rfc3339(now or datetime.now(timezone.utc))
+    when = rfc3339(now or datetime.now(UTC))
     old = list((deployment.get("status") or {}).get("conditions") or [])
     rs = replica_set_name(deployment)
     # RollingUpdate maxUnavailable (absolute, or a percentage rounded down); the Deployment is Available when
@@ -86,23 +99,27 @@ def deployment_status(deployment: dict[str, Any], *, ready: int | None = None, t
     min_available = replicas - int(max_unavailable)
     conditions: list[dict[str, Any]] = []
     if ready_n >= min_available:
-        conditions.append(_condition(old, AVAILABLE, "True", MIN_AVAILABLE, "Deployment has minimum availability.",
-                                     when))
+        conditions.append(
+            _condition(old, AVAILABLE, "True", MIN_AVAILABLE, "Deployment has minimum availability.", when)
+        )
     else:
-        conditions.append(_condition(old, AVAILABLE, "False", MIN_UNAVAILABLE,
-                                     "Deployment does not have minimum availability.", when))
+        conditions.append(
+            _condition(old, AVAILABLE, "False", MIN_UNAVAILABLE, "Deployment does not have minimum availability.", when)
+        )
     if timed_out:
-        conditions.append(_condition(old, PROGRESSING, "False", TIMED_OUT,
-                                     f'ReplicaSet "{rs}" has timed out progressing.', when))
+        conditions.append(
+            _condition(old, PROGRESSING, "False", TIMED_OUT, f'ReplicaSet "{rs}" has timed out progressing.', when)
+        )
     elif ready_n == replicas:
-        conditions.append(_condition(old, PROGRESSING, "True", NEW_RS_AVAILABLE,
-                                     f'ReplicaSet "{rs}" has successfully progressed.', when))
+        conditions.append(
+            _condition(
+                old, PROGRESSING, "True", NEW_RS_AVAILABLE, f'ReplicaSet "{rs}" has successfully progressed.', when
+            )
+        )
     elif not any(c.get("type") == PROGRESSING for c in old):
-        conditions.append(_condition(old, PROGRESSING, "True", NEW_RS_CREATED, f'Created new replica set "{rs}"',
-                                     when))
+        conditions.append(_condition(old, PROGRESSING, "True", NEW_RS_CREATED, f'Created new replica set "{rs}"', when))
     else:
-        conditions.append(_condition(old, PROGRESSING, "True", RS_UPDATED, f'ReplicaSet "{rs}" is progressing.',
-                                     when))
+        conditions.append(_condition(old, PROGRESSING, "True", RS_UPDATED, f'ReplicaSet "{rs}" is progressing.', when))
     if failure:
         conditions.append(_condition(old, REPLICA_FAILURE, "True", FAILED_CREATE, failure, when))
     created = 0 if failure else replicas

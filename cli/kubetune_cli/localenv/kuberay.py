@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,9 @@ class World:
     submitter_finished: bool = True
 
 
-def next_status(ray_job: dict[str, Any], world: World, now: datetime,
-                grace_period_s: int = DEFAULT_GRACE_PERIOD_S) -> dict[str, Any]:
+def next_status(
+    ray_job: dict[str, Any], world: World, now: datetime, grace_period_s: int = DEFAULT_GRACE_PERIOD_S
+) -> dict[str, Any]:
     """The RayJob's status after one KubeRay reconcile pass (a new dict; the input is not changed)."""
     spec = ray_job.get("spec") or {}
     st: dict[str, Any] = copy.deepcopy(ray_job.get("status") or {})
@@ -83,8 +84,11 @@ def next_status(ray_job: dict[str, Any], world: World, now: datetime,
 
     def deadline_passed() -> bool:
         ads = spec.get("activeDeadlineSeconds")
-        return ads is not None and st.get("startTime") is not None and \
-            now >= _parse(st["startTime"]) + timedelta(seconds=int(ads))
+        return (
+            ads is not None
+            and st.get("startTime") is not None
+            and now >= _parse(st["startTime"]) + timedelta(seconds=int(ads))
+        )
 
     def to_suspending() -> bool:
         if spec.get("suspend") and jds in ("Running", "Initializing"):
@@ -97,8 +101,10 @@ def next_status(ray_job: dict[str, Any], world: World, now: datetime,
             return False
         st["jobDeploymentStatus"] = "Failed"
         st["reason"] = "DeadlineExceeded"
-        st["message"] = (f"The RayJob has passed the activeDeadlineSeconds. StartTime: {st['startTime']}. "
-                         f"ActiveDeadlineSeconds: {spec['activeDeadlineSeconds']}")
+        st["message"] = (
+            f"The RayJob has passed the activeDeadlineSeconds. StartTime: {st['startTime']}. "
+            f"ActiveDeadlineSeconds: {spec['activeDeadlineSeconds']}"
+        )
         return True
 
     if jds == "":
@@ -163,17 +169,24 @@ def next_status(ray_job: dict[str, Any], world: World, now: datetime,
     # checkBackoffLimitAndUpdateStatusIfNeeded
     failed = int(st.get("failed") or 0) + (1 if st.get("jobDeploymentStatus") == "Failed" else 0)
     succeeded = int(st.get("succeeded") or 0) + (
-        1 if st.get("jobStatus") == "SUCCEEDED" and st.get("jobDeploymentStatus") == "Complete" else 0)
+        1 if st.get("jobStatus") == "SUCCEEDED" and st.get("jobDeploymentStatus") == "Complete" else 0
+    )
     st["failed"], st["succeeded"] = failed, succeeded
     limit = spec.get("backoffLimit")
-    if st.get("jobDeploymentStatus") == "Failed" and limit is not None and failed < int(limit) + 1 \
-            and st.get("reason") not in NOT_RETRIED_REASONS:
+    if (
+        st.get("jobDeploymentStatus") == "Failed"
+        and limit is not None
+        and failed < int(limit) + 1
+        and st.get("reason") not in NOT_RETRIED_REASONS
+    ):
         st["jobDeploymentStatus"] = "Retrying"
 
     # updateRayJobStatus: endTime on the way into Complete/Failed
     old = ray_job.get("status") or {}
-    if (old.get("jobStatus", ""), old.get("jobDeploymentStatus", "")) != (st.get("jobStatus", ""),
-                                                                         st.get("jobDeploymentStatus", "")):
+    if (old.get("jobStatus", ""), old.get("jobDeploymentStatus", "")) != (
+        st.get("jobStatus", ""),
+        st.get("jobDeploymentStatus", ""),
+    ):
         if st.get("jobDeploymentStatus") in ("Complete", "Failed"):
             st["endTime"] = rfc3339(now)
     return st
@@ -187,8 +200,10 @@ def _grace_period_exceeded(st: dict[str, Any], now: datetime, grace_period_s: in
         return False
     st["jobDeploymentStatus"] = "Failed" if st.get("jobStatus") == "FAILED" else "Complete"
     st["reason"] = "JobDeploymentStatusTransitionGracePeriodExceeded"
-    st["message"] = ("JobDeploymentStatus does not transition to Complete or Failed within the grace period after "
-                     "JobStatus reaches a terminal state.")
+    st["message"] = (
+        "JobDeploymentStatus does not transition to Complete or Failed within the grace period after "
+        "JobStatus reaches a terminal state."
+    )
     return True
 
 
@@ -200,8 +215,10 @@ def _omit_empty(status: dict[str, Any]) -> dict[str, Any]:
 def status_changed(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
     """KubeRay writes the status only when jobStatus or jobDeploymentStatus changed."""
     b = before or {}
-    return (b.get("jobStatus", ""), b.get("jobDeploymentStatus", "")) != (after.get("jobStatus", ""),
-                                                                          after.get("jobDeploymentStatus", ""))
+    return (b.get("jobStatus", ""), b.get("jobDeploymentStatus", "")) != (
+        after.get("jobStatus", ""),
+        after.get("jobDeploymentStatus", ""),
+    )
 
 
 class OfflineRayJob:
@@ -213,7 +230,7 @@ class OfflineRayJob:
     def __init__(self, ray_job: dict[str, Any], clock: Any = None) -> None:
         self.obj = copy.deepcopy(ray_job)
         self.obj["status"] = dict(self.obj.get("status") or {})
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock or (lambda: datetime.now(UTC))
 
     @property
     def status(self) -> dict[str, Any]:
@@ -245,7 +262,7 @@ class KubeRay:
 
     def __init__(self, kubeconfig: str | Path, *, clock: Any = None):
         self._api = kubeclient.api_client(kubeconfig)
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock or (lambda: datetime.now(UTC))
 
     def close(self) -> None:
         self._api.close()
@@ -269,16 +286,20 @@ class KubeRay:
 
     def set_suspend(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
         """What Kueue (or a user) does to a RayJob's spec.suspend."""
-        return self._call("PATCH", self._path(namespace, name), {"spec": {"suspend": suspend}},
-                          "application/merge-patch+json")
+        return self._call(
+            "PATCH", self._path(namespace, name), {"spec": {"suspend": suspend}}, "application/merge-patch+json"
+        )
 
     # --- one reconcile pass -------------------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str, world: World | None = None, *, now: datetime | None = None) -> dict[str, Any]:
+    def reconcile(
+        self, namespace: str, name: str, world: World | None = None, *, now: datetime | None = None
+    ) -> dict[str, Any]:
         """One KubeRay reconcile pass; returns the RayJob as stored afterwards."""
         ray_job = self.get(namespace, name)
-        if not (ray_job.get("status") or {}).get("jobDeploymentStatus") and \
-                FINALIZER not in (ray_job["metadata"].get("finalizers") or []):
+        if not (ray_job.get("status") or {}).get("jobDeploymentStatus") and FINALIZER not in (
+            ray_job["metadata"].get("finalizers") or []
+        ):
             ray_job["metadata"]["finalizers"] = [*(ray_job["metadata"].get("finalizers") or []), FINALIZER]
             ray_job = self._call("PUT", self._path(namespace, name), ray_job)
         new = next_status(ray_job, world or World(), now or self._clock())
@@ -301,22 +322,30 @@ class KubeRay:
         self._expect(self.reconcile(namespace, name, World(cluster_ready=True)), "Running")
         self.reconcile(namespace, name, World(job=JobInfo("PENDING")))
         now = self._clock()
-        return self._expect(self.reconcile(namespace, name, World(job=JobInfo("RUNNING", start_time=now))),
-                            "Running", "RUNNING")
+        return self._expect(
+            self.reconcile(namespace, name, World(job=JobInfo("RUNNING", start_time=now))), "Running", "RUNNING"
+        )
 
     def succeed(self, namespace: str, name: str, message: str = "Job finished successfully.") -> dict[str, Any]:
         now = self._clock()
         info = JobInfo("SUCCEEDED", message=message, start_time=now - timedelta(seconds=1), end_time=now)
         return self._expect(self.reconcile(namespace, name, World(job=info)), "Complete", "SUCCEEDED")
 
-    def fail(self, namespace: str, name: str, message: str = "Job entrypoint command failed with exit code 1") -> dict[str, Any]:
+    def fail(
+        self, namespace: str, name: str, message: str = "Job entrypoint command failed with exit code 1"
+    ) -> dict[str, Any]:
         """The Ray job fails (AppFailed); with backoffLimit left, KubeRay goes Retrying instead."""
         now = self._clock()
         info = JobInfo("FAILED", message=message, start_time=now - timedelta(seconds=1), end_time=now)
         return self.reconcile(namespace, name, World(job=info))
 
-    def fail_submission(self, namespace: str, name: str, reason: str = "BackoffLimitExceeded",
-                        message: str = "Job has reached the specified backoff limit") -> dict[str, Any]:
+    def fail_submission(
+        self,
+        namespace: str,
+        name: str,
+        reason: str = "BackoffLimitExceeded",
+        message: str = "Job has reached the specified backoff limit",
+    ) -> dict[str, Any]:
         return self.reconcile(namespace, name, World(submitter_failed=(reason, message)))
 
     def pass_deadline(self, namespace: str, name: str) -> dict[str, Any]:
@@ -344,13 +373,19 @@ class KubeRay:
         """What KubeRay does for a RayJob being deleted (after trying to stop the Ray job)."""
         rj = self.get(namespace, name)
         finalizers = [f for f in rj["metadata"].get("finalizers") or [] if f != FINALIZER]
-        self._call("PATCH", self._path(namespace, name), {"metadata": {"finalizers": finalizers or None}},
-                   "application/merge-patch+json")
+        self._call(
+            "PATCH",
+            self._path(namespace, name),
+            {"metadata": {"finalizers": finalizers or None}},
+            "application/merge-patch+json",
+        )
 
     @staticmethod
     def _expect(ray_job: dict[str, Any], jds: str, js: str | None = None) -> dict[str, Any]:
         st = ray_job.get("status") or {}
         if st.get("jobDeploymentStatus") != jds or (js is not None and st.get("jobStatus") != js):
-            raise AssertionError(f"RayJob {ray_job['metadata']['name']}: expected {jds}/{js}, got "
-                                 f"{st.get('jobDeploymentStatus')}/{st.get('jobStatus')}")
+            raise AssertionError(
+                f"RayJob {ray_job['metadata']['name']}: expected {jds}/{js}, got "
+                f"{st.get('jobDeploymentStatus')}/{st.get('jobStatus')}"
+            )
         return ray_job

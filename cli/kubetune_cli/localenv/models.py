@@ -105,9 +105,7 @@ def convert_smollm2(cache_dir: str | Path | None = None) -> Path:
         from kubetune_trainer.model import strip_quantization  # the trainer loads GGUF bases the same way
 
         log.info("converting %s into %s (about 2 minutes, once)", SMOLLM2_GGUF, target)
-        model = AutoModelForCausalLM.from_pretrained(
-            smollm2_package_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(smollm2_package_dir(), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         strip_quantization(model)
         model.save_pretrained(tmp)
         shutil.copytree(smollm2_tokenizer_dir(root), tmp, dirs_exist_ok=True)
@@ -157,7 +155,7 @@ def upload_dir(client: Any, local_dir: str | Path, s3_uri: str) -> list[str]:
     """Upload every file under `local_dir` to the prefix `s3_uri`; returns the keys written."""
     if not s3_uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {s3_uri}")
-    bucket, _, prefix = s3_uri[len("s3://"):].partition("/")
+    bucket, _, prefix = s3_uri[len("s3://") :].partition("/")
     prefix = prefix.strip("/")
     local_dir = Path(local_dir)
     keys = []

@@ -28,8 +28,16 @@ class PodConfigError(RuntimeError):
 class PodSandbox:
     """One pod's volumes and environment on the host."""
 
-    def __init__(self, root: Path, pod_spec: Mapping[str, Any], *, namespace: str, pod_name: str,
-                 config_maps: Lookup, secrets: Lookup) -> None:
+    def __init__(
+        self,
+        root: Path,
+        pod_spec: Mapping[str, Any],
+        *,
+        namespace: str,
+        pod_name: str,
+        config_maps: Lookup,
+        secrets: Lookup,
+    ) -> None:
         self.root = root
         self.spec = pod_spec
         self.namespace = namespace
@@ -93,8 +101,9 @@ class PodSandbox:
         env: dict[str, str] = {}
         for src in container.get("envFrom") or []:
             prefix = src.get("prefix", "")
-            ref, lookup = (src["secretRef"], self._secrets) if "secretRef" in src else (src["configMapRef"],
-                                                                                         self._config_maps)
+            ref, lookup = (
+                (src["secretRef"], self._secrets) if "secretRef" in src else (src["configMapRef"], self._config_maps)
+            )
             data = lookup(ref["name"])
             if data is None:
                 if ref.get("optional"):
@@ -111,22 +120,31 @@ class PodSandbox:
         if "value" in var:
             return expand(var["value"], so_far)
         src = var.get("valueFrom") or {}
-        for key, lookup, kind in (("secretKeyRef", self._secrets, "secret"),
-                                  ("configMapKeyRef", self._config_maps, "configmap")):
+        for key, lookup, kind in (
+            ("secretKeyRef", self._secrets, "secret"),
+            ("configMapKeyRef", self._config_maps, "configmap"),
+        ):
             if key in src:
                 ref = src[key]
                 data = lookup(ref["name"])
                 if data is None or ref["key"] not in data:
                     if ref.get("optional"):
                         return None
-                    what = f'{kind} "{ref["name"]}"' if data is None else f'key "{ref["key"]}" in {kind} "{ref["name"]}"'
+                    what = (
+                        f'{kind} "{ref["name"]}"' if data is None else f'key "{ref["key"]}" in {kind} "{ref["name"]}"'
+                    )
                     raise PodConfigError(f"{what} not found (env {var['name']})")
                 return data[ref["key"]]
         if "fieldRef" in src:
             field = src["fieldRef"].get("fieldPath")
-            return {"metadata.name": self.pod_name, "metadata.namespace": self.namespace,
-                    "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1", "spec.nodeName": "localhost",
-                    "spec.serviceAccountName": self.spec.get("serviceAccountName", "default")}.get(field, "")
+            return {
+                "metadata.name": self.pod_name,
+                "metadata.namespace": self.namespace,
+                "status.podIP": "127.0.0.1",
+                "status.hostIP": "127.0.0.1",
+                "spec.nodeName": "localhost",
+                "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
+            }.get(field, "")
         return ""
 
     def argv(self, container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
@@ -140,6 +158,7 @@ _REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 def expand(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes' $(VAR) expansion: known variables are replaced, unknown ones kept, $$ escapes."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"

@@ -23,8 +23,9 @@ class PortForwardError(RuntimeError):
 class PortForward:
     """Forward connections to `listen_host:listen_port` to `target_host:target_port`; a context manager."""
 
-    def __init__(self, listen_port: int, target_port: int, *, listen_host: str = "127.0.0.1",
-                 target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, listen_port: int, target_port: int, *, listen_host: str = "127.0.0.1", target_host: str = "127.0.0.1"
+    ) -> None:
         self.listen = (listen_host, listen_port)
         self.target = (target_host, target_port)
         self._sock: socket.socket | None = None

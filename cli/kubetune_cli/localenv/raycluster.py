@@ -61,9 +61,17 @@ def ray_executable() -> Path:
 class LocalRayCluster:
     """`ray start --head --block` on 127.0.0.1 with its own temp dir and free ports; a context manager."""
 
-    def __init__(self, log_path: Path, *, num_cpus: int, num_gpus: int = 0,
-                 env: Mapping[str, str] | None = None, timeout: float = 600.0,
-                 on_spawn: Callable[[int], None] | None = None, auth_token: str | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *,
+        num_cpus: int,
+        num_gpus: int = 0,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600.0,
+        on_spawn: Callable[[int], None] | None = None,
+        auth_token: str | None = None,
+    ) -> None:
         self.log_path = log_path
         self.num_cpus = max(1, int(num_cpus))
         self.num_gpus = int(num_gpus)
@@ -110,14 +118,26 @@ class LocalRayCluster:
         self.temp_dir = make_workdir("kt-ray-")
         gcs, obj, node, agent_http, agent_grpc, runtime_env, metrics, dashboard = free_ports(8)
         argv = [
-            str(ray_executable()), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            f"--num-cpus={self.num_cpus}", f"--num-gpus={self.num_gpus}", "--include-dashboard=false",
+            str(ray_executable()),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            f"--num-cpus={self.num_cpus}",
+            f"--num-gpus={self.num_gpus}",
+            "--include-dashboard=false",
             # Ray 2.60 runs a minimal dashboard process even without the dashboard, on 8265 unless told.
-            f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
             f"--object-store-memory={_OBJECT_STORE_BYTES}",
-            f"--object-manager-port={obj}", f"--node-manager-port={node}",
-            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+            f"--object-manager-port={obj}",
+            f"--node-manager-port={node}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0

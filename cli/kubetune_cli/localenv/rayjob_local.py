@@ -56,9 +56,16 @@ def cluster_resources(ray_job: Mapping[str, Any]) -> tuple[int, int]:
 class LocalRayJobRun:
     """One attempt: `start()` brings up the cluster and submits the entrypoint; `poll()` reports its exit."""
 
-    def __init__(self, ray_job: Mapping[str, Any], workdir: Path, *, config_maps: Lookup, secrets: Lookup,
-                 extra_env: Mapping[str, str] | None = None,
-                 on_spawn: Callable[[list[int]], None] | None = None) -> None:
+    def __init__(
+        self,
+        ray_job: Mapping[str, Any],
+        workdir: Path,
+        *,
+        config_maps: Lookup,
+        secrets: Lookup,
+        extra_env: Mapping[str, str] | None = None,
+        on_spawn: Callable[[list[int]], None] | None = None,
+    ) -> None:
         self.ray_job = ray_job
         self.workdir = workdir.resolve()  # paths are handed to processes with other working dirs
         self.extra_env = dict(extra_env or {})
@@ -69,10 +76,22 @@ class LocalRayJobRun:
         groups = cluster.get("workerGroupSpecs") or []
         self._worker_pod = groups[0]["template"]["spec"] if groups else self._head_pod
         ns = meta.get("namespace", "default")
-        self.head = PodSandbox(self.workdir / "head", self._head_pod, namespace=ns, pod_name=f"{meta['name']}-head",
-                               config_maps=config_maps, secrets=secrets)
-        self.worker = PodSandbox(self.workdir / "worker", self._worker_pod, namespace=ns,
-                                 pod_name=f"{meta['name']}-worker", config_maps=config_maps, secrets=secrets)
+        self.head = PodSandbox(
+            self.workdir / "head",
+            self._head_pod,
+            namespace=ns,
+            pod_name=f"{meta['name']}-head",
+            config_maps=config_maps,
+            secrets=secrets,
+        )
+        self.worker = PodSandbox(
+            self.workdir / "worker",
+            self._worker_pod,
+            namespace=ns,
+            pod_name=f"{meta['name']}-worker",
+            config_maps=config_maps,
+            secrets=secrets,
+        )
         self.cpus, self.gpus = cluster_resources(ray_job)
         self.cluster: LocalRayCluster | None = None
         self.driver: ManagedProcess | None = None
@@ -97,8 +116,14 @@ class LocalRayJobRun:
         # KubeRay's authOptions.mode token: a fresh token per cluster, known to its processes and the driver only.
         auth = (self.ray_job["spec"].get("rayClusterSpec") or {}).get("authOptions") or {}
         token = secrets.token_hex(32) if auth.get("mode") == "token" else None
-        self.cluster = LocalRayCluster(self.ray_log, num_cpus=self.cpus, num_gpus=self.gpus, env=env,
-                                       on_spawn=lambda pid: self._spawned(), auth_token=token)
+        self.cluster = LocalRayCluster(
+            self.ray_log,
+            num_cpus=self.cpus,
+            num_gpus=self.gpus,
+            env=env,
+            on_spawn=lambda pid: self._spawned(),
+            auth_token=token,
+        )
         self.cluster.start()  # stop() from another thread makes this fail instead of leaving a cluster behind
 
     @property
@@ -147,8 +172,7 @@ class LocalRayJobRun:
 
 # Host variables a pod would not have but a local process needs (locale, home, temp); the rest of the host's
 # environment (e.g. the user's own AWS keys or KUBECONFIG) is not handed to the job.
-_HOST_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TERM", "KUBETUNE_CACHE", "HF_HOME",
-              "XDG_CACHE_HOME")
+_HOST_VARS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TERM", "KUBETUNE_CACHE", "HF_HOME", "XDG_CACHE_HOME")
 
 
 def _host_env() -> dict[str, str]:

@@ -33,15 +33,26 @@ from kubetune_cli.localenv.processes import ManagedProcess, free_ports, make_wor
 log = logging.getLogger(__name__)
 
 FIXED_FLAGS = (
-    "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-    "-s3.port.iceberg=0", "-s3.port.lance=0",
+    "-ip=127.0.0.1",
+    "-ip.bind=127.0.0.1",
+    "-master.telemetry=false",
+    "-admin.ui=false",
+    "-webdav=false",
+    "-s3.port.iceberg=0",
+    "-s3.port.lance=0",
 )
 # Not required, but saves a second on every stop: the volume server's pre-stop heartbeat grace.
 EXTRA_FLAGS = ("-volume.preStopSeconds=0",)
 REGION = "us-east-1"
 _PORT_FLAGS = (
-    "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
 )
 _START_ATTEMPTS = 3
 
@@ -182,12 +193,18 @@ class S3Server:
         if self.endpoint_url is None:
             raise S3ServerError("S3 server not started")
         config = Config(
-            s3={"addressing_style": "path"}, signature_version="s3v4", connect_timeout=timeout,
-            read_timeout=timeout, retries={"max_attempts": retries + 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            signature_version="s3v4",
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": retries + 1, "mode": "standard"},
         )
         kwargs: dict[str, Any] = dict(
-            endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region, config=config,
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=config,
         )
         kwargs.update(overrides)
         return boto3.session.Session().client("s3", **kwargs)
@@ -196,8 +213,11 @@ class S3Server:
         """Environment variables that point AWS SDKs (boto3, pyarrow, Ray) at this server."""
         assert self.endpoint_url is not None
         return {
-            "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_DEFAULT_REGION": self.region, "AWS_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
         }
 

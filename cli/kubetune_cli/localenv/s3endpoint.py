@@ -64,10 +64,13 @@ class S3Target:
     def client(self) -> Any:
         from kubetune.s3 import make_client as make_s3_client
 
-        return make_s3_client(self.direct or self.endpoint, region=self.region,
-                              access_key=self.credentials.get("AWS_ACCESS_KEY_ID"),
-                              secret_key=self.credentials.get("AWS_SECRET_ACCESS_KEY"),
-                              session_token=self.credentials.get("AWS_SESSION_TOKEN"))
+        return make_s3_client(
+            self.direct or self.endpoint,
+            region=self.region,
+            access_key=self.credentials.get("AWS_ACCESS_KEY_ID"),
+            secret_key=self.credentials.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=self.credentials.get("AWS_SESSION_TOKEN"),
+        )
 
     def close(self) -> None:
         while self._closers:
@@ -142,8 +145,9 @@ def local_s3_dir() -> Path:
 def _accepts(endpoint: str, region: str, creds: dict[str, str]) -> bool:
     from kubetune.s3 import make_client as make_s3_client
 
-    client = make_s3_client(endpoint, region=region, access_key=creds["AWS_ACCESS_KEY_ID"],
-                            secret_key=creds["AWS_SECRET_ACCESS_KEY"])
+    client = make_s3_client(
+        endpoint, region=region, access_key=creds["AWS_ACCESS_KEY_ID"], secret_key=creds["AWS_SECRET_ACCESS_KEY"]
+    )
     try:
         client.list_buckets()
         return True
@@ -164,8 +168,9 @@ def resolve(endpoint: str | None, region: str) -> S3Target:
         for path in known_credential_files():
             creds = read_credentials(path)
             if creds and _accepts(endpoint, region, creds):
-                return S3Target(endpoint, region, creds, True,
-                                description=f"{endpoint} (kubetune's local S3, keys in {path})")
+                return S3Target(
+                    endpoint, region, creds, True, description=f"{endpoint} (kubetune's local S3, keys in {path})"
+                )
         raise S3EndpointError(
             f"{endpoint} answers, but it is not one of kubetune's local S3 servers: set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY for it, or stop what listens there so that kubetune starts its own"
@@ -177,6 +182,7 @@ def start_embedded(endpoint: str, region: str) -> S3Target:
     """SeaweedFS with kept data and keys, answering at `endpoint` through a port forward."""
     from kubetune_cli.localenv.portforward import PortForward
     from kubetune_cli.localenv.s3_server import S3Server
+
     root = local_s3_dir()
     lock = _try_lock(root / ".lock")
     if lock is None:

@@ -24,9 +24,10 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 # Drawings need their exact whitespace (which preprocessing normalises away); translate-me is not English.
@@ -68,7 +69,7 @@ def parse_fortune_file(raw: str, collection: str) -> list[Fortune]:
         for i in range(len(lines) - 1, 0, -1):
             m = _ATTRIBUTION.match(lines[i])
             if m:
-                author = " ".join([m.group(1).strip()] + [line.strip() for line in lines[i + 1:]])
+                author = " ".join([m.group(1).strip()] + [line.strip() for line in lines[i + 1 :]])
                 lines = lines[:i]
                 break
         text = "\n".join(lines).strip()
@@ -122,13 +123,18 @@ def fortune_instructions(directory: str = FORTUNES_DIR, max_chars: int = 500) ->
                 records.append({"prompt": f"Give me a quote by {who}.", "response": f.text})
             else:
                 printed = f.text + (f"\n\t\t-- {f.author}" if f.author else "")
-                records.append({"prompt": f'Tell me a fortune from the "{collection}" collection.',
-                                "response": printed})
+                records.append(
+                    {"prompt": f'Tell me a fortune from the "{collection}" collection.', "response": printed}
+                )
     return records
 
 
-def fortune_classification(directory: str = FORTUNES_DIR, collections: tuple[str, ...] = CLASSIFICATION_COLLECTIONS,
-                           per_class: int = 120, max_chars: int = 500) -> tuple[list[dict[str, Any]], list[str]]:
+def fortune_classification(
+    directory: str = FORTUNES_DIR,
+    collections: tuple[str, ...] = CLASSIFICATION_COLLECTIONS,
+    per_class: int = 120,
+    max_chars: int = 500,
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The fortunes-classification sample: ({"text", "label"} records with label names, the label names)."""
     all_fortunes = read_fortunes(directory)
     records = []
@@ -156,8 +162,13 @@ def fortune_preferences(directory: str = FORTUNES_DIR, max_words: int = 40) -> l
                     break
             if shuffled == words:
                 continue
-            records.append({"prompt": f'Tell me a fortune from the "{collection}" collection.',
-                            "chosen": " ".join(words), "rejected": " ".join(shuffled)})
+            records.append(
+                {
+                    "prompt": f'Tell me a fortune from the "{collection}" collection.',
+                    "chosen": " ".join(words),
+                    "rejected": " ".join(shuffled),
+                }
+            )
     return records
 
 
@@ -167,12 +178,17 @@ _UNDERLINE = re.compile(r"^([*=\-])\1{2,}$")
 def _sections(text: str) -> list[tuple[int, str, list[str]]]:
     """(level, title, paragraphs) for each underlined heading of a pydoc topic (* top, = section, - sub)."""
     lines = text.split("\n")
-    heads = [i for i in range(1, len(lines)) if _UNDERLINE.match(lines[i].strip())
-             and lines[i - 1].strip() and len(lines[i].strip()) >= len(lines[i - 1].strip()) - 1]
+    heads = [
+        i
+        for i in range(1, len(lines))
+        if _UNDERLINE.match(lines[i].strip())
+        and lines[i - 1].strip()
+        and len(lines[i].strip()) >= len(lines[i - 1].strip()) - 1
+    ]
     out = []
     for n, i in enumerate(heads):
         end = heads[n + 1] - 1 if n + 1 < len(heads) else len(lines)
-        body = "\n".join(lines[i + 1:end])
+        body = "\n".join(lines[i + 1 : end])
         paragraphs = [p for p in re.split(r"\n\s*\n", body) if p.strip()]
         level = "*=-".index(lines[i].strip()[0])
         out.append((level, lines[i - 1].strip(), paragraphs))
@@ -215,11 +231,15 @@ def pydoc_chats(min_chars: int = 40) -> list[dict[str, Any]]:
             if not answer or len(answer) < min_chars:
                 continue
             subject = _about(title) if level == 0 or top is None else f"{_about(title)} ({_about(top)})"
-            records.append({"messages": [
-                {"role": "system", "content": PYDOC_SYSTEM_PROMPT},
-                {"role": "user", "content": f"What does the Python reference say about {subject}?"},
-                {"role": "assistant", "content": answer},
-            ]})
+            records.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": PYDOC_SYSTEM_PROMPT},
+                        {"role": "user", "content": f"What does the Python reference say about {subject}?"},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            )
     # The same section can appear under two topic keys; keep the first.
     seen: set[str] = set()
     unique = []
@@ -231,8 +251,9 @@ def pydoc_chats(min_chars: int = 40) -> list[dict[str, Any]]:
     return unique
 
 
-def split_records(records: list[dict[str, Any]], validation_fraction: float, seed: int = 0
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_records(
+    records: list[dict[str, Any]], validation_fraction: float, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, validation) by a hash of each record and the seed: stable under reordering and additions."""
     train, validation = [], []
     for r in records:
@@ -259,8 +280,7 @@ SAMPLES: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
 }
 
 
-def write_sample(name: str, out_dir: str | Path, validation_fraction: float = 0.1, seed: int = 0
-                 ) -> tuple[Path, Path]:
+def write_sample(name: str, out_dir: str | Path, validation_fraction: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
     """Write <out_dir>/<name>/train.jsonl and validation.jsonl; returns their paths."""
     if name not in SAMPLES:
         raise KeyError(f"unknown sample {name!r}; known: {', '.join(SAMPLES)}")

@@ -16,10 +16,20 @@ from kubetune_operator.builders.rbac import role, role_binding, service_account
 from kubetune_operator.meta import Owner
 from kubetune_operator.settings import Settings
 
-__all__ = ["config_map", "head_network_policy", "ray_job", "role", "role_binding", "service_account", "training_children"]
+__all__ = [
+    "config_map",
+    "head_network_policy",
+    "ray_job",
+    "role",
+    "role_binding",
+    "service_account",
+    "training_children",
+]
 
 
-def training_children(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_hash: str) -> list[dict[str, Any]]:
+def training_children(
+    owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_hash: str
+) -> list[dict[str, Any]]:
     """Everything training needs, in creation order: what the RayJob's pods mount and run as comes first."""
     return [
         config_map(owner, spec),

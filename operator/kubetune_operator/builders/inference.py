@@ -140,39 +140,57 @@ def serving_plan(owner: Owner, spec: api.FineTuneJobSpec, model_status: dict[str
     run = api.run_uri(spec.output.uri, owner.namespace, owner.name, owner.uid or None)
     name = served_model_name(owner, spec)
     if not name or any(ch.isspace() for ch in name) or "=" in name:
-        raise NotServable(c.SERVING_REJECTED, f"spec.deploy.servedModelName {name!r}: vLLM takes a name without "
-                          "whitespace or '='")
-    lora = (artifact.kind == "adapter") if artifact is not None and artifact.kind else (
-        spec.training.method == "lora")
+        raise NotServable(
+            c.SERVING_REJECTED, f"spec.deploy.servedModelName {name!r}: vLLM takes a name without whitespace or '='"
+        )
+    lora = (artifact.kind == "adapter") if artifact is not None and artifact.kind else (spec.training.method == "lora")
     model_uri = (artifact.uri if artifact is not None and artifact.uri else None) or f"{run}/model"
     template = artifact.chat_template if artifact is not None else None
     if template is not None and not _FILE_NAME.match(template):
-        raise NotServable(c.SERVING_REJECTED, f"status.model.chatTemplate {template!r}: must be a file name under "
-                          "status.model.uri (letters, digits, '.', '-', '_')")
+        raise NotServable(
+            c.SERVING_REJECTED,
+            f"status.model.chatTemplate {template!r}: must be a file name under "
+            "status.model.uri (letters, digits, '.', '-', '_')",
+        )
     if not lora:
         return ServingPlan(mode="full", served_model_name=name, model_uri=model_uri, chat_template=template)
     mode: Mode = spec.deploy.mode or "adapter"
     if mode == "merged":
-        merged = artifact.merged_uri if artifact is not None else (
-            f"{run}/merged" if spec.output.export_merged else None)
+        merged = (
+            artifact.merged_uri if artifact is not None else (f"{run}/merged" if spec.output.export_merged else None)
+        )
         if not merged:
-            raise NotServable(c.MODEL_UNAVAILABLE, "spec.deploy.mode is merged but the run exported no merged "
-                              "weights (status.model.mergedUri is empty; spec.output.exportMerged was false when "
-                              "it trained); serve the adapter (mode: adapter) or train again with exportMerged")
+            raise NotServable(
+                c.MODEL_UNAVAILABLE,
+                "spec.deploy.mode is merged but the run exported no merged "
+                "weights (status.model.mergedUri is empty; spec.output.exportMerged was false when "
+                "it trained); serve the adapter (mode: adapter) or train again with exportMerged",
+            )
         return ServingPlan(mode="merged", served_model_name=name, model_uri=merged)
     if spec.model.gguf_file:
-        raise NotServable(c.UNSUPPORTED_MODEL, f"the base model is a GGUF file ({spec.model.gguf_file}), on which "
-                          "vLLM does not serve LoRA adapters; set spec.deploy.mode: merged (with "
-                          "spec.output.exportMerged: true) to serve the adapter merged into plain weights")
+        raise NotServable(
+            c.UNSUPPORTED_MODEL,
+            f"the base model is a GGUF file ({spec.model.gguf_file}), on which "
+            "vLLM does not serve LoRA adapters; set spec.deploy.mode: merged (with "
+            "spec.output.exportMerged: true) to serve the adapter merged into plain weights",
+        )
     base = (artifact.base_uri if artifact is not None and artifact.base_uri else None) or spec.model.uri
     try:
         rank = lora_rank_bucket(max_lora_r(spec))
     except ValueError as e:
-        raise NotServable(c.UNSUPPORTED_MODEL, f"{e}; serve the adapter merged (spec.deploy.mode: merged, with "
-                          "spec.output.exportMerged: true)") from None
-    return ServingPlan(mode="adapter", served_model_name=name, model_uri=model_uri, base_uri=base,
-                       base_revision=spec.model.revision if base.startswith("hf://") else None,
-                       max_lora_rank=rank, chat_template=template)
+        raise NotServable(
+            c.UNSUPPORTED_MODEL,
+            f"{e}; serve the adapter merged (spec.deploy.mode: merged, with spec.output.exportMerged: true)",
+        ) from None
+    return ServingPlan(
+        mode="adapter",
+        served_model_name=name,
+        model_uri=model_uri,
+        base_uri=base,
+        base_revision=spec.model.revision if base.startswith("hf://") else None,
+        max_lora_rank=rank,
+        chat_template=template,
+    )
 
 
 # --------------------------------------------------------------------------------------------- objects
@@ -204,8 +222,11 @@ def s3_env(secret: str | None) -> list[dict[str, Any]]:
     """The S3 keys from `secret` by reference (secretKeyRef), never inline."""
     env: list[dict[str, Any]] = []
     if secret:
-        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
-                              ("AWS_SESSION_TOKEN", True)):
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
             ref: dict[str, Any] = {"name": secret, "key": key}
             if optional:
                 ref["optional"] = True
@@ -215,12 +236,12 @@ def s3_env(secret: str | None) -> list[dict[str, Any]]:
 
 def _fetch_container(name: str, image: str, spec: api.FineTuneJobSpec, uri: str, dest: str) -> dict[str, Any]:
     ds = spec.dataset
-    return fetch_container(name, image, uri, dest, endpoint=ds.endpoint, region=ds.region,
-                           secret=ds.credentials_secret)
+    return fetch_container(name, image, uri, dest, endpoint=ds.endpoint, region=ds.region, secret=ds.credentials_secret)
 
 
-def fetch_container(name: str, image: str, uri: str, dest: str, *, endpoint: str | None, region: str,
-                    secret: str | None) -> dict[str, Any]:
+def fetch_container(
+    name: str, image: str, uri: str, dest: str, *, endpoint: str | None, region: str, secret: str | None
+) -> dict[str, Any]:
     """An init container copying the s3:// prefix `uri` into `dest` on the models volume."""
     command = [*FETCH_COMMAND, uri, dest]
     if endpoint:
@@ -232,8 +253,10 @@ def fetch_container(name: str, image: str, uri: str, dest: str, *, endpoint: str
         "command": command,
         "env": [{"name": "HOME", "value": HOME_DIR}, *s3_env(secret)],
         "resources": json.loads(json.dumps(FETCH_RESOURCES)),
-        "volumeMounts": [{"name": MODELS_VOLUME, "mountPath": MODELS_DIR},
-                         {"name": HOME_VOLUME, "mountPath": HOME_DIR}],
+        "volumeMounts": [
+            {"name": MODELS_VOLUME, "mountPath": MODELS_DIR},
+            {"name": HOME_VOLUME, "mountPath": HOME_DIR},
+        ],
         "securityContext": container_security(read_only_root=True),
     }
 
@@ -247,8 +270,21 @@ def container_security(*, read_only_root: bool) -> dict[str, Any]:
 
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
 _QUANTITY = re.compile(r"^([0-9.]+(?:[eE][-+]?[0-9]+)?)([KMGTP]i?|[kmMGTP]|)$")
-_UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "m": 1e-3,
-          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+_UNITS = {
+    "": 1,
+    "k": 1e3,
+    "K": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "m": 1e-3,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+}
 
 
 def kv_cache_gib(memory: str) -> int:
@@ -267,8 +303,9 @@ def _server_env(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[dict[str, 
     if res.gpus == 0:
         env.update(vllm_cpu_env(kv_cache_gib(res.memory)))
     else:
-        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                    "DO_NOT_TRACK": "1"})
+        env.update(
+            {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        )
     if hub:  # the base comes from the hub: vLLM must be allowed to reach it
         env.pop("HF_HUB_OFFLINE", None)
         env.pop("TRANSFORMERS_OFFLINE", None)
@@ -290,17 +327,39 @@ def server_args(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[str]:
         base_path = plan.base_uri.removeprefix("hf://") if hub else BASE_DIR
         if plan.base_revision:
             extra += ["--revision", plan.base_revision]
-        return vllm_args(base_path, plan.base_served_name, PORT, SERVER_HOST,
-                         lora_modules={plan.served_model_name: MODEL_DIR}, max_lora_rank=plan.max_lora_rank,
-                         max_model_len=spec.deploy.max_model_len, dtype=dtype, extra=extra,
-                         enforce_eager=gpus == 0, chat_template=template)
-    return vllm_args(MODEL_DIR, plan.served_model_name, PORT, SERVER_HOST, max_model_len=spec.deploy.max_model_len,
-                     dtype=dtype, extra=extra, enforce_eager=gpus == 0, chat_template=template)
+        return vllm_args(
+            base_path,
+            plan.base_served_name,
+            PORT,
+            SERVER_HOST,
+            lora_modules={plan.served_model_name: MODEL_DIR},
+            max_lora_rank=plan.max_lora_rank,
+            max_model_len=spec.deploy.max_model_len,
+            dtype=dtype,
+            extra=extra,
+            enforce_eager=gpus == 0,
+            chat_template=template,
+        )
+    return vllm_args(
+        MODEL_DIR,
+        plan.served_model_name,
+        PORT,
+        SERVER_HOST,
+        max_model_len=spec.deploy.max_model_len,
+        dtype=dtype,
+        extra=extra,
+        enforce_eager=gpus == 0,
+        chat_template=template,
+    )
 
 
 def probe(period: int, failures: int, timeout: int) -> dict[str, Any]:
-    return {"httpGet": {"path": HEALTH_PATH, "port": PORT_NAME}, "periodSeconds": period,
-            "failureThreshold": failures, "timeoutSeconds": timeout}
+    return {
+        "httpGet": {"path": HEALTH_PATH, "port": PORT_NAME},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
 
 
 def deployment(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, plan: ServingPlan) -> dict[str, Any]:
@@ -334,8 +393,13 @@ def deployment(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, plan
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "initContainers": init,
         "containers": [server],
         "volumes": [
@@ -378,13 +442,26 @@ def service(owner: Owner) -> dict[str, Any]:
     return _with_hash(obj)
 
 
-def serving_children(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings,
-                     plan: ServingPlan) -> list[dict[str, Any]]:
+def serving_children(
+    owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, plan: ServingPlan
+) -> list[dict[str, Any]]:
     """Service first (the endpoint exists as soon as anything does), then the Deployment."""
     return [service(owner), deployment(owner, spec, settings, plan)]
 
 
 __all__ = [
-    "ANNOTATION_SERVING_HASH", "COMPONENT", "NotServable", "PORT", "ServingPlan", "deployment", "endpoint",
-    "selector", "server_args", "served_model_name", "service", "serving_children", "serving_hash", "serving_plan",
+    "ANNOTATION_SERVING_HASH",
+    "COMPONENT",
+    "NotServable",
+    "PORT",
+    "ServingPlan",
+    "deployment",
+    "endpoint",
+    "selector",
+    "server_args",
+    "served_model_name",
+    "service",
+    "serving_children",
+    "serving_hash",
+    "serving_plan",
 ]

@@ -43,13 +43,19 @@ def head_network_policy(owner: Owner, settings: Settings) -> dict[str, Any]:
             "podSelector": {"matchLabels": {LABEL_JOB: job_label, "ray.io/node-type": "head"}},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": {"matchLabels": {LABEL_JOB: job_label}}},
-                          {"podSelector": {"matchLabels": {"job-name": names.ray_job(owner.name)}}}]},
+                {
+                    "from": [
+                        {"podSelector": {"matchLabels": {LABEL_JOB: job_label}}},
+                        {"podSelector": {"matchLabels": {"job-name": names.ray_job(owner.name)}}},
+                    ]
+                },
                 {
                     "from": [
                         _peer({"app.kubernetes.io/name": "kuberay-operator"}, settings.kuberay_namespace),
-                        _peer({"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/component": "operator"},
-                              settings.operator_namespace),
+                        _peer(
+                            {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/component": "operator"},
+                            settings.operator_namespace,
+                        ),
                     ],
                     "ports": [{"protocol": "TCP", "port": p} for p in HEAD_PORT_NUMBERS],
                 },

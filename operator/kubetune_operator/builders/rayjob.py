@@ -51,8 +51,13 @@ from kubetune_operator.settings import Settings
 ENTRYPOINT = f"python -m kubetune.runlog --config {CONFIG_PATH} -- python -m kubetune_trainer --config {CONFIG_PATH}"
 ANNOTATION_APPLIED_SUSPEND = "kubetune.io/applied-suspend"
 RAY_UID, RAY_GID = 1000, 100  # the `ray` user of rayproject/ray images, which the trainer image keeps
-POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
-                "seccompProfile": {"type": "RuntimeDefault"}}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RAY_UID,
+    "runAsGroup": RAY_GID,
+    "fsGroup": RAY_GID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 WORKER_GROUP = "workers"
 CONFIG_VOLUME = "kubetune-config"
@@ -78,8 +83,11 @@ def _env(owner: Owner, spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
     ]
     secret = spec.dataset.credentials_secret
     if secret:
-        for key, optional in (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False),
-                              ("AWS_SESSION_TOKEN", True)):
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
             ref: dict[str, Any] = {"name": secret, "key": key}
             if optional:
                 ref["optional"] = True
@@ -99,8 +107,11 @@ def _volumes(owner: Owner, scratch: api.ScratchSpec) -> list[dict[str, Any]]:
 
 def _scratch_volume(scratch: api.ScratchSpec) -> dict[str, Any]:
     if scratch.storage_class_name:
-        claim = {"accessModes": ["ReadWriteOnce"], "storageClassName": scratch.storage_class_name,
-                 "resources": {"requests": {"storage": scratch.size}}}
+        claim = {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": scratch.storage_class_name,
+            "resources": {"requests": {"storage": scratch.size}},
+        }
         return {"name": SCRATCH_VOLUME, "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
     return {"name": SCRATCH_VOLUME, "emptyDir": {"sizeLimit": scratch.size}}
 
@@ -145,8 +156,9 @@ def _pod_template(
     return {"metadata": {"labels": labels(owner, "training")}, "spec": pod}
 
 
-def _guaranteed(cpu: str, memory: str, extra: dict[str, str] | None = None,
-                scratch: api.ScratchSpec | None = None) -> dict[str, Any]:
+def _guaranteed(
+    cpu: str, memory: str, extra: dict[str, str] | None = None, scratch: api.ScratchSpec | None = None
+) -> dict[str, Any]:
     amounts = {"cpu": cpu, "memory": memory, **(extra or {})}
     out = {"requests": dict(amounts), "limits": dict(amounts)}
     if scratch is not None and not scratch.storage_class_name:
@@ -172,8 +184,14 @@ def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_ha
     worker_start = {"num-gpus": str(res.gpus_per_worker)} if res.gpus_per_worker > 0 else {}
     head = {
         "rayStartParams": {"num-cpus": "0"},
-        "template": _pod_template(owner, spec, image, "ray-head",
-                                  _guaranteed(res.head.cpu, res.head.memory, scratch=res.scratch), ports=HEAD_PORTS),
+        "template": _pod_template(
+            owner,
+            spec,
+            image,
+            "ray-head",
+            _guaranteed(res.head.cpu, res.head.memory, scratch=res.scratch),
+            ports=HEAD_PORTS,
+        ),
     }
     worker = {
         "groupName": WORKER_GROUP,
@@ -181,9 +199,14 @@ def ray_job(owner: Owner, spec: api.FineTuneJobSpec, settings: Settings, spec_ha
         "minReplicas": worker_replicas(spec),
         "maxReplicas": worker_replicas(spec),
         "rayStartParams": worker_start,
-        "template": _pod_template(owner, spec, image, "ray-worker",
-                                  _guaranteed(res.cpu_per_worker, res.memory_per_worker, gpus, res.scratch),
-                                  node_selector=res.node_selector),
+        "template": _pod_template(
+            owner,
+            spec,
+            image,
+            "ray-worker",
+            _guaranteed(res.cpu_per_worker, res.memory_per_worker, gpus, res.scratch),
+            node_selector=res.node_selector,
+        ),
     }
     job_spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,

@@ -65,8 +65,16 @@ class Adapter:
     created: str = ""  # the registration's creationTimestamp: the older of two same-named adapters wins
 
     def wire(self) -> dict[str, Any]:
-        return {"job": self.job, "model": self.model, "uri": self.uri, "baseUri": self.base_uri, "rank": self.rank,
-                "endpoint": self.endpoint, "region": self.region, "credentialsSecret": self.secret}
+        return {
+            "job": self.job,
+            "model": self.model,
+            "uri": self.uri,
+            "baseUri": self.base_uri,
+            "rank": self.rank,
+            "endpoint": self.endpoint,
+            "region": self.region,
+            "credentialsSecret": self.secret,
+        }
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -89,8 +97,9 @@ def declaration_spec(cm: dict[str, Any]) -> api.InferenceServerSpec:
         detail = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in errors)
         raise InvalidDeclaration(f"ConfigMap {name} {DECLARATION_KEY}: {detail or e}") from None
     if spec.max_lora_rank not in VLLM_LORA_RANKS:
-        raise InvalidDeclaration(f"ConfigMap {name} {DECLARATION_KEY}: maxLoraRank: must be one of "
-                                 f"{', '.join(map(str, VLLM_LORA_RANKS))}")
+        raise InvalidDeclaration(
+            f"ConfigMap {name} {DECLARATION_KEY}: maxLoraRank: must be one of {', '.join(map(str, VLLM_LORA_RANKS))}"
+        )
     return spec
 
 
@@ -101,9 +110,17 @@ def adapter_of(cm: dict[str, Any]) -> Adapter | None:
         return None
     try:
         d = json.loads((cm.get("data") or {})[REGISTRATION_KEY])
-        return Adapter(job=d["job"], model=d["model"], uri=d["uri"], base_uri=d["baseUri"], rank=int(d["rank"]),
-                       endpoint=d.get("endpoint"), region=d.get("region") or "us-east-1",
-                       secret=d.get("credentialsSecret"), created=meta.get("creationTimestamp") or "")
+        return Adapter(
+            job=d["job"],
+            model=d["model"],
+            uri=d["uri"],
+            base_uri=d["baseUri"],
+            rank=int(d["rank"]),
+            endpoint=d.get("endpoint"),
+            region=d.get("region") or "us-east-1",
+            secret=d.get("credentialsSecret"),
+            created=meta.get("creationTimestamp") or "",
+        )
     except (KeyError, ValueError, TypeError):
         return None
 
@@ -111,16 +128,28 @@ def adapter_of(cm: dict[str, Any]) -> Adapter | None:
 def refusal(server: str, spec: api.InferenceServerSpec, adapter: Adapter, others: list[Adapter]) -> str | None:
     """Why `adapter` is not served on `server` (None: it is)."""
     if adapter.base_uri.rstrip("/") != spec.base_model.rstrip("/"):
-        return (f"inference server {server} serves base {spec.base_model}, the adapter was trained on "
-                f"{adapter.base_uri} (spec.deploy.server)")
+        return (
+            f"inference server {server} serves base {spec.base_model}, the adapter was trained on "
+            f"{adapter.base_uri} (spec.deploy.server)"
+        )
     if adapter.rank > spec.max_lora_rank:
-        return (f"the adapter's LoRA rank {adapter.rank} exceeds inference server {server}'s maxLoraRank "
-                f"{spec.max_lora_rank} (spec.deploy.server)")
-    holder = next((o for o in others if o.model == adapter.model and o.job != adapter.job
-                   and (o.created, o.job) < (adapter.created, adapter.job)), None)
+        return (
+            f"the adapter's LoRA rank {adapter.rank} exceeds inference server {server}'s maxLoraRank "
+            f"{spec.max_lora_rank} (spec.deploy.server)"
+        )
+    holder = next(
+        (
+            o
+            for o in others
+            if o.model == adapter.model and o.job != adapter.job and (o.created, o.job) < (adapter.created, adapter.job)
+        ),
+        None,
+    )
     if holder is not None:
-        return (f"model name {adapter.model} is already served on inference server {server} by job {holder.job} "
-                "(spec.deploy.servedModelName)")
+        return (
+            f"model name {adapter.model} is already served on inference server {server} by job {holder.job} "
+            "(spec.deploy.servedModelName)"
+        )
     return None
 
 
@@ -139,14 +168,23 @@ def registration_name(job: str) -> str:
 def registration(owner: Owner, server: str, adapter: Adapter) -> dict[str, Any]:
     """The ConfigMap that puts `owner`'s adapter on `server` (owned by the job: it goes with the job)."""
     meta = object_meta(owner, registration_name(owner.name), ADAPTER_COMPONENT, **{LABEL_SERVER: server})
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-            "data": {REGISTRATION_KEY: json.dumps(adapter.wire(), sort_keys=True)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {REGISTRATION_KEY: json.dumps(adapter.wire(), sort_keys=True)},
+    }
 
 
 def server_labels(server: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/instance": server,
-            "app.kubernetes.io/component": COMPONENT, "app.kubernetes.io/part-of": "kubetune",
-            "app.kubernetes.io/managed-by": MANAGED_BY, LABEL_SERVER: server}
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/instance": server,
+        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/part-of": "kubetune",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_SERVER: server,
+    }
 
 
 def selector(server: str) -> dict[str, str]:
@@ -155,9 +193,21 @@ def selector(server: str) -> dict[str, str]:
 
 def _meta(declaration: dict[str, Any]) -> dict[str, Any]:
     m = declaration["metadata"]
-    return {"name": m["name"], "namespace": m["namespace"], "labels": server_labels(m["name"]),
-            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": m["name"], "uid": m["uid"],
-                                 "controller": True, "blockOwnerDeletion": True}]}
+    return {
+        "name": m["name"],
+        "namespace": m["namespace"],
+        "labels": server_labels(m["name"]),
+        "ownerReferences": [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "name": m["name"],
+                "uid": m["uid"],
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
 
 
 def endpoint(server: str, namespace: str, model: str) -> dict[str, str]:
@@ -175,21 +225,48 @@ def server_args(server: str, spec: api.InferenceServerSpec, adapters: list[Adapt
     extra = ["--tensor-parallel-size", str(gpus)] if gpus > 1 else []
     if spec.revision and hub:
         extra += ["--revision", spec.revision]
-    return vllm_args(spec.base_model.removeprefix("hf://") if hub else inf.BASE_DIR, server + inf.BASE_NAME_SUFFIX,
-                     inf.PORT, inf.SERVER_HOST, lora_modules={a.model: adapter_dir(a) for a in adapters},
-                     max_lora_rank=spec.max_lora_rank, max_model_len=spec.max_model_len,
-                     dtype=None if spec.dtype == "auto" else spec.dtype, extra=extra, enforce_eager=gpus == 0,
-                     chat_template=spec.chat_template, max_loras=spec.max_loras)
+    return vllm_args(
+        spec.base_model.removeprefix("hf://") if hub else inf.BASE_DIR,
+        server + inf.BASE_NAME_SUFFIX,
+        inf.PORT,
+        inf.SERVER_HOST,
+        lora_modules={a.model: adapter_dir(a) for a in adapters},
+        max_lora_rank=spec.max_lora_rank,
+        max_model_len=spec.max_model_len,
+        dtype=None if spec.dtype == "auto" else spec.dtype,
+        extra=extra,
+        enforce_eager=gpus == 0,
+        chat_template=spec.chat_template,
+        max_loras=spec.max_loras,
+    )
 
 
 def _init_containers(image: str, spec: api.InferenceServerSpec, adapters: list[Adapter]) -> list[dict[str, Any]]:
     init = []
     if spec.base_model.startswith("s3://"):
-        init.append(inf.fetch_container("fetch-base", image, spec.base_model, inf.BASE_DIR, endpoint=spec.endpoint,
-                                        region=spec.region, secret=spec.credentials_secret))
+        init.append(
+            inf.fetch_container(
+                "fetch-base",
+                image,
+                spec.base_model,
+                inf.BASE_DIR,
+                endpoint=spec.endpoint,
+                region=spec.region,
+                secret=spec.credentials_secret,
+            )
+        )
     for a in adapters:  # each with its own job's S3 settings and Secret
-        init.append(inf.fetch_container(names.trimmed(f"fetch-{a.job}"), image, a.uri, adapter_dir(a),
-                                        endpoint=a.endpoint, region=a.region, secret=a.secret))
+        init.append(
+            inf.fetch_container(
+                names.trimmed(f"fetch-{a.job}"),
+                image,
+                a.uri,
+                adapter_dir(a),
+                endpoint=a.endpoint,
+                region=a.region,
+                secret=a.secret,
+            )
+        )
     return init
 
 
@@ -198,16 +275,22 @@ def _env(spec: api.InferenceServerSpec) -> list[dict[str, str]]:
     if spec.resources.gpus == 0:
         env.update(vllm_cpu_env(inf.kv_cache_gib(spec.resources.memory)))
     else:
-        env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                    "DO_NOT_TRACK": "1"})
+        env.update(
+            {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        )
     if spec.base_model.startswith("hf://"):
         env.pop("HF_HUB_OFFLINE", None)
         env.pop("TRANSFORMERS_OFFLINE", None)
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
-def deployment(declaration: dict[str, Any], spec: api.InferenceServerSpec, adapters: list[Adapter],
-               settings: Settings, gpu_resource_name: str = "nvidia.com/gpu") -> dict[str, Any]:
+def deployment(
+    declaration: dict[str, Any],
+    spec: api.InferenceServerSpec,
+    adapters: list[Adapter],
+    settings: Settings,
+    gpu_resource_name: str = "nvidia.com/gpu",
+) -> dict[str, Any]:
     """The server's Deployment: the base plus every adapter in `adapters` (see the module docstring)."""
     server = declaration["metadata"]["name"]
     image = spec.image or settings.inference_image
@@ -215,33 +298,51 @@ def deployment(declaration: dict[str, Any], spec: api.InferenceServerSpec, adapt
     if spec.resources.gpus > 0:
         amounts[gpu_resource_name] = str(spec.resources.gpus)
     container = {
-        "name": inf.SERVER_CONTAINER, "image": image, "command": list(VLLM_COMMAND),
-        "args": server_args(server, spec, adapters), "env": _env(spec),
+        "name": inf.SERVER_CONTAINER,
+        "image": image,
+        "command": list(VLLM_COMMAND),
+        "args": server_args(server, spec, adapters),
+        "env": _env(spec),
         "ports": [{"name": inf.PORT_NAME, "containerPort": inf.PORT, "protocol": "TCP"}],
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "startupProbe": inf.probe(10, inf.STARTUP_SECONDS // 10, 5),
         "readinessProbe": inf.probe(5, 3, 5),
         "livenessProbe": inf.probe(15, 4, 10),
-        "volumeMounts": [{"name": inf.MODELS_VOLUME, "mountPath": inf.MODELS_DIR, "readOnly": True},
-                         {"name": inf.HOME_VOLUME, "mountPath": inf.HOME_DIR},
-                         {"name": inf.SHM_VOLUME, "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": inf.MODELS_VOLUME, "mountPath": inf.MODELS_DIR, "readOnly": True},
+            {"name": inf.HOME_VOLUME, "mountPath": inf.HOME_DIR},
+            {"name": inf.SHM_VOLUME, "mountPath": "/dev/shm"},
+        ],
         "securityContext": inf.container_security(read_only_root=False),
     }
     pod = {
-        "automountServiceAccountToken": False, "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": inf.RUN_AS, "runAsGroup": inf.RUN_AS,
-                            "fsGroup": inf.RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": inf.RUN_AS,
+            "runAsGroup": inf.RUN_AS,
+            "fsGroup": inf.RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "initContainers": _init_containers(image, spec, adapters),
         "containers": [container],
-        "volumes": [{"name": inf.MODELS_VOLUME, "emptyDir": {}}, {"name": inf.HOME_VOLUME, "emptyDir": {}},
-                    {"name": inf.SHM_VOLUME, "emptyDir": {"medium": "Memory"}}],
+        "volumes": [
+            {"name": inf.MODELS_VOLUME, "emptyDir": {}},
+            {"name": inf.HOME_VOLUME, "emptyDir": {}},
+            {"name": inf.SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+        ],
     }
     obj = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(declaration),
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(declaration),
         "spec": {
-            "replicas": spec.replicas, "selector": {"matchLabels": selector(server)},
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector(server)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "progressDeadlineSeconds": inf.STARTUP_SECONDS, "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": inf.STARTUP_SECONDS,
+            "revisionHistoryLimit": 3,
             "template": {"metadata": {"labels": server_labels(server)}, "spec": pod},
         },
     }
@@ -250,20 +351,26 @@ def deployment(declaration: dict[str, Any], spec: api.InferenceServerSpec, adapt
 
 def service(declaration: dict[str, Any]) -> dict[str, Any]:
     server = declaration["metadata"]["name"]
-    obj = {"apiVersion": "v1", "kind": "Service", "metadata": _meta(declaration),
-           "spec": {"type": "ClusterIP", "selector": selector(server),
-                    "ports": [{"name": inf.PORT_NAME, "port": inf.PORT, "targetPort": inf.PORT_NAME,
-                               "protocol": "TCP"}]}}
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(declaration),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(server),
+            "ports": [{"name": inf.PORT_NAME, "port": inf.PORT, "targetPort": inf.PORT_NAME, "protocol": "TCP"}],
+        },
+    }
     return inf._with_hash(obj)
 
 
 def served_models(dep: dict[str, Any]) -> set[str]:
     """The adapter model names in a server Deployment's current pod template (its --lora-modules)."""
-    containers = ((((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or [])
+    containers = (((dep.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
     args = (containers[0].get("args") or []) if containers else []
     out: set[str] = set()
     if "--lora-modules" in args:
-        for a in args[args.index("--lora-modules") + 1:]:
+        for a in args[args.index("--lora-modules") + 1 :]:
             if a.startswith("--"):
                 break
             out.add(a.split("=", 1)[0])
@@ -271,7 +378,22 @@ def served_models(dep: dict[str, Any]) -> set[str]:
 
 
 __all__ = [
-    "ADAPTERS_DIR", "Adapter", "COMPONENT", "DECLARATION_KEY", "InvalidDeclaration", "LABEL_SERVER",
-    "REGISTRATION_KEY", "adapter_of", "declaration_spec", "deployment", "endpoint", "refusal", "registration",
-    "registration_name", "served_models", "server_args", "service", "usable_adapters",
+    "ADAPTERS_DIR",
+    "Adapter",
+    "COMPONENT",
+    "DECLARATION_KEY",
+    "InvalidDeclaration",
+    "LABEL_SERVER",
+    "REGISTRATION_KEY",
+    "adapter_of",
+    "declaration_spec",
+    "deployment",
+    "endpoint",
+    "refusal",
+    "registration",
+    "registration_name",
+    "served_models",
+    "server_args",
+    "service",
+    "usable_adapters",
 ]

@@ -65,7 +65,7 @@ def shingles(content: str) -> list[bytes]:
     s = " ".join(content.lower().split())
     if len(s) <= SHINGLE_CHARS:
         return [s.encode("utf-8")]
-    return list({s[i:i + SHINGLE_CHARS].encode("utf-8") for i in range(len(s) - SHINGLE_CHARS + 1)})
+    return list({s[i : i + SHINGLE_CHARS].encode("utf-8") for i in range(len(s) - SHINGLE_CHARS + 1)})
 
 
 class NearDedup:

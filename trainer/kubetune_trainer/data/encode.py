@@ -61,7 +61,8 @@ class Encoder:
         if conversational and not getattr(tokenizer, "chat_template", None):
             raise DataError(
                 f"format {fmt}: the base model's tokenizer has no chat template; set spec.dataset.chatTemplate "
-                "(chatml, llama3, zephyr or inline Jinja) so training and serving render conversations alike")
+                "(chatml, llama3, zephyr or inline Jinja) so training and serving render conversations alike"
+            )
         if conversational and self._fast is None:
             raise DataError(f"format {fmt} needs a fast tokenizer: masking maps tokens to characters by offsets")
         self._turn_markers = self._probe_template() if conversational else None
@@ -88,7 +89,7 @@ class Encoder:
             return None
         if not (prompt.startswith(user_only) and both.startswith(prompt + a)):
             return None
-        header, suffix = prompt[len(user_only):], both[len(prompt) + len(a):]
+        header, suffix = prompt[len(user_only) :], both[len(prompt) + len(a) :]
         return (header, suffix) if header else None
 
     def render_with_spans(self, turns: list[tuple[str, str]], skip: int = 0) -> tuple[str, list[tuple[int, int]]]:
@@ -147,8 +148,9 @@ class Encoder:
 
     # -------------------------------------------------------------------------------------- encoding
 
-    def _tokenize(self, texts: list[str], special: bool, offsets: bool = False
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _tokenize(
+        self, texts: list[str], special: bool, offsets: bool = False
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Token ids (and, if asked, each token's first character) per text, truncated to maxSeqLength.
 
         Each encoding becomes a small int32 array right away: a batch of Python int lists would cost ~36 bytes
@@ -157,13 +159,17 @@ class Encoder:
         if self._fast is not None:
             encs = self._fast.encode_batch(texts, add_special_tokens=special)
             ids = [np.asarray(e.ids[: self.max_len], dtype=np.int32) for e in encs]
-            starts = [np.asarray([o[0] for o in e.offsets[: self.max_len]], dtype=np.int64) for e in encs] \
-                if offsets else []
+            starts = (
+                [np.asarray([o[0] for o in e.offsets[: self.max_len]], dtype=np.int64) for e in encs] if offsets else []
+            )
             return ids, starts
         out = self.tok(texts, add_special_tokens=special, return_offsets_mapping=offsets)
         ids = [np.asarray(x[: self.max_len], dtype=np.int32) for x in out["input_ids"]]
-        starts = [np.asarray([o[0] for o in x[: self.max_len]], dtype=np.int64) for x in out["offset_mapping"]] \
-            if offsets else []
+        starts = (
+            [np.asarray([o[0] for o in x[: self.max_len]], dtype=np.int64) for x in out["offset_mapping"]]
+            if offsets
+            else []
+        )
         return ids, starts
 
     def has_control_token(self, ex: Example) -> bool:
@@ -197,8 +203,11 @@ class Encoder:
 
     def _encode_pairs(self, examples: list[Example]) -> list[Encoded | None]:
         """Each pair as one Encoded: prompt + chosen, then prompt + rejected from `boundary` on."""
-        convs = [c for ex in examples for c in ((ex.messages or []) + (ex.chosen or []),
-                                                 (ex.messages or []) + (ex.rejected or []))]
+        convs = [
+            c
+            for ex in examples
+            for c in ((ex.messages or []) + (ex.chosen or []), (ex.messages or []) + (ex.rejected or []))
+        ]
         skips = [len(ex.messages or []) for ex in examples for _ in range(2)]
         sides = self._encode_turns_of(convs, skips)
         out: list[Encoded | None] = []
@@ -207,8 +216,14 @@ class Encoder:
                 out.append(None)  # truncation left one side without response tokens: no comparison
                 continue
             assert chosen.labels is not None and rejected.labels is not None
-            out.append(Encoded(np.concatenate([chosen.input_ids, rejected.input_ids]),
-                               np.concatenate([chosen.labels, rejected.labels]), None, len(chosen.input_ids)))
+            out.append(
+                Encoded(
+                    np.concatenate([chosen.input_ids, rejected.input_ids]),
+                    np.concatenate([chosen.labels, rejected.labels]),
+                    None,
+                    len(chosen.input_ids),
+                )
+            )
         return out
 
     def _encode_turns(self, examples: list[Example]) -> list[Encoded | None]:
@@ -228,4 +243,3 @@ class Encoder:
                 continue
             out.append(Encoded(ids, np.where(target, ids, IGNORE).astype(np.int32), None))
         return out
-

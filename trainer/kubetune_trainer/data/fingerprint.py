@@ -38,7 +38,7 @@ def _tokenizer_hash(tokenizer: Any) -> str:
     if backend is not None:
         text = backend.to_str()
         for i in range(0, len(text), 1 << 20):  # in slices, so the UTF-8 copy is never the whole text
-            h.update(text[i:i + (1 << 20)].encode("utf-8"))
+            h.update(text[i : i + (1 << 20)].encode("utf-8"))
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     h.update(str(getattr(tokenizer, "chat_template", None) or "").encode("utf-8"))
@@ -47,8 +47,13 @@ def _tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def fingerprint(cfg: TrainerConfig, train_objects: list[dict[str, Any]], validation_objects: list[dict[str, Any]],
-                tokenizer_id: str, num_shards: int) -> str:
+def fingerprint(
+    cfg: TrainerConfig,
+    train_objects: list[dict[str, Any]],
+    validation_objects: list[dict[str, Any]],
+    tokenizer_id: str,
+    num_shards: int,
+) -> str:
     ds = cfg.spec.dataset
     # Where the data is read from (endpoint, region, credentials) does not change what it contains; the
     # objects' ETags and sizes do.

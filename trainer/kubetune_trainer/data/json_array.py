@@ -35,11 +35,12 @@ class _Text:
         try:
             text = self.decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as exc:
-            raise DataError(f"{self.uri} is not valid UTF-8 near character {self.consumed + len(self.buf)}: "
-                            f"{exc.reason}") from None
+            raise DataError(
+                f"{self.uri} is not valid UTF-8 near character {self.consumed + len(self.buf)}: {exc.reason}"
+            ) from None
         if self.pos > (1 << 20):  # drop what is parsed, now and then (not per element: that copies the buffer)
             self.consumed += self.pos
-            self.buf, self.pos = self.buf[self.pos:], 0
+            self.buf, self.pos = self.buf[self.pos :], 0
         self.buf += text
         self.eof = not chunk
         return bool(chunk) or bool(text)
@@ -82,8 +83,7 @@ def iter_json_array(stream: IO[bytes], uri: str) -> Iterator[tuple[int, Any]]:
                 t.pos += 1
                 break
             if c != ",":
-                raise DataError(f"{uri}: expected ',' or ']' after element {n} at {t.where()}, found "
-                                f"{_found(c)}")
+                raise DataError(f"{uri}: expected ',' or ']' after element {n} at {t.where()}, found {_found(c)}")
             t.pos += 1
             t.skip_ws()
         value = _element(t, n + 1)
@@ -101,8 +101,9 @@ def _element(t: _Text, number: int) -> Any:
             # Incomplete in the buffer, or really malformed: only more text tells which.
             if t.more():
                 continue
-            raise DataError(f"{t.uri}: element {number} is not valid JSON at character "
-                            f"{t.consumed + exc.pos + 1}: {exc.msg}") from None
+            raise DataError(
+                f"{t.uri}: element {number} is not valid JSON at character {t.consumed + exc.pos + 1}: {exc.msg}"
+            ) from None
         if end == len(t.buf) and t.more():
             continue  # a number or literal may go on in the next chunk ("12" of "123"): parse again
         t.pos = end

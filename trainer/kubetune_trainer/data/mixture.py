@@ -40,8 +40,9 @@ class Mixture:
         self.kept[source] += 1
 
 
-def consume(streams: list[Iterator[Any]], weights: list[float], accept: Callable[[int, Any], bool]
-            ) -> tuple[list[int], int | None]:
+def consume(
+    streams: list[Iterator[Any]], weights: list[float], accept: Callable[[int, Any], bool]
+) -> tuple[list[int], int | None]:
     """Feed records to accept(source, record) in mixture order until a source runs out.
 
     accept returns whether the record was kept (counted towards its source's share). Returns the kept count
@@ -65,8 +66,9 @@ def consume(streams: list[Iterator[Any]], weights: list[float], accept: Callable
 _END = object()
 
 
-def source_records(client: Any, objects: list[dict[str, Any]], file_format: str, columns: list[str] | None
-                   ) -> Iterator[RawRecord]:
+def source_records(
+    client: Any, objects: list[dict[str, Any]], file_format: str, columns: list[str] | None
+) -> Iterator[RawRecord]:
     """Every raw record of one source's objects, object after object."""
     for obj in objects:
         log.info("reading %s (%d bytes)", obj["uri"], obj["size"])

@@ -41,8 +41,9 @@ def spill_columns(classification: bool, width: int) -> dict[str, tuple[np.dtype,
 class Packer:
     """Turns Encoded examples into rows of `width` tokens and appends them to a RowSpill in blocks."""
 
-    def __init__(self, spill: RowSpill, width: int, pad_id: int, pack: bool, classification: bool,
-                 block_tokens: int = 1 << 15):
+    def __init__(
+        self, spill: RowSpill, width: int, pad_id: int, pack: bool, classification: bool, block_tokens: int = 1 << 15
+    ):
         self.spill = spill
         self.width = width
         self.pad_id = pad_id
@@ -95,14 +96,14 @@ class Packer:
             # A preference pair is two sequences in one Encoded: the rejected one (from boundary on) gets its
             # own positions and segment, exactly as if it had been packed after the chosen one.
             cut = enc.boundary if enc.boundary is not None else n
-            blk["position_ids"][r, a:a + cut] = np.arange(cut, dtype=np.int32)
+            blk["position_ids"][r, a : a + cut] = np.arange(cut, dtype=np.int32)
             self._segments += 1
-            blk["segment_ids"][r, a:a + cut] = self._segments
+            blk["segment_ids"][r, a : a + cut] = self._segments
             if cut < n:
                 blk["labels"][r, a + cut] = IGNORE
-                blk["position_ids"][r, a + cut:b] = np.arange(n - cut, dtype=np.int32)
+                blk["position_ids"][r, a + cut : b] = np.arange(n - cut, dtype=np.int32)
                 self._segments += 1
-                blk["segment_ids"][r, a + cut:b] = self._segments
+                blk["segment_ids"][r, a + cut : b] = self._segments
         self._fill = b
         self.examples += 1
 

@@ -83,8 +83,10 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
         raise ValueError("num_shards must be at least 1")
     ds = cfg.spec.dataset
     client = client or s3_client(ds.endpoint, ds.region)
-    per_source = [_sources(client, src.uri, f"spec.dataset.sources[{i}]" if ds.sources else "spec.dataset.train")
-                  for i, src in enumerate(ds.train_sources())]
+    per_source = [
+        _sources(client, src.uri, f"spec.dataset.sources[{i}]" if ds.sources else "spec.dataset.train")
+        for i, src in enumerate(ds.train_sources())
+    ]
     train_objects = [obj for objs in per_source for obj in objs]
     validation_objects = _sources(client, ds.validation, "spec.dataset.validation") if ds.validation else []
     fp = fingerprint(cfg, train_objects, validation_objects, tokenizer_identity(tokenizer), num_shards)
@@ -101,8 +103,9 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
         for obj in validation_objects:
             run.read_object(client, obj, validation_source=True)
         run.finish()
-        return _write_outputs(run, cfg, client, prefix, fp, num_shards, tmp,
-                              has_validation=bool(ds.validation or ds.validation_split))
+        return _write_outputs(
+            run, cfg, client, prefix, fp, num_shards, tmp, has_validation=bool(ds.validation or ds.validation_split)
+        )
 
 
 def _sources(client: Any, uri: str, what: str) -> list[dict]:
@@ -139,8 +142,13 @@ class _Run:
         width = self.pp.max_seq_length * (2 if preference else 1)
         cols = spill_columns(self.classification, width)
         self.packers = {
-            split: Packer(RowSpill(os.path.join(tmp, split), cols), width, self.encoder.pad_id,
-                          self.pp.packing and not preference, self.classification)
+            split: Packer(
+                RowSpill(os.path.join(tmp, split), cols),
+                width,
+                self.encoder.pad_id,
+                self.pp.packing and not preference,
+                self.classification,
+            )
             for split in ("train", "validation")
         }
         # Valid, length-filtered examples waiting for the batched dedup, then per split for the tokenizer.
@@ -155,14 +163,20 @@ class _Run:
 
     def read_sources(self, client: Any, per_source: list[list[dict]]) -> None:
         """The training sources, interleaved by weight (see mixture.py); one source is simply read through."""
-        streams = [source_records(client, objs, src.file_format or "auto", rules.columns())
-                   for objs, src, rules in zip(per_source, self.sources, self.source_rules)]
+        streams = [
+            source_records(client, objs, src.file_format or "auto", rules.columns())
+            for objs, src, rules in zip(per_source, self.sources, self.source_rules)
+        ]
         self.source_kept, first_out = consume(
-            streams, [s.weight for s in self.sources],
-            lambda i, record: self._take(record, self.source_rules[i], False))
+            streams, [s.weight for s in self.sources], lambda i, record: self._take(record, self.source_rules[i], False)
+        )
         if len(self.sources) > 1:
-            log.info("mixture: kept %s examples per source (weights %s); source %s ran out first",
-                     self.source_kept, [s.weight for s in self.sources], first_out)
+            log.info(
+                "mixture: kept %s examples per source (weights %s); source %s ran out first",
+                self.source_kept,
+                [s.weight for s in self.sources],
+                first_out,
+            )
 
     def _take(self, record: tuple[str, Any, str | None], rules: RecordRules, validation_source: bool) -> bool:
         """Count one raw record and pass it on; whether it was kept (valid and within the length filters)."""
@@ -238,12 +252,19 @@ class _Run:
     def _log_progress(self) -> None:
         self._last_log = time.monotonic()
         rate = self.records / max(self._last_log - self._started, 1e-9)
-        log.info("prepare: %d records (%.0f/s), %d invalid, %d duplicates, %d filtered", self.records, rate,
-                 self.invalid.total, self.duplicates, self.filtered)
+        log.info(
+            "prepare: %d records (%.0f/s), %d invalid, %d duplicates, %d filtered",
+            self.records,
+            rate,
+            self.invalid.total,
+            self.duplicates,
+            self.filtered,
+        )
 
 
-def _write_outputs(run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: str, num_shards: int, tmp: str,
-                   has_validation: bool) -> PreparedData:
+def _write_outputs(
+    run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: str, num_shards: int, tmp: str, has_validation: bool
+) -> PreparedData:
     train_spill = run.packers["train"].spill
     val_spill = run.packers["validation"].spill
     n = train_spill.rows
@@ -263,7 +284,7 @@ def _write_outputs(run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: 
     train_cols = train_spill.read()
     train_uris, tokens = [], 0
     for r in range(num_shards):
-        rows = np.sort(perm[r * per_shard:(r + 1) * per_shard])
+        rows = np.sort(perm[r * per_shard : (r + 1) * per_shard])
         uri = join_uri(prefix, "train", f"part-{r:05d}.parquet")
         tokens += write_shard(train_cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
         train_uris.append(uri)
@@ -313,9 +334,15 @@ def _write_outputs(run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: 
     manifest = {"formatVersion": PREPARED_FORMAT_VERSION, **asdict(prepared)}
     put_bytes(client, prepared.manifest_uri, json.dumps(manifest, indent=2).encode(), "application/json")
     put_bytes(client, join_uri(prefix, COMPLETE_MARKER), b"", "text/plain")
-    log.info("prepared %d train sequences (%d per shard, %d dropped), %d validation, width %d, under %s",
-             prepared.num_train_sequences, per_shard, prepared.dropped_sequences,
-             prepared.num_validation_sequences, width, prefix)
+    log.info(
+        "prepared %d train sequences (%d per shard, %d dropped), %d validation, width %d, under %s",
+        prepared.num_train_sequences,
+        per_shard,
+        prepared.dropped_sequences,
+        prepared.num_validation_sequences,
+        width,
+        prefix,
+    )
     return prepared
 
 

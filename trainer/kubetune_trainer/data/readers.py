@@ -44,8 +44,9 @@ def file_format_of(key: str, configured: str) -> str:
     return "text"  # .json and unknown extensions: decided by the content (sniff)
 
 
-def read_records(client: Any, obj: dict[str, Any], configured_format: str, columns: list[str] | None = None
-                 ) -> Iterator[RawRecord]:
+def read_records(
+    client: Any, obj: dict[str, Any], configured_format: str, columns: list[str] | None = None
+) -> Iterator[RawRecord]:
     """Every record of one listed object (see s3.list_objects)."""
     fmt = file_format_of(obj["key"], configured_format)
     if fmt == "parquet":
@@ -60,8 +61,9 @@ def read_records(client: Any, obj: dict[str, Any], configured_format: str, colum
         stream.close()
 
 
-def _read_text(client: Any, obj: dict[str, Any], stream: Any, fmt: str, columns: list[str] | None, unpacked: bool
-               ) -> Iterator[RawRecord]:
+def _read_text(
+    client: Any, obj: dict[str, Any], stream: Any, fmt: str, columns: list[str] | None, unpacked: bool
+) -> Iterator[RawRecord]:
     try:
         head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
     except (OSError, EOFError) as exc:  # gzip's "not a gzipped file"

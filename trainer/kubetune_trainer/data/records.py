@@ -54,12 +54,20 @@ class RecordRules:
         """The rules of the dataset's own format and fields, or of one (defaults-filled) training source."""
         f, p = (source.fields if source and source.fields else ds.fields), ds.preprocessing
         return cls(
-            format=(source.format if source and source.format else ds.format), messages=f.messages,
-            prompt=f.prompt, response=f.response, system=f.system,
-            text=f.text, label=f.label, label_names=tuple(ds.labels) if ds.labels else None,
+            format=(source.format if source and source.format else ds.format),
+            messages=f.messages,
+            prompt=f.prompt,
+            response=f.response,
+            system=f.system,
+            text=f.text,
+            label=f.label,
+            label_names=tuple(ds.labels) if ds.labels else None,
             num_labels=num_labels if num_labels is not None else (len(ds.labels) if ds.labels else None),
-            unicode_form=p.unicode_normalization, whitespace=p.normalize_whitespace, input=f.input,
-            chosen=f.chosen or "chosen", rejected=f.rejected or "rejected",
+            unicode_form=p.unicode_normalization,
+            whitespace=p.normalize_whitespace,
+            input=f.input,
+            chosen=f.chosen or "chosen",
+            rejected=f.rejected or "rejected",
         )
 
     def columns(self) -> list[str]:

@@ -121,8 +121,10 @@ def list_objects(client: Any, uri: str, page_size: int = 1000) -> list[dict[str,
     out = []
     paginator = client.get_paginator("list_objects_v2")
     try:
-        pages = retrying(f"listing {uri}", lambda: list(paginator.paginate(
-            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})))
+        pages = retrying(
+            f"listing {uri}",
+            lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})),
+        )
         for page in pages:
             for obj in page.get("Contents", []):
                 k = obj["Key"]
@@ -279,4 +281,3 @@ class RangeFile(io.RawIOBase):
         buf[: len(data)] = data
         self._pos += len(data)
         return len(data)
-

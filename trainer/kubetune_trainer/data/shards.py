@@ -33,8 +33,9 @@ def _table(columns: dict[str, np.ndarray]) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def write_shard(columns: dict[str, np.ndarray], rows: np.ndarray, width: int, local_path: str,
-                client: Any, uri: str) -> int:
+def write_shard(
+    columns: dict[str, np.ndarray], rows: np.ndarray, width: int, local_path: str, client: Any, uri: str
+) -> int:
     """Write the given rows (indices into the spilled columns) trimmed to `width` as one Parquet file, upload
     it, and return the number of tokens in it (attention_mask ones)."""
     tokens = 0
@@ -48,7 +49,7 @@ def write_shard(columns: dict[str, np.ndarray], rows: np.ndarray, width: int, lo
         # Row-group by row-group, so memory stays at one group however large the shard is.
         step = max(1, ROW_GROUP_TOKENS // max(width, 1))
         for start in range(0, len(rows), step):
-            idx = rows[start:start + step]
+            idx = rows[start : start + step]
             block = gather(idx)
             tokens += int(block["attention_mask"].sum())
             writer.write_table(_table(block))
@@ -90,4 +91,4 @@ def batch_indices(num_rows: int, batch_size: int, epoch: int, seed: int) -> list
         raise ValueError("batch_size must be at least 1")
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
     perm = rng.permutation(num_rows)
-    return [perm[i * batch_size:(i + 1) * batch_size] for i in range(num_rows // batch_size)]
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(num_rows // batch_size)]

@@ -43,6 +43,5 @@ class RowSpill:
             if self.rows == 0:
                 out[name] = np.zeros(shape, dtype=dtype)
             else:
-                out[name] = np.memmap(os.path.join(self.directory, f"{name}.bin"), dtype=dtype, mode="r",
-                                      shape=shape)
+                out[name] = np.memmap(os.path.join(self.directory, f"{name}.bin"), dtype=dtype, mode="r", shape=shape)
         return out
