@@ -188,7 +188,7 @@ class Check:
         params = 0  # a tied embedding is stored once, so this counts it once
         for f in model_dir.glob("*.safetensors"):
             with safe_open(str(f), "pt") as st:
-                params += sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())
+                params += sum(_prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118 - safe_open is not a dict
         config = json.loads((model_dir / "config.json").read_text())
         print(
             f"model: SmolLM2-135M-Instruct, {params / 1e6:.1f}M parameters; data: {len(texts)} pydoc topics "
@@ -279,7 +279,7 @@ class Check:
             max_model_len=2048,
             extra=["--gpu-memory-utilization", "0.3"],
         )
-        log = open(self.workdir / "vllm.log", "w")
+        log = open(self.workdir / "vllm.log", "w")  # noqa: SIM115 - closed after the server stops
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             t0 = time.monotonic()

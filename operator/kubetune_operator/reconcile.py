@@ -466,7 +466,7 @@ class Reconciler:
                 return
         try:
             self.serve(namespace, name)
-        except Exception:
+        except Exception:  # a timer thread has no one to raise to
             log.exception("%s/%s: serving retry failed", namespace, name)
 
     def _cancel(self, namespace: str, name: str) -> None:

@@ -171,7 +171,7 @@ def test_progress_view_follows_a_growing_file(tmp_path: Path) -> None:
     assert follower.read() == []
     with open(path, "w") as f:
         f.write(json.dumps({"status": {"progress": {"step": 1, "totalSteps": 2, "loss": 3.0}}}) + '\n{"metr')
-    console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=120)
+    console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=120)  # noqa: SIM115 - closed below
     view = TrainingView(console, "job")
     view.update(follower.read())
     with open(path, "a") as f:

@@ -92,10 +92,10 @@ def start_driver(
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubetune_trainer", "--config", str(path)],
         env=full,
-        stdout=open(log, "w"),
+        stdout=open(log, "w"),  # noqa: SIM115 - the child keeps writing to it after this returns
         stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # noqa: SIM115
+    )
     return Driver(proc=proc, log=log, trace_dir=trace)
 
 

@@ -86,7 +86,7 @@ class InProcessOperator:
                 asyncio.run(
                     runner.run(self.settings, kubeconfig=self.kubeconfig, stop_flag=self._stop, ready_flag=ready)
                 )
-            except BaseException as e:  # surfaced by start()/stop()
+            except BaseException as e:  # noqa: BLE001 - surfaced by start()/stop()
                 self.error = e
 
         self._thread = threading.Thread(target=main, name="kubetune-operator", daemon=True)

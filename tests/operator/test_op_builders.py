@@ -148,7 +148,7 @@ def test_ray_job_runs_the_trainer_with_the_mounted_config() -> None:
 
 def test_credentials_only_by_reference() -> None:
     manifest, _ = _example("lora-chat")
-    rendered = json.dumps(_children("lora-chat"))
+    json.dumps(_children("lora-chat"))  # the children serialise (the result was never asserted on)
     env = _children("lora-chat")[-1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
         "env"
     ]

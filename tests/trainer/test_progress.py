@@ -163,7 +163,7 @@ def test_kubetune_run_prints_the_time_to_first_step_by_phase(tmp_path) -> None:
         "time to first step 1m10s: Ray cluster start 20.0s, Ray start 1.2s, data 14.0s, "
         "model load 9.5s, first step 3.0s"
     )
-    console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=200)
+    console = Console(file=open(tmp_path / "out.txt", "w"), force_terminal=False, width=200)  # noqa: SIM115 - closed below
     view = TrainingView(console, "job", before_trainer={"Ray cluster start": 20.0})
     view.update([{"status": {"startup": startup}}, {"status": {"progress": {"step": 1, "totalSteps": 2}}}])
     view.update([{"status": {"startup": startup}}])

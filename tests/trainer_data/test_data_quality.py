@@ -201,7 +201,7 @@ def test_near_dedup_with_minhash_lsh(tokenizer, s3, put, prefix, make_cfg):
 
 def test_length_filters(tokenizer, s3, put, prefix, make_cfg):
     lengths = [5, 10, 30, 50, 51, 100]
-    recs = [{"text": ("x%d " % n * 100)[: n - 1] + "."} for n in lengths]
+    recs = [{"text": (f"x{n} " * 100)[: n - 1] + "."} for n in lengths]
     assert [len(r["text"]) for r in recs] == lengths
     uri = put(f"{prefix}/len.jsonl", recs)
     cfg = make_cfg({"train": uri, "format": "completion", "preprocessing": {"minChars": 10, "maxChars": 50}})

@@ -114,7 +114,7 @@ def test_tuning_grid_with_asha_exports_the_best_trial(
     )
     trials = {t["id"]: t for t in status["trials"]}
     assert sorted(trials) == ["trial-00", "trial-01", "trial-02", "trial-03"], status["trials"]
-    for tid, t in trials.items():
+    for t in trials.values():
         assert set(t) <= {"id", "params", "objective", "state", "step"}, t
         assert set(t["params"]) == {"lora.r", "learningRate"}
     assert [trials[t]["params"] for t in sorted(trials)] == [

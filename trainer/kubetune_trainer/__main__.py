@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     options.startup["startedAt"] = time.time()  # time to first step counts from here (wall clock: other processes)
     try:
         summary = run(cfg, options)
-    except Exception as exc:
+    except Exception as exc:  # every failure ends in one clear line and an exit code
         code, kind, message = classify(exc, cfg)
         log.exception("the run failed")
         _quiet_ray()
@@ -136,7 +136,7 @@ def _start_local_ray(attempts: int = 3) -> None:
         try:
             ray.init(include_dashboard=False, logging_level=logging.WARNING)
             return
-        except Exception as exc:
+        except Exception as exc:  # Ray raises a bare Exception for this
             if attempt == attempts or "timed out during startup" not in str(exc):
                 raise
             log.warning("the local Ray cluster did not start in time (attempt %d); trying again", attempt)

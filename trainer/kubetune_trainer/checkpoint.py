@@ -149,10 +149,9 @@ def save(
     import torch.distributed as dist
 
     uri = checkpoint_uri(cfg, state.step)
-    if rank == 0:
-        # Leftovers of an attempt that died while writing this very step must not mix with the new files.
-        if storage.delete_prefix(client, uri):
-            log.info("removed an incomplete earlier attempt at %s", uri)
+    # Leftovers of an attempt that died while writing this very step must not mix with the new files.
+    if rank == 0 and storage.delete_prefix(client, uri):
+        log.info("removed an incomplete earlier attempt at %s", uri)
     dist.barrier()
 
     local = staging / f"save-rank-{rank}"

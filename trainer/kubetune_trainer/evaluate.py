@@ -368,7 +368,7 @@ class Evaluator:
                         eos_token_id=self.tokenizer.eos_token_id,
                     )
                     out.append(self.tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-        except Exception as exc:
+        except Exception as exc:  # samples illustrate; they must never fail a finished training
             if self.zero3:
                 raise  # the other ranks are inside the same collective generation
             log.warning("sample generation failed (%s: %s); the report has no samples", type(exc).__name__, exc)

@@ -77,7 +77,7 @@ def _open_progress_file() -> Any:
     if not path:
         return None
     try:
-        return open(path, "a", encoding="utf-8")
+        return open(path, "a", encoding="utf-8")  # closed by Reporter.close()
     except OSError as exc:
         log.warning("cannot append progress to %s (%s)", path, exc.strerror)
         return None

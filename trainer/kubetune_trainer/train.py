@@ -452,7 +452,7 @@ class Recipe:
                 }
             )
         if self.opts.trace_dir:
-            self.trace = open(Path(self.opts.trace_dir) / f"rank-{self.rank}.jsonl", "a")
+            self.trace = open(Path(self.opts.trace_dir) / f"rank-{self.rank}.jsonl", "a")  # noqa: SIM115 - closed by cleanup()
         if self.eval_data is not None:
             from kubetune_trainer.evaluate import Evaluator
 

@@ -19,6 +19,7 @@ a dataset's train.jsonl), and objects are written in an order that makes that ob
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -160,10 +161,8 @@ def _tiny_llama_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=target.parent))
     try:
         tiny_llama(tmp / "m", hidden=128, layers=2, heads=2, seed=0)
-        try:
+        with contextlib.suppress(OSError):  # another process published it first
             (tmp / "m").rename(target)
-        except OSError:  # another process published it first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

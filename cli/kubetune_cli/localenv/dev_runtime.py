@@ -107,7 +107,7 @@ class LocalRuntime:
                 self._deployments.sync()
             except RestError as e:
                 log.warning("runtime: listing failed (%s); retrying", e)
-            except Exception:
+            except Exception:  # the runtime keeps going; the error is in its log
                 log.exception("runtime loop")
             self.stopping.wait(self.poll)
 

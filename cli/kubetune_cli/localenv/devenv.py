@@ -347,7 +347,7 @@ class Daemon:
             stop = self._stops.pop()
             try:
                 stop()
-            except Exception:
+            except Exception:  # stop the rest anyway
                 log.exception("while stopping")
 
 

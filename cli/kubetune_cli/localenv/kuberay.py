@@ -186,9 +186,8 @@ def next_status(
     if (old.get("jobStatus", ""), old.get("jobDeploymentStatus", "")) != (
         st.get("jobStatus", ""),
         st.get("jobDeploymentStatus", ""),
-    ):
-        if st.get("jobDeploymentStatus") in ("Complete", "Failed"):
-            st["endTime"] = rfc3339(now)
+    ) and st.get("jobDeploymentStatus") in ("Complete", "Failed"):
+        st["endTime"] = rfc3339(now)
     return st
 
 

@@ -178,7 +178,7 @@ class S3Server:
                 if names.issuperset(self.buckets):
                     return
                 last_error = RuntimeError(f"buckets so far: {sorted(names)}")
-            except Exception as e:  # connection refused / 503 while starting
+            except Exception as e:  # noqa: BLE001 - connection refused / 503 while starting
                 last_error = e
             time.sleep(0.2)
         raise S3ServerError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import weakref
@@ -25,10 +26,8 @@ def tokenizer_identity(tokenizer: Any) -> str:
     except (KeyError, TypeError):
         pass
     ident = _tokenizer_hash(tokenizer)
-    try:
+    with contextlib.suppress(TypeError):  # not weak-referenceable: just recompute next time
         _IDENTITIES[tokenizer] = ident
-    except TypeError:  # not weak-referenceable: just recompute next time
-        pass
     return ident
 
 

@@ -19,7 +19,7 @@ class RowSpill:
         self.directory = directory
         self.columns = columns
         self.rows = 0
-        self._files = {name: open(os.path.join(directory, f"{name}.bin"), "wb") for name in columns}
+        self._files = {name: open(os.path.join(directory, f"{name}.bin"), "wb") for name in columns}  # noqa: SIM115 - closed by close()
 
     def append(self, batch: dict[str, np.ndarray]) -> None:
         n = None
