@@ -19,7 +19,7 @@ its output prefix. Pure functions plus one step (`guard`) that reads what they n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from kubetune import api
 from kubetune_operator import conditions as c
@@ -152,7 +152,10 @@ def guard(ctx: Any) -> None:
 def _live_jobs(ctx: Any) -> list[dict[str, Any]]:
     if ctx.live_jobs is not None:
         # The operator's index (kubetune_operator.jobindex): no request per new job, only the jobs that nest.
-        return ctx.live_jobs.nesting(output_base(ctx.spec.output.uri, ctx.owner.namespace, ctx.owner.name))
+        return cast(
+            "list[dict[str, Any]]",
+            ctx.live_jobs.nesting(output_base(ctx.spec.output.uri, ctx.owner.namespace, ctx.owner.name)),
+        )
     from kubetune_operator.kube import FINETUNEJOB
 
     namespaces = ctx.settings.namespaces or (None,)

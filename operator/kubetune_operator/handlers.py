@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import kopf
 
@@ -32,13 +32,24 @@ from kubetune_operator.meta import LABEL_JOB
 from kubetune_operator.reconcile import Invalid, Reconciler, Retry
 
 log = logging.getLogger(__name__)
-FTJ = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
-RAYJOB = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
-DEPLOYMENT = {"group": "apps", "version": "v1", "plural": "deployments"}
-CONFIGMAP = {"version": "v1", "plural": "configmaps"}
 
 
-def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, reason: str, **_: Any) -> None:
+class KopfResource(TypedDict):
+    """The keywords that name a kind to kopf's decorators (typed, so `**FTJ` type-checks against them)."""
+
+    group: NotRequired[str]
+    version: str
+    plural: str
+
+
+FTJ: KopfResource = {"group": api.GROUP, "version": api.VERSION, "plural": api.PLURAL}
+RAYJOB: KopfResource = {"group": "ray.io", "version": "v1", "plural": "rayjobs"}
+DEPLOYMENT: KopfResource = {"group": "apps", "version": "v1", "plural": "deployments"}
+CONFIGMAP: KopfResource = {"version": "v1", "plural": "configmaps"}
+
+
+def reconcile_job(namespace: str | None, name: str, memo: kopf.Memo, body: kopf.Body, reason: str, **_: Any) -> None:
+    assert namespace is not None  # kopf types it for cluster-scoped kinds too; these kinds are namespaced
     reconciler: Reconciler = memo.reconciler
     created = dict(body) if reason == kopf.Reason.CREATE else None  # a new job's body needs no second read
     with metrics.time_reconcile("reconcile"):
@@ -51,19 +62,22 @@ def reconcile_job(namespace: str, name: str, memo: kopf.Memo, body: kopf.Body, r
             raise kopf.TemporaryError(str(e), delay=e.delay) from None
 
 
-def ray_job_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def ray_job_event(type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # kopf types it for cluster-scoped kinds too; these kinds are namespaced
     reconciler: Reconciler = memo.reconciler
     with metrics.time_reconcile("rayjob"):
         reconciler.on_ray_job(namespace, dict(body), deleted=type == "DELETED")
 
 
-def deployment_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def deployment_event(type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # kopf types it for cluster-scoped kinds too; these kinds are namespaced
     reconciler: Reconciler = memo.reconciler
     with metrics.time_reconcile("deployment"):
         reconciler.on_deployment(namespace, dict(body), deleted=type == "DELETED")
 
 
-def server_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def server_event(type: str | None, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # kopf types it for cluster-scoped kinds too; these kinds are namespaced
     reconciler: Reconciler = memo.reconciler
     with metrics.time_reconcile("server"):
         reconcile_server.on_server_object(reconciler, namespace, dict(body), deleted=type == "DELETED")
@@ -73,14 +87,18 @@ def server_event(type: str | None, body: kopf.Body, namespace: str, memo: kopf.M
 # need no request: they run on kopf's event loop (async) instead of queueing for the handler threads, where they
 # would hold each event's body and delay the passes that do work (a burst of new jobs: 8 of every 10 tasks).
 async def serving_inputs_event(
-    type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
 ) -> None:
+    assert namespace is not None  # kopf types it for cluster-scoped kinds too; these kinds are namespaced
     reconciler: Reconciler = memo.reconciler
     if reconciler.wants_serving_pass(namespace, name, dict(body), deleted=type == "DELETED"):
         await asyncio.get_running_loop().run_in_executor(None, reconciler.serve, namespace, name)
 
 
-async def job_event(type: str | None, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_event(
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    assert namespace is not None  # kopf types it for cluster-scoped kinds too; these kinds are namespaced
     reconciler: Reconciler = memo.reconciler
     if type == "DELETED":
         metrics.forget_job(namespace, name)

@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -106,7 +106,7 @@ def controller_ref(obj: dict[str, Any]) -> dict[str, Any] | None:
     """The ownerReference with controller=true, if any."""
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
-            return ref
+            return cast("dict[str, Any]", ref)
     return None
 
 
