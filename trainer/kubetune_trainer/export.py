@@ -19,7 +19,7 @@ import copy
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubetune import chat_templates
 from kubetune.api import ModelArtifact, TrainerConfig
@@ -36,7 +36,7 @@ def gather_state_dict(engine: Any, *, rank: int, trainable_only: bool) -> dict[s
     module = engine.module
     if not trainable_only and engine.zero_optimization_partition_weights():
         # Layer by layer onto rank 0 (GatheredParameters with modifier_rank=0 frees each layer again).
-        return engine._zero3_consolidated_16bit_state_dict()
+        return cast("dict[str, Any] | None", engine._zero3_consolidated_16bit_state_dict())
     params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
     # modifier_rank=None: read-only gather; for ZeRO-2 (no partitioned weights) it does nothing.
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -94,6 +94,7 @@ def export(
 
     if lora and spec.output.export_merged:
         merged_uri = f"{cfg.run_uri}/merged"
+        assert state_dict is not None  # rank 0 with trainable_only (lora): gather_state_dict's dict
         merged = merge_adapter(module, state_dict, cfg, base_dir, precision)
         merged.save_pretrained(out / "merged", safe_serialization=True)
         tokenizer.save_pretrained(out / "merged")

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def fetch(
     digest = hashlib.sha256(f"{endpoint or ''}|{uri}".encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1])[:40]
     folder = root / f"{name}-{digest}"
-    want = (lambda rel: rel in only) if only is not None else (lambda rel: True)
+    want: Callable[[str], bool] = (lambda rel: rel in only) if only is not None else (lambda rel: True)
 
     listing = {o["rel"]: o["etag"] for o in storage.list_keys(client, uri) if want(o["rel"])}
     if not listing:
@@ -153,7 +154,7 @@ def torch_dtype(spec: FineTuneJobSpec, precision: str) -> Any:
     """dtype to load weights in: spec.model.dtype, where auto follows the training precision."""
     import torch
 
-    name = spec.model.dtype
+    name: str = spec.model.dtype
     if name == "auto":
         name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
     return getattr(torch, name)
@@ -177,7 +178,8 @@ def partition_on_load(ds_config: dict[str, Any] | None) -> bool:
         return False
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)  # registers itself with transformers (weakly)
+    # registers itself with transformers (weakly)
+    _HF_DEEPSPEED_CONFIG = HfDeepSpeedConfig(ds_config)  # type: ignore[no-untyped-call]  # transformers leaves it unannotated
     return True
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from kubetune.api import Restart, TrainerConfig
 from kubetune_trainer import storage
@@ -39,7 +39,7 @@ def _read(client: Any, cfg: TrainerConfig) -> dict[str, Any]:
     import json
 
     try:
-        return json.loads(raw)
+        return cast("dict[str, Any]", json.loads(raw))
     except ValueError:
         log.warning("%s is not JSON; starting a new restart history", _uri(cfg))
         return {}

@@ -297,6 +297,7 @@ class Reporter:
         """
         job = self._cfg.job
         if job.uid:
+            assert self._api is not None  # only _patch calls this, after checking
             current = self._api.get_namespaced_custom_object(
                 GROUP, VERSION, job.namespace, PLURAL, job.name, _request_timeout=_PATCH_TIMEOUT
             )

@@ -12,6 +12,7 @@ at a time, so an upload cut off half-way goes on from the object it had reached.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -75,7 +76,9 @@ def upload_dir(client: Any, local_dir: str | Path, prefix_uri: str) -> list[str]
     for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
         rel = path.relative_to(local_dir).as_posix()
         obj_key = f"{base}/{rel}" if base else rel
-        retrying(f"uploading s3://{bucket}/{obj_key}", lambda p=str(path), k=obj_key: client.upload_file(p, bucket, k))
+        retrying(
+            f"uploading s3://{bucket}/{obj_key}", functools.partial(client.upload_file, str(path), bucket, obj_key)
+        )
         uris.append(f"s3://{bucket}/{obj_key}")
     return uris
 
@@ -99,7 +102,7 @@ def download(client: Any, prefix_uri: str, local_dir: str | Path, want: Callable
         try:
             retrying(
                 f"downloading s3://{bucket}/{obj['key']}",
-                lambda k=obj["key"], t=tmp: client.download_file(bucket, k, t),
+                functools.partial(client.download_file, bucket, obj["key"], tmp),
             )
             os.replace(tmp, dest)
         finally:

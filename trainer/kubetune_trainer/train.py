@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubetune.api import TrainerConfig
 from kubetune_trainer import checkpoint as ckpt
@@ -98,8 +98,11 @@ def fit(
     # Recovery inside the Ray cluster: a lost worker or a preempted node restarts the worker group, which
     # resumes from the newest complete checkpoint in S3 (Recipe._resume); see kubetune_trainer.restarts.
     run_config.failure_config = failure_config(cfg)
+    # Ray Train v2 (RAY_TRAIN_V2_ENABLED) throughout this function: mypy resolves ray.train's names to the v1 API,
+    # whose TorchTrainer wants a loop returning None, whose Result has no return_value and whose FailureConfig no
+    # max_preemption_failures.
     trainer = TorchTrainer(
-        train_loop,
+        train_loop,  # type: ignore[arg-type]  # v2 takes a loop returning Any (see above)
         train_loop_config={
             "config": cfg.wire(),
             "prepared": dataclasses.asdict(prepared),
@@ -114,7 +117,7 @@ def fit(
         run_config=run_config,
     )
     result = trainer.fit()
-    return result.return_value or {}
+    return result.return_value or {}  # type: ignore[attr-defined]  # v2's Result (see fit)
 
 
 def failure_config(cfg: TrainerConfig) -> Any:
@@ -122,7 +125,7 @@ def failure_config(cfg: TrainerConfig) -> Any:
     from ray.train import FailureConfig
 
     training = cfg.spec.training
-    return FailureConfig(
+    return FailureConfig(  # type: ignore[call-arg]  # v2's FailureConfig; mypy sees v1's (see fit)
         max_failures=training.max_worker_restarts, max_preemption_failures=training.max_preemption_restarts
     )
 
@@ -685,13 +688,16 @@ class Recipe:
         on the held-out rows, over all ranks."""
         if self.dpo:
             assert self.eval_data is not None
-            return self.dpo.evaluate(
-                self.engine,
-                self.eval_data,
-                rank=self.rank,
-                world=self.world,
-                batch=self.training.per_device_batch_size,
-                max_batches=self.training.max_eval_batches,
+            return cast(  # self.dpo is a preference.Dpo (typed Any here)
+                "dict[str, float]",
+                self.dpo.evaluate(
+                    self.engine,
+                    self.eval_data,
+                    rank=self.rank,
+                    world=self.world,
+                    batch=self.training.per_device_batch_size,
+                    max_batches=self.training.max_eval_batches,
+                ),
             )
         return _evaluate(
             self.engine,
@@ -826,6 +832,7 @@ class Recipe:
             with timed("eval", self.phase_seconds):
                 final_eval = self.evaluate()
             state.last_eval_loss, state.last_eval_step = final_eval["loss"], state.step
+        assert self.staging is not None
         with timed("export", self.phase_seconds):
             self.artifact = export(
                 self.engine,
@@ -930,7 +937,8 @@ def _import_deepspeed(use_gpu: bool) -> Any:
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     if not use_gpu:
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        ds_comm_torch: Any = importlib.import_module("deepspeed.comm.torch")
+        ds_comm_torch.build_shm_op = lambda: None
     import deepspeed
 
     return deepspeed
@@ -981,7 +989,7 @@ def _early_stopping(training: Any, state: TrainState, eval_loss: float) -> bool:
         state.best_eval_loss, state.evals_without_improvement = eval_loss, 0
         return False
     state.evals_without_improvement += 1
-    return state.evals_without_improvement >= rule.patience
+    return cast(bool, state.evals_without_improvement >= rule.patience)
 
 
 def _evaluate(

@@ -189,6 +189,7 @@ def restore_or_build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, trac
         storage_filesystem=fs,
     )
     # The restored run config holds the pickled tracker (without its reporter): report through this one.
+    assert tuner._local_tuner is not None  # Tuner.restore in this process (not through Ray Client)
     tuner._local_tuner.get_run_config().callbacks = [tracker]
     kept = tracker.seed(ray.tune.ExperimentAnalysis(path, storage_filesystem=fs).trials)
     log.info(

@@ -26,12 +26,12 @@ def reclaim_orphaned_placement_groups() -> int:
     job = ray.get_runtime_context().get_job_id()
     removed = 0
     for raw in global_state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)  # type: ignore[attr-defined]  # generated protobuf, no stubs
         # A group made by a driver (Tune's own, for the trial actors) has a nil creator actor, which the GCS
         # counts as dead: only groups made by an actor (a Train controller) qualify.
         made_by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
         if (
-            pg.state == gcs_pb2.PlacementGroupTableData.CREATED
+            pg.state == gcs_pb2.PlacementGroupTableData.CREATED  # type: ignore[attr-defined]  # generated protobuf, no stubs
             and not pg.is_detached
             and made_by_actor
             and pg.creator_actor_dead

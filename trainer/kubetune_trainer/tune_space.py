@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, cast
 
 from kubetune.api import TUNABLE_FIELDS, FineTuneJobSpec, TrainerConfig, TrialStatus, TuningSpec
 
@@ -37,12 +37,15 @@ def search_space(tuning: TuningSpec) -> dict[str, Any]:
         if p.type == "choice":
             space[key] = tune.choice([_typed(key, v) for v in p.values or []])
         elif p.type == "randint" or (integer and p.type == "uniform"):
+            assert p.low is not None and p.high is not None  # parse_spec: a range needs low and high
             space[key] = tune.randint(int(math.ceil(p.low)), int(p.high) + 1)
         elif p.type == "loguniform":
+            assert p.low is not None and p.high is not None  # parse_spec: a range needs low and high
             space[key] = (
                 tune.lograndint(int(math.ceil(p.low)), int(p.high) + 1) if integer else tune.loguniform(p.low, p.high)
             )
         else:
+            assert p.low is not None and p.high is not None  # parse_spec: a range needs low and high
             space[key] = tune.uniform(p.low, p.high)
     return {"params": space}
 
@@ -115,7 +118,7 @@ def select_best(trials: list[TrialStatus], mode: str) -> TrialStatus | None:
     if not done:
         return None
     sign = -1.0 if mode == "max" else 1.0
-    return min(done, key=lambda t: (sign * t.objective, t.id))
+    return min(done, key=lambda t: (sign * cast(float, t.objective), t.id))  # done: objectives are set
 
 
 def trial_state(tune_status: str, last_result: dict[str, Any] | None) -> str:

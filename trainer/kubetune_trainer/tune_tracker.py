@@ -48,14 +48,16 @@ class TrialTracker(Callback):
             self.trials[tid] = TrialStatus(id=tid, params=clean_params((trial.config or {}).get("params", {})))
         return self.trials[tid]
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._entry(trial).state = RUNNING
         self.reporter.metric(
             {"event": "trialStarted", "trial": self._entry(trial).id, "params": self._entry(trial).params}
         )
         self._publish()
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
         t = self._entry(trial)
         value = result.get(self.metric)
         # The final result carries `trainedSteps` instead of `step`, ASHA's time attribute: a trial that
@@ -79,7 +81,7 @@ class TrialTracker(Callback):
         )
         self._publish()
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self._entry(trial)
         t.state = trial_state("TERMINATED", self.last.get(t.id))
         self.reporter.metric(
@@ -88,7 +90,7 @@ class TrialTracker(Callback):
         log.info("%s %s at step %s: %s %s", t.id, t.state, t.step, self.metric, t.objective)
         self._publish()
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self._entry(trial)
         t.state = ERROR
         self.errors[t.id] = _error_text(trial)

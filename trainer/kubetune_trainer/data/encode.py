@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -70,10 +70,13 @@ class Encoder:
     # -------------------------------------------------------------------------------------- rendering
 
     def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(
-            [{"role": r, "content": c} for r, c in turns],
-            tokenize=False,
-            add_generation_prompt=generation_prompt,
+        return cast(  # tokenize=False: the rendered text
+            str,
+            self.tok.apply_chat_template(
+                [{"role": r, "content": c} for r, c in turns],
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            ),
         )
 
     def _probe_template(self) -> tuple[str, str] | None:

@@ -14,19 +14,21 @@ segment_ids, or uses flash-attention-2, which transformers restricts per example
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from kubetune_trainer.data.encode import IGNORE, Encoded
 from kubetune_trainer.data.spill import RowSpill
 
-CAUSAL_COLUMNS = {
+CAUSAL_COLUMNS: dict[str, tuple[np.dtype[Any], int | None]] = {
     "input_ids": (np.dtype(np.int32), None),
     "labels": (np.dtype(np.int32), None),
     "attention_mask": (np.dtype(np.int8), None),
     "position_ids": (np.dtype(np.int32), None),
     "segment_ids": (np.dtype(np.int32), None),
 }
-CLASSIFICATION_COLUMNS = {
+CLASSIFICATION_COLUMNS: dict[str, tuple[np.dtype[Any], int | None]] = {
     "input_ids": (np.dtype(np.int32), None),
     "attention_mask": (np.dtype(np.int8), None),
     "label": (np.dtype(np.int64), 0),

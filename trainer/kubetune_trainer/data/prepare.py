@@ -108,7 +108,7 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
         )
 
 
-def _sources(client: Any, uri: str, what: str) -> list[dict]:
+def _sources(client: Any, uri: str, what: str) -> list[dict[str, Any]]:
     objs = list_objects(client, uri)
     if not objs:
         raise DataError(f"{what}: no data objects at {uri}")
@@ -157,11 +157,11 @@ class _Run:
         self._started = time.monotonic()
         self._last_log = self._started
 
-    def read_object(self, client: Any, obj: dict, validation_source: bool) -> None:
+    def read_object(self, client: Any, obj: dict[str, Any], validation_source: bool) -> None:
         for record in source_records(client, [obj], self.file_format, self.rules.columns()):
             self._take(record, self.rules, validation_source)
 
-    def read_sources(self, client: Any, per_source: list[list[dict]]) -> None:
+    def read_sources(self, client: Any, per_source: list[list[dict[str, Any]]]) -> None:
         """The training sources, interleaved by weight (see mixture.py); one source is simply read through."""
         streams = [
             source_records(client, objs, src.file_format or "auto", rules.columns())

@@ -8,7 +8,7 @@ renders and masks both (see encode.py). Every text is normalised here, before de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kubetune.api import DatasetSpec, DataSource
 from kubetune_trainer.data.normalize import normalize_text
@@ -214,7 +214,7 @@ def _classification(value: dict[str, Any], rules: RecordRules) -> Example | str:
             return "unknown_label"
         label = rules.label_names.index(name)
     else:
-        label = raw
+        label = cast(int, raw)  # an int: None, bool and other types returned a reason above
     if label < 0 or (rules.num_labels is not None and label >= rules.num_labels):
         return "unknown_label"
     return Example(None, text, label, f"{label}{_SEP}{text}", len(text))
