@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_FAILED, CLIError
 
+if TYPE_CHECKING:
+    from kubetune_cli.localenv.devenv import DevEnv
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "dev",
         help="a local development cluster: up, down, status",
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(st: dict, header: str = "kubetune dev is up") -> str:
+def _summary(st: dict[str, Any], header: str = "kubetune dev is up") -> str:
     s3 = st.get("s3") or {}
     return "\n".join(
         [
@@ -96,7 +100,7 @@ def _summary(st: dict, header: str = "kubetune dev is up") -> str:
     )
 
 
-def _jobs(env) -> str:
+def _jobs(env: DevEnv) -> str:
     from kubetune import api
     from kubetune_cli.localenv.rest import Rest, RestError
 

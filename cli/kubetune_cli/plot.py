@@ -14,7 +14,7 @@ from typing import Any
 from kubetune_cli.errors import EXIT_USAGE, CLIError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("plot", help="plot a job's loss curves from its metrics in S3", description=__doc__)
     p.add_argument("name", nargs="?", help="FineTuneJob name (read from the cluster KUBECONFIG points at)")
     p.add_argument("-n", "--namespace", default=None, help="namespace (default: the kubeconfig's)")
@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "trials", False):
         return _run_trials(args)
+    text: str | None  # None: the job has no metrics.jsonl yet
     if args.metrics:
         if args.metrics.startswith("s3://"):
             raise CLIError(

@@ -150,7 +150,7 @@ class TrainingView:
             self._printed_startup = True
             self.console.print(startup_line(startup, self.before_trainer))
         step, total = p.get("step"), p.get("totalSteps")
-        fields = {
+        fields: dict[str, Any] = {  # rich's Progress.update takes extra fields as **Any
             "loss": fmt_num(p.get("loss")),
             "eval": fmt_num(p.get("evalLoss")),
             "tps": "-" if p.get("tokensPerSecond") is None else f"{p['tokensPerSecond']:.0f}",

@@ -41,7 +41,7 @@ DEFAULT_MANIFEST = "examples/quickstart.yaml"
 POLL_S = 0.5
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run a FineTuneJob on this machine (train, evaluate, serve)",

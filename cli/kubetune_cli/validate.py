@@ -9,7 +9,7 @@ from kubetune_cli import manifest
 from kubetune_cli.errors import EXIT_OK, EXIT_USAGE, CLIError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "validate", help="check FineTuneJob manifests (the same checks as the cluster)", description=__doc__
     )

@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubetune_cli.localenv.processes import pid_alive
 
@@ -82,7 +82,7 @@ class DevEnv:
 
     def state(self) -> dict[str, Any]:
         try:
-            return json.loads(self.state_file.read_text())
+            return cast("dict[str, Any]", json.loads(self.state_file.read_text()))
         except (OSError, ValueError):
             return {}
 
@@ -223,6 +223,7 @@ class Daemon:
         cp.install_crds([crd_manifest()])
         cp.install_kuberay_crds()
         kubeconfig = self.env.kubeconfig
+        assert cp.kubeconfig is not None  # set by start()
         kubeconfig.write_bytes(Path(cp.kubeconfig).read_bytes())
         kubeconfig.chmod(0o600)
         self.state.update(kubeconfig=str(kubeconfig), server=cp.server)

@@ -35,7 +35,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubetune import kubeclient
 from kubetune.clock import parse_rfc3339 as _parse
@@ -233,12 +233,12 @@ class OfflineRayJob:
 
     @property
     def status(self) -> dict[str, Any]:
-        return self.obj["status"]
+        return cast("dict[str, Any]", self.obj["status"])
 
     def reconcile(self, world: World | None = None) -> str:
         """One KubeRay pass; returns the new jobDeploymentStatus."""
         self.obj["status"] = next_status(self.obj, world or World(), self._clock())
-        return self.status.get("jobDeploymentStatus", "")
+        return cast(str, self.status.get("jobDeploymentStatus", ""))
 
     def start(self) -> str:
         """New -> Initializing -> Running (the caller has started the cluster)."""

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 Lookup = Callable[[str], Mapping[str, str] | None]  # object name -> its data (decoded), None if missing
 
@@ -143,7 +143,7 @@ class PodSandbox:
                 "status.podIP": "127.0.0.1",
                 "status.hostIP": "127.0.0.1",
                 "spec.nodeName": "localhost",
-                "spec.serviceAccountName": self.spec.get("serviceAccountName", "default"),
+                "spec.serviceAccountName": cast(str, self.spec.get("serviceAccountName", "default")),
             }.get(field, "")
         return ""
 

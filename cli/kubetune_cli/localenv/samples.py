@@ -137,7 +137,7 @@ def fortune_classification(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The fortunes-classification sample: ({"text", "label"} records with label names, the label names)."""
     all_fortunes = read_fortunes(directory)
-    records = []
+    records: list[dict[str, Any]] = []
     for name in collections:
         kept = [f for f in all_fortunes.get(name, []) if len(f.text) <= max_chars][:per_class]
         records.extend({"text": f.text, "label": name} for f in kept)
@@ -255,7 +255,8 @@ def split_records(
     records: list[dict[str, Any]], validation_fraction: float, seed: int = 0
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, validation) by a hash of each record and the seed: stable under reordering and additions."""
-    train, validation = [], []
+    train: list[dict[str, Any]] = []
+    validation: list[dict[str, Any]] = []
     for r in records:
         d = hashlib.blake2b(f"{seed}:{json.dumps(r, sort_keys=True)}".encode(), digest_size=8).digest()
         (validation if int.from_bytes(d, "little") / 2.0**64 < validation_fraction else train).append(r)
