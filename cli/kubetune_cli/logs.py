@@ -17,12 +17,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_USAGE, CLIError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("logs", help="show a job's trainer (or inference server) log", description=__doc__)
     p.add_argument("name", help="FineTuneJob name")
     p.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
@@ -57,7 +57,7 @@ def find_log(args: argparse.Namespace) -> Path:
         raise CLIError(
             f"no {'serving' if args.serving else 'trainer'} log for {args.namespace}/{args.name} here", EXIT_USAGE
         )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    return cast(Path, max(candidates, key=lambda p: p.stat().st_mtime))
 
 
 def latest_history(conn: Any, job: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None] | None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kubetune import api
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 
 @dataclass
@@ -71,12 +74,13 @@ def ask(api_base: str, model: str, sample: Sample, max_tokens: int = 64, timeout
 
     client = openai.OpenAI(base_url=api_base, api_key="unused", timeout=timeout, max_retries=1)
     if sample.messages:
-        resp = client.chat.completions.create(
-            model=model, messages=sample.messages, max_tokens=max_tokens, temperature=0
-        )
+        messages = cast("list[ChatCompletionMessageParam]", sample.messages)  # {"role", "content"} dicts
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
         return resp.choices[0].message.content or ""
-    resp = client.completions.create(model=model, prompt=sample.prompt or "", max_tokens=max_tokens, temperature=0)
-    return resp.choices[0].text
+    completion = client.completions.create(
+        model=model, prompt=sample.prompt or "", max_tokens=max_tokens, temperature=0
+    )
+    return completion.choices[0].text
 
 
 def howto(api_base: str, model: str, question: str = "Tell me a fortune.") -> str:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from kubetune_cli.progress_view import fmt_num, fmt_seconds
 
 LOCAL_URL_ANNOTATION = "kubetune.io/local-url"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status", help="show a FineTuneJob's progress, metrics, conditions and endpoint", description=__doc__
     )
@@ -38,7 +38,7 @@ def local_url(conn: Any, namespace: str, job_name: str) -> str | None:
     for svc in services.get("items") or []:
         url = ((svc.get("metadata") or {}).get("annotations") or {}).get(LOCAL_URL_ANNOTATION)
         if url:
-            return url
+            return cast(str, url)
     return None
 
 

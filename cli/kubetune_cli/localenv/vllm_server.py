@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from kubetune.vllm import (
     DEFAULT_PORT,
@@ -283,7 +283,7 @@ class LocalVLLMServer:
 def _http_status(url: str, timeout: float = 5.0) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
+            return cast(int, r.status)
     except urllib.error.HTTPError as e:
         return e.code
     except OSError:
