@@ -33,7 +33,13 @@ def config_map_name(job: str) -> str:
 
 
 def ended(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
-    """Whether this status write moves the job to Succeeded or Failed."""
+    """Whether this status write moves a job that ran (it had a RayJob) to Succeeded or Failed.
+
+    A job refused before anything was built (an invalid spec) has no run to remember: its conditions say all,
+    and it must leave nothing behind but itself.
+    """
+    if not (after.get("rayJob") or before.get("rayJob")):
+        return False
     return any(
         c.is_true(after.get("conditions"), t) and not c.is_true(before.get("conditions"), t)
         for t in (c.SUCCEEDED, c.FAILED)
