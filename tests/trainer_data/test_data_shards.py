@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 
 # The package re-exports the function prepare(), which shadows the submodule as an attribute.
 prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
+mixture_module = importlib.import_module("kubetune_trainer.data.mixture")  # where every source is read
 
 RECORDS = [{"text": f"record {i}: " + "lorem ipsum " * (i % 5)} for i in range(100)]
 
@@ -59,7 +60,7 @@ def test_completed_preparation_is_reused_without_reading(tokenizer, s3, put, pre
     def no_reading(*a, **k):
         raise AssertionError("a completed preparation must not read the data again")
 
-    monkeypatch.setattr(prepare_module, "read_records", no_reading)
+    monkeypatch.setattr(mixture_module, "read_records", no_reading)
     again = prepare(cfg, tokenizer, num_shards=2, client=s3)
     assert again == p
     after = {o["key"]: o["etag"] for o in list_objects(s3, p.manifest_uri.rsplit("/", 1)[0])}
