@@ -159,7 +159,11 @@ def faulted(fenv: Any, straight: dict[str, Any]) -> dict[str, Any]:
         wait_for("the restarted workers' first step", lambda: _rolled_back(driver.trace_dir, before), 400, driver)
         out["recover_s"] = time.monotonic() - t_kill
 
-        wait_for(f"step {OUTAGE_AT_STEP}", lambda: _lineage_step(driver.trace_dir) >= OUTAGE_AT_STEP, 400, driver)
+        # Down one step before the checkpoint step: the step-12 checkpoint is then written into the outage for
+        # sure (a tiny model's checkpoint uploads in well under a second, so stopping after step 12 was traced
+        # could land after the upload had already finished).
+        before_ckpt = OUTAGE_AT_STEP - 1
+        wait_for(f"step {before_ckpt}", lambda: _lineage_step(driver.trace_dir) >= before_ckpt, 400, driver)
         t_down = fenv["s3"].stop()
         time.sleep(OUTAGE_S)
         t_up = fenv["s3"].start()
