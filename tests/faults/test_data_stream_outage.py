@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from trainer_faults_support import StoppableS3
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
