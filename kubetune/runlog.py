@@ -43,8 +43,10 @@ def _now() -> str:
 
 
 def attempt_folder(run_uri: str, started: datetime) -> str:
-    """`<run>/history/<20260102T030405Z>-<6 hex>`: sorts by start time, unique per attempt."""
-    return f"{run_uri.rstrip('/')}/{HISTORY}/{started.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+    """`<run>/history/<20260102T030405.123456Z>-<6 hex>`: sorts by start time, unique per attempt. Microseconds,
+    because a driver that fails at once and its retry can start within the same second (the random suffix alone
+    would then order them by chance)."""
+    return f"{run_uri.rstrip('/')}/{HISTORY}/{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(3)}"
 
 
 def _target(config_path: str) -> dict[str, Any] | None:
