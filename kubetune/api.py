@@ -34,6 +34,9 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # DNS-1035 label: a Service name
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# http(s)://host[:port][/path]; userinfo (user:password@host) is refused, so credentials never ride in a URL.
+HTTP_URL_PATTERN = r"^https?://[^\s@/]+(:[0-9]+)?(/[^\s@]*)?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # a Secret's data key
 
 # Training fields a tuning search space may vary, by their wire path under spec.training.
 TUNABLE_FIELDS: dict[str, Literal["float", "int"]] = {
@@ -70,6 +73,15 @@ def _field(default: Any = ..., description: str = "", **kw: Any) -> Any:
 # ----------------------------------------------------------------------------------------------- spec
 
 
+class TokenSecretRef(Model):
+    """A key of a Secret in the job's namespace that holds an access token."""
+
+    name: str = _field(description="Secret name.", pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
+    key: str = _field(
+        "HF_TOKEN", description="Key of the token in the Secret.", pattern=SECRET_KEY_PATTERN, max_length=253
+    )
+
+
 class ModelSpec(Model):
     """The base model to fine-tune."""
 
@@ -94,6 +106,12 @@ class ModelSpec(Model):
         None,
         description="Name of a GGUF file inside the model prefix to load and dequantise instead of safetensors.",
         max_length=255,
+    )
+    token_secret_ref: TokenSecretRef | None = _field(
+        None,
+        description="hf:// models: the Secret key holding a Hugging Face access token (gated or private "
+        "models). The trainer's pods and the inference server's weight fetch get it as HF_TOKEN by "
+        "secretKeyRef; the token itself never appears in the spec, status or logs.",
     )
 
 
@@ -619,6 +637,29 @@ class InferenceServerSpec(Model):
     image: str | None = _field(None, description="Inference image; default: the operator's.", max_length=1024)
 
 
+class MlflowSpec(Model):
+    """An MLflow tracking server the trainer logs the run to."""
+
+    uri: str = _field(
+        description="Tracking server URL (http or https, e.g. http://mlflow.mlops:5000); no credentials in it.",
+        pattern=HTTP_URL_PATTERN,
+        max_length=2048,
+    )
+    experiment: str | None = _field(
+        None,
+        description="Experiment name, created when missing; default <namespace>/<name> of the job.",
+        min_length=1,
+        max_length=500,
+    )
+
+
+class TrackingSpec(Model):
+    """Experiment tracking: where the trainer also logs parameters, metrics, the evaluation and the model URI.
+    A tracking server that is down never fails or slows the training (a warning is logged)."""
+
+    mlflow: MlflowSpec = _field(description="MLflow tracking server.")
+
+
 class FineTuneJobSpec(Model):
     """The desired fine-tune: model, data, training, where the result goes and how it is served."""
 
@@ -626,6 +667,7 @@ class FineTuneJobSpec(Model):
     dataset: DatasetSpec = _field(description="Training data and preprocessing.")
     training: TrainingSpec = _field(default_factory=TrainingSpec, description="Training settings.")
     tuning: TuningSpec | None = _field(None, description="Optional hyperparameter search.")
+    tracking: TrackingSpec | None = _field(None, description="Optional experiment tracking (MLflow).")
     resources: ResourcesSpec = _field(default_factory=ResourcesSpec, description="Compute resources.")
     output: OutputSpec = _field(description="Where results go.")
     deploy: DeploySpec = _field(default_factory=DeploySpec, description="Inference deployment.")
@@ -665,6 +707,8 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
                 "training.method lora and deploy.mode adapter (or unset)",
             )
         )
+    if m.token_secret_ref is not None and not m.uri.startswith("hf://"):
+        errs.append(("spec.model.tokenSecretRef", "applies to hf:// models only"))
     if t.method == "full" and t.lora is not None:
         errs.append(("spec.training.lora", "LoRA settings are only allowed with method: lora"))
     if m.task == "sequence-classification":
@@ -1086,6 +1130,7 @@ _PATTERN_MEANING = {
     DNS_LABEL_PATTERN: "must be a DNS label (lowercase letters, digits and '-')",
     DNS_SUBDOMAIN_PATTERN: "must be a DNS name (lowercase letters, digits, '-' and '.')",
     QUANTITY_PATTERN: "must be a Kubernetes quantity such as 4, 500m or 16Gi",
+    HTTP_URL_PATTERN: "must be an http:// or https:// URL such as http://mlflow.mlops:5000 (no credentials)",
 }
 
 

@@ -3,7 +3,7 @@
 The policy:
 
 - **Training fields are immutable once the RayJob exists**: `model`, `dataset`, `training`, `tuning`,
-  `resources`, `output`. A running (or finished) training run cannot be changed underneath: its checkpoints,
+  `tracking`, `resources`, `output`. A running (or finished) training run cannot be changed underneath: its checkpoints,
   metrics and exported model all belong to the settings it started with, and KubeRay itself ignores changes to
   a RayJob's cluster spec after the cluster exists. A change is refused by the admission webhook (when
   installed) with a message naming each changed field; without the webhook, the operator leaves the RayJob
@@ -31,7 +31,7 @@ from typing import Any
 
 from kubetune import api
 
-TRAINING_FIELDS = ("model", "dataset", "training", "tuning", "resources", "output")
+TRAINING_FIELDS = ("model", "dataset", "training", "tuning", "tracking", "resources", "output")
 LIVE_FIELDS = ("suspend", "activeDeadlineSeconds", "backoffLimit", "deploy")
 
 
