@@ -412,7 +412,7 @@ def test_wrong_keys_fail_with_s3_access_denied(env: dict[str, Any], s3_server: A
     kube.create({**m, "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob"})
     wait_for("the RayJob", lambda: ray_job_made(kube, ns, "wrong-keys"), timeout=60)
     kuberay.start(ns, names.ray_job("wrong-keys"))
-    client = s3_server.client(retries=0, aws_access_key_id=s3_server.access_key, aws_secret_access_key=wrong)
+    client = s3_server.client(retries=0, secret_key=wrong)
     try:
         client.list_objects_v2(Bucket="kubetune-test")
         raise AssertionError("SeaweedFS accepted a wrong secret key")
