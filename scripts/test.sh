@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: sets everything up on a fresh machine, then runs the whole suite against real servers
-# (kube-apiserver + etcd + kube-controller-manager, SeaweedFS, a local Ray cluster, DeepSpeed, vLLM on CPU),
+# (kube-apiserver + etcd + kube-controller-manager, SeaweedFS, a local Ray cluster, DeepSpeed, vLLM on CPU, an
+# MLflow tracking server),
 # each started by the test fixtures on free 127.0.0.1 ports and stopped by them. Before pytest, the static checks
 # (tools/lint.sh: lint-imports, ruff check, ruff format --check, mypy); a failed check fails the run, after the
 # tests have run too so one run reports everything.
@@ -17,11 +18,19 @@ export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 TRANSFO
 serving_log=$(mktemp)
 bash tools/serving-venv.sh >"$serving_log" 2>&1 &
 serving_pid=$!
+# So has the MLflow tracking server the tracking tests log to (tests/support/mlflow_server.py).
+mlflow_log=$(mktemp)
+bash tools/mlflow-venv.sh >"$mlflow_log" 2>&1 &
+mlflow_pid=$!
 bash scripts/setup.sh
 if ! wait "$serving_pid"; then
   echo "test: the vLLM serving environment failed to build:"; tail -30 "$serving_log"; exit 1
 fi
 export KUBETUNE_VLLM_VENV=$(tail -1 "$serving_log")
+if ! wait "$mlflow_pid"; then
+  echo "test: the MLflow server environment failed to build:"; tail -30 "$mlflow_log"; exit 1
+fi
+export KUBETUNE_MLFLOW_VENV=$(tail -1 "$mlflow_log")
 
 venv=${KUBETUNE_VENV:-$root/.venv}
 set +e

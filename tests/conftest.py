@@ -112,6 +112,17 @@ def s3_server() -> Iterator[Any]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real MLflow tracking server on 127.0.0.1, SQLite store (session; its venv: tools/mlflow-venv.sh)."""
+    from tests.support.mlflow_server import MlflowServer, mlflow_venv
+
+    if not (mlflow_venv() / "bin" / "mlflow").exists():
+        pytest.skip(f"no MLflow server at {mlflow_venv()}: run tools/mlflow-venv.sh")
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
 def _namespace_name(node_name: str) -> str:
     slug = re.sub(r"[^a-z0-9-]+", "-", node_name.lower()).strip("-")[:40].strip("-") or "test"
     return f"kt-{slug}-{secrets.token_hex(3)}"

@@ -17,6 +17,9 @@ metrics.jsonl is the history that outlives the cluster: one JSON object per line
 per event). S3 has no append, so the whole object is rewritten from memory every METRICS_FLUSH_SECONDS and
 at the end. On resume the lines of steps after the checkpoint (work that is about to be redone) are dropped.
 
+With spec.tracking.mlflow the same figures also go to an MLflow tracking server (kubetune_trainer.tracking): the
+step lines of metrics.jsonl, the data statistics, the evaluation and the model, under the same two rules.
+
 Local runs (`kubetune run`) have no API server to patch and want more than a 30 s flush: when
 KUBETUNE_PROGRESS_FILE names a file on the worker's machine, every status update and metrics line is also
 appended to it at once, one JSON object per line: {"status": {<key>: <value>}} or {"metric": {...}}.
@@ -48,6 +51,7 @@ from kubetune.api import (
 )
 from kubetune.clock import now_rfc3339
 from kubetune_trainer import storage
+from kubetune_trainer.tracking import start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ class Reporter:
         self._closed = False
         self.trial: str | None = None  # set by for_trial()
         self._local = _open_progress_file()
+        self._tracking = start_tracking(cfg)  # None without spec.tracking
         self._thread = threading.Thread(target=self._run, name="kubetune-reporter", daemon=True)
         self._thread.start()
 
@@ -134,7 +139,10 @@ class Reporter:
 
     def data(self, stats: dict[str, Any]) -> None:
         """status.data from the data side's statistics (DataStats wire names); sent at once."""
-        self._urgent_update("data", DataStats.model_validate(_clean(stats)).wire())
+        wire = DataStats.model_validate(_clean(stats)).wire()
+        self._urgent_update("data", wire)
+        if self._tracking:
+            self._tracking.data(wire)
 
     def checkpoints(self, refs: list[CheckpointRef]) -> None:
         if self.trial is None:  # a trial's checkpoints are its own (under <run>/trials/<id>/)
@@ -151,6 +159,8 @@ class Reporter:
             self._urgent_update("restarts", [r.wire() for r in records])
 
     def model(self, artifact: ModelArtifact) -> None:
+        if self._tracking:  # a trial's run logs its own model
+            self._tracking.model(artifact)
         if self.trial is None:  # the tuning driver reports the job's model: the best trial's
             self._urgent_update("model", artifact.wire())
 
@@ -160,9 +170,13 @@ class Reporter:
         """Report as tuning trial `trial_id`: progress carries progress.trial (without percent/ETA, which the
         tuning driver computes across trials); checkpoints, model and evaluation are left to the driver."""
         self.trial = trial_id
+        if self._tracking:
+            self._tracking.trial(trial_id)
 
     def evaluation(self, summary: EvaluationSummary) -> None:
         """status.evaluation (base vs fine-tuned on the held-out data); sent at once."""
+        if self._tracking:
+            self._tracking.evaluation(summary)
         if self.trial is None:
             self._urgent_update("evaluation", _clean(summary.wire()))
 
@@ -176,6 +190,8 @@ class Reporter:
         """One line of metrics.jsonl (a step, an evaluation or an event)."""
         line = json.dumps(_clean({"time": now_rfc3339(), **record}), sort_keys=True)
         self._mirror({"metric": json.loads(line)})
+        if self._tracking:
+            self._tracking.record(record)
         with self._lock:
             self._lines.append(line)
             self._metrics_dirty = True
@@ -193,6 +209,9 @@ class Reporter:
         if self._local is not None:
             self._local.close()
             self._local = None
+        if self._tracking:
+            self._tracking.close(timeout=min(timeout, 15.0))
+            self._tracking = None
 
     # ---------------------------------------------------------------- background thread
 
