@@ -186,17 +186,7 @@ class ControlPlane:
 
     def _write_pki(self) -> None:
         d = self._pki_dir
-        ca = pki.make_ca(d)
-        pki.issue_cert(
-            ca,
-            d,
-            "apiserver",
-            "kube-apiserver",
-            ips=("127.0.0.1",),
-            dns_names=("localhost", "kubernetes", "kubernetes.default"),
-        )
-        pki.make_signing_key(d, "sa")
-        self.ca_file = ca.cert_file
+        self.ca_file = pki.write_pki(d).ca_file  # and apiserver.crt/.key, sa.pub/.key: the names used below
         self.token = secrets.token_hex(16)
         self._tokens = {"admin": self.token, **{u: secrets.token_hex(16) for u in self._users}}
         lines = [f"{self.token},admin,admin,system:masters"]
