@@ -33,25 +33,31 @@ def make_client(
     secret_key: str | None = None,
     session_token: str | None = None,
     max_attempts: int = 10,
+    connect_timeout: float = 10,
+    read_timeout: float = 120,
+    unsigned: bool = False,
 ) -> Any:
     """A boto3 S3 client for `endpoint_url` (else $AWS_ENDPOINT_URL / $S3_ENDPOINT_URL, else AWS).
 
     Path-style addressing with a custom endpoint, because S3-compatible servers (SeaweedFS, MinIO, Ceph) rarely
-    have wildcard DNS for virtual-hosted buckets; standard retry mode rides out throttling and brief outages.
-    A fresh session, not boto3's default one: the default session caches the first credentials it resolved for
-    the life of the process, so rotated keys (or a test switching them) would go unnoticed.
+    have wildcard DNS for virtual-hosted buckets; standard retry mode rides out throttling and brief outages
+    (`max_attempts` counts the first try: 1 is no retry). A fresh session, not boto3's default one: the default
+    session caches the first credentials it resolved for the life of the process, so rotated keys (or a test
+    switching them) would go unnoticed. `unsigned` sends anonymous requests (no credentials looked up at all),
+    as a client of a public bucket does.
     """
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
     config = Config(
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        signature_version="s3v4",
+        signature_version=UNSIGNED if unsigned else "s3v4",
         s3={"addressing_style": "path"} if endpoint_url else {},
         retries={"max_attempts": max_attempts, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=120,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
     )
     return boto3.session.Session().client(
         "s3",

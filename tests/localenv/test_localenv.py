@@ -283,14 +283,12 @@ def test_s3_multipart_upload(s3_server: Any) -> None:
 
 
 def test_s3_rejects_wrong_credentials(s3_server: Any) -> None:
-    from botocore import UNSIGNED
-    from botocore.config import Config
     from botocore.exceptions import ClientError
 
     s3_server.client().put_object(Bucket="kubetune-test", Key="secret.txt", Body=b"x")
-    wrong_secret = s3_server.client(retries=0, aws_secret_access_key="not-the-secret")
-    unknown_key = s3_server.client(retries=0, aws_access_key_id="AKIDUNKNOWN", aws_secret_access_key="whatever")
-    anonymous = s3_server.client(retries=0, config=Config(signature_version=UNSIGNED, s3={"addressing_style": "path"}))
+    wrong_secret = s3_server.client(retries=0, secret_key="not-the-secret")
+    unknown_key = s3_server.client(retries=0, access_key="AKIDUNKNOWN", secret_key="whatever")
+    anonymous = s3_server.client(retries=0, unsigned=True)
     for client in (wrong_secret, unknown_key, anonymous):
         with pytest.raises(ClientError) as denied:
             client.get_object(Bucket="kubetune-test", Key="secret.txt")

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from kubetune import s3
 from kubetune_cli.localenv.processes import ManagedProcess, free_ports, make_workdir
 
 log = logging.getLogger(__name__)
@@ -185,29 +186,29 @@ class S3Server:
             f"SeaweedFS not ready after {self.timeout:.0f} s (last: {last_error}):\n{self._proc.log_tail()}"
         )
 
-    def client(self, *, retries: int = 3, timeout: float = 30.0, **overrides: Any) -> Any:
-        """A boto3 S3 client for this server (path-style addressing, region us-east-1, SigV4)."""
-        import boto3
-        from botocore.config import Config
-
+    def client(
+        self,
+        *,
+        retries: int = 3,
+        timeout: float = 30.0,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        unsigned: bool = False,
+    ) -> Any:
+        """An S3 client for this server (kubetune.s3.make_client: path-style, SigV4), with this server's keys
+        unless others are given (or none at all: `unsigned`, an anonymous client)."""
         if self.endpoint_url is None:
             raise S3ServerError("S3 server not started")
-        config = Config(
-            s3={"addressing_style": "path"},
-            signature_version="s3v4",
+        return s3.make_client(
+            self.endpoint_url,
+            region=self.region,
+            access_key=None if unsigned else access_key or self.access_key,
+            secret_key=None if unsigned else secret_key or self.secret_key,
+            max_attempts=retries + 1,
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"max_attempts": retries + 1, "mode": "standard"},
+            unsigned=unsigned,
         )
-        kwargs: dict[str, Any] = dict(
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=config,
-        )
-        kwargs.update(overrides)
-        return boto3.session.Session().client("s3", **kwargs)
 
     def env(self) -> dict[str, str]:
         """Environment variables that point AWS SDKs (boto3, pyarrow, Ray) at this server."""
