@@ -147,6 +147,13 @@ def faulted(fenv: Any, straight: dict[str, Any]) -> dict[str, Any]:
     driver = start_driver(cfg, fenv["workdir"], fenv["env"], "faulted")
     out: dict[str, Any] = {"cfg": cfg, "driver": driver}
     try:
+        # Checkpoints upload in the background: the kill comes once the step-4 one is complete in S3 (a kill
+        # while its upload still runs would rightly resume from step 0, which is not what this test shows).
+        first_ckpt = f"step-{CKPT_EVERY:08d}/_COMPLETE"
+        runs_ckpts = f"{cfg['runUri']}/checkpoints"
+        wait_for(
+            first_ckpt, lambda: any(k.endswith(first_ckpt) for k in _keys(fenv["client"], runs_ckpts)), 400, driver
+        )
         wait_for(f"step {KILL_AFTER_STEP}", lambda: max_step(driver.trace_dir) >= KILL_AFTER_STEP, 400, driver)
         workers = train_workers(fenv["cluster"].pid)
         assert len(workers) == 2, [w.cmdline() for w in workers]

@@ -10,12 +10,15 @@ Layout of one checkpoint, `<run_uri>/checkpoints/step-00000040/`:
     trainer_state.json         step, epoch, micro-batch position in the epoch, samples/tokens consumed, early
                                stopping state, world size, data fingerprint
     config.json                the resolved trainer config the run used
-    _COMPLETE                  written last, by rank 0, after every rank has uploaded its files; it names the
-                               job incarnation (uid) that wrote it
+    _uploaded/<token>/rank-NNNNN  each rank's "all my files are up" marker (token: the worker group's start)
+    _COMPLETE                  written last, by rank 0, after every rank's marker is there; it names the job
+                               incarnation (uid) that wrote it
 
-Every rank uploads the files it wrote itself, so this works when ranks sit on different nodes with no shared
-disk. A checkpoint without `_COMPLETE` is never resumed from: a run that dies while writing step 40 resumes
-from step 30, and the half-written step-00000040 is deleted before step 40 is written again.
+Every rank writes its files to node-local disk (the staging folder) and uploads them itself, in the
+background (kubetune_trainer.checkpoint_upload), so this works when ranks sit on different nodes with no shared
+disk, and training goes on while the files travel. A checkpoint without `_COMPLETE` is never resumed from: a
+run that dies while writing step 40 resumes from step 30, and the half-written step-00000040 (everything newer
+than the checkpoint resumed from) is deleted before any rank saves again (`discard_after`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetune.api import CheckpointRef, TrainerConfig
 from kubetune.clock import now_rfc3339
 from kubetune_trainer import storage
+
+if TYPE_CHECKING:
+    from kubetune_trainer.checkpoint_upload import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -141,46 +147,64 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save(
-    engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, client: Any, staging: Path, exclude_frozen: bool
-) -> str:
-    """Write a checkpoint of `state.step` to S3 (collective: every rank calls it); returns its URI."""
+def write_local(
+    engine: Any, cfg: TrainerConfig, state: TrainState, *, rank: int, staging: Path, exclude_frozen: bool
+) -> Path:
+    """Write this rank's files of the checkpoint of `state.step` to node-local disk (collective: every rank
+    calls it; DeepSpeed's save synchronises the ranks); returns the folder."""
+    import json
+
     import torch
-    import torch.distributed as dist
 
-    uri = checkpoint_uri(cfg, state.step)
-    # Leftovers of an attempt that died while writing this very step must not mix with the new files.
-    if rank == 0 and storage.delete_prefix(client, uri):
-        log.info("removed an incomplete earlier attempt at %s", uri)
-    dist.barrier()
-
-    local = staging / f"save-rank-{rank}"
+    local = staging / f"checkpoint-{state.step:08d}-rank-{rank}"
     shutil.rmtree(local, ignore_errors=True)
     (local / "rng").mkdir(parents=True)
     engine.save_checkpoint(str(local), tag=_DS_TAG, save_latest=False, exclude_frozen_parameters=exclude_frozen)
     torch.save(rng_states(), local / "rng" / f"rank-{rank:05d}.pt")
     if rank == 0:
-        import json
-
         (local / "trainer_state.json").write_text(json.dumps(state.to_json(), indent=1))
         (local / "config.json").write_text(json.dumps(cfg.wire(), indent=1))
-    storage.upload_dir(client, local, uri)
-    shutil.rmtree(local, ignore_errors=True)
+    return local
 
-    dist.barrier()  # every rank's files are in S3
-    if rank == 0:
-        storage.put_json(
-            client,
-            f"{uri}/{COMPLETE}",
-            {
-                "step": state.step,
-                "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
-                "time": now_rfc3339(),
-                "worldSize": state.world_size,
-                "jobUid": cfg.job.uid,  # which incarnation wrote it (find_latest resumes only its own)
-            },
-        )
+
+def save(
+    engine: Any,
+    cfg: TrainerConfig,
+    state: TrainState,
+    *,
+    rank: int,
+    uploads: Uploads,
+    staging: Path,
+    exclude_frozen: bool,
+) -> str:
+    """Checkpoint `state.step` (collective): written locally now, uploaded to S3 in the background by
+    `uploads`, which marks it complete once every rank's files are up. Returns its URI."""
+    uri = checkpoint_uri(cfg, state.step)
+    local = write_local(engine, cfg, state, rank=rank, staging=staging, exclude_frozen=exclude_frozen)
+    marker = {
+        "step": state.step,
+        "evalLoss": state.last_eval_loss if state.last_eval_step == state.step else None,
+        "time": now_rfc3339(),
+        "worldSize": state.world_size,
+        "jobUid": cfg.job.uid,  # which incarnation wrote it (find_latest resumes only its own)
+    }
+    uploads.submit(local, uri, marker)  # waits for the previous checkpoint's upload first
     return uri
+
+
+def discard_after(client: Any, cfg: TrainerConfig, latest: str | None) -> list[int]:
+    """Delete every checkpoint newer than `latest` (the one this attempt resumes from; None: all of them):
+    debris of a dead attempt, which no later attempt may resume from and whose files (and per-rank upload
+    markers) must not mix with the ones this attempt writes at the same steps. Rank 0, before any rank saves.
+    Returns the steps deleted."""
+    newest = int(latest.rsplit("step-", 1)[1]) if latest else -1
+    doomed = sorted(step for step in _scan(client, cfg) if step > newest)
+    for step in doomed:
+        uri = checkpoint_uri(cfg, step)
+        storage.delete(client, f"{uri}/{COMPLETE}")  # first: a deletion cut short leaves it incomplete
+        storage.delete_prefix(client, uri)
+        log.info("removed checkpoint %s of an earlier attempt (newer than the one resumed from)", uri)
+    return doomed
 
 
 def load(

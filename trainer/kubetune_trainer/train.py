@@ -154,6 +154,9 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 # after each one would cost the bare loop's throughput several percent for figures nobody reads that fast.
 SYNC_SECONDS = 2.0
 MAX_SYNC_STEPS = 100
+# How long a failed attempt's cleanup lets a checkpoint upload in flight finish (S3 outages are waited for longer
+# while training runs: kubetune_trainer.storage).
+UPLOAD_CLOSE_S = 60.0
 
 
 @dataclass
@@ -213,6 +216,7 @@ class Recipe:
         self.preference_metrics: dict[str, float] = {}  # the latest held-out DPO figures (status.progress)
         self.state = TrainState(world_size=self.world, data_fingerprint=self.prepared.fingerprint)
         self.staging: Path | None = None
+        self.uploads: Any = None  # this rank's background checkpoint uploader (kubetune_trainer.checkpoint_upload)
         self.trace: Any = None
         self.reporter: Any = None
         self.evaluator: Any = None
@@ -223,6 +227,7 @@ class Recipe:
         # Throughput and ETA count only training steps of this attempt (not evaluation, checkpoints or setup).
         self.train_seconds, self.attempt_tokens, self.attempt_start_step = 0.0, 0, 0
         self.last_checkpoint_step: int | None = None
+        self.checkpoint_seconds: dict[int, float] = {}  # step -> seconds the training thread spent on its checkpoint
         self.stop_reason: str | None = None
         self.peak_memory_mb: list[float] = []  # every rank's peak (kubetune_trainer.memory), after export
         self.phase_seconds: dict[str, float] = {}  # eval, checkpoint, export, evaluationReport (after setup)
@@ -369,9 +374,15 @@ class Recipe:
         """Every rank resumes from the newest complete checkpoint rank 0 finds (or starts fresh)."""
         import torch.distributed as dist
 
+        from kubetune_trainer.checkpoint_upload import Uploads
+
         latest = [ckpt.find_latest(self.client, self.cfg) if self.rank == 0 else None]
+        if self.rank == 0:  # before the broadcast: no rank saves before the debris of dead attempts is gone
+            ckpt.discard_after(self.client, self.cfg, latest[0])
         dist.broadcast_object_list(latest, src=0)
         self.resumed_from = latest[0]
+        on_complete = self._checkpoint_complete if self.rank == 0 else None
+        self.uploads = Uploads.for_worker_group(self.client, rank=self.rank, world=self.world, on_complete=on_complete)
         if self.resumed_from:
             assert self.staging is not None
             written = resize.written_state(self.client, self.resumed_from)
@@ -523,6 +534,7 @@ class Recipe:
             if preempted:
                 self._preempted()
             if self.opts.fail_after_step is not None and state.step == self.opts.fail_after_step:
+                self.uploads.drain()  # "after its checkpoint": complete in S3
                 raise InjectedFailure(f"injected failure after step {state.step} (KUBETUNE_FAIL_AFTER_STEP)")
 
     def _preemption_notice(self) -> bool:
@@ -548,6 +560,8 @@ class Recipe:
     def _preempted(self) -> None:
         """After the just-in-time checkpoint: rank 0 records that the next start is a preemption restart."""
         self.preempt_checkpointed = True
+        with self._timed("checkpoint", self.phase_seconds):
+            self.uploads.drain()  # the just-in-time checkpoint is in S3 before the node goes
         if self.rank == 0:
             from kubetune_trainer import restarts
 
@@ -783,8 +797,9 @@ class Recipe:
     # ---------------------------------------------------------------- checkpoint
 
     def checkpoint(self) -> str:
-        """Save the current step to S3 (every rank its own files; rank 0 marks it complete), then rank 0
-        applies the retention and reports the checkpoints."""
+        """Save the current step: every rank writes its files locally and its uploader sends them to S3 in the
+        background (after the previous checkpoint's upload); rank 0's uploader marks it complete, then
+        `_checkpoint_complete` applies the retention and reports it."""
         assert self.staging is not None
         t0 = time.monotonic()
         with self._timed("checkpoint", self.phase_seconds):
@@ -793,19 +808,31 @@ class Recipe:
                 self.cfg,
                 self.state,
                 rank=self.rank,
-                client=self.client,
+                uploads=self.uploads,
                 staging=self.staging,
                 exclude_frozen=self.lora,
             )
             self.last_checkpoint_step = self.state.step
-            if self.reporter:
-                refs = ckpt.apply_retention(self.client, self.cfg, self.training.checkpoint.keep)
-                self.reporter.checkpoints(refs)
-        if self.reporter:
-            self.reporter.metric(
-                {"event": "checkpoint", "step": self.state.step, "uri": uri, "seconds": round(time.monotonic() - t0, 3)}
-            )
+        self.checkpoint_seconds[self.state.step] = round(time.monotonic() - t0, 3)
         return uri
+
+    def _checkpoint_complete(self, uri: str, marker: dict[str, Any]) -> None:
+        """Rank 0's uploader thread, once `uri` is complete: retention (only now: a checkpoint is never
+        deleted before its successor is complete) and the reports (the reporter is thread-safe)."""
+        refs = ckpt.apply_retention(self.client, self.cfg, self.training.checkpoint.keep)
+        reporter = self.reporter  # read once: the training thread sets it to None when it closes it
+        if reporter:
+            reporter.checkpoints(refs)
+            step = marker["step"]
+            reporter.metric(
+                {
+                    "event": "checkpoint",
+                    "step": step,
+                    "uri": uri,
+                    "seconds": self.checkpoint_seconds.get(step),  # the training thread's part (local write)
+                    "uploadSeconds": marker["uploadSeconds"],
+                }
+            )
 
     # ---------------------------------------------------------------- export
 
@@ -817,16 +844,7 @@ class Recipe:
         state, timed = self.state, self._timed
         if self.last_checkpoint_step != state.step:
             assert self.staging is not None
-            with timed("checkpoint", self.phase_seconds):
-                ckpt.save(
-                    self.engine,
-                    self.cfg,
-                    state,
-                    rank=self.rank,
-                    client=self.client,
-                    staging=self.staging,
-                    exclude_frozen=self.lora,
-                )
+            self.checkpoint()
         final_eval = {}
         if self.eval_data is not None and state.last_eval_step != state.step:
             with timed("eval", self.phase_seconds):
@@ -844,6 +862,8 @@ class Recipe:
                 base_dir=self.base_dir,
                 precision=self.precision,
             )
+        with timed("checkpoint", self.phase_seconds):
+            self.uploads.drain()  # the final checkpoint's upload ran during the evaluation and the export
         from kubetune_trainer.memory import all_ranks_peak_mb
 
         self.peak_memory_mb = all_ranks_peak_mb(self.device)  # training and export done: the run's peaks
@@ -895,6 +915,8 @@ class Recipe:
 
     def report_failure(self, exc: BaseException) -> None:
         """Rank 0: a failed attempt still leaves its history in S3: the steps so far, and why it stopped."""
+        if self.uploads is not None:  # first: the checkpoint in flight may still complete and be reported
+            self.uploads.close(timeout=UPLOAD_CLOSE_S)
         if self.reporter:
             first_line = (str(exc).strip().splitlines() or [""])[0][:300]
             self.reporter.metric(
@@ -911,6 +933,8 @@ class Recipe:
         if self.reporter:  # only when neither finish() nor report_failure() ran to the end
             self.reporter.close(timeout=15)
             self.reporter = None
+        if self.uploads is not None:  # after a failure: the checkpoint in flight may still complete
+            self.uploads.close(timeout=UPLOAD_CLOSE_S)
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
 
