@@ -1,6 +1,7 @@
 """Training throughput: the kubetune trainer against a bare PyTorch loop, same model, data and machine, one run.
 
     .venv/bin/python benchmarks/train_throughput.py [--hidden 128 --layers 2 --seq 64 --batch 4 --steps 40]
+        [--zero-stages 2,3]
     .venv/bin/python benchmarks/train_throughput.py --model smollm2 [--seq 64 --batch 2 --steps 12]
 
 What is compared. Both sides train the same model (`--model tiny`: a random small Llama with the SmolLM2
@@ -25,6 +26,12 @@ figures instead of as a bias.
 What the bare loop does not do is printed as its own lines, as shares of the trainer's wall time: start-up
 (time to first step by phase: Ray, data, workers, model load, DeepSpeed init, base evaluation), evaluations,
 checkpoints (S3 uploads included), export, and the rest (reports, shutdown).
+
+Peak memory per rank (the `peakMemoryMB` of the trainer's `finished` metrics line) is printed for every ZeRO
+stage of `--zero-stages` (default 2,3): the first stage is the one compared with the bare loop, each further
+stage runs the trainer once more on the same data, so the lines `peak memory per rank, ...` of ZeRO-2 and
+ZeRO-3 come from one benchmark run. Checkpoints are uploaded in the background: the `checkpoints:` line splits
+their time into the training thread's part (local write, waiting for the previous upload) and the upload.
 
 Also printed: the data pipeline's rate (records/s through `prepare`: read, clean, dedup, tokenise, pack,
 shard to S3) against the rate at which the trainer consumes records.
@@ -159,6 +166,12 @@ def parse_args() -> argparse.Namespace:
         default=20,
         help="the trainer checkpoints to S3 every N steps (and at the end); the bare loop does not",
     )
+    parser.add_argument(
+        "--zero-stages",
+        default="2,3",
+        help="DeepSpeed ZeRO stages the trainer runs with (comma-separated); the first is compared with the bare "
+        "loop, each further one runs the trainer once more for its tokens/s and peak memory per rank",
+    )
     args = parser.parse_args()
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
@@ -175,7 +188,7 @@ def fortune_texts(limit: int) -> list[str]:
     return texts[:limit]
 
 
-def trainer_config(args: argparse.Namespace, endpoint: str) -> Any:
+def trainer_config(args: argparse.Namespace, endpoint: str, zero: int = 2) -> Any:
     from kubetune.api import TrainerConfig
 
     dataset: dict[str, Any] = {
@@ -200,13 +213,13 @@ def trainer_config(args: argparse.Namespace, endpoint: str) -> Any:
                     "evalIntervalSteps": args.eval_every or 10**6,
                     "maxEvalBatches": 2,
                     "checkpoint": {"intervalSteps": args.checkpoint_every or 10**6, "keep": 1},
-                    "deepspeed": {"zeroStage": 2},
+                    "deepspeed": {"zeroStage": zero},
                 },
                 "resources": {"workers": args.workers, "gpusPerWorker": 0},
                 "output": {"uri": f"s3://{BUCKET}/runs"},
                 "deploy": {"enabled": False},
             },
-            "runUri": f"s3://{BUCKET}/runs/bench/bench",
+            "runUri": f"s3://{BUCKET}/runs/bench/bench-zero{zero}",  # a run of its own per stage (no resume)
             "reporting": {"kubernetes": False, "minIntervalSeconds": 10},
         }
     )
@@ -256,15 +269,156 @@ def print_trainer_breakdown(metrics: list[dict[str, Any]], wall: float) -> None:
         print(f"trainer wall time, {name}: {seconds:.1f}s = {100 * seconds / wall:.1f}% of {wall:.0f}s", flush=True)
 
 
+def bench_env(s3: Any, tmp: str, threads: int) -> dict[str, str]:
+    tmpdir = Path(tmp)
+    return {
+        **s3.env(),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "KUBETUNE_MODEL_CACHE": str(tmpdir / "cache"),
+        "KUBETUNE_RAY_STORAGE": str(tmpdir / "ray"),
+        "KUBETUNE_STAGING_DIR": tmp,
+    }
+
+
+def seed_inputs(args: argparse.Namespace, client: Any, tmpdir: Path) -> Path:
+    """The model and the training text in S3; returns the model's local folder (the bare loop loads it)."""
+    from kubetune_cli.localenv.models import convert_smollm2, tiny_llama, upload_dir
+
+    if args.model == "smollm2":
+        model_dir = convert_smollm2()
+    else:
+        model_dir = tiny_llama(tmpdir / "model", hidden=args.hidden, layers=args.layers, seed=0)
+    upload_dir(client, model_dir, f"s3://{BUCKET}/model")
+    texts = fortune_texts(args.records)
+    client.put_object(
+        Bucket=BUCKET, Key="data/train.jsonl", Body="\n".join(json.dumps({"text": t}) for t in texts).encode()
+    )
+    return model_dir
+
+
+def measure_data(args: argparse.Namespace, cfg: Any, client: Any) -> tuple[Any, float, int]:
+    """The data pipeline, timed on its own (the trainer reuses what it wrote): (prepared, seconds, records)."""
+    from kubetune_cli.localenv.models import smollm2_tokenizer
+    from kubetune_trainer.data import prepare
+
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, smollm2_tokenizer(), args.workers, client=client)
+    seconds = time.perf_counter() - t0
+    records = prepared.stats.get("records") or args.records
+    print(
+        f"data: {records} records -> {prepared.num_train_sequences} sequences of {prepared.seq_length} "
+        f"tokens in {seconds:.1f}s = {records / seconds:.0f} records/s",
+        flush=True,
+    )
+    rows_needed = args.steps * args.batch
+    if prepared.num_train_sequences // args.workers < rows_needed:
+        print(
+            f"note: {prepared.num_train_sequences // args.workers} rows per worker for {rows_needed} needed; "
+            "the bare loop wraps around, the trainer starts a new epoch",
+            flush=True,
+        )
+    return prepared, seconds, records
+
+
+def measure_trainer(cfg: Any, env: dict[str, str], tmpdir: Path, client: Any, tag: str) -> dict[str, Any] | None:
+    """The kubetune trainer as the RayJob runs it: its metrics lines, wall time and rates (None if it failed)."""
+    config_path = tmpdir / f"config-{tag}.json"
+    config_path.write_text(json.dumps(cfg.wire()))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--local"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=3600,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:])
+        return None
+    bucket, key = f"{cfg.run_uri}/metrics.jsonl"[len("s3://") :].split("/", 1)
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    metrics = [json.loads(line) for line in body.splitlines()]
+    steps = {m["step"]: m for m in metrics if "stepSeconds" in m}
+    ordered = [steps[k] for k in sorted(steps)]
+    r = rates({key: [m[key] for m in ordered] for key in ("stepTokens", "stepSeconds", "stepCpuSeconds")})
+    return {"metrics": metrics, "wall": wall, "rates": r, "stepSeconds": [m["stepSeconds"] for m in ordered]}
+
+
+def print_trainer(run: dict[str, Any], args: argparse.Namespace, zero: int, breakdown: bool) -> None:
+    r, wall = run["rates"], run["wall"]
+    print(
+        f"kubetune trainer (Ray Train + DeepSpeed ZeRO-{zero}, {args.workers} workers): median "
+        f"{r['median']:.0f} tokens/s, mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f} "
+        f"(whole job {wall:.0f}s wall)",
+        flush=True,
+    )
+    finished: dict[str, Any] = next((m for m in run["metrics"] if m.get("event") == "finished"), {})
+    peaks = finished.get("peakMemoryMB") or []
+    print(
+        f"peak memory per rank, {args.model} ZeRO-{zero} {args.workers} workers: "
+        + (", ".join(f"rank {i} {mb:.0f} MB" for i, mb in enumerate(peaks)) or "not reported"),
+        flush=True,
+    )
+    if not breakdown:
+        return
+    print("trainer step seconds: " + " ".join(f"{s:.3f}" for s in run["stepSeconds"]), flush=True)
+    print_trainer_breakdown(run["metrics"], wall)
+    uploads = [m for m in run["metrics"] if m.get("event") == "checkpoint"]
+    print(
+        f"checkpoints: {len(uploads)}; training thread {sum(m.get('seconds') or 0 for m in uploads):.1f}s "
+        f"(local write, waits), background upload {sum(m.get('uploadSeconds') or 0 for m in uploads):.1f}s",
+        flush=True,
+    )
+
+
+def print_ratios(
+    args: argparse.Namespace,
+    trainer: dict[str, float],
+    bare_before: dict[str, float],
+    bare_after: dict[str, float],
+    data: tuple[Any, float, int],
+) -> None:
+    bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
+    drift = abs(bare_before["median"] - bare_after["median"]) / bare["median"]
+    print(
+        f"background drift between the two bare runs: {drift * 100:.1f}%"
+        + (
+            "  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
+            if drift > 0.1
+            else ""
+        )
+    )
+    prepared, prepare_seconds, records = data
+    tokens_per_record = (prepared.stats.get("tokens") or 1) / max(1, prepared.stats.get("trainRecords") or records)
+    consumed = trainer["median"] / tokens_per_record
+    print(
+        f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / bare['median']:.3f} "
+        f"(target: {TARGET})"
+    )
+    print(f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / bare['mean']:.3f} (target: {TARGET})")
+    print(
+        f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / bare['cpu']:.3f} "
+        f"(target: {TARGET}; insensitive to other processes' load, blind to time spent waiting)"
+    )
+    print(
+        f"ratio data pipeline records/s / trainer consumption: {records / prepare_seconds / consumed:.1f} (target: 1.0)"
+    )
+
+
 def main() -> int:
     args = parse_args()
     threads = 1  # what Ray gives a 0.5-CPU worker (OMP_NUM_THREADS=1); the bare loop gets the same
+    stages = [int(z) for z in args.zero_stages.split(",")]
 
-    from kubetune_cli.localenv.models import convert_smollm2, smollm2_tokenizer, tiny_llama, upload_dir
     from kubetune_cli.localenv.s3_server import S3Server
-    from kubetune_trainer.data import prepare
 
-    texts = fortune_texts(args.records)
     print(
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start; model {args.model}, "
         f"{args.workers} workers, {args.steps} steps of {args.batch} x {args.seq} tokens per worker",
@@ -272,110 +426,30 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp, S3Server(buckets=[BUCKET]) as s3:
         tmpdir = Path(tmp)
-        env = {
-            **s3.env(),
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
-            "TOKENIZERS_PARALLELISM": "false",
-            "HF_HUB_OFFLINE": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "disabled",
-            "KUBETUNE_MODEL_CACHE": str(tmpdir / "cache"),
-            "KUBETUNE_RAY_STORAGE": str(tmpdir / "ray"),
-            "KUBETUNE_STAGING_DIR": tmp,
-        }
+        env = bench_env(s3, tmp, threads)
         os.environ.update(env)
         client = s3.client()
-        if args.model == "smollm2":
-            model_dir = convert_smollm2()
-        else:
-            model_dir = tiny_llama(tmpdir / "model", hidden=args.hidden, layers=args.layers, seed=0)
-        upload_dir(client, model_dir, f"s3://{BUCKET}/model")
-        client.put_object(
-            Bucket=BUCKET, Key="data/train.jsonl", Body="\n".join(json.dumps({"text": t}) for t in texts).encode()
-        )
-        cfg = trainer_config(args, s3.endpoint_url)
-
-        # 1. The data pipeline, timed on its own (the trainer below reuses what it wrote).
-        t0 = time.perf_counter()
-        prepared = prepare(cfg, smollm2_tokenizer(), args.workers, client=client)
-        prepare_seconds = time.perf_counter() - t0
-        records = prepared.stats.get("records") or len(texts)
-        print(
-            f"data: {records} records -> {prepared.num_train_sequences} sequences of {prepared.seq_length} "
-            f"tokens in {prepare_seconds:.1f}s = {records / prepare_seconds:.0f} records/s",
-            flush=True,
-        )
-        rows_needed = args.steps * args.batch
-        if prepared.num_train_sequences // args.workers < rows_needed:
-            print(
-                f"note: {prepared.num_train_sequences // args.workers} rows per worker for {rows_needed} needed; "
-                "the bare loop wraps around, the trainer starts a new epoch",
-                flush=True,
-            )
-
-        # 2. The bare PyTorch loop, before and after the trainer.
-        bare_before = run_bare("before", args, model_dir, prepared.train_shards, env, tmpdir)
-
-        # 3. The kubetune trainer, as the RayJob runs it.
-        config_path = tmpdir / "config.json"
-        config_path.write_text(json.dumps(cfg.wire()))
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "kubetune_trainer", "--config", str(config_path), "--local"],
-            env={**os.environ, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=3600,
-        )
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stdout[-5000:])
+        model_dir = seed_inputs(args, client, tmpdir)
+        cfg = trainer_config(args, s3.endpoint_url, zero=stages[0])
+        data = measure_data(args, cfg, client)
+        shards = data[0].train_shards
+        # The bare loop runs before and after the trainer (its compared ZeRO stage, the first one).
+        bare_before = run_bare("before", args, model_dir, shards, env, tmpdir)
+        run = measure_trainer(cfg, env, tmpdir, client, f"zero{stages[0]}")
+        if run is None:
             return 1
-        body = client.get_object(Bucket=BUCKET, Key="runs/bench/bench/metrics.jsonl")["Body"].read().decode()
-        metrics = [json.loads(line) for line in body.splitlines()]
-        steps = {m["step"]: m for m in metrics if "stepSeconds" in m}
-        ordered = [steps[k] for k in sorted(steps)]
-        trainer = rates({key: [m[key] for m in ordered] for key in ("stepTokens", "stepSeconds", "stepCpuSeconds")})
-        print(
-            f"kubetune trainer (Ray Train + DeepSpeed ZeRO-2, {args.workers} workers): median "
-            f"{trainer['median']:.0f} tokens/s, mean {trainer['mean']:.0f}, per CPU-second {trainer['cpu']:.0f} "
-            f"(whole job {wall:.0f}s wall)",
-            flush=True,
-        )
-        print("trainer step seconds: " + " ".join(f"{m['stepSeconds']:.3f}" for m in ordered), flush=True)
-        print_trainer_breakdown(metrics, wall)
-
-        bare_after = run_bare("after", args, model_dir, prepared.train_shards, env, tmpdir)
-        bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
-        drift = abs(bare_before["median"] - bare_after["median"]) / bare["median"]
-        print(
-            f"background drift between the two bare runs: {drift * 100:.1f}%"
-            + (
-                "  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
-                if drift > 0.1
-                else ""
+        print_trainer(run, args, stages[0], breakdown=True)
+        bare_after = run_bare("after", args, model_dir, shards, env, tmpdir)
+        # Other ZeRO stages: the trainer alone, for its throughput and peak memory per rank.
+        for zero in stages[1:]:
+            other = measure_trainer(
+                trainer_config(args, s3.endpoint_url, zero=zero), env, tmpdir, client, f"zero{zero}"
             )
-        )
+            if other is None:
+                return 1
+            print_trainer(other, args, zero, breakdown=False)
         print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
-        tokens_per_record = (prepared.stats.get("tokens") or 1) / max(1, prepared.stats.get("trainRecords") or records)
-        consumed = trainer["median"] / tokens_per_record
-        print(
-            f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / bare['median']:.3f} "
-            f"(target: {TARGET})"
-        )
-        print(
-            f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / bare['mean']:.3f} (target: {TARGET})"
-        )
-        print(
-            f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / bare['cpu']:.3f} "
-            f"(target: {TARGET}; insensitive to other processes' load, blind to time spent waiting)"
-        )
-        print(
-            f"ratio data pipeline records/s / trainer consumption: {records / prepare_seconds / consumed:.1f} "
-            "(target: 1.0)"
-        )
+        print_ratios(args, run["rates"], bare_before, bare_after, data)
     return 0
 
 
