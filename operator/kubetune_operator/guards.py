@@ -9,6 +9,7 @@ its output prefix. Pure functions plus one step (`guard`) that reads what they n
   Least privilege: the operator needs `get` on Secrets (no list, no watch: it can read only a Secret whose
   name a job gives it, never enumerate them), bound only in the namespaces it watches. Key names are all it
   keeps of a Secret: the values are dropped as soon as the response is parsed and never logged.
+  `spec.model.tokenSecretRef` (an hf:// model's access token) is checked the same way: the Secret and its key.
 - Images: every image a spec names (`spec.resources.images.*`) must come from a registry the chart allows
   (`allowedImageRegistries` -> KUBETUNE_ALLOWED_IMAGE_REGISTRIES); else the spec is invalid, naming the field
   (the webhook refuses it with the same function).
@@ -65,21 +66,38 @@ def image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
-def secret_problem(secret_name: str, namespace: str, secret: dict[str, Any] | None) -> tuple[str, str] | None:
-    """(reason, message) when the Secret or one of its keys is missing; None when it is usable."""
+def secret_problem(
+    secret_name: str,
+    namespace: str,
+    secret: dict[str, Any] | None,
+    field: str = "spec.dataset.credentialsSecret",
+    keys: tuple[str, ...] = REQUIRED_KEYS,
+) -> tuple[str, str] | None:
+    """(reason, message) when the Secret or one of its `keys` is missing; None when it is usable. `field`: the
+    spec field that names the Secret, for the message."""
     if secret is None:
         return c.SECRET_NOT_FOUND, (
-            f"Secret {namespace}/{secret_name} (spec.dataset.credentialsSecret) does not "
-            f"exist; create it with keys {' and '.join(REQUIRED_KEYS)}"
+            f"Secret {namespace}/{secret_name} ({field}) does not "
+            f"exist; create it with key{'s' if len(keys) > 1 else ''} {' and '.join(keys)}"
         )
     present = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
-    missing = [k for k in REQUIRED_KEYS if k not in present]
+    missing = [k for k in keys if k not in present]
     if missing:
         return c.SECRET_KEY_MISSING, (
-            f"Secret {namespace}/{secret_name} (spec.dataset.credentialsSecret) has no "
-            f"key {' and no key '.join(missing)}"
+            f"Secret {namespace}/{secret_name} ({field}) has no key {' and no key '.join(missing)}"
         )
     return None
+
+
+def secrets_to_check(spec: api.FineTuneJobSpec) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(spec field, Secret name, keys it must hold) for every Secret the spec names."""
+    out: list[tuple[str, str, tuple[str, ...]]] = []
+    if spec.dataset.credentials_secret:
+        out.append(("spec.dataset.credentialsSecret", spec.dataset.credentials_secret, REQUIRED_KEYS))
+    token = spec.model.token_secret_ref
+    if token is not None:
+        out.append(("spec.model.tokenSecretRef", token.name, (token.key,)))
+    return out
 
 
 def output_base(spec_output_uri: str, namespace: str, name: str) -> str:
@@ -140,10 +158,11 @@ def guard(ctx: Any) -> None:
         ctx.obs.spec_errors = list(ctx.errors)
         ctx.spec = None
         return
-    secret_name = ctx.spec.dataset.credentials_secret
-    if secret_name and not ctx.status.get("specHash"):
+    if ctx.status.get("specHash"):
+        return
+    for field, secret_name, keys in secrets_to_check(ctx.spec):
         secret = ctx.kube.get_secret_keys(ctx.owner.namespace, secret_name)
-        problem = secret_problem(secret_name, ctx.owner.namespace, secret)
+        problem = secret_problem(secret_name, ctx.owner.namespace, secret, field, keys)
         if problem is not None:
             ctx.obs.extra_conditions.append((c.BLOCKED, c.TRUE, *problem))
             raise Retry(problem[1], delay=SECRET_RETRY_S)

@@ -62,7 +62,11 @@ def _adapter_cpu_layout(s: dict) -> None:
 
 
 def _adapter_hub_base(s: dict) -> None:
-    s["model"] = {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}
+    s["model"] = {
+        "uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct",
+        "revision": "main",
+        "tokenSecretRef": {"name": "hf-token"},
+    }
     s["training"]["lora"]["r"] = 12
 
 
@@ -221,6 +225,10 @@ def test_hub_base_is_loaded_by_vllm_not_fetched() -> None:
     assert args[args.index("--revision") + 1] == "main"
     assert args[args.index("--max-lora-rank") + 1] == "16"  # r=12 rounds up to vLLM's next bucket
     assert "HF_HUB_OFFLINE" not in {e["name"] for e in server["env"]}
+    # The hub token of a gated base: by reference only, to the server that downloads (not the S3 fetch).
+    token = [e for e in server["env"] if e["name"] == "HF_TOKEN"]
+    assert token == [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}}]
+    assert "HF_TOKEN" not in {e["name"] for e in _container([svc, dep], "fetch-model").get("env", [])}
 
 
 def test_tuned_lora_rank_sizes_the_bucket() -> None:

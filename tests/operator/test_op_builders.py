@@ -6,6 +6,7 @@ and review the diff of tests/golden/ like code.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -157,6 +158,24 @@ def test_credentials_only_by_reference() -> None:
     assert refs["AWS_SECRET_ACCESS_KEY"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
     assert refs["AWS_SESSION_TOKEN"]["optional"] is True
     assert not any("value" in e for e in env if e["name"].startswith("AWS_"))
+
+
+def test_hub_token_only_by_reference() -> None:
+    """An hf:// base with tokenSecretRef: every Ray pod gets HF_TOKEN by secretKeyRef; the config names the
+    Secret, and no pod of a job without it gets the variable."""
+    manifest, _ = _example("lora-chat")
+    spec_dict = copy.deepcopy(manifest["spec"])
+    spec_dict["model"] = {"uri": "hf://org/gated", "revision": "v1", "tokenSecretRef": {"name": "hf", "key": "tok"}}
+    spec = api.parse_spec(spec_dict)
+    rj = builders.ray_job(Owner("gated", "ml-team", OWNER_UID), spec, Settings(), "h")
+    cluster = rj["spec"]["rayClusterSpec"]
+    for template in [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]:
+        env = template["spec"]["containers"][0]["env"]
+        assert [e for e in env if e["name"] == "HF_TOKEN"] == [
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}}
+        ]
+    plain = _children("lora-chat")[-1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "HF_TOKEN" not in {e["name"] for e in plain["containers"][0]["env"]}
 
 
 def test_queue_label_and_images() -> None:

@@ -101,6 +101,28 @@ def test_missing_secret_and_key_are_named() -> None:
     assert guards.secret_problem("s3", "ns", {"data": {k: "" for k in guards.REQUIRED_KEYS}}) is None
 
 
+def test_an_hf_token_secret_is_checked_like_the_credentials() -> None:
+    spec = api.parse_spec(
+        {
+            "model": {"uri": "hf://org/gated", "tokenSecretRef": {"name": "hf", "key": "token"}},
+            "dataset": {"train": "s3://bucket/d.jsonl", "format": "completion", "credentialsSecret": "s3"},
+            "output": {"uri": "s3://bucket/out"},
+        }
+    )
+    assert guards.secrets_to_check(spec) == [
+        ("spec.dataset.credentialsSecret", "s3", guards.REQUIRED_KEYS),
+        ("spec.model.tokenSecretRef", "hf", ("token",)),
+    ]
+    reason, message = guards.secret_problem("hf", "ns", None, "spec.model.tokenSecretRef", ("token",))
+    assert reason == c.SECRET_NOT_FOUND
+    assert message == "Secret ns/hf (spec.model.tokenSecretRef) does not exist; create it with key token"
+    reason, message = guards.secret_problem(
+        "hf", "ns", {"data": {"HF_TOKEN": ""}}, "spec.model.tokenSecretRef", ("token",)
+    )
+    assert reason == c.SECRET_KEY_MISSING and message == "Secret ns/hf (spec.model.tokenSecretRef) has no key token"
+    assert guards.secret_problem("hf", "ns", {"data": {"token": "x"}}, "spec.model.tokenSecretRef", ("token",)) is None
+
+
 def _job(name: str, uri: str, created: str, *, namespace: str = "ns", done: bool = False) -> dict:
     status = {"conditions": [{"type": "Succeeded", "status": "True"}]} if done else {}
     return {

@@ -57,11 +57,19 @@ def test_hf_uri_with_pinned_revision_loads_from_the_hub_cache_layout(tmp_path: P
         for rev, d in ((REV_MAIN, main), (REV_PINNED, pinned))
     }
     assert expected[REV_MAIN] != expected[REV_PINNED]
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # HF_TOKEN as the operator sets it from spec.model.tokenSecretRef: the pinned load passes it on (a gated model).
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_TOKEN": "hf_kubetune_test_token",
+    }
 
     def load(revision: str | None) -> dict:
+        token = {"tokenSecretRef": {"name": "hf-token"}} if revision == REV_PINNED else {}
         spec = {
-            "model": {"uri": "hf://kubetune-test/tiny-llama", **({"revision": revision} if revision else {})},
+            "model": {"uri": "hf://kubetune-test/tiny-llama", **({"revision": revision} if revision else {}), **token},
             "dataset": {"train": "s3://bucket/d.jsonl", "format": "completion"},
             "output": {"uri": "s3://bucket/out"},
         }

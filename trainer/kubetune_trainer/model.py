@@ -129,11 +129,16 @@ def fetch_base(
 
 
 def _source_kwargs(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """from_pretrained's source arguments: the GGUF file; for hf:// the revision and, with tokenSecretRef, the
+    token (HF_TOKEN, which the operator sets from that Secret by reference)."""
     kwargs: dict[str, Any] = {}
     if spec.model.gguf_file:
         kwargs["gguf_file"] = spec.model.gguf_file
-    if spec.model.uri.startswith("hf://") and spec.model.revision:
-        kwargs["revision"] = spec.model.revision
+    if spec.model.uri.startswith("hf://"):
+        if spec.model.revision:
+            kwargs["revision"] = spec.model.revision
+        if spec.model.token_secret_ref is not None and os.environ.get("HF_TOKEN"):
+            kwargs["token"] = os.environ["HF_TOKEN"]
     return kwargs
 
 

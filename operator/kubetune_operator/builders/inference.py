@@ -22,7 +22,8 @@ The Deployment, and why:
 - Weights are fetched by init containers running `python3 -m kubetune.fetch <s3 uri> /models/<x>` into an
   emptyDir shared with the server (one for the model, one for an s3:// base in adapter mode). S3 endpoint and
   region come from spec.dataset; credentials from the job's Secret through `secretKeyRef`, never inline. An
-  `hf://` base is not fetched: vLLM loads it from the hub itself (clusters that reach the hub).
+  `hf://` base is not fetched: vLLM loads it from the hub itself (clusters that reach the hub), with HF_TOKEN
+  from `spec.model.tokenSecretRef` by `secretKeyRef` for a gated or private base.
 - The server is the command `kubetune.vllm.VLLM_COMMAND` with `kubetune.vllm.vllm_args(...)`, the one
   place the vLLM command line is built, the same as a local run. It listens on `0.0.0.0` (see `SERVER_HOST`).
 - GPUs: `spec.deploy.resources.gpus` under `spec.resources.gpuResourceName` (the cluster's GPU resource,
@@ -234,6 +235,14 @@ def s3_env(secret: str | None) -> list[dict[str, Any]]:
     return env
 
 
+def hub_token_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    """HF_TOKEN from spec.model.tokenSecretRef by reference (huggingface_hub and vLLM read it), or nothing."""
+    ref = spec.model.token_secret_ref
+    if ref is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
 def _fetch_container(name: str, image: str, spec: api.FineTuneJobSpec, uri: str, dest: str) -> dict[str, Any]:
     ds = spec.dataset
     return fetch_container(name, image, uri, dest, endpoint=ds.endpoint, region=ds.region, secret=ds.credentials_secret)
@@ -309,7 +318,8 @@ def _server_env(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[dict[str, 
     if hub:  # the base comes from the hub: vLLM must be allowed to reach it
         env.pop("HF_HUB_OFFLINE", None)
         env.pop("TRANSFORMERS_OFFLINE", None)
-    return [{"name": k, "value": v} for k, v in env.items()]
+    out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    return out + (hub_token_env(spec) if hub else [])  # a gated or private base: its token, by reference
 
 
 def server_args(spec: api.FineTuneJobSpec, plan: ServingPlan) -> list[str]:

@@ -26,7 +26,8 @@ Shape, and why:
   last applied is kept in the annotation `kubetune.io/applied-suspend`, and `live_patch` passes on only a
   change of the user's `spec.suspend` against it: a full reconcile, an operator restart or a label edit
   never undoes what Kueue set.
-- S3 credentials come from the named Secret through `secretKeyRef`; no key ever appears in this object.
+- S3 credentials come from the named Secret through `secretKeyRef`; no key ever appears in this object. So
+  does an hf:// base model's access token (`spec.model.tokenSecretRef` -> HF_TOKEN).
 - Every pod runs as the job's trainer ServiceAccount, which may patch only this job's status.
 - The head is locked twice: Ray's token authentication through KubeRay's `rayClusterSpec.authOptions`
   (`mode: token`; KubeRay makes the token Secret and hands it to the head, workers and submitter), and a
@@ -43,6 +44,7 @@ from typing import Any
 from kubetune import api
 from kubetune_operator import names
 from kubetune_operator.builders.config import CONFIG_DIR, CONFIG_PATH
+from kubetune_operator.builders.inference import hub_token_env
 from kubetune_operator.meta import ANNOTATION_SPEC_HASH, LABEL_KUEUE_QUEUE, Owner, labels, object_meta
 from kubetune_operator.settings import Settings
 
@@ -92,6 +94,7 @@ def _env(owner: Owner, spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
             if optional:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    env.extend(hub_token_env(spec))
     return env
 
 
