@@ -1,4 +1,4 @@
-"""Every manifest docs/data.md and docs/preference.md show (and examples/dpo.yaml) parses with the API models
+"""Every manifest docs/data.md, docs/preference.md and docs/tracking.md show (and examples/dpo.yaml) parses with the API models
 and is stored by the real kube-apiserver through the generated CRD; a schema mistake in the new fields is
 refused there naming the field."""
 
@@ -22,7 +22,7 @@ MARK = "<!-- applied by tests/trainer_data/test_docs_data_examples.py -->"
 
 def documented() -> list[dict[str, Any]]:
     out = []
-    for doc in ("data.md", "preference.md"):
+    for doc in ("data.md", "preference.md", "tracking.md"):
         blocks = re.findall(re.escape(MARK) + r"\n```yaml\n(.*?)```", (ROOT / "docs" / doc).read_text(), re.S)
         assert blocks, f"docs/{doc} has no applied examples"
         out += [yaml.safe_load(b) for b in blocks]
@@ -44,6 +44,8 @@ def test_documented_manifests_parse_and_apply(control_plane, k8s_client, namespa
         "base-with-template",
         "dpo-helpfulness",
         "dpo",
+        "tracked",
+        "gated-base",
     }
     crd = _crd_api(control_plane, k8s_client)
     for obj in objs:
