@@ -59,6 +59,8 @@ def test_params_are_the_resolved_settings_without_secret_names() -> None:
     assert not [k for k in params if "credentialsSecret" in k or "tokenSecretRef" in k or "tracking" in k]
     assert "s3-keys" not in params.values() and "hf-token" not in str(params)
     assert not [k for k in params if k.startswith("deploy.")]
+    defaults = _config(training={"method": "lora", "maxSteps": 5})  # no lora block: its defaults are logged
+    assert tracking.params_of(defaults)["training.lora.alpha"] == "32"
 
 
 @pytest.mark.unit

@@ -51,6 +51,9 @@ BATCH = 100  # parameters (and tags) per log_batch request, MLflow's limit
 def params_of(cfg: TrainerConfig) -> dict[str, str]:
     """The run's parameters: the resolved spec sections flattened to dotted wire paths, as strings."""
     wire = cfg.spec.wire()
+    training = cfg.spec.training
+    if training.method == "lora":  # the effective LoRA settings, also when the spec leaves them to defaults
+        wire["training"]["lora"] = training.lora_settings.wire()
     out: dict[str, str] = {}
     for section in PARAM_SECTIONS:
         if section in wire:
