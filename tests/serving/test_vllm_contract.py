@@ -4,6 +4,10 @@ The path the operator's Deployment takes, on one machine: a model and a LoRA ada
 `python -m kubetune.fetch` (the init container's command) into local folders -> the vLLM OpenAI server
 launched with the arguments `kubetune.vllm.vllm_args` builds -> the `openai` client.
 
+The server is started with the chat_template.jinja the trainer exports for spec.dataset.chatTemplate (zephyr,
+which differs from the tokenizer's own ChatML), as the operator's Deployment passes it (--chat-template): one
+server start checks both the OpenAI contract and that serving renders a conversation exactly as training did.
+
 Needs the serving venv (tools/serving-venv.sh; scripts/test.sh builds it). The server start-up (~1 min with
 --enforce-eager on 2 cores) is paid once per module.
 """
@@ -19,14 +23,21 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from kubetune import chat_templates
+from kubetune.api import parse_spec
 from kubetune.fetch import MARKER_NAME
 from kubetune.vllm import lora_rank_bucket
 from kubetune_cli.localenv.vllm_server import LocalVLLMServer, serving_venv_dir, serving_venv_python
+from kubetune_trainer import model as model_lib
+from kubetune_trainer.data.encode import Encoder
+from kubetune_trainer.data.records import Example
 
 pytestmark = [
     pytest.mark.serving,
+    pytest.mark.timeout(900),
     pytest.mark.skipif(
         serving_venv_python() is None,
         reason=f"no vLLM serving venv at {serving_venv_dir()}: run tools/serving-venv.sh (or set KUBETUNE_VLLM_VENV)",
@@ -110,10 +121,30 @@ def _adapter_rank(adapter_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(fetched_model):
+def trainer_tokenizer(fetched_model, tmp_path_factory) -> tuple[object, Path]:
+    """The trainer's tokenizer for a chat job with spec.dataset.chatTemplate zephyr (its real loading code), and
+    the chat_template.jinja export.py writes beside the model."""
+    spec = parse_spec(
+        {
+            "model": {"uri": "s3://bucket/base"},
+            "output": {"uri": "s3://bucket/out"},
+            "dataset": {"train": "s3://bucket/d.jsonl", "format": "chat", "chatTemplate": "zephyr"},
+        }
+    )
+    tok = model_lib.load_tokenizer(spec, fetched_model["base"])
+    exported = tmp_path_factory.mktemp("exported")
+    tok.save_pretrained(exported)
+    template = exported / chat_templates.EXPORT_FILE
+    assert template.read_text() == chat_templates.ZEPHYR
+    return tok, template
+
+
+@pytest.fixture(scope="module")
+def server(fetched_model, trainer_tokenizer):
     srv = LocalVLLMServer(
         fetched_model["base"],
         SERVED,
+        chat_template=str(trainer_tokenizer[1]),
         lora_modules={ADAPTER: fetched_model["adapter"]},
         # The Deployment builder derives this from the adapter's rank the same way.
         max_lora_rank=lora_rank_bucket(_adapter_rank(fetched_model["adapter"])),
@@ -218,3 +249,41 @@ def test_bad_requests_get_clear_4xx_and_server_keeps_serving(client, server):
     assert server.alive()
     assert _complete(client, SERVED)
     assert _chat(client, ADAPTER)
+
+
+CONVERSATION = [
+    ("system", "You answer in one sentence."),
+    ("user", "What is a fortune cookie?"),
+    ("assistant", "A crisp cookie with a slip of paper inside."),
+    ("user", "Who eats them?"),
+]
+
+
+def _tokenize(server: LocalVLLMServer, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    body = {"model": SERVED, "messages": messages, "add_generation_prompt": generation_prompt}
+    body["add_special_tokens"] = False
+    req = urllib.request.Request(
+        server.base_url + "/tokenize", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())["tokens"]
+
+
+def test_trainer_and_vllm_render_the_same_token_ids(server, trainer_tokenizer) -> None:
+    """The trainer's token ids for a conversation (its encoder) equal those vLLM's /tokenize gives for the same
+    messages under the exported template; zephyr differs from the tokenizer's own ChatML, so the test fails if
+    either side ignores the template."""
+    tok = trainer_tokenizer[0]
+    enc = Encoder(tok, "chat", 512)
+    messages = [{"role": r, "content": c} for r, c in CONVERSATION]
+    prompt_ids, _ = enc._tokenize([enc._render(CONVERSATION, True)], special=False)
+    answered = CONVERSATION + [("assistant", "Anyone who orders dessert.")]
+    (trained,) = enc.encode([Example(answered, None, None, "", 0)])
+    assert trained is not None
+
+    served_prompt = _tokenize(server, messages, True)
+    served_full = _tokenize(server, [{"role": r, "content": c} for r, c in answered], False)
+    print(f"prompt: {len(served_prompt)} tokens, conversation: {len(served_full)} tokens; identical")
+    assert served_prompt == [int(t) for t in prompt_ids[0]]
+    assert served_full == [int(t) for t in trained.input_ids]
+    assert tok.decode(np.asarray(served_prompt)).startswith("<|system|>\nYou answer in one sentence.")

@@ -5,15 +5,20 @@ the two pods are emulated (kubetune_trainer.layout): CPU slots (`ranksPerWorker:
 pod p holds world ranks 2p and 2p+1 as KubeRay's PACK placement gives them, and each emulated pod fetches
 the base model into a node cache of its own. The run is ZeRO-3 full fine-tuning, so the model is
 partitioned over 4 ranks as it loads and the export is gathered onto rank 0.
+
+The same run is the training matrix's chat row (tests/trainer/test_training.py): chat records from Parquet with
+a separate validation file; the loss and the held-out loss go down, and the gathered full export holds trained
+weights, carries the chat template and generates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
-from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl
+from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_parquet
 
 pytestmark = [pytest.mark.training]
 
@@ -23,19 +28,33 @@ def test_two_pods_of_two_ranks_train_on_disjoint_data(trainer_env: TrainerEnv, t
     from kubetune_trainer.data import load_shard
 
     env = trainer_env
-    data = put_jsonl(
-        env.client, f"s3://{BUCKET}/data/layout/fortunes.jsonl", [{"text": t} for t in fortunes("computers", limit=80)]
-    )
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": "Tell me something about science."},
+                {"role": "assistant", "content": t},
+            ]
+        }
+        for t in fortunes("science", limit=96)
+    ]
+    train = put_parquet(env.client, f"s3://{BUCKET}/data/layout/train.parquet", records[:88])
+    validation = put_parquet(env.client, f"s3://{BUCKET}/data/layout/validation.parquet", records[88:])
     cfg = env.config(
         "layout-2x2",
         {
             "model": {"uri": env.model_uri},
-            "dataset": {"train": data, "format": "completion", "preprocessing": {"maxSeqLength": 32}},
+            "dataset": {
+                "train": train,
+                "validation": validation,
+                "format": "chat",
+                "preprocessing": {"maxSeqLength": 48},
+            },
             "training": {
                 "method": "full",
-                "maxSteps": 3,
+                "maxSteps": 4,
                 "perDeviceBatchSize": 2,
-                "learningRate": 1e-3,
+                "learningRate": 2e-3,
+                "evalIntervalSteps": 2,
                 "deepspeed": {"zeroStage": 3},
                 "checkpoint": {"intervalSteps": 100},
             },
@@ -63,10 +82,10 @@ def test_two_pods_of_two_ranks_train_on_disjoint_data(trainer_env: TrainerEnv, t
     for rank in range(4):
         lines = [json.loads(ln) for ln in (trace / f"rank-{rank}.jsonl").read_text().splitlines()]
         assert {(ln["pod"], ln["localRank"]) for ln in lines} == {(rank // 2, rank % 2)}
-        assert [ln["step"] for ln in lines] == [1, 2, 3]
+        assert [ln["step"] for ln in lines] == [1, 2, 3, 4]
         ids = load_shard([shards[rank]], env.client)["input_ids"]
         seen[rank] = {ids[r].tobytes() for ln in lines for r in ln["rows"]}
-        assert len(seen[rank]) == 6  # 3 steps x 2 rows, no row repeated
+        assert len(seen[rank]) == 8  # 4 steps x 2 rows, no row repeated
     for a in range(4):
         for b in range(a + 1, 4):
             assert not seen[a] & seen[b], (a, b)
@@ -77,5 +96,24 @@ def test_two_pods_of_two_ranks_train_on_disjoint_data(trainer_env: TrainerEnv, t
     print(f"peak memory per rank (ZeRO-3, 4 ranks): {peaks} MB")
     assert len(peaks) == 4 and all(p > 100 for p in peaks)
 
+    steps = {m["step"]: m for m in env.metrics(cfg["runUri"]) if "loss" in m and "event" not in m}
+    assert steps[4]["loss"] < steps[1]["loss"]
+    assert steps[4]["evalLoss"] < steps[2]["evalLoss"]
+    assert math.isclose(steps[4]["evalPerplexity"], math.exp(steps[4]["evalLoss"]), rel_tol=1e-6)
+
+    keys = set(env.keys(f"{cfg['runUri']}/model"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= keys
     model_dir = env.download(f"{cfg['runUri']}/model", tmp_path / "model")
+    _assert_weights_changed(env, model_dir, tmp_path)
     assert_generates(model_dir)  # the ZeRO-3 export gathered from 4 partitions loads and generates
+
+
+def _assert_weights_changed(env: TrainerEnv, model: Path, tmp_path: Path) -> None:
+    """The ZeRO-3 export holds the full, trained weights (not empty shards, not the initial ones)."""
+    from safetensors.torch import load_file
+
+    trained = load_file(model / "model.safetensors")
+    initial = load_file(env.download(env.model_uri, tmp_path / "initial") / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert trained[name].shape == initial[name].shape
+    assert not trained[name].equal(initial[name])
