@@ -334,6 +334,14 @@ def test_missing_secret_then_missing_key(env: dict[str, Any], fault_row: Any) ->
     recovered = time.monotonic() - t0
     job = kube.get(FINETUNEJOB, ns, "needs-creds")
     assert condition(job, "Blocked")["status"] == "False"
+    # An hf:// model's token Secret is held to the same rule, the condition naming its field.
+    gated = job_manifest("needs-token", ns)
+    gated["spec"]["model"] = {"uri": "hf://org/gated", "tokenSecretRef": {"name": "hf-later"}}
+    kube.create(gated)
+    held = wait_condition(kube, ns, "needs-token", "Blocked", "reason", "SecretNotFound")
+    assert f"Secret {ns}/hf-later (spec.model.tokenSecretRef) does not exist" in condition(held, "Blocked")["message"]
+    assert kube.get(RAYJOB, ns, names.ray_job("needs-token")) is None
+    kube.delete(FINETUNEJOB, ns, "needs-token")
     fault_row(
         "missing Secret, then a missing key",
         "Blocked naming Secret and key; ran once both existed",
