@@ -7,14 +7,14 @@ import importlib
 import numpy as np
 import pytest
 
-from kubetune_trainer.data import DataError, batch_indices, load_shard, prepare
+from kubetune_trainer.data import DataError, batch_indices, load_shard, open_shard, prepare
 from kubetune_trainer.data.s3 import list_objects, parse_uri
 
 pytestmark = pytest.mark.integration
 
 # The package re-exports the function prepare(), which shadows the submodule as an attribute.
 prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
-mixture_module = importlib.import_module("kubetune_trainer.data.mixture")  # where every source is read
+worker_module = importlib.import_module("kubetune_trainer.data.worker")  # where every block is read
 
 RECORDS = [{"text": f"record {i}: " + "lorem ipsum " * (i % 5)} for i in range(100)]
 
@@ -33,6 +33,11 @@ def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_c
     assert p.num_train_sequences == p.stats["sequences"] == 99
     shards = [load_shard([u], client=s3) for u in p.train_shards]
     assert [len(s["input_ids"]) for s in shards] == [33, 33, 33]
+    # What a training rank does: stream the shard into local memory maps (one row group in memory at a time).
+    streamed = open_shard(p.train_shards[:2], client=s3)
+    assert all(isinstance(v, np.memmap) for v in streamed.values())
+    for k in shards[0]:
+        assert np.array_equal(streamed[k], np.concatenate([shards[0][k], shards[1][k]]))
     assert all(s["input_ids"].shape[1] == p.seq_length for s in shards)
     assert p.stats["tokens"] == sum(int(s["attention_mask"].sum()) for s in shards)
     # Every kept row appears once; shards are disjoint.
@@ -60,7 +65,8 @@ def test_completed_preparation_is_reused_without_reading(tokenizer, s3, put, pre
     def no_reading(*a, **k):
         raise AssertionError("a completed preparation must not read the data again")
 
-    monkeypatch.setattr(mixture_module, "read_records", no_reading)
+    monkeypatch.setattr(worker_module, "read_records", no_reading)
+    monkeypatch.setattr(worker_module, "read_jsonl_range", no_reading)
     again = prepare(cfg, tokenizer, num_shards=2, client=s3)
     assert again == p
     after = {o["key"]: o["etag"] for o in list_objects(s3, p.manifest_uri.rsplit("/", 1)[0])}

@@ -108,7 +108,11 @@ def run(cfg: TrainerConfig, options: Any) -> dict[str, Any]:
     # The driver needs only the tokenizer (to tokenise the data); workers fetch the weights on their nodes.
     tokenizer_dir = model_lib.fetch_base(cfg.spec, client, Path(options.model_cache), tokenizer_only=True)
     tokenizer = model_lib.load_tokenizer(cfg.spec, tokenizer_dir)
-    prepared = prepare(cfg, tokenizer, world_size(cfg.spec.resources))  # one shard per rank
+    # In a RayJob, parsing and tokenising run in Ray actors on the worker pods (the head has no CPUs to give);
+    # a --local run prepares in this process.
+    cpus = 0 if options.local else ray.cluster_resources().get("CPU", 0)  # type: ignore[no-untyped-call]
+    parallelism = min(int(cpus), 64)
+    prepared = prepare(cfg, tokenizer, world_size(cfg.spec.resources), parallelism=parallelism)  # a shard per rank
     options.startup["dataSeconds"] = round(time.monotonic() - t0, 2)
     log.info(
         "data ready: %s (%d training sequences of %d tokens in %d shards)",

@@ -44,7 +44,7 @@ from kubetune.api import TrainerConfig
 from kubetune_trainer import checkpoint as ckpt
 from kubetune_trainer import resize
 from kubetune_trainer.checkpoint import TrainState
-from kubetune_trainer.data import DataError, PreparedData, batch_indices, load_shard, s3_client
+from kubetune_trainer.data import DataError, PreparedData, batch_indices, open_shard, s3_client
 from kubetune_trainer.deepspeed_config import deepspeed_config, offload_applies, resolve_precision
 from kubetune_trainer.layout import place, scaling_kwargs
 
@@ -316,8 +316,12 @@ class Recipe:
         prepared, training = self.prepared, self.training
         if len(prepared.train_shards) != self.world:
             raise DataError(f"the data was prepared in {len(prepared.train_shards)} shards for {self.world} workers")
-        self.train_data = load_shard([prepared.train_shards[self.rank]], self.client)  # this rank's shard only
-        self.eval_data = load_shard(prepared.validation_shards, self.client) if prepared.validation_shards else None
+        # This rank's shard only, streamed a row group at a time into local memory maps (never held whole);
+        # the held-out rows likewise, of which a rank pages in only the ones it evaluates.
+        scratch = str(self.staging) if self.staging else None
+        self.train_data = open_shard([prepared.train_shards[self.rank]], self.client, scratch)
+        validation = prepared.validation_shards
+        self.eval_data = open_shard(validation, self.client, scratch) if validation else None
         self.num_rows = len(self.train_data["input_ids"])
         batch, accum = training.per_device_batch_size, training.gradient_accumulation_steps
         # An incomplete accumulation group at the end of an epoch is dropped, so that every optimizer step

@@ -80,11 +80,25 @@ class NearDedup:
         self._signatures: list[MinHash] = []
 
     def is_duplicate(self, content: str) -> bool:
-        m = MinHash(num_perm=NUM_PERM, seed=self._seed)
-        m.update_batch(shingles(content))
+        return self.is_duplicate_signature(signature(content, self._seed))
+
+    def is_duplicate_signature(self, hashvalues: np.ndarray) -> bool:
+        """The check for a signature computed elsewhere (signature(), in parallel); the index itself is
+        sequential, so the first of two near-duplicates in record order is the one kept."""
+        m = MinHash(num_perm=NUM_PERM, seed=self._seed, hashvalues=hashvalues, scheme=_SCHEME)
         for key in self._lsh.query(m):
             if m.jaccard(self._signatures[key]) >= self._threshold:
                 return True
         self._lsh.insert(len(self._signatures), m, check_duplication=False)
         self._signatures.append(m)
         return False
+
+
+_SCHEME = MinHash(num_perm=1).scheme  # the default scheme of this datasketch, which signature() uses
+
+
+def signature(content: str, seed: int = 1) -> np.ndarray:
+    """The MinHash signature (NUM_PERM uint64 values) of a record's content."""
+    m = MinHash(num_perm=NUM_PERM, seed=seed)
+    m.update_batch(shingles(content))
+    return np.asarray(m.hashvalues, dtype=np.uint64)

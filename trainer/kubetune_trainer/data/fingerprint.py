@@ -11,7 +11,7 @@ from typing import Any
 from kubetune.api import TrainerConfig
 
 # Bump when the prepared layout or any preprocessing rule changes, so old outputs are not reused.
-PREPARED_FORMAT_VERSION = 1
+PREPARED_FORMAT_VERSION = 2  # 2: rows are packed per unit of examples (prepare.UNIT_EXAMPLES)
 
 
 # The serialised tokenizer is several MB: hash it once per tokenizer object, not on every prepare() call.

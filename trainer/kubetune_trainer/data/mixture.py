@@ -15,8 +15,6 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubetune_trainer.data.readers import RawRecord, read_records
-
 log = logging.getLogger(__name__)
 
 
@@ -64,12 +62,3 @@ def consume(
 
 
 _END = object()
-
-
-def source_records(
-    client: Any, objects: list[dict[str, Any]], file_format: str, columns: list[str] | None
-) -> Iterator[RawRecord]:
-    """Every raw record of one source's objects, object after object."""
-    for obj in objects:
-        log.info("reading %s (%d bytes)", obj["uri"], obj["size"])
-        yield from read_records(client, obj, file_format, columns)

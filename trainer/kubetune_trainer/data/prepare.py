@@ -13,14 +13,22 @@ A rerun with the same fingerprint (dataset spec, source ETags and sizes, tokeniz
 count) finds _COMPLETE and returns the manifest without reading the data again; a folder without it is the
 leftover of a failed attempt and is deleted and redone.
 
-Memory: records stream through in batches of BATCH_RECORDS; packed rows are spilled to local disk (tempfile's
-directory, TMPDIR) until the row count is known; only the dedup hash set (and, with near-dedup, MinHash
-signatures) grows with the number of records.
+The pass over the data has three steps (docs/data.md, "Preparation on the cluster"):
+1. parse (worker.parse_block), per block of the input (blocks.py), in parallel: read, parse, validate,
+   normalise, length-filter, hash;
+2. select (selection.py), here, sequential but on a few bytes per record: the mixture, global dedup (first
+   occurrence in source order), the validation split;
+3. encode (worker.encode_unit), per unit of UNIT_EXAMPLES consecutive selected examples, in parallel: render,
+   tokenise, mask, pack.
+Steps 1 and 3 run in this process (parallelism 0) or in Ray actors (executors.py): same code, same output.
+
+Memory here: the per-record facts (a status byte and a 64-bit hash per record; with near-dedup the MinHash
+signatures) and the packed rows, spilled to local disk (tempfile's directory, TMPDIR) until the row count is
+known and the shards are cut.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,14 +40,10 @@ from typing import Any
 import numpy as np
 
 from kubetune.api import TrainerConfig
-from kubetune_trainer.data.dedup import HashSet64, NearDedup, content_hash
-from kubetune_trainer.data.encode import Encoder
+from kubetune_trainer.data.blocks import BLOCK_BYTES, Block, plan_blocks
 from kubetune_trainer.data.errors import DataError
+from kubetune_trainer.data.executors import InlineExecutor, RayExecutor
 from kubetune_trainer.data.fingerprint import PREPARED_FORMAT_VERSION, fingerprint, tokenizer_identity
-from kubetune_trainer.data.invalid import InvalidTally
-from kubetune_trainer.data.mixture import consume, source_records
-from kubetune_trainer.data.packing import Packer, spill_columns
-from kubetune_trainer.data.records import Example, RecordRules, parse_record
 from kubetune_trainer.data.s3 import (
     delete_prefix,
     exists,
@@ -49,15 +53,21 @@ from kubetune_trainer.data.s3 import (
     put_bytes,
     s3_client,
 )
+from kubetune_trainer.data.selection import Selection, select
 from kubetune_trainer.data.shards import batch_indices, load_shard, write_shard
 from kubetune_trainer.data.spill import RowSpill
+from kubetune_trainer.data.worker import Settings, row_columns
 
 __all__ = ["PreparedData", "prepare", "load_shard", "batch_indices", "DataError"]
 
 log = logging.getLogger(__name__)
 
-BATCH_RECORDS = 256  # examples tokenised per tokenizer call: amortises the call, bounds memory
-PROGRESS_SECONDS = 30.0
+# Examples packed together in one task. Rows never span two units, so this (not the parallelism) decides where
+# a unit's last row is cut short: the packed rows are the same whatever the number of processes.
+UNIT_EXAMPLES = 4096
+# Less input than this is prepared in the driver even when parallelism is asked for: a Ray actor's start
+# (a process importing transformers and loading the tokenizer) costs seconds, more than a few MB take here.
+PARALLEL_MIN_BYTES = 4 << 20
 COMPLETE_MARKER = "_COMPLETE"
 
 
@@ -77,8 +87,13 @@ class PreparedData:
     invalid_samples: dict[str, str] = field(default_factory=dict)  # reason -> "s3://... line N"
 
 
-def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = None) -> PreparedData:
-    """Prepare (or reuse) the job's data; see the module docstring. Raises DataError for unusable data."""
+def prepare(
+    cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = None, parallelism: int = 0
+) -> PreparedData:
+    """Prepare (or reuse) the job's data; see the module docstring. Raises DataError for unusable data.
+
+    parallelism: 0 runs every step in this process; N > 0 parses, tokenises and packs in N Ray actors (Ray
+    must be initialised). The output is the same either way."""
     if num_shards < 1:
         raise ValueError("num_shards must be at least 1")
     ds = cfg.spec.dataset
@@ -98,11 +113,16 @@ def prepare(cfg: TrainerConfig, tokenizer: Any, num_shards: int, client: Any = N
     if removed:
         log.info("removed %d objects of an unfinished preparation under %s", removed, prefix)
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp:
-        run = _Run(cfg, tokenizer, tmp)
-        run.read_sources(client, per_source)
-        for obj in validation_objects:
-            run.read_object(client, obj, validation_source=True)
-        run.finish()
+        started = time.monotonic()
+        run = _rows(cfg, tokenizer, client, per_source, validation_objects, tmp, parallelism)
+        log.info(
+            "prepare: %d records in %.1f s, %d invalid, %d duplicates, %d filtered",
+            run.sel.records,
+            time.monotonic() - started,
+            run.sel.invalid.total,
+            run.sel.duplicates,
+            run.filtered,
+        )
         return _write_outputs(
             run, cfg, client, prefix, fp, num_shards, tmp, has_validation=bool(ds.validation or ds.validation_split)
         )
@@ -115,168 +135,94 @@ def _sources(client: Any, uri: str, what: str) -> list[dict[str, Any]]:
     return objs
 
 
+@dataclass
 class _Run:
-    """The state of one pass over the data: counters, dedup sets, tokenizer batches and the two packers."""
+    """What a pass over the data produced: the selection's counts and the packed rows of each split."""
 
-    def __init__(self, cfg: TrainerConfig, tokenizer: Any, tmp: str):
-        ds = cfg.spec.dataset
-        self.pp = ds.preprocessing
-        self.rules = RecordRules.from_spec(ds, cfg.spec.model.num_labels)
-        self.sources = ds.train_sources()
-        self.source_rules = [RecordRules.from_spec(ds, cfg.spec.model.num_labels, src) for src in self.sources]
-        self.source_kept: list[int] = []
-        self.classification = ds.format == "classification"
-        self.file_format = ds.file_format
-        self.validation_split = ds.validation_split
-        self.seed = cfg.spec.training.seed
-        self.encoder = Encoder(tokenizer, ds.format, self.pp.max_seq_length)
-        self.exact = HashSet64() if self.pp.deduplicate else None
-        near = self.pp.near_duplicate_threshold
-        self.near = NearDedup(near) if near is not None else None
-        self.invalid = InvalidTally()
-        self.records = 0
-        self.duplicates = 0
-        self.filtered = 0
-        # A preference row holds a pair (prompt + chosen, prompt + rejected), each up to maxSeqLength, never packed.
-        preference = ds.format == "preference"
-        width = self.pp.max_seq_length * (2 if preference else 1)
-        cols = spill_columns(self.classification, width)
-        self.packers = {
-            split: Packer(
-                RowSpill(os.path.join(tmp, split), cols),
-                width,
-                self.encoder.pad_id,
-                self.pp.packing and not preference,
-                self.classification,
-            )
-            for split in ("train", "validation")
-        }
-        # Valid, length-filtered examples waiting for the batched dedup, then per split for the tokenizer.
-        self.incoming: list[tuple[Example, int, bool]] = []
-        self.pending: dict[str, list[Example]] = {"train": [], "validation": []}
-        self._started = time.monotonic()
-        self._last_log = self._started
+    sel: Selection
+    spills: dict[str, RowSpill]
+    examples: dict[str, int]
+    filtered: int  # length filters and truncation
+    max_fill: int
 
-    def read_object(self, client: Any, obj: dict[str, Any], validation_source: bool) -> None:
-        for record in source_records(client, [obj], self.file_format, self.rules.columns()):
-            self._take(record, self.rules, validation_source)
 
-    def read_sources(self, client: Any, per_source: list[list[dict[str, Any]]]) -> None:
-        """The training sources, interleaved by weight (see mixture.py); one source is simply read through."""
-        streams = [
-            source_records(client, objs, src.file_format or "auto", rules.columns())
-            for objs, src, rules in zip(per_source, self.sources, self.source_rules)
-        ]
-        self.source_kept, first_out = consume(
-            streams, [s.weight for s in self.sources], lambda i, record: self._take(record, self.source_rules[i], False)
+def _rows(
+    cfg: TrainerConfig,
+    tokenizer: Any,
+    client: Any,
+    per_source: list[list[dict[str, Any]]],
+    validation_objects: list[dict[str, Any]],
+    tmp: str,
+    parallelism: int,
+) -> _Run:
+    """Parse the blocks (in parallel), select globally (here), tokenise and pack the units (in parallel)."""
+    ds = cfg.spec.dataset
+    settings = Settings.from_config(cfg)
+    blocks: list[Block] = []
+    for i, (objs, src) in enumerate(zip(per_source, ds.train_sources())):
+        blocks += plan_blocks(client, objs, src.file_format or "auto", i, len(blocks), BLOCK_BYTES)
+    blocks += plan_blocks(client, validation_objects, ds.file_format, -1, len(blocks), BLOCK_BYTES)
+    executor: InlineExecutor | RayExecutor
+    size = sum(b.obj["size"] if b.start is None else (b.end or 0) - b.start for b in blocks)
+    if parallelism > 0 and size >= PARALLEL_MIN_BYTES:
+        executor = RayExecutor(settings, tokenizer, min(parallelism, len(blocks)))
+    else:
+        if parallelism > 0:
+            log.info("%d bytes of data: prepared in this process (starting Ray actors would take longer)", size)
+        executor = InlineExecutor(settings, tokenizer, client)
+    try:
+        facts = executor.parse(blocks)
+        pp = ds.preprocessing
+        weights = [s.weight for s in ds.train_sources()]
+        sel = select(
+            blocks,
+            facts,
+            weights,
+            pp.deduplicate,
+            pp.near_duplicate_threshold,
+            ds.validation_split,
+            cfg.spec.training.seed,
         )
-        if len(self.sources) > 1:
+        if len(weights) > 1:
             log.info(
                 "mixture: kept %s examples per source (weights %s); source %s ran out first",
-                self.source_kept,
-                [s.weight for s in self.sources],
-                first_out,
+                sel.source_kept,
+                weights,
+                sel.first_out,
             )
-
-    def _take(self, record: tuple[str, Any, str | None], rules: RecordRules, validation_source: bool) -> bool:
-        """Count one raw record and pass it on; whether it was kept (valid and within the length filters)."""
-        where, value, reason = record
-        self.records += 1
-        if time.monotonic() - self._last_log > PROGRESS_SECONDS:
-            self._log_progress()
-        if reason is not None:
-            self.invalid.add(reason, where)
-            return False
-        assert value is not None
-        return self._add(value, where, validation_source, rules)
-
-    def _add(self, value: dict[str, Any], where: str, validation_source: bool, rules: RecordRules) -> bool:
-        ex = parse_record(value, rules)
-        if isinstance(ex, str):
-            self.invalid.add(ex, where)
-            return False
-        if self.encoder.has_control_token(ex):
-            self.invalid.add("control_token", where)
-            return False
-        if ex.chars < self.pp.min_chars or (self.pp.max_chars is not None and ex.chars > self.pp.max_chars):
-            self.filtered += 1
-            return False
-        self.incoming.append((ex, content_hash(ex.content), validation_source))
-        if len(self.incoming) >= BATCH_RECORDS:
-            self._dedup_and_route()
-        return True
-
-    def _dedup_and_route(self) -> None:
-        # Exact dedup runs a batch at a time (vectorised lookups in a compact hash set); the first occurrence
-        # in record order is kept, exactly as a one-by-one check would.
-        batch, self.incoming = self.incoming, []
-        if self.exact is not None:
-            dup = self.exact.check_and_add(np.fromiter((h for _, h, _ in batch), np.uint64, len(batch)))
-        else:
-            dup = np.zeros(len(batch), dtype=bool)
-        for (ex, h, validation_source), is_dup in zip(batch, dup):
-            if is_dup or (self.near is not None and self.near.is_duplicate(ex.content)):
-                self.duplicates += 1
-                continue
-            split = "validation" if validation_source or self._held_out(h) else "train"
-            self.pending[split].append(ex)
-            if len(self.pending[split]) >= BATCH_RECORDS:
-                self._flush(split)
-
-    def _held_out(self, h: int) -> bool:
-        # A pure function of the seed and the content: the same record lands on the same side in every run,
-        # whatever the file order or sharding.
-        if not self.validation_split:
-            return False
-        d = hashlib.blake2b(f"{self.seed}:{h}".encode(), digest_size=8).digest()
-        return int.from_bytes(d, "little") / 2.0**64 < self.validation_split
-
-    def _flush(self, split: str) -> None:
-        batch, self.pending[split] = self.pending[split], []
-        packer = self.packers[split]
-        for enc in self.encoder.encode(batch):
-            if enc is None:
-                # Truncation to maxSeqLength left no target tokens (a prompt longer than the limit).
-                self.filtered += 1
-            else:
-                packer.add(enc)
-
-    def finish(self) -> None:
-        self._dedup_and_route()
-        for split in ("train", "validation"):
-            self._flush(split)
-            self.packers[split].finish()
-        self._log_progress()
-        self.invalid.check(self.records, self.pp.max_invalid_fraction)
-
-    def _log_progress(self) -> None:
-        self._last_log = time.monotonic()
-        rate = self.records / max(self._last_log - self._started, 1e-9)
-        log.info(
-            "prepare: %d records (%.0f/s), %d invalid, %d duplicates, %d filtered",
-            self.records,
-            rate,
-            self.invalid.total,
-            self.duplicates,
-            self.filtered,
-        )
+        sel.invalid.check(sel.records, pp.max_invalid_fraction)
+        run = _Run(sel, {}, {}, sel.filtered, 0)
+        for split, picks in (("train", sel.train), ("validation", sel.validation)):
+            spill = run.spills[split] = RowSpill(os.path.join(tmp, split), row_columns(settings))
+            units = [picks[i : i + UNIT_EXAMPLES] for i in range(0, len(picks), UNIT_EXAMPLES)]
+            run.examples[split] = 0
+            for rows in executor.encode(units):
+                for block in rows.blocks:
+                    spill.append(block)
+                run.examples[split] += rows.examples
+                run.filtered += rows.filtered
+                run.max_fill = max(run.max_fill, rows.max_fill)
+            spill.close()
+        return run
+    finally:
+        executor.close()
 
 
 def _write_outputs(
     run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: str, num_shards: int, tmp: str, has_validation: bool
 ) -> PreparedData:
-    train_spill = run.packers["train"].spill
-    val_spill = run.packers["validation"].spill
+    train_spill = run.spills["train"]
+    val_spill = run.spills["validation"]
     n = train_spill.rows
     per_shard = n // num_shards
     if per_shard == 0:
         raise DataError(
             f"only {n} training sequences after preprocessing, fewer than the {num_shards} workers that each "
-            f"need one (records read: {run.records}, invalid: {run.invalid.total}, duplicates: "
-            f"{run.duplicates}, filtered: {run.filtered})"
+            f"need one (records read: {run.sel.records}, invalid: {run.sel.invalid.total}, duplicates: "
+            f"{run.sel.duplicates}, filtered: {run.filtered})"
         )
     # Rows are only as wide as the longest one actually used (small data does not pay for maxSeqLength).
-    width = max(run.packers["train"].max_fill, run.packers["validation"].max_fill)
+    width = run.max_fill
 
     # Shuffle rows across shards (files are often sorted by source or topic), and drop the remainder at
     # random rather than always the tail. Each shard's rows are read in sorted order for locality.
@@ -294,7 +240,7 @@ def _write_outputs(
     if has_validation and val_spill.rows == 0:
         # Too little data for the split to hold anything out: say so, and train without evaluation rather
         # than hand the trainer empty evaluation shards.
-        log.warning("no validation sequences (validationSplit on %d records held none out)", run.records)
+        log.warning("no validation sequences (validationSplit on %d records held none out)", run.sel.records)
     elif has_validation:
         val_cols = val_spill.read()
         for r, rows in enumerate(np.array_split(np.arange(val_spill.rows), num_shards)):
@@ -304,18 +250,18 @@ def _write_outputs(
         del val_cols
 
     stats = {
-        "records": run.records,
-        "trainRecords": run.packers["train"].examples,
-        "validationRecords": run.packers["validation"].examples,
-        "duplicatesRemoved": run.duplicates,
+        "records": run.sel.records,
+        "trainRecords": run.examples["train"],
+        "validationRecords": run.examples["validation"],
+        "duplicatesRemoved": run.sel.duplicates,
         "filtered": run.filtered,
-        "invalidRecords": run.invalid.total,
-        "invalidByReason": dict(sorted(run.invalid.counts.items())),
+        "invalidRecords": run.sel.invalid.total,
+        "invalidByReason": dict(sorted(run.sel.invalid.counts.items())),
         "tokens": tokens,
         "sequences": per_shard * num_shards,
     }
-    if len(run.source_kept) > 1:
-        stats["sourceRecords"] = run.source_kept
+    if len(run.sel.source_kept) > 1:
+        stats["sourceRecords"] = run.sel.source_kept
     prepared = PreparedData(
         manifest_uri=join_uri(prefix, "manifest.json"),
         train_shards=train_uris,
@@ -328,7 +274,7 @@ def _write_outputs(
         num_validation_sequences=val_spill.rows if val_uris else 0,
         dropped_sequences=n - per_shard * num_shards,
         task=cfg.spec.model.task,
-        invalid_samples=dict(sorted(run.invalid.samples.items())),
+        invalid_samples=dict(sorted(run.sel.invalid.samples.items())),
     )
     put_bytes(client, join_uri(prefix, "stats.json"), json.dumps(stats, indent=2).encode(), "application/json")
     manifest = {"formatVersion": PREPARED_FORMAT_VERSION, **asdict(prepared)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 import pyarrow.parquet as pq
@@ -129,15 +129,21 @@ def _read_json_array(stream: IO[bytes], uri: str) -> Iterator[RawRecord]:
 
 
 def _read_jsonl(stream: IO[bytes], uri: str) -> Iterator[RawRecord]:
+    return _jsonl_records(stream, uri, strip_bom=True)
+
+
+def _jsonl_records(lines: Iterable[bytes], uri: str, strip_bom: bool) -> Iterator[RawRecord]:
+    """The records of JSONL lines, numbered from 1 (from the object's start when strip_bom, i.e. the first
+    line is the object's first line; otherwise from the first line of a byte range, see read_jsonl_range)."""
     try:
-        for lineno, raw in enumerate(stream, start=1):
+        for lineno, raw in enumerate(lines, start=1):
             where = f"{uri} line {lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 yield where, None, "bad_encoding"
                 continue
-            if lineno == 1:
+            if lineno == 1 and strip_bom:
                 line = line.lstrip("\ufeff")  # a byte-order mark is an editor's artefact, not data
             line = line.strip()
             if not line:
@@ -153,6 +159,32 @@ def _read_jsonl(stream: IO[bytes], uri: str) -> Iterator[RawRecord]:
             yield where, value, None
     except (OSError, EOFError) as exc:  # gzip's "not a gzipped file" / truncated stream
         raise DataError(f"cannot read {uri}: {exc}") from None
+
+
+def read_jsonl_range(client: Any, obj: dict[str, Any], start: int, end: int) -> tuple[Iterator[RawRecord], Any]:
+    """The records of the JSONL lines that START in bytes [start, end) of an uncompressed object, with line
+    numbers counted from the range's first line, and a callable giving the number of lines read (valid once
+    the iterator is exhausted). Ranges that tile an object read every line exactly once."""
+    counter = [0]
+
+    def lines() -> Iterator[bytes]:
+        stream = open_stream(client, obj, start=max(start - 1, 0))
+        try:
+            pos = max(start - 1, 0)
+            if start > 0:
+                # The rest of the line that began before `start` (just "\n" when a line starts at `start`).
+                pos += len(stream.readline())
+            while pos < end:
+                raw = stream.readline()
+                if not raw:
+                    break
+                pos += len(raw)
+                counter[0] += 1
+                yield raw
+        finally:
+            stream.close()
+
+    return _jsonl_records(lines(), obj["uri"], strip_bom=start == 0), lambda: counter[0]
 
 
 def _read_parquet(client: Any, obj: dict[str, Any], columns: list[str] | None) -> Iterator[RawRecord]:

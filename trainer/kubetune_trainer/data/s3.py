@@ -190,10 +190,10 @@ class ObjectStream(io.RawIOBase):
     object at the byte it had reached, pinned to the same ETag so a rewritten object is never spliced in.
     """
 
-    def __init__(self, client: Any, obj: dict[str, Any]):
+    def __init__(self, client: Any, obj: dict[str, Any], start: int = 0):
         self._client = client
         self._obj = obj
-        self._pos = 0
+        self._pos = start
         self._body = retrying(f"opening {obj['uri']}", self._open)
 
     def _open(self) -> Any:
@@ -234,9 +234,9 @@ class ObjectStream(io.RawIOBase):
             super().close()
 
 
-def open_stream(client: Any, obj: dict[str, Any], buffer_size: int = 256 << 10) -> io.BufferedReader:
-    """A buffered, line-iterable stream of one listed object (see list_objects)."""
-    return io.BufferedReader(ObjectStream(client, obj), buffer_size=buffer_size)
+def open_stream(client: Any, obj: dict[str, Any], buffer_size: int = 256 << 10, start: int = 0) -> io.BufferedReader:
+    """A buffered, line-iterable stream of one listed object (see list_objects), from byte `start` on."""
+    return io.BufferedReader(ObjectStream(client, obj, start), buffer_size=buffer_size)
 
 
 class RangeFile(io.RawIOBase):

@@ -1,4 +1,5 @@
-"""Prepared shards: writing them as Parquet, loading one into arrays, and the deterministic batch order.
+"""Prepared shards: writing them as Parquet, reading them into arrays (whole, or streamed into local memory maps),
+and the deterministic batch order.
 
 A shard holds fixed-width rows: 2-D columns are Parquet fixed-size lists (so loading is a reshape, not a
 per-row conversion), 1-D columns (the classification label) plain integers.
@@ -8,13 +9,15 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kubetune_trainer.data.s3 import get_required_bytes, s3_client, upload_file
+from kubetune_trainer.data.s3 import get_required_bytes, parse_uri, retrying, s3_client, upload_file
+from kubetune_trainer.data.spill import RowSpill
 
 # Rows per Parquet row group (and per read of the spilled rows): about 32k tokens, so a group costs about half a
 # megabyte whatever the sequence length.
@@ -69,16 +72,59 @@ def load_shard(uri_list: list[str], client: Any = None) -> dict[str, np.ndarray]
     parts: dict[str, list[np.ndarray]] = {}
     for uri in uri_list:
         source: Any = io.BytesIO(get_required_bytes(client, uri)) if uri.startswith("s3://") else uri
-        table = pq.read_table(source)
-        for name in table.column_names:
-            col = table.column(name).combine_chunks()
-            if pa.types.is_fixed_size_list(col.type):
-                width = col.type.list_size
-                arr = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-            else:
-                arr = col.to_numpy(zero_copy_only=False)
+        for name, arr in _arrays(pq.read_table(source)).items():
             parts.setdefault(name, []).append(arr)
     return {name: np.concatenate(arrs) for name, arrs in parts.items()}
+
+
+def open_shard(uri_list: list[str], client: Any = None, directory: str | None = None) -> dict[str, np.ndarray]:
+    """The rows of prepared shards as read-only memory maps, streamed: each Parquet file is downloaded to local
+    disk, decoded a row group at a time into one flat file per column, and mapped. Memory holds one row group
+    (about half a MB) at a time; a batch later reads only its own rows' pages. Same arrays as load_shard.
+
+    The files live in a temporary folder under `directory` (node-local scratch; the system's temp folder when
+    None) that is removed before returning: the maps stay valid (an unlinked file lives on while mapped) and
+    the disk space is freed with the arrays.
+    """
+    if client is None and any(u.startswith("s3://") for u in uri_list):
+        client = s3_client(None, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+    with tempfile.TemporaryDirectory(prefix="kubetune-shard-", dir=directory) as tmp:
+        spill: RowSpill | None = None
+        empty: dict[str, np.ndarray] = {}
+        for i, uri in enumerate(uri_list):
+            path = uri
+            if uri.startswith("s3://"):
+                bucket, key = parse_uri(uri)
+                path = os.path.join(tmp, f"part-{i}.parquet")
+                retrying(f"downloading {uri}", lambda: client.download_file(bucket, key, path))  # noqa: B023
+            pf = pq.ParquetFile(path)
+            empty = empty or _arrays(pf.schema_arrow.empty_table())
+            for g in range(pf.num_row_groups):
+                block = _arrays(pf.read_row_group(g))
+                if spill is None:
+                    spill = RowSpill(os.path.join(tmp, "rows"), {k: (v.dtype, _width(v)) for k, v in block.items()})
+                spill.append(block)
+            if path != uri:
+                os.remove(path)
+        if spill is None:
+            return empty  # shards without rows (a validation set smaller than the number of shards)
+        spill.close()
+        return spill.read()
+
+
+def _width(arr: np.ndarray) -> int:
+    return int(arr.shape[1]) if arr.ndim == 2 else 0
+
+
+def _arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
 
 
 def batch_indices(num_rows: int, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:

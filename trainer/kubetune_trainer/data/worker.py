@@ -1,0 +1,186 @@
+"""The per-record work of a preparation, the same code in one process or in parallel Ray actors.
+
+Two steps, each a pure function of its input (so their results do not depend on where or in which order they
+run):
+- parse_block: read one block (blocks.py), parse, validate, normalise, check control tokens and the length
+  filters of each record; hash what is kept (and sign it for near-dedup). Returns the small per-record facts the
+  driver needs for the global steps (BlockFacts) and, apart, the kept examples themselves.
+- encode_unit: render, tokenise, mask and pack a run of consecutive examples (in the global order the driver
+  decided) into fixed-width rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kubetune.api import TrainerConfig
+from kubetune_trainer.data.blocks import Block
+from kubetune_trainer.data.dedup import content_hash, signature
+from kubetune_trainer.data.encode import Encoder
+from kubetune_trainer.data.packing import Packer, spill_columns
+from kubetune_trainer.data.readers import RawRecord, read_jsonl_range, read_records
+from kubetune_trainer.data.records import Example, RecordRules, parse_record
+from kubetune_trainer.data.s3 import s3_client
+
+BATCH_RECORDS = 256  # examples tokenised per tokenizer call: amortises the call, bounds memory
+
+# Per-record status in BlockFacts.status.
+KEPT, FILTERED, INVALID = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the per-record steps need from the job spec, resolved once on the driver (picklable)."""
+
+    fmt: str
+    endpoint: str | None
+    region: str
+    validation_rules: RecordRules
+    source_rules: tuple[RecordRules, ...]
+    min_chars: int
+    max_chars: int | None
+    near_dedup: bool
+    max_seq_length: int
+    width: int  # row width: maxSeqLength, twice that for a preference pair
+    packing: bool
+    classification: bool
+
+    @classmethod
+    def from_config(cls, cfg: TrainerConfig) -> Settings:
+        ds, pp = cfg.spec.dataset, cfg.spec.dataset.preprocessing
+        labels = cfg.spec.model.num_labels
+        preference = ds.format == "preference"
+        return cls(
+            fmt=ds.format,
+            endpoint=ds.endpoint,
+            region=ds.region,
+            validation_rules=RecordRules.from_spec(ds, labels),
+            source_rules=tuple(RecordRules.from_spec(ds, labels, src) for src in ds.train_sources()),
+            min_chars=pp.min_chars,
+            max_chars=pp.max_chars,
+            near_dedup=pp.near_duplicate_threshold is not None,
+            max_seq_length=pp.max_seq_length,
+            width=pp.max_seq_length * (2 if preference else 1),
+            packing=pp.packing and not preference,  # a preference row holds one pair, never packed
+            classification=ds.format == "classification",
+        )
+
+
+@dataclass
+class BlockFacts:
+    """What the driver needs of one parsed block (the examples themselves travel separately)."""
+
+    index: int
+    status: np.ndarray  # uint8 per record read: KEPT, FILTERED or INVALID
+    hashes: np.ndarray  # uint64 content hash per kept record
+    invalid: list[tuple[int, str, str]]  # (record number in the block, reason, location) per invalid record
+    lines: int = 0  # lines owned by a ranged JSONL block (its locations count from the range's first line)
+    signatures: np.ndarray | None = None  # [kept, NUM_PERM] MinHash values, with near-dedup
+
+
+@dataclass
+class UnitRows:
+    """The packed rows of one unit of consecutive examples."""
+
+    blocks: list[dict[str, np.ndarray]] = field(default_factory=list)
+    rows: int = 0
+    examples: int = 0
+    filtered: int = 0  # truncation left no target tokens
+    max_fill: int = 0
+
+
+class _Collect:
+    """A RowSpill stand-in that keeps the packed blocks in memory (a unit is a few thousand examples)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[dict[str, np.ndarray]] = []
+        self.rows = 0
+
+    def append(self, batch: dict[str, np.ndarray]) -> None:
+        self.blocks.append({k: np.ascontiguousarray(v) for k, v in batch.items()})
+        self.rows += len(next(iter(batch.values())))
+
+    def close(self) -> None:
+        pass
+
+
+class Worker:
+    """One process's state: the settings, the tokenizer's Encoder and an S3 client."""
+
+    def __init__(self, settings: Settings, tokenizer: Any, client: Any = None):
+        self.settings = settings
+        self.encoder = Encoder(tokenizer, settings.fmt, settings.max_seq_length)
+        self.client = client or s3_client(settings.endpoint, settings.region)
+
+    def records(self, block: Block, rules: RecordRules) -> tuple[Any, Any]:
+        if block.ranged:
+            assert block.start is not None and block.end is not None
+            return read_jsonl_range(self.client, block.obj, block.start, block.end)
+        return read_records(self.client, block.obj, block.file_format, rules.columns()), lambda: 0
+
+    def parse_block(self, block: Block) -> tuple[BlockFacts, list[Example]]:
+        s = self.settings
+        rules = s.validation_rules if block.source < 0 else s.source_rules[block.source]
+        records, lines = self.records(block, rules)
+        status: list[int] = []
+        hashes: list[int] = []
+        invalid: list[tuple[int, str, str]] = []
+        examples: list[Example] = []
+        for record in records:
+            code = self._check(record, rules, examples, invalid, len(status))
+            status.append(code)
+            if code == KEPT:
+                hashes.append(content_hash(examples[-1].content))
+        sigs = np.stack([signature(ex.content) for ex in examples]) if s.near_dedup and examples else None
+        facts = BlockFacts(
+            block.index,
+            np.asarray(status, dtype=np.uint8),
+            np.asarray(hashes, dtype=np.uint64),
+            invalid,
+            lines(),
+            sigs,
+        )
+        return facts, examples
+
+    def _check(
+        self, record: RawRecord, rules: RecordRules, examples: list[Example], invalid: list[Any], number: int
+    ) -> int:
+        where, value, reason = record
+        if reason is None:
+            assert value is not None
+            ex = parse_record(value, rules)
+            if isinstance(ex, str):
+                reason = ex
+            elif self.encoder.has_control_token(ex):
+                reason = "control_token"
+            else:
+                s = self.settings
+                if ex.chars < s.min_chars or (s.max_chars is not None and ex.chars > s.max_chars):
+                    return FILTERED
+                examples.append(ex)
+                return KEPT
+        invalid.append((number, reason, where))
+        return INVALID
+
+    def encode_unit(self, examples: list[Example]) -> UnitRows:
+        s = self.settings
+        sink = _Collect()
+        packer = Packer(sink, s.width, self.encoder.pad_id, s.packing, s.classification)  # type: ignore[arg-type]
+        out = UnitRows()
+        for i in range(0, len(examples), BATCH_RECORDS):
+            for enc in self.encoder.encode(examples[i : i + BATCH_RECORDS]):
+                if enc is None:
+                    out.filtered += 1  # truncation to maxSeqLength left no target tokens (a long prompt)
+                else:
+                    packer.add(enc)
+        packer.finish()
+        out.blocks, out.rows = sink.blocks, sink.rows
+        out.examples, out.max_fill = packer.examples, packer.max_fill
+        return out
+
+
+def row_columns(settings: Settings) -> dict[str, tuple[np.dtype, int]]:
+    return spill_columns(settings.classification, settings.width)
