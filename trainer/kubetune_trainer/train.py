@@ -11,7 +11,9 @@ shape): a `Recipe` object whose methods are the stages, called in this order:
                      planned steps or early stopping; evaluate_at_interval; sync_and_report (losses and tokens
                      of the steps since the last sync in one all-reduce, the preemption check, rank 0's
                      reports) about every SYNC_SECONDS and before evaluations' reports and checkpoints
-    save_and_export  a final checkpoint, a final evaluation, the exported model, the evaluation report
+    save_and_export  a final checkpoint, a final evaluation, the exported model, the evaluation report; every
+                     checkpoint is written locally and uploaded in the background (checkpoint_upload), and
+                     the final one's upload, overlapping the evaluation and the export, is waited for here
     finish           rank 0's summary and final status
     cleanup          (in `finally`) trace closed, reporter flushed, staging files removed
 
