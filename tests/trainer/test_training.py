@@ -1,12 +1,15 @@
 """The trainer end to end: S3 data -> prepare -> Ray Train + DeepSpeed (2 workers) -> checkpoints -> export.
 
-The matrix is covered in four trainings (plus one for resuming), each combination appearing at least once:
+The matrix is covered in four trainings (plus one for resuming), each combination appearing at least once; the
+chat row is the 4-rank layout run (tests/trainer/test_layout_training.py), which is the same shape:
 
     format          file     method  ZeRO  also checks
     completion      jsonl    LoRA    2     exact resume, retention, merged export, status in the apiserver
-    chat            parquet  full    3     ZeRO-3 gathered full export generates, loss goes down
-    instruction     jsonl    LoRA    3     ZeRO-3 gathered adapter (non-zero B matrices) generates, offload
-    classification  jsonl    full    2     accuracy evaluated, classifier exported, `--local` (own Ray)
+    chat            parquet  full    3     ZeRO-3 gathered full export generates, loss goes down (4 ranks)
+    instruction     jsonl    LoRA    3     ZeRO-3 gathered adapter (non-zero B matrices) generates, offload,
+                                           MLflow tracking (params, step metrics, evaluation, model URI)
+    classification  jsonl    full    2     accuracy evaluated, classifier exported, `--local` (own Ray),
+                                           an MLflow server that is down changes nothing
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ import math
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers_k8s import create_job, install_finetunejob_crd, trainer_kubeconfig, wait_for_status
-from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl, put_parquet
+from trainer_helpers import BUCKET, TrainerEnv, assert_generates, fortunes, put_jsonl
+
+from tests.support.waiting import free_port
 
 pytestmark = [pytest.mark.training]
 
@@ -187,68 +193,11 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------- chat
-
-
-@pytest.mark.timeout(600)
-def test_chat_parquet_full_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None:
-    env = trainer_env
-    texts = fortunes("science", limit=48)
-    records = [
-        {
-            "messages": [
-                {"role": "user", "content": "Tell me something about science."},
-                {"role": "assistant", "content": t},
-            ]
-        }
-        for t in texts
-    ]
-    train = put_parquet(env.client, f"s3://{BUCKET}/data/chat/train.parquet", records[:40])
-    validation = put_parquet(env.client, f"s3://{BUCKET}/data/chat/validation.parquet", records[40:])
-    spec = {
-        "model": {"uri": env.model_uri},
-        "dataset": {"train": train, "validation": validation, "format": "chat", "preprocessing": {"maxSeqLength": 48}},
-        "training": {
-            "method": "full",
-            "maxSteps": 6,
-            "perDeviceBatchSize": 2,
-            "learningRate": 2e-3,
-            "evalIntervalSteps": 3,
-            "checkpoint": {"intervalSteps": 6},
-            "deepspeed": {"zeroStage": 3},
-        },
-    }
-    cfg = env.config("chat-full-zero3", spec)
-    run = env.run(cfg)
-    assert run.returncode == 0, run.output[-6000:]
-    steps = _steps(env.metrics(cfg["runUri"]))
-    assert steps[6]["loss"] < steps[1]["loss"]
-    assert steps[6]["evalLoss"] < steps[3]["evalLoss"]
-    assert math.isclose(steps[6]["evalPerplexity"], math.exp(steps[6]["evalLoss"]), rel_tol=1e-6)
-
-    keys = set(env.keys(f"{cfg['runUri']}/model"))
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= keys
-    model = env.download(f"{cfg['runUri']}/model", tmp_path / "model")
-    _assert_weights_changed(env, model, tmp_path)
-    assert_generates(model)
-
-
-def _assert_weights_changed(env: TrainerEnv, model: Path, tmp_path: Path) -> None:
-    """The ZeRO-3 export holds the full, trained weights (not empty shards, not the initial ones)."""
-    from safetensors.torch import load_file
-
-    trained = load_file(model / "model.safetensors")
-    initial = load_file(env.download(env.model_uri, tmp_path / "initial") / "model.safetensors")
-    name = "model.layers.0.self_attn.q_proj.weight"
-    assert trained[name].shape == initial[name].shape
-    assert not trained[name].equal(initial[name])
-
-
 # ------------------------------------------------------------------------------------------- instruction
 
 
 @pytest.mark.timeout(600)
-def test_instruction_lora_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None:
+def test_instruction_lora_zero3(trainer_env: TrainerEnv, mlflow_server: Any, tmp_path: Path) -> None:
     env = trainer_env
     rng = random.Random(3)
     records = []
@@ -273,11 +222,14 @@ def test_instruction_lora_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None
             "checkpoint": {"intervalSteps": 4},
             "deepspeed": {"zeroStage": 3, "offload": "cpu"},
         },
+        "tracking": {"mlflow": {"uri": mlflow_server.url, "experiment": "tests-instruction"}},
     }
-    cfg = env.config("instruction-lora-zero3", spec)
+    job = {"name": "instruction-lora-zero3", "namespace": "tests", "uid": "uid-instruction"}
+    cfg = env.config("instruction-lora-zero3", spec, job=job)
     run = env.run(cfg)
     assert run.returncode == 0, run.output[-6000:]
     assert "has no effect on a CPU-only run" in run.output
+    _assert_tracked(mlflow_server.client(), cfg, env.metrics(cfg["runUri"]))
 
     adapter = env.download(f"{cfg['runUri']}/model", tmp_path / "adapter")
     from safetensors.torch import load_file
@@ -288,6 +240,35 @@ def test_instruction_lora_zero3(trainer_env: TrainerEnv, tmp_path: Path) -> None
     assert any(t.abs().sum() > 0 for t in lora_b), "lora_B starts at zero: the gathered adapter was not trained"
     base = env.download(env.model_uri, tmp_path / "base")
     assert_generates(base, adapter)
+
+
+def _assert_tracked(client: Any, cfg: dict[str, Any], metrics: list[dict]) -> None:
+    """The MLflow run of a finished training: tagged with the job, its resolved settings as parameters, the
+    step metrics of metrics.jsonl, the evaluation against the base, and where the model is."""
+    experiment = client.get_experiment_by_name("tests-instruction")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`kubetune.uid` = 'uid-instruction'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "instruction-lora-zero3"
+    tags, params = run.data.tags, run.data.params
+    assert {k: tags[k] for k in ("kubetune.namespace", "kubetune.name", "kubetune.runUri")} == {
+        "kubetune.namespace": "tests",
+        "kubetune.name": "instruction-lora-zero3",
+        "kubetune.runUri": cfg["runUri"],
+    }
+    assert tags["kubetune.model.uri"] == f"{cfg['runUri']}/model" and tags["kubetune.model.kind"] == "adapter"
+    assert params["training.lora.r"] == "4" and params["training.maxSteps"] == "4"
+    assert params["training.deepspeed.zeroStage"] == "3" and params["dataset.format"] == "instruction"
+    assert int(params["data.trainRecords"]) > 0
+    assert not [k for k in params if "credentialsSecret" in k or k.startswith("tracking")]
+    steps = _steps(metrics)
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert history == pytest.approx({s: steps[s]["loss"] for s in steps}) and sorted(history) == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run.info.run_id, "tokensPerSecond")) == 4
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "evalLoss")] == [4]
+    final = run.data.metrics
+    assert final["base.evalLoss"] > 0 and final["fineTuned.evalLoss"] > 0
+    assert final["improvement.evalLoss"] == pytest.approx(final["base.evalLoss"] - final["fineTuned.evalLoss"])
 
 
 # ------------------------------------------------------------------------------------------- classification
@@ -319,10 +300,14 @@ def test_classification_full_zero2(trainer_env: TrainerEnv, tmp_path: Path) -> N
             "deepspeed": {"zeroStage": 2},
             "earlyStopping": {"patience": 5},
         },
+        # Nothing listens there: the run succeeds all the same, with one warning (kubetune_trainer.tracking).
+        "tracking": {"mlflow": {"uri": f"http://127.0.0.1:{free_port()}"}},
     }
     cfg = env.config("classification-full-zero2", spec)
     run = env.run(cfg, local=True)  # this one starts its own Ray, as `--local` runs on a workstation do
     assert run.returncode == 0, run.output[-6000:]
+    tracking_warnings = [ln for ln in run.output.splitlines() if "MLflow at http://127.0.0.1:" in ln]
+    assert len(tracking_warnings) == 1 and "tracking is off for this run" in tracking_warnings[0], tracking_warnings
     steps = _steps(env.metrics(cfg["runUri"]))
     assert 0.0 <= steps[4]["evalAccuracy"] <= 1.0 and steps[4]["evalLoss"] > 0
 
