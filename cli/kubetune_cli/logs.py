@@ -5,6 +5,12 @@ attempt-<n>/driver.log, serving/<namespace>/<deployment>/<pod>/vllm.log); `kubet
 <out>/<name>/attempt/driver.log and <out>/<name>/vllm.log (`--run-dir`). On a real cluster use
 `kubectl logs` on the RayJob's submitter pod and the Deployment while they run.
 
+Which inference server: the job's own Deployment, or, for a job with `spec.deploy.server`, the shared
+multi-LoRA server's Deployment (named after the server; kubetune_operator.builders.shared_server), whose log
+holds the requests of every job on it; the command says which server it shows. The pods shown are those of
+the Deployment's current pod template (an older template's pods are replaced ones); with more than one, each
+log is headed by its pod's name.
+
 After the run, wherever it ran: the trainer's driver log is kept in S3 under the run's prefix
 (<run>/history/<attempt>/driver.log, written by `kubetune.runlog`, the RayJob entrypoint's wrapper), so it
 outlives the RayCluster. Without a local log, or with `--history`, it is read from there (the latest
@@ -14,10 +20,12 @@ attempt; S3 keys from the job's credentials Secret, read with your own rights, e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from kubetune_cli.errors import EXIT_ENVIRONMENT, EXIT_USAGE, CLIError
 
@@ -39,25 +47,74 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def find_log(args: argparse.Namespace) -> Path:
+@dataclass(frozen=True)
+class ServingTarget:
+    """The Deployment that serves a job, as far as the cluster tells."""
+
+    deployment: str
+    server: str | None = None  # the shared inference server (spec.deploy.server), if the job is served on one
+    model: str | None = None  # the job's OpenAI model name on it (status.endpoint.model)
+    revision: str | None = None  # the current pod template's ReplicaSet name: its pods' names start with it
+
+
+def serving_target(name: str, namespace: str) -> ServingTarget:
+    """The job's shared server's Deployment (spec.deploy.server) or its own. Without a cluster to ask, or once
+    the job is gone, the job's own Deployment, by the operator's naming: its logs may well still be here."""
+    from kubetune_cli import cluster
+    from kubetune_cli.localenv.kubelet import replica_set_name
+    from kubetune_operator import names
+
+    try:
+        with cluster.connect() as conn:
+            job = conn.get_job(name, namespace)
+            server = ((job.get("spec") or {}).get("deploy") or {}).get("server")
+            deployment = server or names.inference(name)
+            dep = conn.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}")
+    except CLIError:
+        return ServingTarget(names.inference(name))
+    model = ((job.get("status") or {}).get("endpoint") or {}).get("model")
+    return ServingTarget(deployment, server, model, replica_set_name(dep) if dep else None)
+
+
+def serving_logs(root: Path, namespace: str, target: ServingTarget) -> list[Path]:
+    """The server container's logs of the target's current pods (the dev kubelet keeps each pod's in
+    serving/<namespace>/<deployment>/<pod>/); without a current one, the newest pod's."""
+    from kubetune_operator.builders.inference import SERVER_CONTAINER
+
+    logs = sorted((root / "serving" / namespace / target.deployment).glob(f"*/{SERVER_CONTAINER}.log"))
+    current = [p for p in logs if target.revision and p.parent.name.startswith(f"{target.revision}-")]
+    return current or ([max(logs, key=lambda p: p.stat().st_mtime)] if logs else [])
+
+
+def find_logs(args: argparse.Namespace) -> list[Path]:
+    """The log files to show: one for the trainer, one per current pod for the inference server."""
+    what = "serving" if args.serving else "trainer"
     if args.run_dir:
         path = args.run_dir / ("vllm.log" if args.serving else "attempt/driver.log")
-        candidates = [path] if path.is_file() else []
-    else:
+        found = [path] if path.is_file() else []
+    elif args.serving:
         from kubetune_cli.localenv import devenv
 
-        root = devenv.DevEnv(args.dir or devenv.default_dir()).dir
+        target = serving_target(args.name, args.namespace)
+        found = serving_logs(devenv.DevEnv(args.dir or devenv.default_dir()).dir, args.namespace, target)
+        if target.server:
+            what = f"shared inference server {target.server}"
+            if found:
+                model = f" as model {target.model}" if target.model else ""
+                sys.stderr.write(
+                    f"({args.namespace}/{args.name} is served{model} on the shared inference server "
+                    f"{target.server}: the log of Deployment {target.deployment}, with every job's requests on it)\n"
+                )
+    else:
+        from kubetune_cli.localenv import devenv
         from kubetune_operator import names
 
-        if args.serving:
-            candidates = list((root / "serving" / args.namespace / names.inference(args.name)).glob("*/vllm.log"))
-        else:
-            candidates = list((root / "jobs" / args.namespace / names.ray_job(args.name)).glob("attempt-*/driver.log"))
-    if not candidates:
-        raise CLIError(
-            f"no {'serving' if args.serving else 'trainer'} log for {args.namespace}/{args.name} here", EXIT_USAGE
-        )
-    return cast(Path, max(candidates, key=lambda p: p.stat().st_mtime))
+        root = devenv.DevEnv(args.dir or devenv.default_dir()).dir
+        drivers = list((root / "jobs" / args.namespace / names.ray_job(args.name)).glob("attempt-*/driver.log"))
+        found = [max(drivers, key=lambda p: p.stat().st_mtime)] if drivers else []
+    if not found:
+        raise CLIError(f"no {what} log for {args.namespace}/{args.name} here", EXIT_USAGE)
+    return found
 
 
 def latest_history(conn: Any, job: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None] | None:
@@ -98,25 +155,42 @@ def _print_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_logs(paths: list[Path], tail: int, follow: bool) -> None:
+    """Each file (its last `tail` lines), headed by its pod's folder name when there are several; with
+    `follow`, whatever is appended to any of them, headed again when the file changes."""
+    headed = len(paths) > 1
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(p, "rb")) for p in paths]
+        for path, f in zip(paths, files):
+            if headed:
+                sys.stdout.write(f"==> pod {path.parent.name} <==\n")
+            lines = f.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stdout.write("".join(lines[-tail:] if tail else lines))
+        sys.stdout.flush()
+        last = paths[-1]
+        while follow:
+            appended = False
+            for path, f in zip(paths, files):
+                chunk = f.read()
+                if not chunk:
+                    continue
+                if headed and path != last:
+                    sys.stdout.write(f"==> pod {path.parent.name} <==\n")
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+                appended, last = True, path
+            if not appended:
+                time.sleep(0.5)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.history and not args.serving:
         return _print_history(args)
     try:
-        path = find_log(args)
+        paths = find_logs(args)
     except CLIError:
         if args.serving or args.run_dir:
             raise
         return _print_history(args)
-    with open(path, "rb") as f:
-        data = f.read().decode("utf-8", "replace")
-        lines = data.splitlines(keepends=True)
-        sys.stdout.write("".join(lines[-args.tail :] if args.tail else lines))
-        sys.stdout.flush()
-        while args.follow:
-            chunk = f.read()
-            if chunk:
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-                sys.stdout.flush()
-            else:
-                time.sleep(0.5)
+    _print_logs(paths, args.tail, args.follow)
     return 0
