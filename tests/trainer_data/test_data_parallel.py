@@ -16,6 +16,15 @@ from kubetune_trainer.data import load_shard, prepare
 pytestmark = pytest.mark.integration
 
 prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
+cache_module = importlib.import_module("kubetune_trainer.data.cache")
+
+
+def _uncached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, prepare afresh and keep the output to itself (neither read nor publish the cache), so
+    that a second preparation of the same input is really computed."""
+    monkeypatch.setattr(cache_module, "lookup", lambda *a: None)
+    monkeypatch.setattr(cache_module, "publish", lambda client, root, fp, manifest_uri: manifest_uri)
+
 
 FILLER = [chat(f"Filler question {i} about topic {i % 7}?", f"Filler answer {i}. " * (1 + i % 3)) for i in range(300)]
 
@@ -47,7 +56,7 @@ def _mixture(put: Any, prefix: str, make_cfg: Any, name: str) -> tuple[Any, str]
 
 
 def _same(p: Any, q: Any, s3: Any) -> None:
-    assert p.fingerprint == q.fingerprint
+    assert p.fingerprint == q.fingerprint and p.manifest_uri != q.manifest_uri  # two preparations
     assert p.stats == q.stats and p.invalid_samples == q.invalid_samples
     assert (p.rows_per_shard, p.seq_length, p.num_validation_sequences) == (
         q.rows_per_shard,
@@ -78,6 +87,7 @@ def test_byte_ranges_and_units_give_the_same_output_in_one_process(tokenizer, s3
     cfg, a_uri = _mixture(put, prefix, make_cfg, "whole")
     whole = prepare(cfg, tokenizer, num_shards=2, client=s3)
     monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 2048)
+    _uncached(monkeypatch)
     ranged = prepare(_mixture(put, prefix, make_cfg, "ranged")[0], tokenizer, num_shards=2, client=s3)
     _check_counts(whole, a_uri)
     _same(whole, ranged, s3)
@@ -103,6 +113,7 @@ def test_ray_actors_give_the_same_output_as_one_process(tokenizer, s3, put, pref
     cfg, a_uri = _mixture(put, prefix, make_cfg, "inline")
     inline = prepare(cfg, tokenizer, num_shards=2, client=s3)
     monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 2048)
+    _uncached(monkeypatch)
     parallel = prepare(_mixture(put, prefix, make_cfg, "ray")[0], tokenizer, num_shards=2, client=s3, parallelism=2)
     _check_counts(parallel, a_uri)
     _same(inline, parallel, s3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.integration
 
 # The package re-exports the function prepare(), which shadows the submodule as an attribute.
 prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
+cache_module = importlib.import_module("kubetune_trainer.data.cache")
 worker_module = importlib.import_module("kubetune_trainer.data.worker")  # where every block is read
 
 RECORDS = [{"text": f"record {i}: " + "lorem ipsum " * (i % 5)} for i in range(100)]
@@ -44,12 +46,9 @@ def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_c
     rows = {tuple(r) for s in shards for r in s["input_ids"]}
     assert len(rows) == 99
 
-    # The same inputs under another run prefix give byte-identical shards.
+    # Another run of the same inputs (another job, or a re-created one) uses the same prepared shards.
     q = prepare(_cfg(make_cfg, uri, name="again"), tokenizer, num_shards=3, client=s3)
-    assert q.fingerprint == p.fingerprint and q.train_shards != p.train_shards
-    for a, b in zip(p.train_shards, q.train_shards):
-        x, y = load_shard([a], client=s3), load_shard([b], client=s3)
-        assert all(np.array_equal(x[k], y[k]) for k in x)
+    assert q == p
 
     # Another worker count is another preparation.
     r = prepare(_cfg(make_cfg, uri), tokenizer, num_shards=4, client=s3)
@@ -58,28 +57,36 @@ def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_c
 
 def test_completed_preparation_is_reused_without_reading(tokenizer, s3, put, prefix, make_cfg, monkeypatch):
     uri = put(f"{prefix}/d.jsonl", RECORDS)
-    cfg = _cfg(make_cfg, uri)
-    p = prepare(cfg, tokenizer, num_shards=2, client=s3)
-    before = {o["key"]: o["etag"] for o in list_objects(s3, p.manifest_uri.rsplit("/", 1)[0])}
+    p = prepare(_cfg(make_cfg, uri), tokenizer, num_shards=2, client=s3)
+    cache_prefix = f"s3://kubetune-test/{prefix}/out/_kubetune/prepared/{p.fingerprint}"
+    assert p.manifest_uri.startswith(cache_prefix + "/attempts/")
+    before = {o["key"]: o["etag"] for o in list_objects(s3, cache_prefix)}
 
     def no_reading(*a, **k):
         raise AssertionError("a completed preparation must not read the data again")
 
     monkeypatch.setattr(worker_module, "read_records", no_reading)
     monkeypatch.setattr(worker_module, "read_jsonl_range", no_reading)
-    again = prepare(cfg, tokenizer, num_shards=2, client=s3)
+    # A second run (another job name: another run prefix) of the same data: the cache, no source read.
+    again = prepare(_cfg(make_cfg, uri, name="second"), tokenizer, num_shards=2, client=s3)
     assert again == p
-    after = {o["key"]: o["etag"] for o in list_objects(s3, p.manifest_uri.rsplit("/", 1)[0])}
-    assert after == before
+    assert {o["key"]: o["etag"] for o in list_objects(s3, cache_prefix)} == before  # nothing rewritten
+    # Each run keeps its own record of the data it used.
+    for job in ("job", "second"):
+        run_copy = s3.get_object(
+            Bucket="kubetune-test", Key=f"{prefix}/out/default/{job}/prepared/{p.fingerprint}/manifest.json"
+        )
+        assert json.loads(run_copy["Body"].read())["manifest_uri"] == p.manifest_uri
 
-    # Changed data (a new ETag) is a new fingerprint, prepared afresh.
+    # Changed data (a new ETag) is another key, prepared afresh.
     monkeypatch.undo()
     put(f"{prefix}/d.jsonl", RECORDS[:50])
-    changed = prepare(cfg, tokenizer, num_shards=2, client=s3)
+    changed = prepare(_cfg(make_cfg, uri), tokenizer, num_shards=2, client=s3)
     assert changed.fingerprint != p.fingerprint and changed.stats["records"] == 50
+    assert changed.manifest_uri.startswith(f"s3://kubetune-test/{prefix}/out/_kubetune/prepared/{changed.fingerprint}/")
 
 
-def test_half_written_preparation_is_redone(tokenizer, s3, put, prefix, make_cfg, monkeypatch):
+def test_half_written_preparation_is_never_published_nor_deleted(tokenizer, s3, put, prefix, make_cfg, monkeypatch):
     uri = put(f"{prefix}/d.jsonl", RECORDS)
     cfg = _cfg(make_cfg, uri)
     real_write = prepare_module.write_shard
@@ -95,18 +102,42 @@ def test_half_written_preparation_is_redone(tokenizer, s3, put, prefix, make_cfg
     with pytest.raises(RuntimeError, match="worker killed"):
         prepare(cfg, tokenizer, num_shards=2, client=s3)
     monkeypatch.undo()
-    out_prefix = f"s3://kubetune-test/{prefix}/out/default/job/prepared"
-    leftovers = [o["key"] for o in list_objects(s3, out_prefix)]
+    cache_prefix = f"s3://kubetune-test/{prefix}/out/_kubetune/prepared"
+    leftovers = [o["key"] for o in list_objects(s3, cache_prefix)]
     assert len(leftovers) == 1 and leftovers[0].endswith("train/part-00000.parquet")
-    # A stray object from the dead attempt must not survive into the finished output either.
-    stray = leftovers[0].replace("part-00000", "part-00009")
-    s3.put_object(Bucket="kubetune-test", Key=stray, Body=b"garbage")
 
     p = prepare(cfg, tokenizer, num_shards=2, client=s3)
-    listed = s3.list_objects_v2(Bucket="kubetune-test", Prefix=parse_uri(out_prefix)[1] + "/")["Contents"]
-    keys = sorted(o["Key"].split(f"/{p.fingerprint}/", 1)[1] for o in listed)
-    assert keys == ["_COMPLETE", "manifest.json", "stats.json", "train/part-00000.parquet", "train/part-00001.parquet"]
+    keys = {o["key"] for o in list_objects(s3, cache_prefix)}
+    assert set(leftovers) <= keys  # the dead attempt's file is left alone (another writer's folder)...
+    assert leftovers[0] not in {parse_uri(u)[1] for u in p.train_shards}  # ...and never read
+    attempt = parse_uri(p.manifest_uri)[1].rsplit("/", 1)[0]
+    mine = sorted(k.removeprefix(attempt + "/") for k in keys if k.startswith(attempt + "/"))
+    assert mine == ["manifest.json", "stats.json", "train/part-00000.parquet", "train/part-00001.parquet"]
     assert sum(len(load_shard([u], client=s3)["input_ids"]) for u in p.train_shards) == 100
+
+
+def test_concurrent_writers_publish_once_with_identical_output(tokenizer, s3, put, prefix, make_cfg, monkeypatch):
+    """A second writer that looked before the first one published prepares too (deterministically: the same
+    bytes), finds the marker taken, and uses the first one's output; neither output is overwritten."""
+    uri = put(f"{prefix}/d.jsonl", RECORDS)
+    first = prepare(_cfg(make_cfg, uri), tokenizer, num_shards=2, client=s3)
+    marker_key = f"{prefix}/out/_kubetune/prepared/{first.fingerprint}/_COMPLETE"
+    marker = s3.get_object(Bucket="kubetune-test", Key=marker_key)
+    monkeypatch.setattr(cache_module, "lookup", lambda *a: None)  # it looked while the first was running
+    second = prepare(_cfg(make_cfg, uri, name="racer"), tokenizer, num_shards=2, client=s3)
+    assert second == first
+    assert s3.get_object(Bucket="kubetune-test", Key=marker_key)["ETag"] == marker["ETag"]
+    attempts = {
+        parse_uri(o["uri"])[1].split("/attempts/")[1].split("/")[0]
+        for o in list_objects(s3, f"s3://kubetune-test/{prefix}/out/_kubetune/prepared/{first.fingerprint}/attempts")
+    }
+    assert len(attempts) == 2  # both outputs are whole; the loser's is left, unused
+    base = f"s3://kubetune-test/{prefix}/out/_kubetune/prepared/{first.fingerprint}/attempts"
+    other = (attempts - {first.manifest_uri.split("/attempts/")[1].split("/")[0]}).pop()
+    for shard in first.train_shards:
+        twin = f"{base}/{other}/" + shard.split("/attempts/")[1].split("/", 1)[1]
+        x, y = load_shard([shard], client=s3), load_shard([twin], client=s3)
+        assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
 def test_fewer_sequences_than_workers_fails(tokenizer, s3, put, prefix, make_cfg):

@@ -1,17 +1,17 @@
 """Prepare the training data once per job: S3 -> records -> clean examples -> tokens -> rows -> shards in S3.
 
-The driver runs prepare() once; each of the W training workers then loads only its own train shard (and the
-small validation shards). The output lives under <run_uri>/prepared/<fingerprint>/:
+The driver runs prepare() once; each of the W training workers then streams only its own train shard (and the
+validation rows it evaluates). The output is content-addressed (cache.py): it lives under
+<output.uri>/_kubetune/prepared/<fingerprint>/attempts/<id>/ and is shared by every run of the same data:
 
     train/part-00000.parquet ... part-<W-1>   exactly W shards with the same number of rows each
     validation/part-00000.parquet ...         W shards whose sizes differ by at most one row
     stats.json                                the DataStats wire fields (what goes to status.data)
     manifest.json                             everything PreparedData holds, plus samples of invalid lines
-    _COMPLETE                                 written last: its presence means the rest is whole
 
-A rerun with the same fingerprint (dataset spec, source ETags and sizes, tokenizer, maxSeqLength, seed, shard
-count) finds _COMPLETE and returns the manifest without reading the data again; a folder without it is the
-leftover of a failed attempt and is deleted and redone.
+with <fingerprint>/_COMPLETE, created last and once, naming the attempt that is published. A preparation whose
+fingerprint (dataset spec, source ETags and sizes, tokenizer, maxSeqLength, seed, shard count) has a marker
+reads no data; the run keeps a copy of the manifest under <run_uri>/prepared/<fingerprint>/.
 
 The pass over the data has three steps (docs/data.md, "Preparation on the cluster"):
 1. parse (worker.parse_block), per block of the input (blocks.py), in parallel: read, parse, validate,
@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 
 from kubetune.api import TrainerConfig
+from kubetune_trainer.data import cache
 from kubetune_trainer.data.blocks import BLOCK_BYTES, Block, plan_blocks
+from kubetune_trainer.data.cache import cache_root
 from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.executors import InlineExecutor, RayExecutor
 from kubetune_trainer.data.fingerprint import PREPARED_FORMAT_VERSION, fingerprint, tokenizer_identity
 from kubetune_trainer.data.s3 import (
-    delete_prefix,
-    exists,
     get_required_bytes,
     join_uri,
     list_objects,
@@ -68,7 +68,6 @@ UNIT_EXAMPLES = 4096
 # Less input than this is prepared in the driver even when parallelism is asked for: a Ray actor's start
 # (a process importing transformers and loading the tokenizer) costs seconds, more than a few MB take here.
 PARALLEL_MIN_BYTES = 4 << 20
-COMPLETE_MARKER = "_COMPLETE"
 
 
 @dataclass
@@ -105,13 +104,31 @@ def prepare(
     train_objects = [obj for objs in per_source for obj in objs]
     validation_objects = _sources(client, ds.validation, "spec.dataset.validation") if ds.validation else []
     fp = fingerprint(cfg, train_objects, validation_objects, tokenizer_identity(tokenizer), num_shards)
-    prefix = join_uri(cfg.run_uri, "prepared", fp)
-    if exists(client, join_uri(prefix, COMPLETE_MARKER)):
-        log.info("reusing prepared data %s", prefix)
-        return _from_manifest(json.loads(get_required_bytes(client, join_uri(prefix, "manifest.json"))))
-    removed = delete_prefix(client, prefix)
-    if removed:
-        log.info("removed %d objects of an unfinished preparation under %s", removed, prefix)
+    root = cache_root(cfg.spec.output.uri)
+    manifest = cache.lookup(client, root, fp)
+    if manifest is not None:
+        log.info("reusing prepared data %s (content-addressed cache)", manifest["manifest_uri"])
+    else:
+        manifest = _prepare_attempt(cfg, tokenizer, client, per_source, validation_objects, fp, num_shards, parallelism)
+    cache.record_for_run(client, cfg.run_uri, fp, manifest)
+    return _from_manifest(manifest)
+
+
+def _prepare_attempt(
+    cfg: TrainerConfig,
+    tokenizer: Any,
+    client: Any,
+    per_source: list[list[dict[str, Any]]],
+    validation_objects: list[dict[str, Any]],
+    fp: str,
+    num_shards: int,
+    parallelism: int,
+) -> dict[str, Any]:
+    """Prepare into a folder of this attempt's own, then publish it (or the output of a writer that published
+    first); returns the published manifest."""
+    ds = cfg.spec.dataset
+    root = cache_root(cfg.spec.output.uri)
+    prefix = cache.new_attempt(root, fp)
     with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp:
         started = time.monotonic()
         run = _rows(cfg, tokenizer, client, per_source, validation_objects, tmp, parallelism)
@@ -123,9 +140,12 @@ def prepare(
             run.sel.duplicates,
             run.filtered,
         )
-        return _write_outputs(
-            run, cfg, client, prefix, fp, num_shards, tmp, has_validation=bool(ds.validation or ds.validation_split)
-        )
+        has_validation = bool(ds.validation or ds.validation_split)
+        manifest = _write_outputs(run, cfg, client, prefix, fp, num_shards, tmp, has_validation)
+    published = cache.publish(client, root, fp, manifest["manifest_uri"])
+    if published == manifest["manifest_uri"]:
+        return manifest
+    return json.loads(get_required_bytes(client, published))  # type: ignore[no-any-return]
 
 
 def _sources(client: Any, uri: str, what: str) -> list[dict[str, Any]]:
@@ -210,7 +230,8 @@ def _rows(
 
 def _write_outputs(
     run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: str, num_shards: int, tmp: str, has_validation: bool
-) -> PreparedData:
+) -> dict[str, Any]:
+    """Cut the rows into shards and write them, stats.json and manifest.json under the attempt's prefix."""
     train_spill = run.spills["train"]
     val_spill = run.spills["validation"]
     n = train_spill.rows
@@ -279,7 +300,6 @@ def _write_outputs(
     put_bytes(client, join_uri(prefix, "stats.json"), json.dumps(stats, indent=2).encode(), "application/json")
     manifest = {"formatVersion": PREPARED_FORMAT_VERSION, **asdict(prepared)}
     put_bytes(client, prepared.manifest_uri, json.dumps(manifest, indent=2).encode(), "application/json")
-    put_bytes(client, join_uri(prefix, COMPLETE_MARKER), b"", "text/plain")
     log.info(
         "prepared %d train sequences (%d per shard, %d dropped), %d validation, width %d, under %s",
         prepared.num_train_sequences,
@@ -289,7 +309,7 @@ def _write_outputs(
         width,
         prefix,
     )
-    return prepared
+    return manifest
 
 
 def _from_manifest(manifest: dict[str, Any]) -> PreparedData:
