@@ -1,4 +1,5 @@
-"""Data pipeline throughput: records/s of the trainer's `prepare()` against bare tokenisation, same data, one run.
+"""Data pipeline throughput: records/s of the trainer's `prepare()` in one process and in 1 and 2 Ray workers,
+against bare render+tokenise, same data, one run.
 
     .venv/bin/python benchmarks/data_pipeline.py [--records 20000 --format chat --seq 512 --shards 2]
 
@@ -8,29 +9,33 @@ collection and the record's number, the fortune as the answer), written as JSONL
 What is compared, on the same records and the same tokenizer (SmolLM2's):
 - prepare: `kubetune_trainer.data.prepare`, the whole path: stream from S3, parse and validate, normalise,
   exact dedup, split, render with the chat template, tokenise, mask, pack, shuffle into equal Parquet shards,
-  upload, write the manifest;
+  upload, write the manifest; in this process (parallelism 0, what a --local run does), then with 1 and 2 Ray
+  actors (a local Ray cluster of 2 CPUs; what a RayJob does on its worker pods). Each preparation writes to
+  an output location of its own, so none reuses another's cached result; the Ray timings include starting the
+  actors (each imports transformers and loads the tokenizer);
 - bare render+tokenise: what any chat pipeline must do at the least: `apply_chat_template(tokenize=False)` for
   each record and one batched call of the fast tokenizer per 256 records, in memory;
 - bare tokenise: the batched tokenizer alone on the pre-rendered texts (the floor).
 
-Printed: records/s and tokens/s of each, and prepare's rate as a ratio of each baseline. Start-up (S3 server,
-tokenizer load, upload of the raw data) is outside every timing. Masking the assistant turns needs the
-rendered prefixes of each conversation (a chat template is only a Jinja program), so prepare renders each
-record about twice: on a chat dataset expect a ratio below 1 against "render+tokenise", and the gap against the
-bare tokeniser is what the rest of the pipeline costs.
-
-On a shared machine the numbers move with other load: run it more than once before trusting a ratio.
+Printed: records/s of each, and the ratios `ratio NAME: X (target: Y)`: scaling from 1 to 2 workers, and the
+one-process rate against bare render+tokenise. Start-up (S3 server, Ray, tokenizer load, upload of the raw
+data) is outside every timing. On a shared machine the numbers move with other load (the load average is
+printed): run it more than once before trusting a ratio; 2 workers cannot scale on a machine whose 2 cores
+are already busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "trainer"))  # runnable from a checkout without installing
@@ -76,6 +81,16 @@ def bare(tokenizer, records: list[dict]) -> tuple[float, float, int]:
     return render_and_tokenize, tokenize_only, tokens
 
 
+def _start_ray(s3: object) -> None:
+    """A local Ray of 2 CPUs whose workers can read the benchmark's S3 (credentials in their environment)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["AWS_ACCESS_KEY_ID"] = s3.access_key  # type: ignore[attr-defined]
+    os.environ["AWS_SECRET_ACCESS_KEY"] = s3.secret_key  # type: ignore[attr-defined]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=20000)
@@ -87,10 +102,14 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
+    import ray
+
     from kubetune.api import parse_spec, resolve_trainer_config
     from kubetune_cli.localenv.models import smollm2_tokenizer
     from kubetune_cli.localenv.s3_server import S3Server
     from kubetune_trainer.data import prepare
+
+    prepare_module: Any = importlib.import_module("kubetune_trainer.data.prepare")
 
     tokenizer = smollm2_tokenizer()
     records = build_records(args.records, args.format)
@@ -105,52 +124,62 @@ def main() -> int:
         preprocessing = {"maxSeqLength": args.seq}
         if args.near_dedup:
             preprocessing["nearDuplicateThreshold"] = args.near_dedup
-        spec = parse_spec(
-            {
-                "model": {"uri": f"s3://{BUCKET}/model"},
-                "dataset": {
-                    "train": f"s3://{BUCKET}/raw",
-                    "format": args.format,
-                    "endpoint": s3.endpoint_url,
-                    "validationSplit": 0.02,
-                    "preprocessing": preprocessing,
-                },
-                "output": {"uri": f"s3://{BUCKET}/out"},
-            }
-        )
-        cfg = resolve_trainer_config("bench", "default", None, spec)
-        t0 = time.perf_counter()
-        prepared = prepare(cfg, tokenizer, args.shards, client=client)
-        prepare_s = time.perf_counter() - t0
+        spec = {
+            "model": {"uri": f"s3://{BUCKET}/model"},
+            "dataset": {
+                "train": f"s3://{BUCKET}/raw",
+                "format": args.format,
+                "endpoint": s3.endpoint_url,
+                "validationSplit": 0.02,
+                "preprocessing": preprocessing,
+            },
+        }
+        prepare_module.PARALLEL_MIN_BYTES = 0  # measure the Ray path whatever the data size
+        rates: dict[str, float] = {}
+        prepared = None
+        for label, parallelism in (("one process", 0), ("1 worker", 1), ("2 workers", 2)):
+            if parallelism and not ray.is_initialized():
+                _start_ray(s3)
+            # An output location per measurement: no preparation finds another's in the cache.
+            out = parse_spec({**spec, "output": {"uri": f"s3://{BUCKET}/out-{parallelism}"}})
+            cfg = resolve_trainer_config("bench", "default", None, out)
+            t0 = time.perf_counter()
+            prepared = prepare(cfg, tokenizer, args.shards, client=client, parallelism=parallelism)
+            rates[label] = len(records) / (time.perf_counter() - t0)
+        ray.shutdown()
 
     render_s, tokenize_s, bare_tokens = bare(tokenizer, records)
     n = len(records)
+    assert prepared is not None
     stats = prepared.stats
+    print(f"machine: {os.cpu_count()} cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(
         f"dataset: {n} {args.format} records, {size / 1e6:.1f} MB JSONL; prepared {stats['sequences']} "
         f"sequences of {prepared.seq_length} tokens in {args.shards} shards "
         f"({stats['tokens']} train tokens, {stats['duplicatesRemoved']} duplicates, "
         f"{stats['validationRecords']} held out)"
     )
-    print(f"prepare (S3 -> shards in S3):  {n / prepare_s:8.0f} records/s  ({prepare_s:.1f} s)")
-    print(
-        f"bare render+tokenise:          {n / render_s:8.0f} records/s  ({render_s:.1f} s, "
-        f"{bare_tokens / render_s:.0f} tokens/s)"
-    )
-    print(f"bare tokenise only:            {n / tokenize_s:8.0f} records/s  ({tokenize_s:.1f} s)")
-    print(f"ratio prepare / render+tokenise: {render_s / prepare_s:.2f}")
-    print(f"ratio prepare / tokenise only:   {tokenize_s / prepare_s:.2f}")
+    for label, rate in rates.items():
+        print(f"prepare, {label + ':':<14} {rate:8.0f} records/s")
+    print(f"bare render+tokenise:     {n / render_s:8.0f} records/s  ({bare_tokens / render_s:.0f} tokens/s)")
+    print(f"bare tokenise only:       {n / tokenize_s:8.0f} records/s")
+    scaling = rates["2 workers"] / rates["1 worker"]
+    per_process = rates["one process"] * render_s / n
+    print(f"ratio prepare_2_workers_vs_1_worker: {scaling:.2f} (target: 1.8)")
+    print(f"ratio prepare_per_process_vs_bare_render_tokenize: {per_process:.2f} (target: 0.8)")
+    print(f"ratio prepare_1_worker_vs_bare_render_tokenize: {rates['1 worker'] * render_s / n:.2f} (target: 0.8)")
+    print(f"ratio prepare_per_process_vs_bare_tokenize: {rates['one process'] * tokenize_s / n:.2f} (shown)")
     if args.json:
         print(
             json.dumps(
                 {
                     "records": n,
                     "format": args.format,
-                    "prepare_records_per_s": n / prepare_s,
+                    "prepare_records_per_s": rates,
                     "render_tokenize_records_per_s": n / render_s,
                     "tokenize_records_per_s": n / tokenize_s,
-                    "ratio_vs_render_tokenize": render_s / prepare_s,
-                    "ratio_vs_tokenize": tokenize_s / prepare_s,
+                    "scaling_2_vs_1": scaling,
+                    "per_process_vs_render_tokenize": per_process,
                 }
             )
         )

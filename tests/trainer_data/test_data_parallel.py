@@ -4,6 +4,7 @@ same records, counts per reason with the same first locations, the same duplicat
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from typing import Any
 
@@ -101,7 +102,7 @@ def local_ray(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
 
