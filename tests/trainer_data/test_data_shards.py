@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from kubetune_trainer.data import DataError, batch_indices, load_shard, open_shard, prepare
@@ -15,6 +17,7 @@ pytestmark = pytest.mark.integration
 
 # The package re-exports the function prepare(), which shadows the submodule as an attribute.
 prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
+shards_module = importlib.import_module("kubetune_trainer.data.shards")
 cache_module = importlib.import_module("kubetune_trainer.data.cache")
 worker_module = importlib.import_module("kubetune_trainer.data.worker")  # where every block is read
 
@@ -28,7 +31,8 @@ def _cfg(make_cfg, uri, name="job", **pre):
     )
 
 
-def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_cfg):
+def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_cfg, monkeypatch):
+    monkeypatch.setattr(shards_module, "ROW_GROUP_TOKENS", 256)  # several row groups per shard
     uri = put(f"{prefix}/d.jsonl", RECORDS)
     p = prepare(_cfg(make_cfg, uri), tokenizer, num_shards=3, client=s3)
     assert len(p.train_shards) == 3 and p.rows_per_shard == 33 and p.dropped_sequences == 1
@@ -36,6 +40,9 @@ def test_shards_equal_sized_and_deterministic(tokenizer, s3, put, prefix, make_c
     shards = [load_shard([u], client=s3) for u in p.train_shards]
     assert [len(s["input_ids"]) for s in shards] == [33, 33, 33]
     # What a training rank does: stream the shard into local memory maps (one row group in memory at a time).
+    bucket, key = parse_uri(p.train_shards[0])
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert pq.ParquetFile(io.BytesIO(body)).num_row_groups > 1
     streamed = open_shard(p.train_shards[:2], client=s3)
     assert all(isinstance(v, np.memmap) for v in streamed.values())
     for k in shards[0]:
