@@ -651,6 +651,13 @@ class MlflowSpec(Model):
         min_length=1,
         max_length=500,
     )
+    credentials_secret: str | None = _field(
+        None,
+        description="For a server that needs them: a Secret in the job's namespace with MLFLOW_TRACKING_TOKEN, "
+        "or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD; the trainer's pods get them by secretKeyRef.",
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        max_length=253,
+    )
 
 
 class TrackingSpec(Model):

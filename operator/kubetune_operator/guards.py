@@ -9,7 +9,8 @@ its output prefix. Pure functions plus one step (`guard`) that reads what they n
   Least privilege: the operator needs `get` on Secrets (no list, no watch: it can read only a Secret whose
   name a job gives it, never enumerate them), bound only in the namespaces it watches. Key names are all it
   keeps of a Secret: the values are dropped as soon as the response is parsed and never logged.
-  `spec.model.tokenSecretRef` (an hf:// model's access token) is checked the same way: the Secret and its key.
+  `spec.model.tokenSecretRef` (an hf:// model's access token) is checked the same way: the Secret and its key;
+  `spec.tracking.mlflow.credentialsSecret` (MLflow's token or user and password): that the Secret exists.
 - Images: every image a spec names (`spec.resources.images.*`) must come from a registry the chart allows
   (`allowedImageRegistries` -> KUBETUNE_ALLOWED_IMAGE_REGISTRIES); else the spec is invalid, naming the field
   (the webhook refuses it with the same function).
@@ -76,10 +77,8 @@ def secret_problem(
     """(reason, message) when the Secret or one of its `keys` is missing; None when it is usable. `field`: the
     spec field that names the Secret, for the message."""
     if secret is None:
-        return c.SECRET_NOT_FOUND, (
-            f"Secret {namespace}/{secret_name} ({field}) does not "
-            f"exist; create it with key{'s' if len(keys) > 1 else ''} {' and '.join(keys)}"
-        )
+        create = f"; create it with key{'s' if len(keys) > 1 else ''} {' and '.join(keys)}" if keys else ""
+        return c.SECRET_NOT_FOUND, f"Secret {namespace}/{secret_name} ({field}) does not exist{create}"
     present = set(secret.get("data") or {}) | set(secret.get("stringData") or {})
     missing = [k for k in keys if k not in present]
     if missing:
@@ -97,6 +96,10 @@ def secrets_to_check(spec: api.FineTuneJobSpec) -> list[tuple[str, str, tuple[st
     token = spec.model.token_secret_ref
     if token is not None:
         out.append(("spec.model.tokenSecretRef", token.name, (token.key,)))
+    mlflow = spec.tracking.mlflow if spec.tracking else None
+    if mlflow is not None and mlflow.credentials_secret:
+        # A token or a user name (and password): which, only the server knows; the Secret must exist.
+        out.append(("spec.tracking.mlflow.credentialsSecret", mlflow.credentials_secret, ()))
     return out
 
 

@@ -178,6 +178,24 @@ def test_hub_token_only_by_reference() -> None:
     assert "HF_TOKEN" not in {e["name"] for e in plain["containers"][0]["env"]}
 
 
+def test_mlflow_credentials_only_by_reference() -> None:
+    manifest, _ = _example("lora-chat")
+    spec_dict = copy.deepcopy(manifest["spec"])
+    spec_dict["tracking"] = {"mlflow": {"uri": "https://mlflow.example", "credentialsSecret": "mlflow-auth"}}
+    rj = builders.ray_job(Owner("tracked", "ml-team", OWNER_UID), api.parse_spec(spec_dict), Settings(), "h")
+    cluster = rj["spec"]["rayClusterSpec"]
+    for template in [cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]]:
+        env = template["spec"]["containers"][0]["env"]
+        assert {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if e["name"].startswith("MLFLOW_")} == {
+            key: {"name": "mlflow-auth", "key": key, "optional": True}
+            for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+        }
+    config = json.loads(
+        builders.config_map(Owner("tracked", "ml-team", OWNER_UID), api.parse_spec(spec_dict))["data"][CONFIG_KEY]
+    )
+    assert config["spec"]["tracking"]["mlflow"] == {"uri": "https://mlflow.example", "credentialsSecret": "mlflow-auth"}
+
+
 def test_queue_label_and_images() -> None:
     manifest, spec = _example("sequence-classification")
     owner = Owner("ticket-classifier", "ml-team", OWNER_UID)

@@ -123,6 +123,22 @@ def test_an_hf_token_secret_is_checked_like_the_credentials() -> None:
     assert guards.secret_problem("hf", "ns", {"data": {"token": "x"}}, "spec.model.tokenSecretRef", ("token",)) is None
 
 
+def test_an_mlflow_credentials_secret_must_exist() -> None:
+    spec = api.parse_spec(
+        {
+            "model": {"uri": "s3://bucket/base"},
+            "dataset": {"train": "s3://bucket/d.jsonl", "format": "completion"},
+            "output": {"uri": "s3://bucket/out"},
+            "tracking": {"mlflow": {"uri": "https://mlflow.example", "credentialsSecret": "mlflow-auth"}},
+        }
+    )
+    field = "spec.tracking.mlflow.credentialsSecret"
+    assert guards.secrets_to_check(spec) == [(field, "mlflow-auth", ())]
+    reason, message = guards.secret_problem("mlflow-auth", "ns", None, field, ())
+    assert (reason, message) == (c.SECRET_NOT_FOUND, f"Secret ns/mlflow-auth ({field}) does not exist")
+    assert guards.secret_problem("mlflow-auth", "ns", {"data": {"MLFLOW_TRACKING_TOKEN": "x"}}, field, ()) is None
+
+
 def _job(name: str, uri: str, created: str, *, namespace: str = "ns", done: bool = False) -> dict:
     status = {"conditions": [{"type": "Succeeded", "status": "True"}]} if done else {}
     return {

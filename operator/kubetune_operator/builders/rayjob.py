@@ -27,7 +27,8 @@ Shape, and why:
   change of the user's `spec.suspend` against it: a full reconcile, an operator restart or a label edit
   never undoes what Kueue set.
 - S3 credentials come from the named Secret through `secretKeyRef`; no key ever appears in this object. So
-  does an hf:// base model's access token (`spec.model.tokenSecretRef` -> HF_TOKEN).
+  do an hf:// base model's access token (`spec.model.tokenSecretRef` -> HF_TOKEN) and the MLflow tracking
+  server's credentials (`spec.tracking.mlflow.credentialsSecret` -> MLFLOW_TRACKING_*).
 - Every pod runs as the job's trainer ServiceAccount, which may patch only this job's status.
 - The head is locked twice: Ray's token authentication through KubeRay's `rayClusterSpec.authOptions`
   (`mode: token`; KubeRay makes the token Secret and hands it to the head, workers and submitter), and a
@@ -95,7 +96,23 @@ def _env(owner: Owner, spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     env.extend(hub_token_env(spec))
+    env.extend(tracking_env(spec))
     return env
+
+
+# The MLflow client's own variables; which of them a Secret holds depends on the server's authentication.
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def tracking_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The MLflow credentials from spec.tracking.mlflow.credentialsSecret by reference (each key optional)."""
+    secret = spec.tracking.mlflow.credentials_secret if spec.tracking else None
+    if not secret:
+        return []
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        for key in MLFLOW_SECRET_KEYS
+    ]
 
 
 def _volumes(owner: Owner, scratch: api.ScratchSpec) -> list[dict[str, Any]]:
