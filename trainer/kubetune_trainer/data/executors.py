@@ -13,7 +13,9 @@ The actors are killed when the preparation ends, so their memory is free before 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import pickle
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kubetune_trainer.data.blocks import Block
@@ -27,25 +29,43 @@ Unit = list[tuple[int, int]]
 
 
 class InlineExecutor:
-    """The steps in this process, one after the other."""
+    """The steps in this process, one after the other. A parsed block's examples wait on local disk (pickled)
+    until their unit is packed, so memory holds about one block of examples, not the dataset."""
 
-    def __init__(self, settings: Settings, tokenizer: Any, client: Any):
+    def __init__(self, settings: Settings, tokenizer: Any, client: Any, directory: str):
         self.worker = Worker(settings, tokenizer, client)
-        self.examples: dict[int, list[Example]] = {}
+        self.directory = directory
+        self._loaded: dict[int, list[Example]] = {}
+        # A mixture alternates between its sources: one block of each stays loaded.
+        self.keep_blocks = max(1, len(settings.source_rules))
+
+    def _path(self, block: int) -> str:
+        return os.path.join(self.directory, f"block-{block}.pickle")
 
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
         facts = []
         for b in blocks:
-            f, self.examples[b.index] = self.worker.parse_block(b)
+            f, examples = self.worker.parse_block(b)
+            with open(self._path(b.index), "wb") as out:
+                pickle.dump(examples, out, protocol=pickle.HIGHEST_PROTOCOL)
             facts.append(f)
         return facts
 
-    def encode(self, units: list[Unit]) -> Iterator[UnitRows]:
+    def _examples(self, unit: Unit) -> Iterator[Example]:
+        for b, k in unit:
+            if b not in self._loaded:
+                if len(self._loaded) >= self.keep_blocks:
+                    self._loaded.pop(next(iter(self._loaded)))
+                with open(self._path(b), "rb") as f:
+                    self._loaded[b] = pickle.load(f)
+            yield self._loaded[b][k]
+
+    def encode(self, units: Iterable[Unit], spill: Any) -> Iterator[UnitRows]:
         for unit in units:
-            yield self.worker.encode_unit([self.examples[b][k] for b, k in unit])
+            yield self.worker.encode_unit(self._examples(unit), spill)  # rows go straight to the spill
 
     def close(self) -> None:
-        self.examples.clear()
+        self._loaded.clear()
 
 
 class PrepareActor:
@@ -83,7 +103,7 @@ class RayExecutor:
             self.refs[b.index] = examples_ref
         return list(self.ray.get(fact_refs))
 
-    def encode(self, units: list[Unit]) -> Iterator[UnitRows]:
+    def encode(self, units: Iterable[Unit], spill: Any = None) -> Iterator[UnitRows]:
         # A bounded window of units in flight: the packed rows reach the driver in order, and no more than a
         # few units' rows wait in the object store at a time.
         window = 2 * len(self.actors)

@@ -189,7 +189,8 @@ def _rows(
     else:
         if parallelism > 0:
             log.info("%d bytes of data: prepared in this process (starting Ray actors would take longer)", size)
-        executor = InlineExecutor(settings, tokenizer, client)
+        os.makedirs(os.path.join(tmp, "parsed"))
+        executor = InlineExecutor(settings, tokenizer, client, os.path.join(tmp, "parsed"))
     try:
         facts = executor.parse(blocks)
         pp = ds.preprocessing
@@ -214,9 +215,9 @@ def _rows(
         run = _Run(sel, {}, {}, sel.filtered, 0)
         for split, picks in (("train", sel.train), ("validation", sel.validation)):
             spill = run.spills[split] = RowSpill(os.path.join(tmp, split), row_columns(settings))
-            units = [picks[i : i + UNIT_EXAMPLES] for i in range(0, len(picks), UNIT_EXAMPLES)]
+            units = (picks[i : i + UNIT_EXAMPLES].tolist() for i in range(0, len(picks), UNIT_EXAMPLES))
             run.examples[split] = 0
-            for rows in executor.encode(units):
+            for rows in executor.encode(units, spill):  # in this process: rows written to the spill directly
                 for block in rows.blocks:
                     spill.append(block)
                 run.examples[split] += rows.examples

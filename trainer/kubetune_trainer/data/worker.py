@@ -11,6 +11,8 @@ run):
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,21 +167,38 @@ class Worker:
         invalid.append((number, reason, where))
         return INVALID
 
-    def encode_unit(self, examples: list[Example]) -> UnitRows:
+    def encode_unit(self, examples: Iterable[Example], sink: Any = None) -> UnitRows:
+        """Encode and pack the examples (consumed BATCH_RECORDS at a time). The rows go to `sink` (an open
+        RowSpill, left open) or, without one, into the returned UnitRows."""
         s = self.settings
-        sink = _Collect()
-        packer = Packer(sink, s.width, self.encoder.pad_id, s.packing, s.classification)  # type: ignore[arg-type]
+        collect = _Collect()
+        target = collect if sink is None else _Forward(sink)
+        packer = Packer(target, s.width, self.encoder.pad_id, s.packing, s.classification)  # type: ignore[arg-type]
         out = UnitRows()
-        for i in range(0, len(examples), BATCH_RECORDS):
-            for enc in self.encoder.encode(examples[i : i + BATCH_RECORDS]):
+        it = iter(examples)
+        while batch := list(itertools.islice(it, BATCH_RECORDS)):
+            for enc in self.encoder.encode(batch):
                 if enc is None:
                     out.filtered += 1  # truncation to maxSeqLength left no target tokens (a long prompt)
                 else:
                     packer.add(enc)
         packer.finish()
-        out.blocks, out.rows = sink.blocks, sink.rows
+        out.blocks, out.rows = collect.blocks, collect.rows
         out.examples, out.max_fill = packer.examples, packer.max_fill
         return out
+
+
+class _Forward:
+    """Passes packed blocks on to a spill that stays open for the next unit."""
+
+    def __init__(self, spill: Any):
+        self.spill = spill
+
+    def append(self, batch: dict[str, np.ndarray]) -> None:
+        self.spill.append(batch)
+
+    def close(self) -> None:
+        pass
 
 
 def row_columns(settings: Settings) -> dict[str, tuple[np.dtype, int]]:
