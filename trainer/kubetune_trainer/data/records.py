@@ -29,6 +29,11 @@ class Example:
     chosen: list[tuple[str, str]] | None = None
     rejected: list[tuple[str, str]] | None = None
 
+    def __reduce__(self) -> tuple[type[Example], tuple[Any, ...]]:
+        # Examples travel between processes (Ray's object store) and to local disk: rebuilding one from its
+        # fields is about twice as fast as the slots dataclass's default __setstate__.
+        return (Example, (self.messages, self.text, self.label, self.content, self.chars, self.chosen, self.rejected))
+
 
 @dataclass(frozen=True)
 class RecordRules:
