@@ -3,7 +3,8 @@
 The sample question comes from the job's held-out data (its first record), so the answer can be compared
 with the reference the fine-tune learnt from. Chat and instruction records are asked through
 /v1/chat/completions (the trainer rendered them with the tokenizer's chat template), completion records
-through /v1/completions with the record's first words as the prompt.
+through /v1/completions with the record's first words as the prompt, and preference pairs by their prompt
+(the reference shown is the chosen response).
 """
 
 from __future__ import annotations
@@ -45,7 +46,24 @@ def sample_from_record(record: dict[str, Any], dataset: api.DatasetSpec) -> Samp
     if dataset.format == "completion":
         words = str(record.get(f.text, "")).split()
         return Sample(None, " ".join(words[:8]), " ".join(words[8:40]) or None)
+    if dataset.format == "preference":
+        return _preference_sample(record, dataset)
     return None
+
+
+def _preference_sample(record: dict[str, Any], dataset: api.DatasetSpec) -> Sample | None:
+    """A preference pair asks its prompt (a text is one user turn); the reference is the chosen response."""
+    f = dataset.fields
+    prompt, chosen = record.get(f.prompt), record.get(f.chosen or "chosen")
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, dict) for t in prompt):
+        messages = [{"role": t["role"], "content": t["content"]} for t in prompt]
+    else:
+        return None
+    if isinstance(chosen, list):  # assistant messages
+        chosen = "\n".join(str(t.get("content", "")) for t in chosen if isinstance(t, dict)) or None
+    return Sample(messages, None, chosen if isinstance(chosen, str) else None)
 
 
 def first_record(client: Any, uri: str) -> dict[str, Any] | None:

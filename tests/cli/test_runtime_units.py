@@ -183,3 +183,25 @@ def test_progress_view_follows_a_growing_file(tmp_path: Path) -> None:
     assert view.status["progress"] == {"step": 2, "totalSteps": 2, "loss": 3.0}
     out = (tmp_path / "out.txt").read_text()
     assert "job: step 1/2 loss 3.0000" in out and "job: step 2/2" in out
+
+
+def test_preference_pair_gives_the_sample_question() -> None:
+    from kubetune_cli.query import sample_from_record
+
+    ds = api.DatasetSpec.model_validate({"train": "s3://data/t.jsonl", "format": "preference"})
+    text = sample_from_record({"prompt": "Tell me a fortune.", "chosen": "Good.", "rejected": "Bad."}, ds)
+    assert text is not None and text.messages == [{"role": "user", "content": "Tell me a fortune."}]
+    assert text.question == "Tell me a fortune." and text.reference == "Good."
+
+    renamed = api.DatasetSpec.model_validate(
+        {"train": "s3://data/t.jsonl", "format": "preference", "fields": {"prompt": "q", "chosen": "good"}}
+    )
+    chat = {
+        "q": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+        "good": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+    sample = sample_from_record(chat, renamed)
+    assert sample is not None and sample.messages == chat["q"]
+    assert sample.question == "Hi?" and sample.reference == "Hello."
+    assert sample_from_record({"prompt": 3, "chosen": "x"}, ds) is None
