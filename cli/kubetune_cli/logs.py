@@ -86,25 +86,36 @@ def serving_logs(root: Path, namespace: str, target: ServingTarget) -> list[Path
     return current or ([max(logs, key=lambda p: p.stat().st_mtime)] if logs else [])
 
 
+def find_serving_logs(args: argparse.Namespace) -> list[Path]:
+    """The inference server's logs in the dev cluster's state folder, one per current pod; for a job on a shared
+    server, says so on stderr (its log holds every job's requests)."""
+    from kubetune_cli.localenv import devenv
+
+    target = serving_target(args.name, args.namespace)
+    found = serving_logs(devenv.DevEnv(args.dir or devenv.default_dir()).dir, args.namespace, target)
+    what = f"shared inference server {target.server}" if target.server else "serving"
+    if not found:
+        raise CLIError(
+            f"no {what} log for {args.namespace}/{args.name} here (on a cluster of your own: "
+            f"kubectl logs -n {args.namespace} deploy/{target.deployment})",
+            EXIT_USAGE,
+        )
+    if target.server:
+        model = f" as model {target.model}" if target.model else ""
+        sys.stderr.write(
+            f"({args.namespace}/{args.name} is served{model} on the shared inference server {target.server}: "
+            f"the log of Deployment {target.deployment}, with every job's requests on it)\n"
+        )
+    return found
+
+
 def find_logs(args: argparse.Namespace) -> list[Path]:
-    """The log files to show: one for the trainer, one per current pod for the inference server."""
-    what = "serving" if args.serving else "trainer"
+    """The log files to show: the trainer's driver log, or one per current pod of the inference server."""
+    if args.serving and not args.run_dir:
+        return find_serving_logs(args)
     if args.run_dir:
         path = args.run_dir / ("vllm.log" if args.serving else "attempt/driver.log")
         found = [path] if path.is_file() else []
-    elif args.serving:
-        from kubetune_cli.localenv import devenv
-
-        target = serving_target(args.name, args.namespace)
-        found = serving_logs(devenv.DevEnv(args.dir or devenv.default_dir()).dir, args.namespace, target)
-        if target.server:
-            what = f"shared inference server {target.server}"
-            if found:
-                model = f" as model {target.model}" if target.model else ""
-                sys.stderr.write(
-                    f"({args.namespace}/{args.name} is served{model} on the shared inference server "
-                    f"{target.server}: the log of Deployment {target.deployment}, with every job's requests on it)\n"
-                )
     else:
         from kubetune_cli.localenv import devenv
         from kubetune_operator import names
@@ -113,6 +124,7 @@ def find_logs(args: argparse.Namespace) -> list[Path]:
         drivers = list((root / "jobs" / args.namespace / names.ray_job(args.name)).glob("attempt-*/driver.log"))
         found = [max(drivers, key=lambda p: p.stat().st_mtime)] if drivers else []
     if not found:
+        what = "serving" if args.serving else "trainer"
         raise CLIError(f"no {what} log for {args.namespace}/{args.name} here", EXIT_USAGE)
     return found
 
