@@ -90,8 +90,8 @@ class RayExecutor:
         self.ray = ray
         actor: Any = ray.remote(PrepareActor)
         actor = actor.options(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2)
-        tok = ray.put(tokenizer)
-        self.actors: list[Any] = [actor.remote(settings, tok) for _ in range(parallelism)]
+        self.tokenizer_ref = ray.put(tokenizer)  # held while the actors live: a restarted actor needs it again
+        self.actors: list[Any] = [actor.remote(settings, self.tokenizer_ref) for _ in range(parallelism)]
         self.refs: dict[int, Any] = {}
         log.info("preparing the data in %d Ray actors", parallelism)
 

@@ -192,7 +192,9 @@ def _rows(
         os.makedirs(os.path.join(tmp, "parsed"))
         executor = InlineExecutor(settings, tokenizer, client, os.path.join(tmp, "parsed"))
     try:
+        t0 = time.monotonic()
         facts = executor.parse(blocks)
+        t1 = time.monotonic()
         pp = ds.preprocessing
         weights = [s.weight for s in ds.train_sources()]
         sel = select(
@@ -212,6 +214,7 @@ def _rows(
                 sel.first_out,
             )
         sel.invalid.check(sel.records, pp.max_invalid_fraction)
+        t2 = time.monotonic()
         run = _Run(sel, {}, {}, sel.filtered, 0)
         for split, picks in (("train", sel.train), ("validation", sel.validation)):
             spill = run.spills[split] = RowSpill(os.path.join(tmp, split), row_columns(settings))
@@ -224,6 +227,14 @@ def _rows(
                 run.filtered += rows.filtered
                 run.max_fill = max(run.max_fill, rows.max_fill)
             spill.close()
+        log.info(
+            "prepare: %d blocks parsed in %.1f s, selected in %.1f s, packed in %.1f s (%s)",
+            len(blocks),
+            t1 - t0,
+            t2 - t1,
+            time.monotonic() - t2,
+            f"{parallelism} Ray actors" if isinstance(executor, RayExecutor) else "this process",
+        )
         return run
     finally:
         executor.close()
