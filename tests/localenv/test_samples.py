@@ -58,6 +58,18 @@ def test_fortune_samples_are_real_and_deterministic():
     assert all(r["text"] in originals for r in cls)
 
 
+@needs_fortunes
+def test_fortune_preference_sample_prefers_the_whole_fortune_over_a_cut_off_one():
+    records = samples.fortune_preferences()
+    assert len(records) > 10000 and records == samples.fortune_preferences()
+    for r in records:
+        chosen, rejected = r["chosen"].split(), r["rejected"].split()
+        # rejected is the chosen fortune's first 40-80% of words (rounded down), cut where no sentence ends
+        assert chosen[: len(rejected)] == rejected and len(chosen) * 2 // 5 <= len(rejected) <= len(chosen) * 4 // 5
+        assert not rejected[-1].rstrip("\"')").endswith((".", "!", "?", ":", ";"))
+        assert r["prompt"].startswith("Tell me a fortune from the ")
+
+
 def test_pydoc_chat_sample():
     records = samples.pydoc_chats()
     assert len(records) > 100 and records == samples.pydoc_chats()

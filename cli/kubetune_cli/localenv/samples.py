@@ -145,31 +145,41 @@ def fortune_classification(
 
 
 def fortune_preferences(directory: str = FORTUNES_DIR, max_words: int = 40) -> list[dict[str, str]]:
-    """The fortunes-preference sample for DPO: {"prompt", "chosen", "rejected"} records where chosen is a real
-    fortune and rejected the same words in a shuffled order (seeded by the text, so the sample is stable): a
-    preference for real English over word salad, learnable by a small model and easy to check."""
+    """The fortunes-preference sample for DPO: {"prompt", "chosen", "rejected"} records where chosen is a whole
+    fortune and rejected the same fortune cut off mid-sentence (after 40-80% of its words, rounded down; never after a word
+    that ends a sentence; the cut is seeded by the text, so the sample is stable). Complete answers over cut-off
+    ones: a preference SmolLM2-135M-Instruct does not have (the summed log-probability favours the shorter text,
+    so the base ranks ~20% of pairs right; word-shuffled rejections it already ranks 100% right) and that DPO
+    learns in a few steps."""
     records = []
     for collection, fortunes in read_fortunes(directory).items():
         for f in fortunes:
             words = f.text.split()
             if not 4 <= len(words) <= max_words:
                 continue
-            rng = random.Random(hashlib.blake2b(f.text.encode(), digest_size=8).digest())
-            shuffled = words[:]
-            for _ in range(10):
-                rng.shuffle(shuffled)
-                if shuffled != words:
-                    break
-            if shuffled == words:
+            cut = _mid_sentence_cut(words, f.text)
+            if cut is None:
                 continue
             records.append(
                 {
                     "prompt": f'Tell me a fortune from the "{collection}" collection.',
                     "chosen": " ".join(words),
-                    "rejected": " ".join(shuffled),
+                    "rejected": " ".join(words[:cut]),
                 }
             )
     return records
+
+
+def _mid_sentence_cut(words: list[str], text: str) -> int | None:
+    """A number of leading words (40-80% of them) that does not end a sentence, or None when there is none."""
+    cuts = [
+        i
+        for i in range(max(2, len(words) * 2 // 5), len(words) * 4 // 5 + 1)
+        if not words[i - 1].rstrip("\"')").endswith((".", "!", "?", ":", ";"))
+    ]
+    if not cuts:
+        return None
+    return random.Random(hashlib.blake2b(text.encode(), digest_size=8).digest()).choice(cuts)
 
 
 _UNDERLINE = re.compile(r"^([*=\-])\1{2,}$")
