@@ -177,6 +177,9 @@ def test_two_adapters_on_one_vllm_server(
     s3_server: Any,
     namespace: str,
     artifacts: dict[str, Path],
+    kubeconfig: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import openai
     from transformers import AutoTokenizer
@@ -263,3 +266,17 @@ def test_two_adapters_on_one_vllm_server(
         lambda: condition(kube.get(FINETUNEJOB, ns, "legal-bot") or {}, "Deployed").get("status") == "True",
         timeout=120,
     )
+
+    # `kubetune logs --serving` of a job on the server: the current pod's vLLM log (not the replaced pod's),
+    # naming the shared server (kubetune_cli.logs).
+    from kubetune_cli.main import main
+
+    pods = sorted((kubelet.state_dir / "serving" / ns / SERVER).glob("*/vllm.log"), key=lambda p: p.stat().st_mtime)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    capsys.readouterr()
+    rc = main(["logs", "--serving", "legal-bot", "-n", ns, "--dir", str(kubelet.state_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"served as model legal on the shared inference server {SERVER}" in err, err
+    current = pods[-1].read_bytes().decode("utf-8", "replace")  # as written: vLLM's progress bars carry \r
+    assert out.strip() and current.startswith(out), out[-2000:]
