@@ -144,7 +144,10 @@ def faulted(fenv: Any, straight: dict[str, Any]) -> dict[str, Any]:
     """Incarnation B: a Ray Train worker killed with SIGKILL after the step-4 checkpoint, then SeaweedFS
     stopped for 15 s as the step-12 checkpoint is written; one trainer driver, one Ray job throughout."""
     cfg = _config(fenv, "b-" + uuid.uuid4().hex[:8])
-    driver = start_driver(cfg, fenv["workdir"], fenv["env"], "faulted")
+    # Steps of at least half a second (as a bigger model's would be): the test sees step 6 and step 11 before the
+    # run is past them however fast the machine trains the tiny model (CI's does ~5 steps/s).
+    slow = {"KUBETUNE_STEP_DELAY_S": "0.5"}
+    driver = start_driver(cfg, fenv["workdir"], {**fenv["env"], **slow}, "faulted")
     out: dict[str, Any] = {"cfg": cfg, "driver": driver}
     try:
         # Checkpoints upload in the background: the kill comes once the step-4 one is complete in S3 (a kill
@@ -308,20 +311,21 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
     from kubetune_cli.localenv.raycluster import LocalRayCluster, ray_executable
 
     workdir = fenv["workdir"]
-    # Enough steps that the notice arrives mid-run: `ray drain-node` (a CLI start) plus a sync interval took ~13 s here,
-    # and CI's machine trains this model at ~5 steps/s (60 steps ended before the notice there). The steps are the
-    # same in total however they split between the two attempts. No interval checkpoints.
+    # The notice arrives ~5-20 s after the drain (a `ray drain-node` CLI start, then a sync interval), and CI's
+    # machine trains this model at ~5 steps/s: the first attempt's steps take 1 s more each (as a bigger model's
+    # would), so the notice lands mid-run on any machine; the retry trains at full speed. No interval checkpoints.
     cfg = _config(
         fenv,
         "p-" + uuid.uuid4().hex[:8],
-        {"maxSteps": 300, "evalIntervalSteps": 300, "checkpoint": {"intervalSteps": 1000, "keep": 2}},
+        {"maxSteps": 60, "evalIntervalSteps": 60, "checkpoint": {"intervalSteps": 1000, "keep": 2}},
     )
     cluster_env = {**os.environ, **process_env(fenv["server"], workdir)}
     cluster_env.pop("KUBECONFIG", None)
     trace = workdir / "trace-drained"
     first = LocalRayCluster(workdir / "ray-drained-1.log", num_cpus=2, env=cluster_env).start()
     try:
-        driver = start_driver(cfg, workdir, {**fenv["env"], **first.driver_env()}, "drained-1", trace)
+        slow = {"KUBETUNE_STEP_DELAY_S": "1"}
+        driver = start_driver(cfg, workdir, {**fenv["env"], **first.driver_env(), **slow}, "drained-1", trace)
         wait_for("step 3", lambda: max_step(trace) >= 3, 400, driver)
         drain = subprocess.run(
             [
@@ -382,7 +386,7 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
     metrics = _metrics(fenv["client"], cfg["runUri"])
     restarts = [m for m in metrics if m.get("event") == "restart"]
     assert [(r["cause"], r["resumedStep"]) for r in restarts] == [("NodePreempted", jit_step)], restarts
-    assert jit_step < 300 and jit_step >= 3  # not an interval checkpoint: written for the notice
+    assert jit_step < 60 and jit_step >= 3  # not an interval checkpoint: written for the notice
     redone = max(lineage(rows)[1] for rows in trace_rows(trace).values())
     twice = sum(records_twice(lineage(rows)[0]) for rows in trace_rows(trace).values())
     assert redone <= 1 and twice == 0, (redone, twice, trained_before, jit_step)

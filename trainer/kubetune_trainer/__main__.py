@@ -11,7 +11,8 @@ Exit codes: 0 succeeded, 2 the config is invalid, 3 the data cannot be used, 1 t
 Settings that concern how this process runs rather than what it trains come from the environment:
 KUBETUNE_MODEL_CACHE (node-local base model cache), KUBETUNE_STAGING_DIR (node-local scratch),
 KUBETUNE_RAY_STORAGE (Ray Train's run folder), and for tests KUBETUNE_FAIL_AFTER_STEP (fail right after
-that step's checkpoint) and KUBETUNE_TRACE_DIR (record which rows every micro-batch used).
+that step's checkpoint), KUBETUNE_TRACE_DIR (record which rows every micro-batch used) and KUBETUNE_STEP_DELAY_S
+(each step takes at least this much longer, so an injected fault lands mid-run).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("KUBETUNE_FAIL_AFTER_STEP")
         else None,
         trace_dir=os.environ.get("KUBETUNE_TRACE_DIR") or None,
+        step_delay_s=float(os.environ.get("KUBETUNE_STEP_DELAY_S") or 0),
         # Workers are processes of the Ray cluster, with the cluster's environment, not this process's.
         kubeconfig=os.environ.get("KUBECONFIG") or None,
     )

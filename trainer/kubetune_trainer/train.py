@@ -63,6 +63,9 @@ class RunOptions:
     ray_storage: str = ""  # Ray Train's run folder ("" = Ray's default)
     fail_after_step: int | None = None  # tests: raise after this step (after its checkpoint)
     trace_dir: str | None = None  # tests: each rank appends the rows of every micro-batch it trains on
+    # Tests: each rank sleeps this long after every step, as a bigger model's steps would take, so that a fault
+    # injected from outside (a drain, a kill) lands mid-run however fast the machine trains the tiny model.
+    step_delay_s: float = 0.0
     kubeconfig: str | None = None  # the driver's KUBECONFIG, for status reports; None: in-cluster account
     # The driver's part of the time to first step: startedAt (epoch seconds), rayStartSeconds, dataSeconds,
     # fitStartedAt (set by fit); the workers add theirs and rank 0 reports them all (StartupTimes).
@@ -652,6 +655,8 @@ class Recipe:
                 )
                 self.trace.flush()
             state.micro_batch += 1
+        if self.opts.step_delay_s:  # inside the step's time: the sync schedule must see slow steps as slow
+            time.sleep(self.opts.step_delay_s)
         state.step += 1
         if state.micro_batch >= len(self._epoch_batches):  # micro_per_epoch, or a resized epoch's rest
             state.epoch, state.micro_batch = state.epoch + 1, 0
