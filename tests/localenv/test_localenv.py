@@ -320,3 +320,24 @@ def test_missing_kuberay_crds_are_an_error(tmp_path: Path) -> None:
     with pytest.raises(KubeRayCRDsMissing, match="KUBETUNE_SHARED") as err:
         install_kuberay_crds(tmp_path / "no-kubeconfig-needed", kuberay_dir=tmp_path / "no-kuberay-here")
     assert str(tmp_path / "no-kuberay-here") in str(err.value)
+
+
+def test_builtin_sample_is_seeded_again_when_its_builder_changes(
+    s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store seeded by an older kubetune keeps a sample's old records only until that sample's version moves:
+    then `seed` builds and uploads it again (and leaves a current one alone)."""
+    from kubetune_cli.localenv import builtin, samples
+
+    client = s3_server.client()
+    item = builtin.Builtin("dataset", "pydoc-chat")
+    builtin.seed(client, [item])
+    assert builtin.is_present(client, item)
+    assert builtin.seed(client, [item]) == []  # current: nothing uploaded
+
+    monkeypatch.setitem(samples.VERSIONS, "pydoc-chat", 99)
+    assert not builtin.is_present(client, item)
+    assert builtin.seed(client, [item]) == [item]
+    bucket, _, key = item.last_object[len("s3://") :].partition("/")
+    assert client.head_object(Bucket=bucket, Key=key)["Metadata"][builtin.VERSION_META] == "99"
+    assert builtin.is_present(client, item)

@@ -14,7 +14,9 @@ server before the trainer starts:
     s3://kubetune-samples/datasets/<sample>/validation.jsonl  pydoc-chat, fortunes-classification (90/10 split)
 
 Seeding is idempotent: an item counts as present when its last-written object exists (a model's config.json,
-a dataset's train.jsonl), and objects are written in an order that makes that object the last one.
+a dataset's train.jsonl), and objects are written in an order that makes that object the last one. A dataset's
+last object carries its builder's version (samples.VERSIONS) as S3 metadata: a store seeded by an older kubetune
+whose sample has changed since is seeded again instead of training on the old records.
 """
 
 from __future__ import annotations
@@ -92,10 +94,25 @@ def spec_uris(spec: Any) -> list[str | None]:
     return [spec.model.uri, *spec.dataset.train_uris(), spec.dataset.validation]
 
 
+VERSION_META = "kubetune-sample-version"
+
+
+def _dataset_version(name: str) -> str:
+    from kubetune_cli.localenv.samples import VERSIONS
+
+    return str(VERSIONS.get(name, 1))
+
+
 def is_present(client: Any, item: Builtin) -> bool:
+    """The item's last object exists (and, for a dataset, was written by the current version of its builder)."""
     bucket, _, key = item.last_object[len("s3://") :].partition("/")
     resp = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-    return any(o["Key"] == key for o in resp.get("Contents", []))
+    if not any(o["Key"] == key for o in resp.get("Contents", [])):
+        return False
+    if item.kind == "model":
+        return True
+    meta = client.head_object(Bucket=bucket, Key=key).get("Metadata") or {}
+    return meta.get(VERSION_META, "1") == _dataset_version(item.name)
 
 
 def ensure_bucket(client: Any, bucket: str) -> None:
@@ -129,18 +146,21 @@ def seed(client: Any, items: Iterable[Builtin], say: Callable[[str], None] = log
                 from kubetune_cli.localenv.samples import write_sample
 
                 write_sample(item.name, tmp, validation_fraction=VALIDATION_FRACTION)
-                _upload_last(client, Path(tmp) / item.name, item.uri, last="train.jsonl")
+                meta = {VERSION_META: _dataset_version(item.name)}
+                _upload_last(client, Path(tmp) / item.name, item.uri, last="train.jsonl", metadata=meta)
         say(f"uploaded {item.uri}")
         done.append(item)
     return done
 
 
-def _upload_last(client: Any, local: Path, uri: str, last: str) -> None:
-    """Upload a folder with `last` uploaded last, so that its presence means the whole folder is there."""
+def _upload_last(client: Any, local: Path, uri: str, last: str, metadata: dict[str, str] | None = None) -> None:
+    """Upload a folder with `last` uploaded last (with `metadata`), so that its presence means the whole folder
+    is there."""
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
     for path in files:
-        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+        extra = {"ExtraArgs": {"Metadata": metadata}} if metadata and path.name == last else {}
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}", **extra)
 
 
 def _smollm2_dir() -> Path:

@@ -290,6 +290,11 @@ SAMPLES: dict[str, tuple[str, Callable[[], list[dict[str, Any]]]]] = {
     "fortunes-preference": ("preference", fortune_preferences),
 }
 
+# name -> the version of its builder's output, bumped when a sample's records change, so that an embedded S3 store
+# seeded earlier is seeded again (builtin.is_present). Absent: 1. fortunes-preference 2: rejected is the fortune
+# cut off mid-sentence (was: its words shuffled, which the base model already ranked right).
+VERSIONS: dict[str, int] = {"fortunes-preference": 2}
+
 
 def write_sample(name: str, out_dir: str | Path, validation_fraction: float = 0.1, seed: int = 0) -> tuple[Path, Path]:
     """Write <out_dir>/<name>/train.jsonl and validation.jsonl; returns their paths."""
