@@ -91,7 +91,7 @@ def _start_ray(s3: object) -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--format", choices=["chat", "instruction"], default="chat")
@@ -99,20 +99,21 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=2, help="training workers (equal shards)")
     ap.add_argument("--near-dedup", type=float, default=None, help="also run MinHash near-dedup at this threshold")
     ap.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    return ap.parse_args()
 
+
+def measure(
+    args: argparse.Namespace, tokenizer: Any, records: list[dict[str, Any]]
+) -> tuple[dict[str, float], Any, int]:
+    """Prepare the same records in one process, on 1 and on 2 Ray workers: records/s of each, the last
+    preparation, and the JSONL size."""
     import ray
 
     from kubetune.api import parse_spec, resolve_trainer_config
-    from kubetune_cli.localenv.models import smollm2_tokenizer
     from kubetune_cli.localenv.s3_server import S3Server
     from kubetune_trainer.data import prepare
 
     prepare_module: Any = importlib.import_module("kubetune_trainer.data.prepare")
-
-    tokenizer = smollm2_tokenizer()
-    records = build_records(args.records, args.format)
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as tmp, S3Server(buckets=[BUCKET]) as s3:
         client = s3.client()
         path = Path(tmp) / "data.jsonl"
@@ -147,6 +148,17 @@ def main() -> int:
             prepared = prepare(cfg, tokenizer, args.shards, client=client, parallelism=parallelism)
             rates[label] = len(records) / (time.perf_counter() - t0)
         ray.shutdown()
+    return rates, prepared, size
+
+
+def main() -> int:
+    args = _args()
+    logging.basicConfig(level=logging.WARNING)
+    from kubetune_cli.localenv.models import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    records = build_records(args.records, args.format)
+    rates, prepared, size = measure(args, tokenizer, records)
 
     render_s, tokenize_s, bare_tokens = bare(tokenizer, records)
     n = len(records)
@@ -170,19 +182,16 @@ def main() -> int:
     print(f"ratio prepare_1_worker_vs_bare_render_tokenize: {rates['1 worker'] * render_s / n:.2f} (target: 0.8)")
     print(f"ratio prepare_per_process_vs_bare_tokenize: {rates['one process'] * tokenize_s / n:.2f} (shown)")
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "records": n,
-                    "format": args.format,
-                    "prepare_records_per_s": rates,
-                    "render_tokenize_records_per_s": n / render_s,
-                    "tokenize_records_per_s": n / tokenize_s,
-                    "scaling_2_vs_1": scaling,
-                    "per_process_vs_render_tokenize": per_process,
-                }
-            )
-        )
+        figures = {
+            "records": n,
+            "format": args.format,
+            "prepare_records_per_s": rates,
+            "render_tokenize_records_per_s": n / render_s,
+            "tokenize_records_per_s": n / tokenize_s,
+            "scaling_2_vs_1": scaling,
+            "per_process_vs_render_tokenize": per_process,
+        }
+        print(json.dumps(figures))
     return 0
 
 

@@ -256,32 +256,8 @@ def _write_outputs(
         )
     # Rows are only as wide as the longest one actually used (small data does not pay for maxSeqLength).
     width = run.max_fill
-
-    # Shuffle rows across shards (files are often sorted by source or topic), and drop the remainder at
-    # random rather than always the tail. Each shard's rows are read in sorted order for locality.
-    perm = np.random.default_rng(np.random.SeedSequence([cfg.spec.training.seed, 7919])).permutation(n)
-    train_cols = train_spill.read()
-    train_uris, tokens = [], 0
-    for r in range(num_shards):
-        rows = np.sort(perm[r * per_shard : (r + 1) * per_shard])
-        uri = join_uri(prefix, "train", f"part-{r:05d}.parquet")
-        tokens += write_shard(train_cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
-        train_uris.append(uri)
-    del train_cols
-
-    val_uris: list[str] = []
-    if has_validation and val_spill.rows == 0:
-        # Too little data for the split to hold anything out: say so, and train without evaluation rather
-        # than hand the trainer empty evaluation shards.
-        log.warning("no validation sequences (validationSplit on %d records held none out)", run.sel.records)
-    elif has_validation:
-        val_cols = val_spill.read()
-        for r, rows in enumerate(np.array_split(np.arange(val_spill.rows), num_shards)):
-            uri = join_uri(prefix, "validation", f"part-{r:05d}.parquet")
-            write_shard(val_cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
-            val_uris.append(uri)
-        del val_cols
-
+    train_uris, tokens = _write_train_shards(run, cfg, client, prefix, num_shards, per_shard, width, tmp)
+    val_uris = _write_validation_shards(run, client, prefix, num_shards, width, tmp) if has_validation else []
     stats = {
         "records": run.sel.records,
         "trainRecords": run.examples["train"],
@@ -322,6 +298,41 @@ def _write_outputs(
         prefix,
     )
     return manifest
+
+
+def _write_train_shards(
+    run: _Run, cfg: TrainerConfig, client: Any, prefix: str, num_shards: int, per_shard: int, width: int, tmp: str
+) -> tuple[list[str], int]:
+    """The training shards (their URIs, and the tokens they hold). Rows are shuffled across shards (files are
+    often sorted by source or topic) and the remainder dropped at random rather than always the tail; each
+    shard's rows are read in sorted order for locality."""
+    n = run.spills["train"].rows
+    perm = np.random.default_rng(np.random.SeedSequence([cfg.spec.training.seed, 7919])).permutation(n)
+    cols = run.spills["train"].read()
+    uris, tokens = [], 0
+    for r in range(num_shards):
+        rows = np.sort(perm[r * per_shard : (r + 1) * per_shard])
+        uri = join_uri(prefix, "train", f"part-{r:05d}.parquet")
+        tokens += write_shard(cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
+        uris.append(uri)
+    return uris, tokens
+
+
+def _write_validation_shards(run: _Run, client: Any, prefix: str, num_shards: int, width: int, tmp: str) -> list[str]:
+    """The held-out shards, one per worker, in order."""
+    spill = run.spills["validation"]
+    if spill.rows == 0:
+        # Too little data for the split to hold anything out: say so, and train without evaluation rather
+        # than hand the trainer empty evaluation shards.
+        log.warning("no validation sequences (validationSplit on %d records held none out)", run.sel.records)
+        return []
+    cols = spill.read()
+    uris = []
+    for r, rows in enumerate(np.array_split(np.arange(spill.rows), num_shards)):
+        uri = join_uri(prefix, "validation", f"part-{r:05d}.parquet")
+        write_shard(cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
+        uris.append(uri)
+    return uris
 
 
 def _from_manifest(manifest: dict[str, Any]) -> PreparedData:
