@@ -111,7 +111,7 @@ def is_present(client: Any, item: Builtin) -> bool:
         return False
     if item.kind == "model":
         return True
-    meta = client.head_object(Bucket=bucket, Key=key).get("Metadata") or {}
+    meta: dict[str, str] = client.head_object(Bucket=bucket, Key=key).get("Metadata") or {}
     return meta.get(VERSION_META, "1") == _dataset_version(item.name)
 
 
