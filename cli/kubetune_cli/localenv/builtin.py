@@ -104,14 +104,20 @@ def _dataset_version(name: str) -> str:
 
 
 def is_present(client: Any, item: Builtin) -> bool:
-    """The item's last object exists (and, for a dataset, was written by the current version of its builder)."""
-    bucket, _, key = item.last_object[len("s3://") :].partition("/")
-    resp = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-    if not any(o["Key"] == key for o in resp.get("Contents", [])):
-        return False
+    """The item's last object exists (and, for a dataset, was written by the current version of its builder):
+    one HEAD answers both."""
+    from kubetune import s3
+
+    bucket, key = s3.parse_uri(item.last_object)
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if s3.is_missing(exc):
+            return False
+        raise
     if item.kind == "model":
         return True
-    meta: dict[str, str] = client.head_object(Bucket=bucket, Key=key).get("Metadata") or {}
+    meta: dict[str, str] = head.get("Metadata") or {}
     return meta.get(VERSION_META, "1") == _dataset_version(item.name)
 
 
