@@ -425,3 +425,15 @@ def test_the_tuning_example_samples_valid_trials() -> None:
         assert 1e-5 <= t.learning_rate <= 1e-3 and t.lora_settings.r in (8, 16, 32)
         assert 0.0 <= t.lora_settings.dropout <= 0.1 and t.max_steps == 400
     assert sample(spec.training.seed) == configs
+
+
+@pytest.mark.parametrize("grace,max_t", [(2, 6), (1, 1), (2, 50), (10, 100), (5, 5), (3, 82), (1, 81)])
+def test_asha_milestones_are_ray_tunes_rungs(grace: int, max_t: int) -> None:
+    """The steps at which a trial's workers wait for Tune's verdict are exactly the rungs of Ray's ASHA."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from kubetune_trainer.tune import ASHA_REDUCTION_FACTOR
+    from kubetune_trainer.tune_space import asha_milestones
+
+    bracket = _Bracket(grace, max_t, ASHA_REDUCTION_FACTOR, 0, stop_last_trials=False)
+    assert asha_milestones(grace, max_t, ASHA_REDUCTION_FACTOR) == sorted(int(m) for m, _ in bracket._rungs)

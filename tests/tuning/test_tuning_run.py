@@ -153,7 +153,13 @@ def test_tuning_grid_with_asha_exports_the_best_trial(
             assert "model/adapter_config.json" in keys and "eval/report.json" in keys
             assert env.get_json(f"{run_uri}/trials/{tid}/model/adapter_config.json")["r"] == t["params"]["lora.r"]
         else:
-            assert "model/adapter_config.json" not in keys
+            # Stopped at ASHA's first rung (step 2): its workers waited there for Tune's verdict and ended
+            # on it, so nothing was trained, checkpointed or exported after it (tune_verdicts).
+            assert t["step"] == 2, status["trials"]
+            assert not [k for k in keys if k.startswith(("model/", "checkpoints/", "eval/"))], keys
+            # Its own metrics, when its workers ended before Tune's clean-up took them: no step past the rung.
+            own = env.metrics(f"{run_uri}/trials/{tid}") if "metrics.jsonl" in keys else []
+            assert all(m["step"] <= 2 for m in own if "step" in m), own
 
     # ---- the evaluation: base vs fine-tuned on the same held-out data, in S3 and summarised in status
     ev = status["evaluation"]

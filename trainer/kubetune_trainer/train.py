@@ -144,7 +144,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         recipe.setup()
         recipe.train()
-        recipe.save_and_export()
+        if not recipe.tuner_stopped:  # a trial Tune stopped has no model: its workers just end
+            recipe.save_and_export()
         return recipe.finish()
     except BaseException as exc:
         recipe.report_failure(exc)
@@ -198,6 +199,9 @@ class Recipe:
         self.restarts: list[Any] = []  # this run's restarts (kubetune_trainer.restarts), rank 0
         self.restarted = False  # this start is a restart (rank 0)
         self.trial: dict[str, Any] | None = loop_config.get("trial")  # a tuning trial (kubetune_trainer.tune_trial)
+        # ASHA's rungs this attempt has still to pass, and whether Tune stopped the trial at one (tune_verdicts).
+        self.pending_rungs: list[int] = sorted((self.trial or {}).get("milestones") or [])
+        self.tuner_stopped = False
         self.spec, self.training = self.cfg.spec, self.cfg.spec.training
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -529,7 +533,9 @@ class Recipe:
                 self.stop_reason = "max steps" if training.max_steps else "epochs"
             eval_metrics = self.evaluate_at_interval()
             state.stop_reason = self.stop_reason  # saved with the checkpoint: a finished run is not continued
-            checkpoint_due = state.step % training.checkpoint.interval_steps == 0 or self.stop_reason is not None
+            checkpoint_due = (
+                state.step % training.checkpoint.interval_steps == 0 or self.stop_reason is not None
+            ) and not self.tuner_stopped
             # Every input of this decision is the same on every rank, so all ranks sync at the same steps.
             synced = (
                 checkpoint_due
@@ -753,7 +759,27 @@ class Recipe:
             self.stop_reason = "early stopping"
         if self.evaluator:
             self.evaluator.observe(state.step, metrics, last=self.stop_reason is not None)
+        if self.trial and self.stop_reason is None and self.pending_rungs and state.step >= self.pending_rungs[0]:
+            self._await_tune_verdict()
         return metrics
+
+    def _await_tune_verdict(self) -> None:
+        """At an ASHA rung, after the result went to Tune: wait for Tune's verdict on it (rank 0 asks, every
+        rank learns it); a stop ends the loop here, without a checkpoint or an export (tune_verdicts)."""
+        import torch
+        import torch.distributed as dist
+
+        from kubetune_trainer.tune_verdicts import await_verdict
+
+        assert self.trial is not None
+        step = self.state.step
+        self.pending_rungs = [m for m in self.pending_rungs if m > step]
+        stop = await_verdict(self.trial["board"], self.trial["id"], step) if self.rank == 0 else False
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        dist.broadcast(flag, src=0)
+        if flag.item() > 0:
+            self.tuner_stopped = True
+            self.stop_reason = "stopped by the tuner"
 
     def report_steps(self, steps: list[StepResult], eval_metrics: dict[str, float]) -> None:
         """Synced steps: their token counts into the state; rank 0 writes a metrics line for each and one
@@ -904,6 +930,11 @@ class Recipe:
         if self.evaluation:
             self.reporter.evaluation(self.evaluation)
             summary["evaluation"] = self.evaluation.wire()
+        if self.tuner_stopped:  # the tuning driver reports the trial as early-stopped; it has no model
+            self.reporter.metric({"event": "stoppedByTuner", **summary})
+            self.reporter.close()
+            self.reporter = None
+            return summary
         self.reporter.progress(
             step=state.step,
             total_steps=self.total_steps,

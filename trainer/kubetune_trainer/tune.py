@@ -1,7 +1,7 @@
 """Hyperparameter search (the driver): Ray Tune trials of the same training on the job's Ray cluster; the best
 one ships. Its parts: tune_space.py (search space, trial specs, best trial; pure), tune_trial.py (what runs in
 a trial's actor), tune_tracker.py (the Tune callback that reports trials), tune_placement.py (placement groups
-of stopped trials).
+of stopped trials), tune_verdicts.py (Tune's verdicts at ASHA's rungs, told to a trial's workers).
 
 Ray 2.60 runs Ray Train V2, whose Tune integration is a Tune *function trainable* that builds and fits a
 `TorchTrainer` for its trial (Ray's guide "Hyperparameter Tuning with Ray Tune"; passing a Trainer to
@@ -20,7 +20,9 @@ Ray 2.60 runs Ray Train V2, whose Tune integration is a Tune *function trainable
 - Search: `random` samples `trials` configurations (seeded with training.seed); `grid` is a `tune.grid_search`
   over every combination of the choice values (fields in name order, the last one varying fastest).
 - Early stopping: `asha` is Tune's ASHAScheduler on the objective, with the optimizer step as its time
-  attribute, so trials are compared at the same step; grace period = one evaluation interval.
+  attribute, so trials are compared at the same step; grace period = one evaluation interval. At each of
+  ASHA's rungs a trial's workers wait for Tune's verdict (tune_verdicts.py): a stopped trial trains no step
+  past the rung it lost at, and writes no checkpoint or model after it.
 - Resources: each trial actor only drives its Ray Train run, so it asks for no CPU (only a little of Ray's
   logical memory: Tune refuses an empty request); the trial's workers ask for what a worker of the job asks for. `maxConcurrentTrials` bounds the trials (and Train runs) in flight:
   trials x workers x CPU-per-worker must fit the cluster, or Ray Train waits for resources.
@@ -48,6 +50,8 @@ from kubetune_trainer import storage
 from kubetune_trainer.tune_space import (
     TERMINATED,
     apply_params,
+    asha_bounds,
+    asha_milestones,
     grid_size,
     planned_steps,
     search_space,
@@ -74,6 +78,7 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     from kubetune_trainer.status_reporter import Reporter
     from kubetune_trainer.tune_placement import Reclaimer
     from kubetune_trainer.tune_tracker import TrialTracker
+    from kubetune_trainer.tune_verdicts import start_board
 
     tuning = cfg.spec.tuning
     assert tuning is not None
@@ -85,7 +90,15 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
     reporter = Reporter(cfg, client, kubeconfig=options.kubeconfig)
     try:
         reporter.data(prepared.stats)
-        tracker = TrialTracker(cfg, reporter, steps, num_trials)
+        board, board_name = start_board()
+        tracker = TrialTracker(cfg, reporter, steps, num_trials, board)
+        # A trial's workers wait for Tune's verdict at each ASHA rung (kubetune_trainer.tune_verdicts).
+        verdicts = {
+            "board": board_name,
+            "milestones": asha_milestones(*asha_bounds(cfg, steps), ASHA_REDUCTION_FACTOR)
+            if tuning.early_stopping == "asha"
+            else [],
+        }
         reporter.metric(
             {
                 "event": "tuningStarted",
@@ -97,7 +110,7 @@ def run_tuning(cfg: TrainerConfig, prepared: Any, options: Any) -> dict[str, Any
                 "maxConcurrentTrials": tuning.max_concurrent_trials,
             }
         )
-        tuner = restore_or_build_tuner(cfg, prepared, options, tracker, steps)
+        tuner = restore_or_build_tuner(cfg, prepared, options, tracker, steps, verdicts)
         t0 = time.monotonic()
         with Reclaimer():
             grid = tuner.fit()
@@ -169,19 +182,22 @@ def experiment_name(cfg: TrainerConfig) -> str:
     return f"{cfg.job.namespace}-{cfg.job.name}-tune"
 
 
-def restore_or_build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, steps: int) -> Any:
-    """A Tuner that continues this run's experiment when an earlier driver left one in S3, else a new one."""
+def restore_or_build_tuner(
+    cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, steps: int, verdicts: dict[str, Any]
+) -> Any:
+    """A Tuner that continues this run's experiment when an earlier driver left one in S3, else a new one.
+    `verdicts` tells the trials where Tune's verdicts are posted ({"board", "milestones"}, tune_verdicts)."""
     import ray.tune
 
     storage_path, fs = experiment_storage(cfg)
     path = f"{storage_path}/{experiment_name(cfg)}"
     if not ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
-        return build_tuner(cfg, prepared, options, tracker, steps)
+        return build_tuner(cfg, prepared, options, tracker, steps, verdicts)
     tuning = cfg.spec.tuning
     assert tuning is not None
     tuner = ray.tune.Tuner.restore(
         path,
-        trainable=_trainable(cfg, prepared, options),
+        trainable=_trainable(cfg, prepared, options, verdicts),
         param_space=search_space(tuning),
         resume_unfinished=True,
         resume_errored=True,
@@ -202,14 +218,14 @@ def restore_or_build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, trac
     return tuner
 
 
-def _trainable(cfg: TrainerConfig, prepared: Any, options: Any) -> Any:
+def _trainable(cfg: TrainerConfig, prepared: Any, options: Any, verdicts: dict[str, Any]) -> Any:
     """The trial function with the job's config, bound as Tune needs it (the same for build and restore)."""
     import ray.tune
 
     from kubetune_trainer.tune_trial import run_trial
 
     trainable = ray.tune.with_parameters(
-        run_trial, job_config=cfg.wire(), prepared=asdict(prepared), options=asdict(options)
+        run_trial, job_config=cfg.wire(), prepared=asdict(prepared), options=asdict(options), verdicts=verdicts
     )
     # The trial actor only drives its Ray Train run (whose workers ask for their own resources): no CPU,
     # so trials x workers x CPU-per-worker is all a tuning job takes. Tune refuses an all-zero request,
@@ -217,7 +233,9 @@ def _trainable(cfg: TrainerConfig, prepared: Any, options: Any) -> Any:
     return ray.tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
-def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, steps: int) -> Any:
+def build_tuner(
+    cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, steps: int, verdicts: dict[str, Any]
+) -> Any:
     """The ray.tune.Tuner of spec.tuning: trials of tune_trial.run_trial, ASHA if asked, `tracker` reporting."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
@@ -227,19 +245,19 @@ def build_tuner(cfg: TrainerConfig, prepared: Any, options: Any, tracker: Any, s
     assert tuning is not None
     scheduler = None
     if tuning.early_stopping == "asha":
-        grace = max(1, min(cfg.spec.training.eval_interval_steps, steps))
+        grace, max_t = asha_bounds(cfg, steps)
         scheduler = ASHAScheduler(
             time_attr="step",
             metric=tuning.objective.metric,
             mode=tuning.objective.mode,
-            max_t=max(steps, grace),
+            max_t=max_t,
             grace_period=grace,
             reduction_factor=ASHA_REDUCTION_FACTOR,
             stop_last_trials=False,
         )
     storage_path, fs = experiment_storage(cfg)
     return ray.tune.Tuner(
-        _trainable(cfg, prepared, options),
+        _trainable(cfg, prepared, options, verdicts),
         param_space=search_space(tuning),
         tune_config=ray.tune.TuneConfig(
             num_samples=1 if tuning.algorithm == "grid" else tuning.trials,

@@ -101,6 +101,21 @@ def planned_steps(spec: FineTuneJobSpec, rows_per_shard: int) -> int:
     return max(1, math.ceil(t.epochs * micro))
 
 
+def asha_bounds(cfg: TrainerConfig, steps: int) -> tuple[int, int]:
+    """ASHA's (grace period, max_t) for trials of `steps` steps: grace = one evaluation interval, so every
+    trial is compared at the same evaluation steps."""
+    grace = max(1, min(cfg.spec.training.eval_interval_steps, steps))
+    return grace, max(steps, grace)
+
+
+def asha_milestones(grace: int, max_t: int, reduction_factor: float) -> list[int]:
+    """The steps at which ASHA may stop a trial (ascending): the rungs of its single bracket, as Ray 2.60's
+    ray/tune/schedulers/async_hyperband.py `_Bracket.__init__` makes them (s = 0): grace * rf**k for
+    k < int(log(max_t / grace) / log(rf) + 1). ASHA decides at a trial's first result at or past a rung."""
+    count = int(math.log(max_t / grace) / math.log(reduction_factor) + 1)
+    return [int(grace * reduction_factor**k) for k in range(max(count, 0))]
+
+
 def clean_params(params: dict[str, Any]) -> dict[str, float]:
     """Parameters as status shows them: integers for integer fields, 4 significant digits for floats."""
     out: dict[str, float] = {}

@@ -29,8 +29,11 @@ STATUS_TRIALS_LIMIT = 100  # status.trials is for reading: at most this many ent
 class TrialTracker(Callback):
     """Keeps status.trials, progress.percent and metrics lines current as Tune reports (driver side)."""
 
-    def __init__(self, cfg: TrainerConfig, reporter: Any, steps_per_trial: int, total_trials: int):
+    def __init__(self, cfg: TrainerConfig, reporter: Any, steps_per_trial: int, total_trials: int, board: Any = None):
         self.cfg, self.reporter = cfg, reporter
+        self.board = (
+            board  # kubetune_trainer.tune_verdicts.VerdictBoard: where the trials' workers learn Tune's verdicts
+        )
         self.metric = evaluation.objective_metric(cfg.spec)
         self.steps_per_trial, self.total_trials = steps_per_trial, total_trials
         self.trials: dict[str, TrialStatus] = {}
@@ -40,7 +43,7 @@ class TrialTracker(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its run config (callbacks included) into the experiment folder; the reporter (an
         # API client, a thread) stays behind. Tune calls this very object, not an unpickled copy.
-        return {**self.__dict__, "reporter": _NullReporter()}
+        return {**self.__dict__, "reporter": _NullReporter(), "board": None}
 
     def _entry(self, trial: Any) -> TrialStatus:
         tid = trial_id_of(trial.trial_id)
@@ -65,6 +68,8 @@ class TrialTracker(Callback):
         t.step = int(result.get("step") or result.get("trainedSteps") or 0)
         t.objective = float(value) if isinstance(value, (int, float)) else None
         t.state = RUNNING
+        if "step" in result:  # Tune's verdict on it (done: the scheduler stopped the trial), for its workers
+            self._post(t.id, t.step, bool(result.get("done")))
         self.last[t.id] = {"step": t.step, "final": result.get("final"), self.metric: value}
         # Every evaluation of every trial, also of trials killed before their own metrics.jsonl was written
         # (kubetune plot --trials draws the held-out curves from these lines).
@@ -84,6 +89,7 @@ class TrialTracker(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self._entry(trial)
         t.state = trial_state("TERMINATED", self.last.get(t.id))
+        self._post(t.id, t.step or 0, True)
         self.reporter.metric(
             {"event": "trialEnded", "trial": t.id, "state": t.state, "step": t.step, self.metric: t.objective}
         )
@@ -93,6 +99,7 @@ class TrialTracker(Callback):
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         t = self._entry(trial)
         t.state = ERROR
+        self._post(t.id, t.step or 0, True)
         self.errors[t.id] = _error_text(trial)
         self.reporter.metric(
             {
@@ -123,6 +130,10 @@ class TrialTracker(Callback):
         if kept:
             self._publish()
         return sorted(kept)
+
+    def _post(self, trial: str, step: int, stop: bool) -> None:
+        if self.board is not None:
+            self.board.post.remote(trial, step, stop)
 
     def listing(self) -> list[TrialStatus]:
         return [self.trials[k] for k in sorted(self.trials)]

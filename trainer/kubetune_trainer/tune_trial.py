@@ -18,9 +18,15 @@ TRIAL_WORKER_START_TIMEOUT_S = 1800
 
 
 def run_trial(
-    config: dict[str, Any], *, job_config: dict[str, Any], prepared: dict[str, Any], options: dict[str, Any]
+    config: dict[str, Any],
+    *,
+    job_config: dict[str, Any],
+    prepared: dict[str, Any],
+    options: dict[str, Any],
+    verdicts: dict[str, Any],
 ) -> None:
-    """A Tune trial (runs in its trial actor): fit one Ray Train run with the trial's parameters."""
+    """A Tune trial (runs in its trial actor): fit one Ray Train run with the trial's parameters. `verdicts`:
+    where its workers learn Tune's verdicts at ASHA's rungs ({"board", "milestones"}, tune_verdicts)."""
     import ray.tune
 
     from kubetune_trainer.data import PreparedData, s3_client
@@ -40,7 +46,7 @@ def run_trial(
         tcfg,
         PreparedData(**prepared),
         RunOptions(**options),
-        trial={"id": trial_id, "params": clean_params(params), "jobRunUri": cfg.run_uri},
+        trial={"id": trial_id, "params": clean_params(params), "jobRunUri": cfg.run_uri, **verdicts},
     )
 
 
