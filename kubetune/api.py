@@ -623,8 +623,10 @@ class InferenceServerSpec(Model):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = _field("auto", description="Weights' dtype.")
     chat_template: str | None = _field(
         None,
-        description="Inline Jinja chat template for every model on the "
-        "server (vLLM --chat-template); unset: the base's own.",
+        description="The chat template for every model on the server (vLLM --chat-template): a named one "
+        "(chatml, llama3, zephyr) or inline Jinja; unset: the base's own. A job whose "
+        "spec.dataset.chatTemplate resolves to another template is not served on the server.",
+        min_length=1,
         max_length=65536,
     )
     endpoint: str | None = _field(None, description="S3 endpoint URL of an s3:// base; empty for AWS.", max_length=2048)
@@ -635,6 +637,25 @@ class InferenceServerSpec(Model):
         pattern=DNS_SUBDOMAIN_PATTERN,
     )
     image: str | None = _field(None, description="Inference image; default: the operator's.", max_length=1024)
+    token_secret_ref: TokenSecretRef | None = _field(
+        None,
+        description="hf:// base: the Secret key (in the server's namespace) holding a Hugging Face access "
+        "token (gated or private models); the server's pods get it as HF_TOKEN by secretKeyRef.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        why = chat_templates.problem(v) if v is not None else None
+        if why:
+            raise ValueError(why)
+        return v
+
+    @model_validator(mode="after")
+    def _token_for_hub_only(self) -> InferenceServerSpec:
+        if self.token_secret_ref is not None and not self.base_model.startswith("hf://"):
+            raise ValueError("tokenSecretRef: applies to hf:// models only")
+        return self
 
 
 class MlflowSpec(Model):

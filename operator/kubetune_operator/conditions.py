@@ -30,8 +30,9 @@ Types (PascalCase) and their reasons (CamelCase):
 |                    | serving was asked for)                     | ProgressDeadlineExceeded, ReplicaFailure,             |
 |                    |                                            | ModelUnavailable, UnsupportedModel, ServingRejected,  |
 |                    |                                            | NameConflict, ServerNotFound, ServerInvalid,          |
-|                    |                                            | ServerRefused (spec.deploy.server); False, nothing to |
-|                    |                                            | serve on purpose:                                     |
+|                    |                                            | ServerRefused, ChatTemplateMismatch, SecretNotFound,  |
+|                    |                                            | SecretKeyMissing (spec.deploy.server: the server's    |
+|                    |                                            | tokenSecretRef); False, nothing to serve on purpose:  |
 |                    |                                            | Disabled, NotImproved (the deployment gate),          |
 |                    |                                            | ScaledToZero                                          |
 
@@ -103,6 +104,8 @@ NAME_CONFLICT = "NameConflict"
 SERVER_NOT_FOUND = "ServerNotFound"
 SERVER_INVALID = "ServerInvalid"
 SERVER_REFUSED = "ServerRefused"
+# ... or it renders prompts with another chat template than the job trained with.
+CHAT_TEMPLATE_MISMATCH = "ChatTemplateMismatch"
 # Deployed=False for these means "nothing is meant to serve now", not "deploying": the state stays Succeeded.
 NOT_SERVING_ON_PURPOSE = (DISABLED, NOT_IMPROVED, SCALED_TO_ZERO)
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune import api
 from kubetune_operator import conditions as c
-from kubetune_operator import names, reconcile_server
+from kubetune_operator import guards, names, reconcile_server
 from kubetune_operator.builders import inference
 from kubetune_operator.builders.config import applied_spec
 from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, SERVICE, KubeError, kind_of
@@ -208,7 +208,13 @@ def _reconcile_serving(ctx: Context, spec: api.FineTuneJobSpec) -> None:
             verdict = (e.reason, e.message)
     if plan is not None and spec.deploy.server:
         _remove_dedicated(ctx, existing, f"serving on inference server {spec.deploy.server}")
-        _report(ctx, *reconcile_server.serve_shared(ctx, spec, plan))
+        shared = reconcile_server.serve_shared(ctx, spec, plan)
+        _report(ctx, *shared)
+        if shared[1] in (c.SECRET_NOT_FOUND, c.SECRET_KEY_MISSING):
+            from kubetune_operator.reconcile import Retry
+
+            # Secrets are not watched (the operator may only `get` them): look again, as for a job's own.
+            raise Retry(shared[2], delay=guards.SECRET_RETRY_S)
         return
     if _was_shared(ctx):
         reconcile_server.unregister(ctx)
@@ -270,6 +276,9 @@ def _was_shared(ctx: Context) -> bool:
         c.SERVER_NOT_FOUND,
         c.SERVER_INVALID,
         c.SERVER_REFUSED,
+        c.CHAT_TEMPLATE_MISMATCH,
+        c.SECRET_NOT_FOUND,  # the shared server's tokenSecretRef (a dedicated server's is checked before training)
+        c.SECRET_KEY_MISSING,
     )
 
 

@@ -9,6 +9,12 @@ Who calls what (see `kubetune_operator.builders.shared_server` for the objects a
   registration with the job): `on_server_object` syncs the server, then gives each registered job a status
   pass when the declaration or the server's Deployment moved.
 
+An hf:// base with `tokenSecretRef`: before the server's Deployment is created or changed, the Secret and its
+key are checked as a job's own Secrets are (`guards.secret_problem`); a missing one leaves the Deployment as
+it is and is reported in every using job's `Deployed` condition (SecretNotFound / SecretKeyMissing, naming
+the Secret, the key and the server), retried every 15 s since Secrets are not watched. A running server is
+not held back: its pods already hold the token.
+
 One server is synced by one thread at a time (`_lock`); every sync reads the declaration and lists the
 registrations fresh, so the last one always builds from the latest set.
 """
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune import api
 from kubetune_operator import conditions as c
+from kubetune_operator import guards
 from kubetune_operator.builders import inference
 from kubetune_operator.builders import shared_server as ss
 from kubetune_operator.builders.inference import ServingPlan
@@ -77,19 +84,41 @@ def sync_server(kube: Kube, settings: Settings, namespace: str, server: str) -> 
         adapters = [a for a in map(ss.adapter_of, regs) if a is not None]
         usable = ss.usable_adapters(server, spec, adapters)
         objects = [ss.service(decl), ss.deployment(decl, spec, usable, settings)]
-        results = {}
-        for obj in objects:
-            current = kube.get(kind_of(obj), namespace, server)
+        currents = {obj["kind"]: kube.get(kind_of(obj), namespace, server) for obj in objects}
+        for kind, current in currents.items():
             if current is not None and not _owned_by(current, decl["metadata"]["uid"]):
                 return ServerState(
                     problem=(
                         c.NAME_CONFLICT,
-                        f"{obj['kind']} {server} exists and does not belong to "
+                        f"{kind} {server} exists and does not belong to "
                         f"inference server {server}'s declaration; delete or rename it",
                     )
                 )
-            results[obj["kind"]] = _apply(kube, current, obj, decl, [a.model for a in usable])
+        if _changes(currents["Deployment"], objects[1]):
+            problem = token_problem(kube, namespace, server, spec)
+            if problem is not None:
+                return ServerState(problem=problem)
+        results = {
+            obj["kind"]: _apply(kube, currents[obj["kind"]], obj, decl, [a.model for a in usable]) for obj in objects
+        }
         return ServerState(spec=spec, adapters=adapters, deployment=results["Deployment"])
+
+
+def token_problem(kube: Kube, namespace: str, server: str, spec: api.InferenceServerSpec) -> tuple[str, str] | None:
+    """(reason, message) when the hf:// token Secret the declaration names, or its key, is missing."""
+    ref = spec.token_secret_ref
+    if ref is None or not spec.base_model.startswith("hf://"):
+        return None
+    field = f"tokenSecretRef in server.yaml of inference server {server}"
+    return guards.secret_problem(ref.name, namespace, kube.get_secret_keys(namespace, ref.name), field, (ref.key,))
+
+
+def _changes(current: dict[str, Any] | None, desired: dict[str, Any]) -> bool:
+    """Whether `_apply` would create or replace the object."""
+    if current is None:
+        return True
+    have = (current["metadata"].get("annotations") or {}).get(inference.ANNOTATION_SERVING_HASH)
+    return bool(have != desired["metadata"]["annotations"][inference.ANNOTATION_SERVING_HASH])
 
 
 def _apply(
@@ -101,7 +130,7 @@ def _apply(
         return created
     meta = current["metadata"]
     want = desired["metadata"]["annotations"][inference.ANNOTATION_SERVING_HASH]
-    if (meta.get("annotations") or {}).get(inference.ANNOTATION_SERVING_HASH) == want:
+    if not _changes(current, desired):
         return current
     if desired["kind"] == "Service":  # clusterIP is the server's: patch only what we own
         return kube.patch(
@@ -137,6 +166,7 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
 
 def adapter_for(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> ss.Adapter:
     assert plan.base_uri is not None and plan.max_lora_rank is not None
+    uses_template, template = ss.job_template(spec)
     return ss.Adapter(
         job=ctx.owner.name,
         model=plan.served_model_name,
@@ -146,6 +176,8 @@ def adapter_for(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> s
         endpoint=spec.dataset.endpoint,
         region=spec.dataset.region,
         secret=spec.dataset.credentials_secret,
+        chat_template=template,
+        uses_chat_template=uses_template,
     )
 
 
@@ -183,7 +215,7 @@ def serve_shared(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> 
     refused = ss.refusal(server, state.spec, mine, state.adapters)
     if refused is not None:
         ctx.obs.endpoint = None
-        return (c.FALSE, c.SERVER_REFUSED, refused)
+        return (c.FALSE, *refused)
     endpoint = ss.endpoint(server, owner.namespace, plan.served_model_name)
     ctx.obs.endpoint = endpoint
     return shared_condition(state.deployment, endpoint, server)
@@ -247,4 +279,12 @@ def on_server_object(reconciler: Reconciler, namespace: str, obj: dict[str, Any]
         reconciler.serve(namespace, job)  # its serving step syncs (a no-op when nothing changed) and reports
 
 
-__all__ = ["ServerState", "on_server_object", "serve_shared", "shared_condition", "sync_server", "unregister"]
+__all__ = [
+    "ServerState",
+    "on_server_object",
+    "serve_shared",
+    "shared_condition",
+    "sync_server",
+    "token_problem",
+    "unregister",
+]

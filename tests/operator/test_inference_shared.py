@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune import api
+from kubetune import api, chat_templates
 from kubetune_operator.builders import shared_server as ss
 from kubetune_operator.meta import LABEL_JOB, Owner
 from kubetune_operator.settings import Settings
@@ -57,6 +57,8 @@ def _adapter(
     base: str = BASE,
     created: str = "2026-01-01T00:00:00Z",
     secret: str = "team-s3",
+    template: str | None = None,
+    uses_template: bool = True,
 ) -> ss.Adapter:
     return ss.Adapter(
         job=job,
@@ -67,6 +69,8 @@ def _adapter(
         endpoint="http://seaweedfs.storage.svc:8333",
         secret=secret,
         created=created,
+        chat_template=ss.template_digest(template),
+        uses_chat_template=uses_template,
     )
 
 
@@ -126,11 +130,16 @@ def test_refusals_name_the_field() -> None:
     too_big = _adapter("big", "big", rank=32)
     all_ = [older, newer, other_base, too_big]
     assert ss.refusal("chat-pool", spec, older, all_) is None
-    assert "already served on inference server chat-pool by job first" in (
-        ss.refusal("chat-pool", spec, newer, all_) or ""
-    )
-    assert "serves base s3://kubetune-models/smollm2-135m" in (ss.refusal("chat-pool", spec, other_base, all_) or "")
-    assert "rank 32 exceeds" in (ss.refusal("chat-pool", spec, too_big, all_) or "")
+
+    def refused(a: ss.Adapter) -> tuple[str, str]:
+        verdict = ss.refusal("chat-pool", spec, a, all_)
+        assert verdict is not None
+        return verdict
+
+    assert refused(newer)[0] == "ServerRefused"
+    assert "already served on inference server chat-pool by job first" in refused(newer)[1]
+    assert "serves base s3://kubetune-models/smollm2-135m" in refused(other_base)[1]
+    assert "rank 32 exceeds" in refused(too_big)[1]
     assert [a.job for a in ss.usable_adapters("chat-pool", spec, all_)] == ["first"]
 
 
@@ -141,6 +150,8 @@ def test_refusals_name_the_field() -> None:
         (f"baseModel: {BASE}\nmaxLoraRank: 12\n", "maxLoraRank: must be one of"),
         (f"baseModel: {BASE}\nreplica: 2\n", "replica: Extra inputs are not permitted"),
         ("baseModel: [\n", "not YAML"),
+        (f"baseModel: {BASE}\ntokenSecretRef: {{name: hub}}\n", "tokenSecretRef: applies to hf:// models only"),
+        (f"baseModel: {BASE}\nchatTemplate: chat-ml\n", "chatTemplate: Value error, 'chat-ml' is neither"),
     ],
 )
 def test_invalid_declaration_names_the_field(text: str, needle: str) -> None:
@@ -193,3 +204,87 @@ def test_trainers_chat_template_is_handed_to_vllm() -> None:
     with pytest.raises(inference.NotServable) as e:
         inference.serving_plan(owner, spec, {**model, "chatTemplate": "../../etc/passwd"})
     assert "status.model.chatTemplate" in e.value.message
+
+
+HF_DECLARATION = (
+    "baseModel: hf://HuggingFaceTB/SmolLM2-135M-Instruct\nrevision: main\nreplicas: 1\n"
+    "resources: {gpus: 1, cpu: '4', memory: 16Gi}\nmaxLoraRank: 16\nchatTemplate: chatml\n"
+    "tokenSecretRef: {name: hub-token, key: token}\n"
+)
+
+
+def test_hub_base_gets_its_token_by_reference() -> None:
+    """An hf:// base with tokenSecretRef: HF_TOKEN from the Secret by secretKeyRef, nothing fetched from S3."""
+    decl = _declaration(HF_DECLARATION)
+    spec = ss.declaration_spec(decl)
+    base = "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+    adapters = ss.usable_adapters("chat-pool", spec, [_adapter("support-bot", "support", base=base, template="chatml")])
+    dep = ss.deployment(decl, spec, adapters, Settings())
+    _golden("shared-server-hf.yaml", [dep])
+    pod = dep["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub-token", "key": "token"}}}
+    assert "HF_HUB_OFFLINE" not in env  # vLLM downloads the base
+    assert [c["name"] for c in pod["initContainers"]] == ["fetch-support-bot"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--revision") + 1] == "main"
+    # a named template is resolved to its Jinja for vLLM (which would take a bare name for a file path)
+    assert args[args.index("--chat-template") + 1] == chat_templates.CHATML
+    # without tokenSecretRef, no token at all (a public base)
+    public = ss.declaration_spec(
+        _declaration(HF_DECLARATION.replace("tokenSecretRef: {name: hub-token, key: token}\n", ""))
+    )
+    names_ = [
+        e["name"]
+        for e in ss.deployment(decl, public, adapters, Settings())["spec"]["template"]["spec"]["containers"][0]["env"]
+    ]
+    assert "HF_TOKEN" not in names_
+
+
+@pytest.mark.parametrize(
+    ("server", "job", "uses", "refused"),
+    [
+        (None, None, True, False),  # both the base's own
+        ("chatml", "chatml", True, False),
+        ("chatml", chat_templates.CHATML, True, False),  # a name and its Jinja are one template
+        ("chatml", chat_templates.CHATML + "\n", True, False),  # a YAML block's newline: Jinja drops it
+        (None, "chatml", True, True),  # the base's own template may differ: not assumed to agree
+        ("chatml", None, True, True),
+        ("chatml", "zephyr", True, True),
+        ("zephyr", None, False, False),  # completion text was never rendered with a template
+    ],
+)
+def test_chat_template_decision(server: str | None, job: str | None, uses: bool, refused: bool) -> None:
+    text = f"baseModel: {BASE}\n" + (f"chatTemplate: {json.dumps(server)}\n" if server else "")
+    spec = ss.declaration_spec(_declaration(text))
+    adapter = _adapter("support-bot", "support", template=job, uses_template=uses)
+    verdict = ss.refusal("chat-pool", spec, adapter, [adapter])
+    if not refused:
+        assert verdict is None
+        assert ss.usable_adapters("chat-pool", spec, [adapter]) == [adapter]
+        return
+    assert verdict is not None
+    reason, message = verdict
+    assert reason == "ChatTemplateMismatch"
+    assert "spec.dataset.chatTemplate" in message and "inference server chat-pool" in message
+    assert ss.usable_adapters("chat-pool", spec, [adapter]) == []  # left out of the server's Deployment
+
+
+def test_job_template_from_the_spec() -> None:
+    m = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "lora-chat.yaml").read_text())
+    m["spec"]["dataset"].pop("chatTemplate", None)
+    assert ss.job_template(api.parse_manifest(m)[2]) == (True, None)
+    m["spec"]["dataset"]["chatTemplate"] = "zephyr"
+    assert ss.job_template(api.parse_manifest(m)[2]) == (True, ss.template_digest("zephyr"))
+    m["spec"]["dataset"]["format"] = "completion"
+    m["spec"]["dataset"].pop("chatTemplate")
+    assert ss.job_template(api.parse_manifest(m)[2])[0] is False
+    # the registration carries it; one written before the field existed reads as "the base's own, conversational"
+    owner = Owner(name="support-bot", namespace="ml-team", uid="u-1")
+    cm = ss.registration(owner, "chat-pool", _adapter("support-bot", "support", template="zephyr"))
+    registered = ss.adapter_of(cm)
+    assert registered is not None and registered.chat_template == ss.template_digest("zephyr")
+    data = json.loads(cm["data"][ss.REGISTRATION_KEY])
+    del data["chatTemplate"], data["usesChatTemplate"]
+    old = ss.adapter_of({**cm, "data": {ss.REGISTRATION_KEY: json.dumps(data)}})
+    assert old is not None and (old.chat_template, old.uses_chat_template) == (None, True)

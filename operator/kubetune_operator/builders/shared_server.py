@@ -20,19 +20,30 @@ Three kinds of object, all tied together by the label `kubetune.io/inference-ser
   downtime; `maxUnavailable: 0`).
 
 Adapters that cannot be served on this server are left out (`usable_adapters`): another base, a rank above
-the server's `maxLoraRank`, or a model name already taken by an older registration.
+the server's `maxLoraRank`, a chat template other than the server's, or a model name already taken by an
+older registration.
+
+Chat templates: vLLM renders every adapter's chat prompts with the server's one template (`chatTemplate` of
+the declaration, else the base's own). An adapter trained on conversations rendered with another template
+would be served prompts laid out as it never saw them, so it is refused (`ChatTemplateMismatch`). The
+registration carries a digest of the template the job trained with (`spec.dataset.chatTemplate` resolved;
+none: the base's own), and whether its data was conversational at all (completion text uses no template).
+Two unset templates match; a set one and an unset one do not: the operator cannot read the base's template,
+so it does not guess that they agree.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from kubetune import api
+from kubetune import api, chat_templates
 from kubetune.vllm import VLLM_COMMAND, VLLM_LORA_RANKS, vllm_args, vllm_cpu_env
+from kubetune_operator import conditions as c
 from kubetune_operator import names
 from kubetune_operator.builders import inference as inf
 from kubetune_operator.meta import MANAGED_BY, Owner, object_meta
@@ -44,6 +55,9 @@ REGISTRATION_KEY = "adapter.json"
 COMPONENT = "inference-server"
 ADAPTER_COMPONENT = "adapter"
 ADAPTERS_DIR = f"{inf.MODELS_DIR}/adapters"
+# Formats the trainer renders with a chat template (kubetune_trainer.data.encode); completion and classification
+# text is tokenised as it is.
+CONVERSATIONAL_FORMATS = frozenset({"chat", "instruction", "preference"})
 
 
 class InvalidDeclaration(ValueError):
@@ -63,6 +77,8 @@ class Adapter:
     region: str = "us-east-1"
     secret: str | None = None
     created: str = ""  # the registration's creationTimestamp: the older of two same-named adapters wins
+    chat_template: str | None = None  # template_digest of the template it trained with; None: the base's own
+    uses_chat_template: bool = True  # its training data was rendered with a chat template (chat, instruction...)
 
     def wire(self) -> dict[str, Any]:
         return {
@@ -74,7 +90,34 @@ class Adapter:
             "endpoint": self.endpoint,
             "region": self.region,
             "credentialsSecret": self.secret,
+            "chatTemplate": self.chat_template,
+            "usesChatTemplate": self.uses_chat_template,
         }
+
+
+# ------------------------------------------------------------------------------------------ templates
+
+
+def template_digest(value: str | None) -> str | None:
+    """sha256 of the Jinja a chatTemplate value (name or inline) resolves to; None for unset (the base's own).
+    One trailing newline is dropped first: Jinja drops it when rendering, and YAML block scalars add one."""
+    if value is None:
+        return None
+    text = chat_templates.resolve(value)
+    return "sha256:" + hashlib.sha256(text.removesuffix("\n").encode("utf-8")).hexdigest()
+
+
+def job_template(spec: api.FineTuneJobSpec) -> tuple[bool, str | None]:
+    """(whether the job's training rendered chat templates, the digest of the template it used)."""
+    uses = any(src.format in CONVERSATIONAL_FORMATS for src in spec.dataset.train_sources())
+    return uses, template_digest(spec.dataset.chat_template)
+
+
+def _template_words(digest: str | None) -> str:
+    if digest is None:
+        return "the base model's own template"
+    named = next((n for n in chat_templates.NAMED if template_digest(n) == digest), None)
+    return f"the named template {named}" if named else f"an inline template ({digest[:19]})"
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -94,13 +137,20 @@ def declaration_spec(cm: dict[str, Any]) -> api.InferenceServerSpec:
         spec = api.InferenceServerSpec.model_validate(raw if raw is not None else {})
     except ValueError as e:
         errors: list[dict[str, Any]] = list(getattr(e, "errors", lambda: [])())
-        detail = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in errors)
+        detail = "; ".join(_error_text(err) for err in errors)
         raise InvalidDeclaration(f"ConfigMap {name} {DECLARATION_KEY}: {detail or e}") from None
     if spec.max_lora_rank not in VLLM_LORA_RANKS:
         raise InvalidDeclaration(
             f"ConfigMap {name} {DECLARATION_KEY}: maxLoraRank: must be one of {', '.join(map(str, VLLM_LORA_RANKS))}"
         )
     return spec
+
+
+def _error_text(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"])
+    if path:
+        return f"{path}: {err['msg']}"
+    return str(err["msg"]).removeprefix("Value error, ")  # a cross-field rule: its message names the field
 
 
 def adapter_of(cm: dict[str, Any]) -> Adapter | None:
@@ -120,23 +170,43 @@ def adapter_of(cm: dict[str, Any]) -> Adapter | None:
             region=d.get("region") or "us-east-1",
             secret=d.get("credentialsSecret"),
             created=meta.get("creationTimestamp") or "",
+            chat_template=d.get("chatTemplate"),
+            uses_chat_template=bool(d.get("usesChatTemplate", True)),
         )
     except (KeyError, ValueError, TypeError):
         return None
 
 
-def refusal(server: str, spec: api.InferenceServerSpec, adapter: Adapter, others: list[Adapter]) -> str | None:
-    """Why `adapter` is not served on `server` (None: it is)."""
+def template_mismatch(server: str, spec: api.InferenceServerSpec, adapter: Adapter) -> str | None:
+    """Why the server's chat template is not the one the adapter trained with (None: it is, or none applies)."""
+    served = template_digest(spec.chat_template)
+    if not adapter.uses_chat_template or adapter.chat_template == served:
+        return None
+    return (
+        f"the adapter was trained on prompts rendered with {_template_words(adapter.chat_template)} "
+        f"(spec.dataset.chatTemplate), but inference server {server} renders every prompt with "
+        f"{_template_words(served)} (chatTemplate of its server.yaml); serve it on a server with the same "
+        "template, or on a dedicated one (unset spec.deploy.server)"
+    )
+
+
+def refusal(
+    server: str, spec: api.InferenceServerSpec, adapter: Adapter, others: list[Adapter]
+) -> tuple[str, str] | None:
+    """Why `adapter` is not served on `server`: (reason, message) of the job's Deployed condition; None: it is."""
     if adapter.base_uri.rstrip("/") != spec.base_model.rstrip("/"):
-        return (
+        return c.SERVER_REFUSED, (
             f"inference server {server} serves base {spec.base_model}, the adapter was trained on "
             f"{adapter.base_uri} (spec.deploy.server)"
         )
     if adapter.rank > spec.max_lora_rank:
-        return (
+        return c.SERVER_REFUSED, (
             f"the adapter's LoRA rank {adapter.rank} exceeds inference server {server}'s maxLoraRank "
             f"{spec.max_lora_rank} (spec.deploy.server)"
         )
+    mismatch = template_mismatch(server, spec, adapter)
+    if mismatch is not None:
+        return c.CHAT_TEMPLATE_MISMATCH, mismatch
     holder = next(
         (
             o
@@ -146,7 +216,7 @@ def refusal(server: str, spec: api.InferenceServerSpec, adapter: Adapter, others
         None,
     )
     if holder is not None:
-        return (
+        return c.SERVER_REFUSED, (
             f"model name {adapter.model} is already served on inference server {server} by job {holder.job} "
             "(spec.deploy.servedModelName)"
         )
@@ -236,7 +306,7 @@ def server_args(server: str, spec: api.InferenceServerSpec, adapters: list[Adapt
         dtype=None if spec.dtype == "auto" else spec.dtype,
         extra=extra,
         enforce_eager=gpus == 0,
-        chat_template=spec.chat_template,
+        chat_template=chat_templates.resolve(spec.chat_template) if spec.chat_template else None,
         max_loras=spec.max_loras,
     )
 
@@ -270,7 +340,7 @@ def _init_containers(image: str, spec: api.InferenceServerSpec, adapters: list[A
     return init
 
 
-def _env(spec: api.InferenceServerSpec) -> list[dict[str, str]]:
+def _env(spec: api.InferenceServerSpec) -> list[dict[str, Any]]:
     env = {"HOME": inf.HOME_DIR}
     if spec.resources.gpus == 0:
         env.update(vllm_cpu_env(inf.kv_cache_gib(spec.resources.memory)))
@@ -278,10 +348,15 @@ def _env(spec: api.InferenceServerSpec) -> list[dict[str, str]]:
         env.update(
             {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         )
-    if spec.base_model.startswith("hf://"):
+    hub = spec.base_model.startswith("hf://")
+    if hub:
         env.pop("HF_HUB_OFFLINE", None)
         env.pop("TRANSFORMERS_OFFLINE", None)
-    return [{"name": k, "value": v} for k, v in env.items()]
+    out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in env.items()]
+    ref = spec.token_secret_ref
+    if hub and ref is not None:  # a gated or private base: vLLM downloads it with this token, by reference
+        out.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return out
 
 
 def deployment(
@@ -381,12 +456,14 @@ __all__ = [
     "ADAPTERS_DIR",
     "Adapter",
     "COMPONENT",
+    "CONVERSATIONAL_FORMATS",
     "DECLARATION_KEY",
     "InvalidDeclaration",
     "LABEL_SERVER",
     "REGISTRATION_KEY",
     "adapter_of",
     "declaration_spec",
+    "job_template",
     "deployment",
     "endpoint",
     "refusal",
@@ -395,5 +472,7 @@ __all__ = [
     "served_models",
     "server_args",
     "service",
+    "template_digest",
+    "template_mismatch",
     "usable_adapters",
 ]
