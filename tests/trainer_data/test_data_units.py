@@ -139,6 +139,51 @@ def test_single_render_spans_match_prefix_renders(tokenizer, turns):
     assert [full[s:e] for s, e in fast] == [f"{a}<|im_end|>\n" for a in answers]
 
 
+def _rendered(render, turns, generation_prompt):
+    """The text, or the kind of error (a template may refuse a chat, e.g. one that opens with the assistant)."""
+    try:
+        return render([{"role": r, "content": c} for r, c in turns], generation_prompt)
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+
+
+@pytest.mark.parametrize("name", ["own"] + sorted(chat_templates.NAMED))
+def test_direct_render_is_apply_chat_template(tokenizer, name):
+    """The compiled template rendered directly (encode._direct_renderer) gives apply_chat_template's text, byte
+    for byte, for the model's own template and every named one: same prepared data, same fingerprint."""
+    t = tokenizer
+    if name != "own":
+        t = copy.copy(tokenizer)
+        t.chat_template = chat_templates.resolve(name)
+    enc = Encoder(t, "chat", 512)
+    assert enc._direct is not None, "the direct render is not in use"
+    odd = [
+        ("system", "  tabs\tand {{ braces }} {% raw %}"),
+        ("user", "\u00e9\u4e2d\U0001f600 <b>"),
+        ("assistant", "x\n\n"),
+    ]
+    for turns in CHATS + [odd]:
+        for g in (False, True):
+            assert _rendered(enc._direct, turns, g) == _rendered(enc._apply_template, turns, g), (name, turns, g)
+
+
+def test_direct_render_that_disagrees_is_not_used(tokenizer, monkeypatch):
+    import kubetune_trainer.data.encode as encode_module
+
+    real = encode_module._direct_renderer
+
+    def off_by_one(tok):
+        direct = real(tok)
+        return lambda messages, g: direct(messages, g) + " "
+
+    monkeypatch.setattr(encode_module, "_direct_renderer", off_by_one)
+    enc = Encoder(tokenizer, "chat", 512)
+    assert enc._direct is None
+    ex = Example([("user", "What is two plus two?"), ("assistant", "Four.")], None, None, "", 0)
+    (out,) = enc.encode([ex])
+    assert not tokenizer.decode([int(t) for t in out.input_ids]).endswith(" ")
+
+
 def test_masks_for_chat_and_a_base_without_template(tokenizer):
     ex = Example([("user", "What is two plus two?"), ("assistant", "Four.")], None, None, "", 0)
     (out,) = Encoder(tokenizer, "chat", 512).encode([ex])
@@ -321,3 +366,27 @@ def test_parse_uri():
     for bad in ("http://bucket/x", "s3:///x", "bucket/x"):
         with pytest.raises(DataError):
             parse_uri(bad)
+
+
+def test_shard_table_wraps_the_arrays_as_pyarrow_would(tmp_path):
+    """shards._table wraps numpy buffers directly (pa.array would import pandas): same Arrow table, also for a
+    trimmed (non-contiguous) slice of a memory map and for a 1-D label column."""
+    import pyarrow as pa
+
+    from kubetune_trainer.data.shards import _table
+
+    spill = RowSpill(str(tmp_path / "rows"), {"input_ids": (np.dtype(np.int32), 8), "label": (np.dtype(np.int64), 0)})
+    spill.append({"input_ids": np.arange(40, dtype=np.int32).reshape(5, 8), "label": np.arange(5, dtype=np.int64)})
+    spill.close()
+    cols = spill.read()
+    block = {"input_ids": cols["input_ids"][[4, 1, 2], :5], "label": cols["label"][[4, 1, 2]]}
+    expected = pa.table(
+        {
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(block["input_ids"].reshape(-1)), 5),
+            "label": pa.array(block["label"]),
+        }
+    )
+    got = _table(block)
+    assert got.equals(expected) and got.schema == expected.schema
+    assert got.column("input_ids").to_pylist()[0] == [32, 33, 34, 35, 36]
+    assert _table({k: v[:0] for k, v in block.items()}).schema == expected.schema

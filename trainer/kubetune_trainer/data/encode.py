@@ -24,6 +24,7 @@ Everything is truncated to maxSeqLength tokens.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -65,19 +66,44 @@ class Encoder:
             )
         if conversational and self._fast is None:
             raise DataError(f"format {fmt} needs a fast tokenizer: masking maps tokens to characters by offsets")
+        self._direct = _direct_renderer(tokenizer) if conversational else None
+        if self._direct is not None and not self._direct_agrees():
+            self._direct = None
         self._turn_markers = self._probe_template() if conversational else None
 
     # -------------------------------------------------------------------------------------- rendering
 
     def _render(self, turns: list[tuple[str, str]], generation_prompt: bool) -> str:
+        messages = [{"role": r, "content": c} for r, c in turns]
+        if self._direct is not None:
+            return self._direct(messages, generation_prompt)
+        return self._apply_template(messages, generation_prompt)
+
+    def _apply_template(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return cast(  # tokenize=False: the rendered text
             str,
-            self.tok.apply_chat_template(
-                [{"role": r, "content": c} for r, c in turns],
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            ),
+            self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt),
         )
+
+    def _direct_agrees(self) -> bool:
+        """Whether the direct render gives apply_chat_template's text on probe chats (with a system turn, two
+        rounds, control-looking and non-ASCII text, with and without the generation prompt); if not, every
+        record takes apply_chat_template."""
+        assert self._direct is not None
+        probe = [
+            {"role": "system", "content": "Be brief. \u00e9\u4e2d"},
+            {"role": "user", "content": "q1 {{ x }} {% raw %}"},
+            {"role": "assistant", "content": " a1\n\n"},
+            {"role": "user", "content": "q2"},
+        ]
+        try:
+            return all(
+                self._direct(chat, g) == self._apply_template(chat, g)
+                for chat in (probe[1:2], probe[:3], probe)
+                for g in (False, True)
+            )
+        except Exception:  # noqa: BLE001 - a template that refuses a probe: keep the library's own path
+            return False
 
     def _probe_template(self) -> tuple[str, str] | None:
         """(assistant header, end-of-turn suffix) of the chat template, found by rendering a probe chat, or None
@@ -237,12 +263,50 @@ class Encoder:
         # A chat template writes its own BOS if the model wants one (as vLLM renders it, without adding another).
         ids_list, starts_list = self._tokenize([r[0] for r in rendered], special=False, offsets=True)
         out: list[Encoded | None] = []
+        ignore = np.int32(IGNORE)
         for (_, spans), ids, starts in zip(rendered, ids_list, starts_list):
-            target = np.zeros(len(ids), dtype=bool)
-            for s, e in spans:
-                target |= (starts >= s) & (starts < e)
+            target = _in_spans(starts, spans)
             if not target.any():
                 out.append(None)
                 continue
-            out.append(Encoded(ids, np.where(target, ids, IGNORE).astype(np.int32), None))
+            out.append(Encoded(ids, np.where(target, ids, ignore), None))  # int32 like ids
         return out
+
+
+def _in_spans(starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens start inside one of the character spans."""
+    if len(spans) == 1:  # the usual single answer: no array to start from and OR into
+        s, e = spans[0]
+        return (starts >= s) & (starts < e)
+    target = np.zeros(len(starts), dtype=bool)
+    for s, e in spans:
+        target |= (starts >= s) & (starts < e)
+    return target
+
+
+def _direct_renderer(tokenizer: Any) -> Callable[[list[dict[str, str]], bool], str] | None:
+    """The tokenizer's compiled chat template, rendered without apply_chat_template's per-call work.
+
+    apply_chat_template spends about half of each call outside the template: resolving the template, copying
+    and type-checking the messages (built for rich objects: dataclasses, pydantic models, media) and the
+    special-token variables. Our messages are plain {role, content} strings, so rendering transformers' own
+    compiled template (same sandboxed environment, filters and globals) with the same variables gives the
+    same text; Encoder checks that on probe chats and otherwise keeps apply_chat_template. None when this
+    transformers version does not have the pieces.
+    """
+    try:
+        from transformers.utils import chat_template_utils as ctu
+
+        template = ctu._compile_jinja_template(tokenizer.get_chat_template())
+        variables = ctu._plain_template_data(dict(tokenizer.special_tokens_map))
+    except Exception:  # noqa: BLE001 - a private API that may move: fall back to the public one
+        return None
+    render = template.render
+
+    def direct(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return cast(
+            str,
+            render(messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **variables),
+        )
+
+    return direct

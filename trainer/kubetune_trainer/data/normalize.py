@@ -13,6 +13,7 @@ _H = " " + _ODD_SPACE
 _INNER_SPACE = re.compile(rf"(?<=\S)(?: [{_H}]+|[{_ODD_SPACE}][{_H}]*)")
 _TRAILING_SPACE = re.compile(rf"[{_H}]+$", re.MULTILINE)
 _MANY_NEWLINES = re.compile(r"\n{3,}")
+_ODD_CHAR = re.compile(f"[{_ODD_SPACE}]")
 
 
 def normalize_text(text: str, form: str, whitespace: bool) -> str:
@@ -30,7 +31,7 @@ def normalize_text(text: str, form: str, whitespace: bool) -> str:
     # checks (memchr-speed) that show whether a pass can change anything; most texts need none.
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    odd = "  " in text or any(c in text for c in _ODD_SPACE)
+    odd = "  " in text or _ODD_CHAR.search(text) is not None  # one scan, not one per odd character
     if odd or " \n" in text:
         text = _TRAILING_SPACE.sub("", text)
     if odd:
