@@ -7,6 +7,10 @@ is, both jobs Deployed on the same endpoint under their own model names, a third
 model name, a deleted job's adapter dropped from the server by the garbage collector + the operator, an
 invalid declaration reported naming the field, the server gone with its declaration, the job back on a
 dedicated server. Also the ETA column.
+
+And (docs/serving.md's hf:// declaration) that a job trained with another chat template than its server's is
+refused and left off the server, and that an hf:// server whose tokenSecretRef Secret or key is missing is
+not built, its job told so (SecretNotFound, SecretKeyMissing), until the key exists.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from typing import Any
 
 import pytest
 import yaml
-from op_support import condition, get_columns, put_s3_secret, wait_for
+from op_support import condition, events, get_columns, put_s3_secret, wait_for
 
+from kubetune import chat_templates
 from kubetune_cli.localenv.kubelet import DeploymentController
-from kubetune_operator import names
+from kubetune_operator import guards, names
 from kubetune_operator.builders import shared_server as ss
-from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, FINETUNEJOB, RAYJOB, SERVICE
+from kubetune_operator.kube import CONFIGMAP, DEPLOYMENT, FINETUNEJOB, KINDS, RAYJOB, SERVICE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -108,7 +113,7 @@ def test_shared_server_serves_every_registered_adapter(
 ) -> None:
     ns = namespace
     put_s3_secret(kube, ns, "AKIAKUBETUNETEST0003", SECRET_VALUE)
-    declaration, job_manifest = doc_manifests()
+    declaration, job_manifest = doc_manifests()[:2]
     assert job_manifest["spec"]["deploy"]["server"] == SERVER
 
     # Two jobs train before the server is declared: both register, both wait for it.
@@ -180,3 +185,75 @@ def test_shared_server_serves_every_registered_adapter(
     wait_for("dedicated Deployment", lambda: kube.get(DEPLOYMENT, ns, names.inference("legal-bot")), timeout=WAIT)
     body = _deployed(kube, ns, "legal-bot", "False", "Progressing")
     assert body["status"]["endpoint"]["url"].startswith(f"http://{names.inference('legal-bot')}.{ns}.svc")
+
+
+def test_shared_server_refuses_another_chat_template_and_waits_for_its_token(
+    operator: Any,
+    kubectl: Any,
+    kube: Any,
+    kuberay: Any,
+    namespace: str,
+) -> None:
+    ns = namespace
+    declaration, job_manifest, hub_declaration = doc_manifests()
+    hub = hub_declaration["metadata"]["name"]
+    hub_spec = yaml.safe_load(hub_declaration["data"][ss.DECLARATION_KEY])
+    ref = hub_spec["tokenSecretRef"]
+    assert hub_spec["baseModel"].startswith("hf://") and "chatTemplate" not in declaration["data"][ss.DECLARATION_KEY]
+    token = "hf_kubetune-test-token-do-not-leak"
+    retry = guards.SECRET_RETRY_S + 15  # the operator looks at Secrets again every 15 s
+
+    # Two servers: chat-pool (the base's own template), and the hub one whose token Secret does not exist yet.
+    # Job templated trained with chatml for chat-pool; hub-bot with the hub server's template, for it.
+    templated = _job(job_manifest, "templated", "templated")
+    templated["spec"]["dataset"]["chatTemplate"] = "chatml"
+    hub_job = _job(job_manifest, "hub-bot", "hub")
+    hub_job["spec"]["model"] = {"uri": hub_spec["baseModel"]}
+    hub_job["spec"]["dataset"]["chatTemplate"] = hub_spec["chatTemplate"]
+    hub_job["spec"]["deploy"]["server"] = hub
+    for manifest in (declaration, hub_declaration, templated, hub_job):
+        kubectl.apply(manifest, ns)
+    for job in ("templated", "hub-bot"):
+        _train(kube, kuberay, ns, job)
+
+    body = _deployed(kube, ns, "hub-bot", "False", "SecretNotFound")
+    message = condition(body, "Deployed")["message"]
+    assert f"Secret {ns}/{ref['name']} (tokenSecretRef in server.yaml of inference server {hub})" in message
+    assert kube.get(DEPLOYMENT, ns, hub) is None and kube.get(SERVICE, ns, hub) is None
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": ref["name"], "namespace": ns}}
+    kube.create({**secret, "stringData": {"token": token}})  # the token under another key than tokenSecretRef's
+
+    # Meanwhile: chatml is not chat-pool's template; the adapter is registered with its digest, not served.
+    body = _deployed(kube, ns, "templated", "False", "ChatTemplateMismatch")
+    message = condition(body, "Deployed")["message"]
+    assert "the named template chatml" in message and "the base model's own template" in message
+    assert f"inference server {SERVER}" in message
+    reg = json.loads(kube.get(CONFIGMAP, ns, ss.registration_name("templated"))["data"][ss.REGISTRATION_KEY])
+    assert (reg["chatTemplate"], reg["usesChatTemplate"]) == (ss.template_digest("chatml"), True)
+    assert _server_models(kube, ns) == set()  # built after the registration was read: without the adapter
+    # The server declared with chatml (by name): the adapter is served, vLLM gets the template itself.
+    good = kube.get(CONFIGMAP, ns, SERVER)["data"][ss.DECLARATION_KEY]
+    kube.patch(CONFIGMAP, ns, SERVER, {"data": {ss.DECLARATION_KEY: good + "chatTemplate: chatml\n"}})
+    wait_for("chat-pool with templated", lambda: _server_models(kube, ns) == {"templated"}, timeout=WAIT)
+    args = kube.get(DEPLOYMENT, ns, SERVER)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--chat-template") + 1] == chat_templates.CHATML
+    _deployed(kube, ns, "templated", "False", "Progressing")
+
+    # Back to the hub server: the Secret exists without the key, then gets it; no Deployment until then.
+    body = _deployed(kube, ns, "hub-bot", "False", "SecretKeyMissing")
+    message = condition(body, "Deployed")["message"]
+    assert f"Secret {ns}/{ref['name']}" in message and f"has no key {ref['key']}" in message and hub in message
+    assert token not in message
+    assert kube.get(DEPLOYMENT, ns, hub) is None
+    kube.patch(KINDS[("v1", "Secret")], ns, ref["name"], {"stringData": {ref["key"]: token}})
+    dep = wait_for(f"Deployment {hub}", lambda: kube.get(DEPLOYMENT, ns, hub), timeout=retry)
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}},
+    }
+    assert ss.served_models(dep) == {"hub"}
+    body = _deployed(kube, ns, "hub-bot", "False", "Progressing")
+    hub_events = events(kubectl, ns, "hub-bot")
+    assert {("Warning", "SecretNotFound"), ("Warning", "SecretKeyMissing")} <= {e[:2] for e in hub_events}
+    assert token not in json.dumps([body, hub_events, dep, kube.list(CONFIGMAP, ns, f"{ss.LABEL_SERVER}={hub}")])
