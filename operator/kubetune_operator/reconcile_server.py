@@ -172,6 +172,7 @@ def adapter_for(ctx: Context, spec: api.FineTuneJobSpec, plan: ServingPlan) -> s
         model=plan.served_model_name,
         uri=plan.model_uri,
         base_uri=plan.base_uri,
+        base_revision=plan.base_revision,
         rank=inference.max_lora_r(spec),
         endpoint=spec.dataset.endpoint,
         region=spec.dataset.region,

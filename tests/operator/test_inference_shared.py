@@ -7,6 +7,7 @@ and review the diff of tests/golden/shared-server-*.yaml like code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -141,6 +142,23 @@ def test_refusals_name_the_field() -> None:
     assert "serves base s3://kubetune-models/smollm2-135m" in refused(other_base)[1]
     assert "rank 32 exceeds" in refused(too_big)[1]
     assert [a.job for a in ss.usable_adapters("chat-pool", spec, all_)] == ["first"]
+
+
+def test_an_hf_base_is_served_only_at_the_revision_the_adapter_trained_on() -> None:
+    hub = "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+    spec = api.InferenceServerSpec.model_validate({"baseModel": hub, "revision": "a" * 40})
+    same = dataclasses.replace(_adapter("same", "same", base=hub), base_revision="a" * 40)
+    other = dataclasses.replace(_adapter("other", "other", base=hub), base_revision="b" * 40)
+    unpinned = _adapter("loose", "loose", base=hub)
+    assert ss.refusal("hub-pool", spec, same, [same]) is None
+    verdict = ss.refusal("hub-pool", spec, other, [other])
+    assert verdict is not None and verdict[0] == "ServerRefused"
+    assert f"revision {'a' * 40}" in verdict[1] and f"trained on revision {'b' * 40}" in verdict[1]
+    assert "trained on revision main" in (ss.refusal("hub-pool", spec, unpinned, [unpinned]) or ("", ""))[1]
+    main = api.InferenceServerSpec.model_validate({"baseModel": hub, "revision": "main"})
+    assert ss.refusal("hub-pool", main, unpinned, [unpinned]) is None  # unset is the hub's default, main
+    wire = ss.adapter_of({"metadata": {"name": "r"}, "data": {ss.REGISTRATION_KEY: json.dumps(other.wire())}})
+    assert wire is not None and wire.base_revision == "b" * 40
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,7 @@ class Adapter:
     uri: str
     base_uri: str
     rank: int
+    base_revision: str | None = None  # hf:// base: the revision it trained on (spec.model.revision)
     endpoint: str | None = None
     region: str = "us-east-1"
     secret: str | None = None
@@ -86,6 +87,7 @@ class Adapter:
             "model": self.model,
             "uri": self.uri,
             "baseUri": self.base_uri,
+            "baseRevision": self.base_revision,
             "rank": self.rank,
             "endpoint": self.endpoint,
             "region": self.region,
@@ -165,6 +167,7 @@ def adapter_of(cm: dict[str, Any]) -> Adapter | None:
             model=d["model"],
             uri=d["uri"],
             base_uri=d["baseUri"],
+            base_revision=d.get("baseRevision"),
             rank=int(d["rank"]),
             endpoint=d.get("endpoint"),
             region=d.get("region") or "us-east-1",
@@ -198,6 +201,13 @@ def refusal(
         return c.SERVER_REFUSED, (
             f"inference server {server} serves base {spec.base_model}, the adapter was trained on "
             f"{adapter.base_uri} (spec.deploy.server)"
+        )
+    served, trained = spec.revision or "main", adapter.base_revision or "main"  # the hub's default: main
+    if spec.base_model.startswith("hf://") and served != trained:
+        # LoRA deltas are trained against one set of base weights; another revision is another base.
+        return c.SERVER_REFUSED, (
+            f"inference server {server} serves {spec.base_model} at revision {served}, the adapter was "
+            f"trained on revision {trained} (spec.model.revision)"
         )
     if adapter.rank > spec.max_lora_rank:
         return c.SERVER_REFUSED, (
