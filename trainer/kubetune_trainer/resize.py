@@ -1,14 +1,23 @@
 """Resuming a checkpoint on a different number of ranks (a preempted job that comes back smaller or larger).
 
 DeepSpeed 0.19.8 does not re-partition a ZeRO checkpoint for a new world size (ZeRO-2's elastic_checkpoint is
-refused at load, and `ds_to_universal` fails on torch AdamW's optimizer-state layout), so what fits:
+refused at load, and `ds_to_universal` fails on torch AdamW's optimizer-state layout), so what fits, for
+ZeRO-2 and ZeRO-3 alike:
 
-- Weights: the fp32 weights are rebuilt from the ZeRO-2 shards of every old rank (DeepSpeed's zero_to_fp32,
-  which reads any world size), loaded into the new engine's module, and the optimizer's fp32 partitions
-  refreshed from them. The LR schedule and step counters come from the checkpoint. Adam's moment estimates
-  start again from zero (they are partitioned by the old world size): the loss curve continues, the first
-  steps move like the first steps after a warm restart. ZeRO-3 checkpoints resize only through the same
-  reconstruction of the weights, which is not wired here: they are refused with a clear message.
+- Weights: rank 0 alone downloads every old rank's shards and rebuilds the fp32 weights from them (DeepSpeed's
+  zero_to_fp32, which reads ZeRO-2 and ZeRO-3 checkpoints of any world size; in its lazy mode, so that from a
+  ZeRO-3 checkpoint each parameter is assembled only when it is loaded, while ZeRO-2's reconstruction holds all
+  the fp32 weights at once: either way rank 0's CPU memory holds them at most once). Every rank then takes
+  the parameters one by one in the same order: a ZeRO-3 parameter through `GatheredParameters(modifier_rank=0)`
+  (gathered, written by rank 0, and on leaving broadcast and re-partitioned into every rank's `ds_tensor`), a
+  ZeRO-2 one (whole on every rank) written by rank 0 and broadcast. So no rank's device holds more than one
+  gathered parameter beyond its usual share. The optimizer's fp32 partitions are then refreshed from the 16-bit
+  ones (under ZeRO-3 these are views of the same flat buffer as the parameters' `ds_tensor`s). The LR schedule
+  and step counters come from the checkpoint's model states (read by rank 0, broadcast); the other ranks
+  download only their RNG file. Adam's moment estimates start again from zero (they are partitioned by the old
+  world size): the loss curve continues, the first steps move like the first steps after a warm restart. LoRA
+  checkpoints hold only the trainable weights (the frozen ones are the base model's, already loaded); a
+  trainable weight missing from the checkpoint is an error on every rank.
 - Data: a checkpoint says, per old rank, how far into its shard's permutation of the current epoch it got.
   The new run's data is prepared for the new number of ranks (other shards), so the rest of the interrupted
   epoch is the new rank's permuted rows minus every row the old ranks had consumed (identified by content:
@@ -23,8 +32,10 @@ is refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +44,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _DS_TAG = "ds"
+# The file with the LR scheduler and engine counters: ZeRO-2 writes it once, ZeRO-3 once per rank (the same
+# names DeepSpeed's zero_to_fp32.get_model_state_file looks for).
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+_ENGINE_STATE = ("lr_scheduler", "global_steps", "global_samples")
 
 
 def load_resized(
@@ -49,17 +64,18 @@ def load_resized(
     fingerprint: str,
 ) -> Any:
     """Restore weights, schedule, counters and RNG of checkpoint `uri` written by `state.world_size` ranks
-    into this `world`-rank engine; returns the TrainState, marked as resized (see the module docstring)."""
+    into this `world`-rank engine; returns the TrainState, marked as resized (see the module docstring).
+    A collective: every rank calls it at the same point."""
     import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    import torch.distributed as dist
 
     from kubetune_trainer import storage
     from kubetune_trainer.checkpoint import set_rng_states
 
     old = state.world_size
-    if zero_stage != 2:
+    if zero_stage not in (2, 3):
         raise RuntimeError(
-            f"checkpoint {uri} was written by {old} ranks and this run has {world}: only ZeRO-2 "
+            f"checkpoint {uri} was written by {old} ranks and this run has {world}: only ZeRO-2 and ZeRO-3 "
             f"checkpoints resume on a different number of ranks (this run is ZeRO-{zero_stage}). "
             f"Use {old} ranks, or write to a new output.uri to start over."
         )
@@ -71,21 +87,36 @@ def load_resized(
     local = staging / f"resize-rank-{rank}"
     shutil.rmtree(local, ignore_errors=True)
     rng = f"rng/rank-{rank % old:05d}.pt"
-    storage.download(client, uri, local, want=lambda rel: rel.startswith(f"{_DS_TAG}/") or rel == rng)
-    weights = get_fp32_state_dict_from_zero_checkpoint(
-        str(local), tag=_DS_TAG, exclude_frozen_parameters=exclude_frozen
-    )
+    # Rank 0 rebuilds the weights from every old rank's shards; the others need only their RNG file.
+    storage.download(client, uri, local, want=lambda rel: rel == rng or (rank == 0 and rel.startswith(f"{_DS_TAG}/")))
     module = engine.module
-    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in weights]
+    weights: dict[str, Any] = {}
+    shared: list[Any] = [None, [], {}]  # error, names of the parameters to load (in module order), engine state
+    if rank == 0:
+        try:
+            weights, shared[1], shared[2] = _read_checkpoint(local / _DS_TAG, module, exclude_frozen)
+        except Exception as exc:  # told to every rank, so that none waits for weights that never come
+            if world == 1:
+                raise
+            log.exception("cannot rebuild the weights of checkpoint %s", uri)
+            shared[0] = f"cannot rebuild the weights of checkpoint {uri} (see rank 0's log): {exc}"
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    error, names, saved = shared
+    if error:
+        raise RuntimeError(error)
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in names]
     if missing:
         raise RuntimeError(f"checkpoint {uri} lacks trainable weights {missing[:3]}")
     with torch.no_grad():
-        params = dict(module.named_parameters())
-        for name, value in weights.items():
-            if name in params:
-                params[name].copy_(value.to(params[name].dtype))
+        for name in names:  # one parameter at a time: never the whole gathered model on a device
+            param = params[name]
+            with _written_by_rank_0(param, world=world):
+                if rank == 0:
+                    param.data.copy_(weights.pop(name).contiguous().to(param.dtype))
+    weights.clear()
     engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions from the loaded weights
-    saved = torch.load(next((local / _DS_TAG).glob("mp_rank_00_model_states.pt")), weights_only=False)
     if engine.lr_scheduler is not None and saved.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     engine.global_steps = saved.get("global_steps", engine.global_steps)
@@ -99,16 +130,57 @@ def load_resized(
         "fingerprint": state.data_fingerprint,
     }
     log.info(
-        "resized %s from %d to %d ranks: weights, schedule and RNG restored, Adam moments restarted; "
-        "epoch %d continues without the rows the %d old ranks had trained on",
+        "resized %s from %d to %d ranks (ZeRO-%d): weights, schedule and RNG restored, Adam moments "
+        "restarted; epoch %d continues without the rows the %d old ranks had trained on",
         uri,
         old,
         world,
+        zero_stage,
         state.epoch,
         old,
     )
     state.world_size, state.micro_batch, state.data_fingerprint = world, 0, fingerprint
     return state
+
+
+def _read_checkpoint(
+    ds_dir: Path, module: Any, exclude_frozen: bool
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """Rank 0: the checkpoint's fp32 weights (lazy: each value's `.contiguous()` assembles it from the old
+    ranks' shards), the names of this module's parameters it has, and the engine state (LR scheduler,
+    counters)."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(
+        str(ds_dir.parent), tag=ds_dir.name, exclude_frozen_parameters=exclude_frozen, lazy_mode=True
+    )
+    names = [n for n, _ in module.named_parameters() if n in weights]
+    path = next((ds_dir / f for f in _MODEL_STATES if (ds_dir / f).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"no model states ({' or '.join(_MODEL_STATES)}) in {ds_dir}")
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # ZeRO-2: + the 16-bit weights
+    return weights, names, {k: saved[k] for k in _ENGINE_STATE if k in saved}
+
+
+@contextlib.contextmanager
+def _written_by_rank_0(param: Any, *, world: int) -> Iterator[None]:
+    """Inside: `param.data` is the whole parameter, for rank 0 to write. On leaving, every rank has rank 0's
+    value: a ZeRO-3 parameter (partitioned: it has a `ds_id`) is gathered and rank 0's value re-partitioned into
+    every rank's `ds_tensor` (GatheredParameters with modifier_rank=0); ZeRO-2 keeps whole parameters on every
+    rank, so rank 0's is broadcast."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            yield
+        return
+    yield
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        dist.broadcast(param.data.view(-1).view(torch.uint8), src=0)  # bytes: any dtype, any backend
 
 
 def consumed_rows(
