@@ -42,6 +42,8 @@ def test_deepspeed_config_on_cpu_and_gpu() -> None:
     assert cpu["zero_optimization"]["stage"] == 3
     assert "offload_optimizer" not in cpu["zero_optimization"]  # offload is meaningless without GPUs
     assert cpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert cpu["zero_optimization"]["contiguous_gradients"] is True  # ZeRO-3: kept (not measured without it)
+    assert cpu["zero_optimization"]["overlap_comm"] is False  # no streams on CPU: nothing to overlap
 
     gpu = deepspeed_config(spec, world_size=8, use_gpu=True)
     assert gpu["bf16"] == {"enabled": True} and "torch_adam" not in gpu["optimizer"]["params"]
@@ -50,6 +52,10 @@ def test_deepspeed_config_on_cpu_and_gpu() -> None:
 
     two = deepspeed_config(TrainingSpec(), world_size=1, use_gpu=True)
     assert two["zero_optimization"]["stage"] == 2 and "offload_param" not in two["zero_optimization"]
+    assert two["zero_optimization"]["contiguous_gradients"] is True and two["zero_optimization"]["overlap_comm"]
+    # ZeRO-2 on CPU: no contiguous gradient buffer, only copies there (benchmarks/README.md)
+    cpu_two = deepspeed_config(TrainingSpec(), world_size=2, use_gpu=False)["zero_optimization"]
+    assert cpu_two["stage"] == 2 and cpu_two["contiguous_gradients"] is False and cpu_two["overlap_comm"] is False
     # torch's fused CUDA AdamW on GPUs: no DeepSpeed op to compile
     assert two["optimizer"]["params"]["torch_adam"] is True and two["optimizer"]["params"]["fused"] is True
 
