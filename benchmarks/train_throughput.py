@@ -12,16 +12,32 @@ tokenizer; `--model smollm2`: the real SmolLM2-135M, converted once into the cac
 - kubetune: `python -m kubetune_trainer --local`, i.e. Ray Train workers running DeepSpeed ZeRO-2, the
   status/metrics reporter thread, the loss/token exchange and preemption check at sync steps (about every
   2 s of training), evaluations and checkpoints at their intervals, export at the end;
-- bare: `torch.multiprocessing` processes, gloo DistributedDataParallel, torch AdamW, the same warmup+cosine
-  schedule and gradient clipping: the loop one would write by hand.
+- bare DDP: `torch.multiprocessing` processes, gloo DistributedDataParallel, torch AdamW, the same
+  warmup+cosine schedule and gradient clipping: the loop one would write by hand;
+- bare DeepSpeed: the same processes running `deepspeed.initialize` with the DeepSpeed config the trainer
+  builds (`kubetune_trainer.deepspeed_config`, ZeRO-2 on CPU/gloo) and the trainer's learning-rate schedule:
+  what DeepSpeed alone costs, without Ray Train, reporting or sync steps.
+
+Against bare DDP the ratios hold kubetune's own overhead and what ZeRO costs against DDP together; against bare
+DeepSpeed (`ratio train_tokens_per_s_vs_bare_deepspeed_*`) only kubetune's own overhead; and
+`ratio bare_deepspeed_vs_bare_ddp_*` is what ZeRO costs, kubetune aside. The bare loops also print their median
+milliseconds by phase (forward, backward, optimizer step) and their loss curves (the mean loss of the ranks per
+step), so that a DeepSpeed setting that changes the math shows as a loss difference.
 
 Tokens/s is measured the same way on both sides, per optimizer step: real (non-padding) tokens of all workers
 divided by the step's time (forward, backward, optimizer; for the trainer also the sync and reporting work,
 counted into the steps it follows), as recorded by rank 0. The headline is the median over steps after the
 first WARMUP_STEPS, which resists the bursts of other work on a shared machine; the plain mean (all tokens /
-all step time, warm-up included) is the second ratio. The bare loop runs before and after the trainer (the two
-are averaged), so a change of background load during the run shows up as a difference between the two bare
-figures instead of as a bias.
+all step time, warm-up included) is the second ratio. Both bare loops run before and after the trainer (each
+pair is averaged), so a change of background load during the run shows up as a difference between the two
+figures of a bare loop instead of as a bias.
+
+`--bare-only` runs no trainer: the bare DDP loop, then the bare DeepSpeed loop once per `--ds-variant NAME=JSON`
+(settings merged into the trainer's `zero_optimization`), interleaved, `--repeat` rounds, each variant's ratio
+with DDP and its loss curve's largest difference from DDP's: how DeepSpeed settings were compared, e.g.
+
+    .venv/bin/python benchmarks/train_throughput.py --bare-only --repeat 2 --ds-variant 'config={}' \
+        --ds-variant 'overlap={"overlap_comm": true}'
 
 What the bare loop does not do is printed as its own lines, as shares of the trainer's wall time: start-up
 (time to first step by phase: Ray, data, workers, model load, DeepSpeed init, base evaluation), evaluations,
@@ -59,6 +75,48 @@ sys.path.insert(0, str(REPO))
 BUCKET = "kubetune-bench"
 
 
+class StepRecord:
+    """A bare loop's per-step figures on each rank: wall and CPU time, time by phase, real tokens, loss."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+        self.phases: dict[str, list[float]] = {}
+        self._t0 = self._cpu0 = self._mark = 0.0
+
+    def start(self) -> None:
+        self._t0 = self._mark = time.perf_counter()
+        self._cpu0 = time.process_time()
+
+    def phase(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.setdefault(name, []).append(now - self._mark)
+        self._mark = now
+
+    def end(self, loss: Any, tokens: int) -> None:
+        self.seconds.append(time.perf_counter() - self._t0)
+        self.cpu_seconds.append(time.process_time() - self._cpu0)
+        self.tokens.append(tokens)
+        self.losses.append(float(loss.detach()))  # after the step's time: the loss's host sync is not counted
+
+    def write(self, rank: int, out: str) -> None:
+        """The tokens of all workers and their mean loss in each step; rank 0's times (the ranks are in
+        lockstep), as the trainer reports them."""
+        import torch
+        import torch.distributed as dist
+
+        tokens = torch.tensor(self.tokens, dtype=torch.float64)
+        losses = torch.tensor(self.losses, dtype=torch.float64)
+        dist.all_reduce(tokens)
+        dist.all_reduce(losses)
+        if rank == 0:
+            figures = {"stepTokens": tokens.tolist(), "stepSeconds": self.seconds, "stepCpuSeconds": self.cpu_seconds}
+            figures |= {"stepLoss": (losses / dist.get_world_size()).tolist(), "phaseSeconds": self.phases}
+            Path(out).write_text(json.dumps(figures))
+
+
 def bare_worker(
     rank: int, world: int, port: int, args: dict[str, Any], shards: list[str], env: dict[str, str], out: str
 ) -> None:
@@ -84,30 +142,88 @@ def bare_worker(
     )
     data = load_shard([shards[rank]])
     batches = batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
-    durations, cpu_durations, step_tokens = [], [], []
+    record = StepRecord()
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        record.start()
         out_ = ddp(
             input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
             position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
             labels=torch.from_numpy(data["labels"][rows]).long(),
         )
-        out_.loss.backward()
+        record.phase("forward")
+        out_.loss.backward()  # DDP's bucketed all-reduce runs on gloo's threads, overlapped with this
+        record.phase("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        durations.append(time.perf_counter() - t0)
-        cpu_durations.append(time.process_time() - cpu0)
-        step_tokens.append(int(data["attention_mask"][rows].sum()))
-    tokens = torch.tensor(step_tokens, dtype=torch.float64)
-    dist.all_reduce(tokens)  # the tokens of all workers in each step
-    if rank == 0:  # rank 0's step times, as the trainer reports them (DDP keeps the ranks in lockstep)
-        Path(out).write_text(
-            json.dumps({"stepTokens": tokens.tolist(), "stepSeconds": durations, "stepCpuSeconds": cpu_durations})
-        )
+        record.phase("step")
+        record.end(out_.loss, int(data["attention_mask"][rows].sum()))
+    record.write(rank, out)
     # No destroy_process_group(): with gloo it can wait forever for a peer that has already exited.
+
+
+def bare_deepspeed_worker(
+    rank: int,
+    world: int,
+    port: int,
+    args: dict[str, Any],
+    shards: list[str],
+    env: dict[str, str],
+    out: str,
+) -> None:
+    """One process of the bare DeepSpeed loop: deepspeed.initialize with the trainer's own DeepSpeed config
+    (kubetune_trainer.deepspeed_config, plus args["zero"] merged into zero_optimization when exploring) and
+    its learning-rate schedule, over gloo; no Ray, no reporting, no sync steps."""
+    os.environ.update(env)
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+        | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.data import batch_indices, load_shard
+    from kubetune_trainer.deepspeed_config import deepspeed_config
+    from kubetune_trainer.train import _import_deepspeed, _lr_schedule
+
+    torch.set_num_threads(args["threads"])
+    deepspeed = _import_deepspeed(False)  # as the trainer imports it on CPU (no shared-memory op to build)
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)  # as Ray Train does
+    deepspeed.init_distributed(dist_backend="gloo")
+    training = args["training"]
+    ds_config = deepspeed_config(training, world_size=world, use_gpu=False)
+    ds_config["zero_optimization"].update(args["zero"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=list(model.parameters()),
+        config=ds_config,
+        lr_scheduler=lambda optimizer: _lr_schedule(optimizer, training, args["steps"]),
+    )
+    data = load_shard([shards[rank]])
+    batches = batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
+    record = StepRecord()
+    for step in range(args["steps"]):
+        rows = batches[step % len(batches)]
+        record.start()
+        loss = engine(
+            input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
+            position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
+            labels=torch.from_numpy(data["labels"][rows]).long(),
+        ).loss
+        record.phase("forward")
+        engine.backward(loss)
+        record.phase("backward")
+        engine.step()
+        record.phase("step")
+        record.end(loss, int(data["attention_mask"][rows].sum()))
+    record.write(rank, out)
 
 
 WARMUP_STEPS = 3
@@ -137,6 +253,11 @@ def rates(steps: dict[str, list[float]]) -> dict[str, float]:
         "cpu": statistics.median([t / s for t, s in zip(tokens, cpu)][WARMUP_STEPS:]),
         "mean": sum(tokens) / sum(wall),
     }
+
+
+def ds_variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, settings = text.partition("=")
+    return name, json.loads(settings or "{}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -172,6 +293,21 @@ def parse_args() -> argparse.Namespace:
         help="DeepSpeed ZeRO stages the trainer runs with (comma-separated); the first is compared with the bare "
         "loop, each further one runs the trainer once more for its tokens/s and peak memory per rank",
     )
+    parser.add_argument(
+        "--bare-only",
+        action="store_true",
+        help="no trainer: the bare DDP loop and the bare DeepSpeed loop (each --ds-variant), interleaved, --repeat "
+        "times, to compare DeepSpeed settings quickly",
+    )
+    parser.add_argument(
+        "--ds-variant",
+        action="append",
+        type=ds_variant,
+        metavar="NAME=JSON",
+        help="with --bare-only: settings merged into the trainer's zero_optimization for one bare DeepSpeed run, "
+        "e.g. small='{\"reduce_bucket_size\": 5e6}' (repeatable; default: the trainer's config as it is)",
+    )
+    parser.add_argument("--repeat", type=int, default=2, help="with --bare-only: rounds of all loops")
     args = parser.parse_args()
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
@@ -225,28 +361,48 @@ def trainer_config(args: argparse.Namespace, endpoint: str, zero: int = 2) -> An
     )
 
 
+BARE_KINDS = {"ddp": "bare PyTorch (DDP, gloo)", "deepspeed": "bare DeepSpeed (the trainer's config, gloo)"}
+
+
 def run_bare(
-    tag: str, args: argparse.Namespace, model_dir: Path, shards: list[str], env: dict[str, str], tmpdir: Path
-) -> dict[str, float]:
+    kind: str,
+    tag: str,
+    args: argparse.Namespace,
+    model_dir: Path,
+    shards: list[str],
+    env: dict[str, str],
+    tmpdir: Path,
+    training: Any = None,
+    zero: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One bare loop (kind ddp or deepspeed; `training` and `zero` for deepspeed): its rates, step losses and
+    median seconds by phase."""
     import socket
+    import statistics
 
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = tmpdir / f"bare-{tag}.json"
+    out = tmpdir / f"bare-{kind}-{tag}.json"
     bare_args = {"model_dir": str(model_dir), "steps": args.steps, "batch": args.batch, "lr": 1e-3, "threads": 1}
+    if kind == "deepspeed":
+        bare_args |= {"training": training, "zero": zero or {}}
     mp.start_processes(
-        bare_worker,
+        bare_worker if kind == "ddp" else bare_deepspeed_worker,
         args=(args.workers, port, bare_args, shards, env, str(out)),
         nprocs=args.workers,
         start_method="spawn",
     )
-    r = rates(json.loads(out.read_text()))
+    figures = json.loads(out.read_text())
+    r: dict[str, Any] = {**rates(figures), "loss": figures["stepLoss"]}
+    r["phases"] = {k: statistics.median(v[WARMUP_STEPS:]) for k, v in figures["phaseSeconds"].items()}
+    phases = ", ".join(f"{k} {v * 1000:.0f}" for k, v in r["phases"].items())
     print(
-        f"bare PyTorch ({tag}; DDP, gloo, {args.workers} procs): median {r['median']:.0f} tokens/s, "
-        f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}",
+        f"{BARE_KINDS[kind]} ({tag}, {args.workers} procs): median {r['median']:.0f} tokens/s, "
+        f"mean {r['mean']:.0f}, per CPU-second {r['cpu']:.0f}; median ms by phase: {phases}; "
+        f"loss first {r['loss'][0]:.4f} last {r['loss'][-1]:.4f}",
         flush=True,
     )
     return r
@@ -378,43 +534,99 @@ def print_trainer(run: dict[str, Any], args: argparse.Namespace, zero: int, brea
     )
 
 
+def average(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean of bare runs' rates, and how far the first and the last of them drifted apart (share)."""
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("median", "mean", "cpu")}
+    return {**mean, "drift": abs(runs[0]["median"] - runs[-1]["median"]) / mean["median"]}
+
+
+def loss_gap(a: list[float], b: list[float]) -> float:
+    """The largest difference between two loss curves, step by step."""
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
 def print_ratios(
     args: argparse.Namespace,
     trainer: dict[str, float],
-    bare_before: dict[str, float],
-    bare_after: dict[str, float],
+    bare_ddp: list[dict[str, Any]],
+    bare_ds: list[dict[str, Any]],
     data: tuple[Any, float, int],
 ) -> None:
-    bare = {k: (bare_before[k] + bare_after[k]) / 2 for k in bare_before}
-    drift = abs(bare_before["median"] - bare_after["median"]) / bare["median"]
-    print(
-        f"background drift between the two bare runs: {drift * 100:.1f}%"
-        + (
-            "  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
-            if drift > 0.1
-            else ""
+    ddp, ds = average(bare_ddp), average(bare_ds)
+    for name, bare in (("DDP", ddp), ("DeepSpeed", ds)):
+        print(
+            f"background drift between the two bare {name} runs: {bare['drift'] * 100:.1f}%"
+            + (
+                "  <- the machine's load changed: trust the CPU-time ratio, or rerun on an idle machine"
+                if bare["drift"] > 0.1
+                else ""
+            )
         )
+    print(
+        f"loss curves, largest step-by-step difference: bare DeepSpeed vs bare DDP "
+        f"{loss_gap(bare_ds[0]['loss'], bare_ddp[0]['loss']):.2e}, bare DeepSpeed before vs after "
+        f"{loss_gap(bare_ds[0]['loss'], bare_ds[-1]['loss']):.2e}"
     )
     prepared, prepare_seconds, records = data
     tokens_per_record = (prepared.stats.get("tokens") or 1) / max(1, prepared.stats.get("trainRecords") or records)
     consumed = trainer["median"] / tokens_per_record
+    # Against the bare DDP loop: kubetune's own overhead and what ZeRO costs against DDP, together.
     print(
-        f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / bare['median']:.3f} "
+        f"ratio {args.model} kubetune/bare tokens/s, median step: {trainer['median'] / ddp['median']:.3f} "
         f"(target: {TARGET})"
     )
-    print(f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / bare['mean']:.3f} (target: {TARGET})")
+    print(f"ratio {args.model} kubetune/bare tokens/s, mean: {trainer['mean'] / ddp['mean']:.3f} (target: {TARGET})")
     print(
-        f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / bare['cpu']:.3f} "
+        f"ratio {args.model} kubetune/bare tokens/s per CPU-second, median: {trainer['cpu'] / ddp['cpu']:.3f} "
         f"(target: {TARGET}; insensitive to other processes' load, blind to time spent waiting)"
+    )
+    # Against the bare DeepSpeed loop (the same DeepSpeed config): kubetune's own overhead only.
+    print(
+        f"ratio train_tokens_per_s_vs_bare_deepspeed_median: {trainer['median'] / ds['median']:.3f} (target: {TARGET})"
+    )
+    print(f"ratio train_tokens_per_s_vs_bare_deepspeed_mean: {trainer['mean'] / ds['mean']:.3f} (target: {TARGET})")
+    print(
+        f"ratio train_tokens_per_s_per_cpu_second_vs_bare_deepspeed_median: {trainer['cpu'] / ds['cpu']:.3f} "
+        f"(target: {TARGET})"
+    )
+    # What DeepSpeed (ZeRO) costs against DDP on this machine, kubetune aside.
+    print(
+        f"ratio bare_deepspeed_vs_bare_ddp_tokens_per_s_median: {ds['median'] / ddp['median']:.3f} "
+        "(target: none, shown)"
     )
     print(
         f"ratio data pipeline records/s / trainer consumption: {records / prepare_seconds / consumed:.1f} (target: 1.0)"
     )
 
 
+def compare_bare(
+    args: argparse.Namespace, model_dir: Path, shards: list[str], env: dict[str, str], tmpdir: Path, training: Any
+) -> None:
+    """--bare-only: the bare DDP loop and the bare DeepSpeed loop with each --ds-variant, interleaved, --repeat
+    times; per variant its rates, its ratio with DDP and its loss curve's largest difference from DDP's."""
+    variants = dict(args.ds_variant or [("config", {})])
+    runs: dict[str, list[dict[str, Any]]] = {"ddp": [], **{name: [] for name in variants}}
+    for rep in range(args.repeat):
+        runs["ddp"].append(run_bare("ddp", f"round {rep + 1}", args, model_dir, shards, env, tmpdir))
+        for name, zero in variants.items():
+            tag = f"{name} {json.dumps(zero)}, round {rep + 1}"
+            runs[name].append(run_bare("deepspeed", tag, args, model_dir, shards, env, tmpdir, training, zero))
+    print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
+    ddp = average(runs["ddp"])
+    for name, of_variant in runs.items():
+        r = average(of_variant)
+        medians = " / ".join(f"{x['median']:.0f}" for x in of_variant)
+        print(
+            f"{name}: median tokens/s per round {medians}; vs bare DDP median {r['median'] / ddp['median']:.3f}, "
+            f"mean {r['mean'] / ddp['mean']:.3f}, per CPU-second {r['cpu'] / ddp['cpu']:.3f}; largest loss "
+            f"difference from DDP {max(loss_gap(x['loss'], runs['ddp'][0]['loss']) for x in of_variant):.2e}",
+            flush=True,
+        )
+
+
 def main() -> int:
     args = parse_args()
-    threads = 1  # what Ray gives a 0.5-CPU worker (OMP_NUM_THREADS=1); the bare loop gets the same
+    threads = 1  # what Ray gives a 0.5-CPU worker (OMP_NUM_THREADS=1); the bare loops get the same
     stages = [int(z) for z in args.zero_stages.split(",")]
 
     from kubetune_cli.localenv.s3_server import S3Server
@@ -432,14 +644,19 @@ def main() -> int:
         model_dir = seed_inputs(args, client, tmpdir)
         cfg = trainer_config(args, s3.endpoint_url, zero=stages[0])
         data = measure_data(args, cfg, client)
-        shards = data[0].train_shards
-        # The bare loop runs before and after the trainer (its compared ZeRO stage, the first one).
-        bare_before = run_bare("before", args, model_dir, shards, env, tmpdir)
+        shards, training = data[0].train_shards, cfg.spec.training
+        if args.bare_only:
+            compare_bare(args, model_dir, shards, env, tmpdir, training)
+            return 0
+        # Both bare loops run before and after the trainer (its compared ZeRO stage, the first one).
+        bare_ddp = [run_bare("ddp", "before", args, model_dir, shards, env, tmpdir)]
+        bare_ds = [run_bare("deepspeed", "before", args, model_dir, shards, env, tmpdir, training)]
         run = measure_trainer(cfg, env, tmpdir, client, f"zero{stages[0]}")
         if run is None:
             return 1
         print_trainer(run, args, stages[0], breakdown=True)
-        bare_after = run_bare("after", args, model_dir, shards, env, tmpdir)
+        bare_ddp.append(run_bare("ddp", "after", args, model_dir, shards, env, tmpdir))
+        bare_ds.append(run_bare("deepspeed", "after", args, model_dir, shards, env, tmpdir, training))
         # Other ZeRO stages: the trainer alone, for its throughput and peak memory per rank.
         for zero in stages[1:]:
             other = measure_trainer(
@@ -449,7 +666,7 @@ def main() -> int:
                 return 1
             print_trainer(other, args, zero, breakdown=False)
         print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
-        print_ratios(args, run["rates"], bare_before, bare_after, data)
+        print_ratios(args, run["rates"], bare_ddp, bare_ds, data)
     return 0
 
 
