@@ -117,6 +117,13 @@ class StepRecord:
             Path(out).write_text(json.dumps(figures))
 
 
+def _batch(data: dict[str, Any], rows: Any) -> dict[str, Any]:
+    """The model's inputs for these rows of a loaded shard (both bare loops feed the model the same way)."""
+    import torch
+
+    return {k: torch.from_numpy(data[k][rows]).long() for k in ("input_ids", "position_ids", "labels")}
+
+
 def bare_worker(
     rank: int, world: int, port: int, args: dict[str, Any], shards: list[str], env: dict[str, str], out: str
 ) -> None:
@@ -146,11 +153,7 @@ def bare_worker(
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
         record.start()
-        out_ = ddp(
-            input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
-            position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
-            labels=torch.from_numpy(data["labels"][rows]).long(),
-        )
+        out_ = ddp(**_batch(data, rows))
         record.phase("forward")
         out_.loss.backward()  # DDP's bucketed all-reduce runs on gloo's threads, overlapped with this
         record.phase("backward")
@@ -212,11 +215,7 @@ def bare_deepspeed_worker(
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
         record.start()
-        loss = engine(
-            input_ids=torch.from_numpy(data["input_ids"][rows]).long(),
-            position_ids=torch.from_numpy(data["position_ids"][rows]).long(),
-            labels=torch.from_numpy(data["labels"][rows]).long(),
-        ).loss
+        loss = engine(**_batch(data, rows)).loss
         record.phase("forward")
         engine.backward(loss)
         record.phase("backward")

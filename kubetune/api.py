@@ -212,6 +212,14 @@ INLINE_CREDENTIALS_MESSAGE = (
 REFUSED_PROPERTIES = "x-kubetune-refused-properties"
 
 
+def _known_chat_template(value: str | None) -> str | None:
+    """A chatTemplate value as given, or a ValueError saying why it is neither a known name nor Jinja."""
+    why = chat_templates.problem(value) if value is not None else None
+    if why:
+        raise ValueError(why)
+    return value
+
+
 class DatasetSpec(Model):
     """Training and validation data in S3, and how to read it."""
 
@@ -278,10 +286,7 @@ class DatasetSpec(Model):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, v: str | None) -> str | None:
-        why = chat_templates.problem(v) if v is not None else None
-        if why:
-            raise ValueError(why)
-        return v
+        return _known_chat_template(v)
 
     def train_sources(self) -> list[DataSource]:
         """The training sources with every default filled in: sources, or train as a single source."""
@@ -646,10 +651,7 @@ class InferenceServerSpec(Model):
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, v: str | None) -> str | None:
-        why = chat_templates.problem(v) if v is not None else None
-        if why:
-            raise ValueError(why)
-        return v
+        return _known_chat_template(v)
 
     @model_validator(mode="after")
     def _token_for_hub_only(self) -> InferenceServerSpec:
