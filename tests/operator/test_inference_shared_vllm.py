@@ -110,6 +110,7 @@ def _job(name: str, model: str, base_uri: str, s3: Any) -> dict[str, Any]:
     m["spec"]["dataset"].update(endpoint=s3.endpoint_url, train=f"s3://{BUCKET}/unused/train.jsonl")
     m["spec"]["output"]["uri"] = f"s3://{BUCKET}/runs"
     m["spec"]["deploy"]["servedModelName"] = model
+    m["spec"]["dataset"]["chatTemplate"] = TEMPLATE  # trained with the server's template (else ChatTemplateMismatch)
     return m
 
 
