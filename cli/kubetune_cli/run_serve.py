@@ -99,4 +99,5 @@ def _template(model: dict[str, Any], model_dir: Path) -> str | None:
     if not name or Path(name).name != name:
         return None
     path = model_dir / name
-    return str(path) if path.is_file() else None
+    # Absolute: vLLM runs in the run folder (its log's), where a path relative to ours names nothing.
+    return str(path.resolve()) if path.is_file() else None

@@ -205,3 +205,18 @@ def test_preference_pair_gives_the_sample_question() -> None:
     assert sample is not None and sample.messages == chat["q"]
     assert sample.question == "Hi?" and sample.reference == "Hello."
     assert sample_from_record({"prompt": 3, "chosen": "x"}, ds) is None
+
+
+def test_served_chat_template_is_an_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubetune run` from the repository gives a relative run folder; vLLM starts in the run folder, so the
+    template file it is handed must not be relative (it was: the quickstart's vLLM refused to start)."""
+    from kubetune_cli.run_serve import _template
+
+    monkeypatch.chdir(tmp_path)
+    model_dir = Path("runs") / "quickstart" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "chat_template.jinja").write_text("{{ messages }}")
+    got = _template({"chatTemplate": "chat_template.jinja"}, model_dir)
+    assert got is not None and Path(got).is_absolute() and Path(got) == (tmp_path / model_dir / "chat_template.jinja")
+    assert _template({"chatTemplate": "../x.jinja"}, model_dir) is None  # only a file inside the model folder
+    assert _template({"chatTemplate": "missing.jinja"}, model_dir) is None
