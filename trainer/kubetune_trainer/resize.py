@@ -67,56 +67,18 @@ def load_resized(
     into this `world`-rank engine; returns the TrainState, marked as resized (see the module docstring).
     A collective: every rank calls it at the same point."""
     import torch
-    import torch.distributed as dist
 
     from kubetune_trainer import storage
     from kubetune_trainer.checkpoint import set_rng_states
 
     old = state.world_size
-    if zero_stage not in (2, 3):
-        raise RuntimeError(
-            f"checkpoint {uri} was written by {old} ranks and this run has {world}: only ZeRO-2 and ZeRO-3 "
-            f"checkpoints resume on a different number of ranks (this run is ZeRO-{zero_stage}). "
-            f"Use {old} ranks, or write to a new output.uri to start over."
-        )
-    if state.resized and state.resized.get("epoch") == state.epoch:
-        raise RuntimeError(
-            f"checkpoint {uri} is in an epoch already shortened by a resize from "
-            f"{state.resized['world']} ranks; resume it on {old} ranks until that epoch ends"
-        )
+    _refuse_unresizable(uri, state, world=world, zero_stage=zero_stage)
     local = staging / f"resize-rank-{rank}"
     shutil.rmtree(local, ignore_errors=True)
     rng = f"rng/rank-{rank % old:05d}.pt"
     # Rank 0 rebuilds the weights from every old rank's shards; the others need only their RNG file.
     storage.download(client, uri, local, want=lambda rel: rel == rng or (rank == 0 and rel.startswith(f"{_DS_TAG}/")))
-    module = engine.module
-    weights: dict[str, Any] = {}
-    shared: list[Any] = [None, [], {}]  # error, names of the parameters to load (in module order), engine state
-    if rank == 0:
-        try:
-            weights, shared[1], shared[2] = _read_checkpoint(local / _DS_TAG, module, exclude_frozen)
-        except Exception as exc:  # told to every rank, so that none waits for weights that never come
-            if world == 1:
-                raise
-            log.exception("cannot rebuild the weights of checkpoint %s", uri)
-            shared[0] = f"cannot rebuild the weights of checkpoint {uri} (see rank 0's log): {exc}"
-    if world > 1:
-        dist.broadcast_object_list(shared, src=0)
-    error, names, saved = shared
-    if error:
-        raise RuntimeError(error)
-    params = dict(module.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in names]
-    if missing:
-        raise RuntimeError(f"checkpoint {uri} lacks trainable weights {missing[:3]}")
-    with torch.no_grad():
-        for name in names:  # one parameter at a time: never the whole gathered model on a device
-            param = params[name]
-            with _written_by_rank_0(param, world=world):
-                if rank == 0:
-                    param.data.copy_(weights.pop(name).contiguous().to(param.dtype))
-    weights.clear()
-    engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions from the loaded weights
+    saved = _load_weights(engine, local / _DS_TAG, uri, rank=rank, world=world, exclude_frozen=exclude_frozen)
     if engine.lr_scheduler is not None and saved.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     engine.global_steps = saved.get("global_steps", engine.global_steps)
@@ -141,6 +103,60 @@ def load_resized(
     )
     state.world_size, state.micro_batch, state.data_fingerprint = world, 0, fingerprint
     return state
+
+
+def _refuse_unresizable(uri: str, state: Any, *, world: int, zero_stage: int) -> None:
+    """Raise when checkpoint `uri` cannot continue on `world` ranks."""
+    old = state.world_size
+    if zero_stage not in (2, 3):
+        raise RuntimeError(
+            f"checkpoint {uri} was written by {old} ranks and this run has {world}: only ZeRO-2 and ZeRO-3 "
+            f"checkpoints resume on a different number of ranks (this run is ZeRO-{zero_stage}). "
+            f"Use {old} ranks, or write to a new output.uri to start over."
+        )
+    if state.resized and state.resized.get("epoch") == state.epoch:
+        raise RuntimeError(
+            f"checkpoint {uri} is in an epoch already shortened by a resize from "
+            f"{state.resized['world']} ranks; resume it on {old} ranks until that epoch ends"
+        )
+
+
+def _load_weights(engine: Any, ds_dir: Path, uri: str, *, rank: int, world: int, exclude_frozen: bool) -> Any:
+    """Every rank: the checkpoint's weights into the engine's module (rank 0 reads them from `ds_dir`, which
+    only it has downloaded) and the optimizer's fp32 partitions refreshed; returns the engine state (LR
+    scheduler, counters) rank 0 read. A collective."""
+    import torch
+    import torch.distributed as dist
+
+    module = engine.module
+    weights: dict[str, Any] = {}
+    shared: list[Any] = [None, [], {}]  # error, names of the parameters to load (in module order), engine state
+    if rank == 0:
+        try:
+            weights, shared[1], shared[2] = _read_checkpoint(ds_dir, module, exclude_frozen)
+        except Exception as exc:  # told to every rank, so that none waits for weights that never come
+            if world == 1:
+                raise
+            log.exception("cannot rebuild the weights of checkpoint %s", uri)
+            shared[0] = f"cannot rebuild the weights of checkpoint {uri} (see rank 0's log): {exc}"
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    error, names, saved = shared
+    if error:
+        raise RuntimeError(error)
+    params = dict(module.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in names]
+    if missing:
+        raise RuntimeError(f"checkpoint {uri} lacks trainable weights {missing[:3]}")
+    with torch.no_grad():
+        for name in names:  # one parameter at a time: never the whole gathered model on a device
+            param = params[name]
+            with _written_by_rank_0(param, world=world):
+                if rank == 0:
+                    param.data.copy_(weights.pop(name).contiguous().to(param.dtype))
+    weights.clear()
+    engine.optimizer.refresh_fp32_params()  # the optimizer's fp32 partitions from the loaded weights
+    return saved
 
 
 def _read_checkpoint(
