@@ -124,6 +124,22 @@ def _batch(data: dict[str, Any], rows: Any) -> dict[str, Any]:
     return {k: torch.from_numpy(data[k][rows]).long() for k in ("input_ids", "position_ids", "labels")}
 
 
+def _model_and_batches(args: dict[str, Any], shards: list[str], rank: int) -> tuple[Any, dict[str, Any], list[Any]]:
+    """What both bare loops start from: the model (same seed, training mode, no KV cache), this rank's shard
+    and its batches in the trainer's order (batch_indices of epoch 0, seed 42)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubetune_trainer.data import batch_indices, load_shard
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
+    model.config.use_cache = False
+    model.train()
+    data = load_shard([shards[rank]])
+    return model, data, batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
+
+
 def bare_worker(
     rank: int, world: int, port: int, args: dict[str, Any], shards: list[str], env: dict[str, str], out: str
 ) -> None:
@@ -132,23 +148,16 @@ def bare_worker(
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from transformers import AutoModelForCausalLM, get_scheduler
-
-    from kubetune_trainer.data import batch_indices, load_shard
+    from transformers import get_scheduler
 
     torch.set_num_threads(args["threads"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
-    model.config.use_cache = False
-    model.train()
+    model, data, batches = _model_and_batches(args, shards, rank)
     ddp = DistributedDataParallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = get_scheduler(
         "cosine", opt, num_warmup_steps=math.ceil(0.03 * args["steps"]), num_training_steps=args["steps"]
     )
-    data = load_shard([shards[rank]])
-    batches = batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
     record = StepRecord()
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
@@ -186,9 +195,7 @@ def bare_deepspeed_worker(
     )
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
-    from kubetune_trainer.data import batch_indices, load_shard
     from kubetune_trainer.deepspeed_config import deepspeed_config
     from kubetune_trainer.train import _import_deepspeed, _lr_schedule
 
@@ -199,18 +206,13 @@ def bare_deepspeed_worker(
     training = args["training"]
     ds_config = deepspeed_config(training, world_size=world, use_gpu=False)
     ds_config["zero_optimization"].update(args["zero"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=torch.float32)
-    model.config.use_cache = False
-    model.train()
+    model, data, batches = _model_and_batches(args, shards, rank)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=list(model.parameters()),
         config=ds_config,
         lr_scheduler=lambda optimizer: _lr_schedule(optimizer, training, args["steps"]),
     )
-    data = load_shard([shards[rank]])
-    batches = batch_indices(len(data["input_ids"]), args["batch"], 0, 42)
     record = StepRecord()
     for step in range(args["steps"]):
         rows = batches[step % len(batches)]
