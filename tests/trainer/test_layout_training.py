@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,15 @@ def test_two_pods_of_two_ranks_train_on_disjoint_data(trainer_env: TrainerEnv, t
         for b in range(a + 1, 4):
             assert not seen[a] & seen[b], (a, b)
     print(f"4 ranks (2 emulated pods x 2): {sum(len(s) for s in seen.values())} distinct rows, none shared")
+
+    # The held-out rows likewise: each rank downloads and evaluates its own held-out shard, all of them together.
+    prepared = env.get_json(f"{cfg['runUri']}/{manifest}")
+    held_out = [
+        re.search(rf"rank {r}: held-out rows (\d+) of (\d+) \(part-0000{r}\.parquet\)", run.output) for r in range(4)
+    ]
+    assert all(held_out), run.output[-4000:]
+    assert {int(m.group(2)) for m in held_out if m} == {prepared["num_validation_sequences"]}
+    assert sum(int(m.group(1)) for m in held_out if m) == prepared["num_validation_sequences"]
 
     finished = [m for m in env.metrics(cfg["runUri"]) if m.get("event") == "finished"][-1]
     peaks = finished["peakMemoryMB"]  # every rank's peak resident memory, in rank order

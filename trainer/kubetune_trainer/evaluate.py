@@ -158,6 +158,7 @@ class Evaluator:
         tokenizer: Any,
         data: dict[str, Any],
         *,
+        total_rows: int,
         rank: int,
         device: Any,
         lora: bool,
@@ -173,8 +174,8 @@ class Evaluator:
         self.evaluate = evaluate
         self.trial = trial
         self.metric = objective_metric(cfg.spec)
-        self.examples = held_out_examples(data, classification, completion=cfg.spec.dataset.format == "completion")
-        self.num_rows = len(data["input_ids"])
+        self.examples = self._examples(data, completion=cfg.spec.dataset.format == "completion")
+        self.num_rows = total_rows
         # Tuning trials share the job's base figures: same base model, same held-out rows.
         base_dir = f"{trial['jobRunUri']}/eval" if trial else cfg.eval_uri
         self.base_uri = f"{base_dir}/base.json"
@@ -191,6 +192,18 @@ class Evaluator:
         self.base_figures: dict[str, float] | None = None
         self.base_samples: list[Any] = []
         self._last: tuple[int, dict[str, float]] | None = None
+
+    def _examples(self, data: dict[str, Any], completion: bool) -> list[dict[str, Any]]:
+        """The held-out examples the report shows: the first of rank 0's shard (the first held-out rows). Under
+        ZeRO-3 every rank generates them together, so rank 0 hands them to the others (whose shards differ)."""
+        import torch.distributed as dist
+
+        mine = held_out_examples(data, self.classification, completion=completion) if self.rank == 0 else []
+        if not self.zero3:
+            return mine
+        shared: list[list[dict[str, Any]]] = [mine]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
     # ---------------------------------------------------------------- base model
 

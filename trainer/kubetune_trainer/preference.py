@@ -131,14 +131,14 @@ class Dpo:
         return losses.mean()
 
     def evaluate(
-        self, engine: Any, data: dict[str, Any], *, rank: int, world: int, batch: int, max_batches: int | None
+        self, engine: Any, data: dict[str, Any], *, total: int, world: int, batch: int, max_batches: int | None
     ) -> dict[str, float]:
         """DPO loss, preference accuracy and reward margin over the held-out pairs, summed over all ranks."""
         import torch
         import torch.distributed as dist
 
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, preferred, margin, pairs
-        for rows in eval_batches(len(data["input_ids"]), rank=rank, world=world, batch=batch, max_batches=max_batches):
+        for rows in eval_batches(len(data["input_ids"]), total, world=world, batch=batch, max_batches=max_batches):
             real = len(rows) > 0
             rows = rows if real else np.arange(1)  # every rank runs every forward pass (ZeRO-3)
             reference = self.reference(engine, "eval", data, rows) if real or self.lora else None
@@ -176,12 +176,13 @@ def adapters_off(module: Any) -> bool:
     return False
 
 
-def eval_batches(n: int, *, rank: int, world: int, batch: int, max_batches: int | None) -> list[np.ndarray]:
-    """This rank's held-out batches (rows rank, rank + world, ...), as many on every rank (some empty)."""
-    count = math.ceil(math.ceil(n / world) / batch)
+def eval_batches(rows: int, total: int, *, world: int, batch: int, max_batches: int | None) -> list[np.ndarray]:
+    """This rank's held-out batches over its own `rows` (its validation shard; `total` over all shards, which
+    differ by at most one row), as many on every rank (the last ones short or empty)."""
+    count = math.ceil(math.ceil(total / world) / batch)
     if max_batches:
         count = min(count, max_batches)
-    return _batches(np.arange(rank, n, world), batch, count)
+    return _batches(np.arange(rows), batch, count)
 
 
 def _batches(rows: np.ndarray, batch: int, count: int) -> list[np.ndarray]:

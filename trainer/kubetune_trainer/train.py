@@ -230,6 +230,7 @@ class Recipe:
         self.reporter: Any = None
         self.evaluator: Any = None
         self.eval_data: dict[str, Any] | None = None
+        self.eval_rows = 0
         self.resumed_from: str | None = None
         self.artifact: Any = None
         self.evaluation: Any = None
@@ -325,12 +326,24 @@ class Recipe:
         prepared, training = self.prepared, self.training
         if len(prepared.train_shards) != self.world:
             raise DataError(f"the data was prepared in {len(prepared.train_shards)} shards for {self.world} workers")
-        # This rank's shard only, streamed a row group at a time into local memory maps (never held whole);
-        # the held-out rows likewise, of which a rank pages in only the ones it evaluates.
+        # This rank's shards only, train and held-out, streamed a row group at a time into local memory maps
+        # (never held whole): the held-out rows are cut in as many shards as there are ranks, each evaluated by
+        # its own rank, so no rank downloads another's.
         scratch = str(self.staging) if self.staging else None
         self.train_data = open_shard([prepared.train_shards[self.rank]], self.client, scratch)
         validation = prepared.validation_shards
-        self.eval_data = open_shard(validation, self.client, scratch) if validation else None
+        if validation and len(validation) != self.world:
+            raise DataError(f"the held-out data was prepared in {len(validation)} shards for {self.world} workers")
+        self.eval_data = open_shard([validation[self.rank]], self.client, scratch) if validation else None
+        self.eval_rows = prepared.num_validation_sequences  # over all ranks
+        if self.eval_data is not None:
+            log.info(
+                "rank %d: held-out rows %d of %d (%s)",
+                self.rank,
+                len(self.eval_data["input_ids"]),
+                self.eval_rows,
+                validation[self.rank].rsplit("/", 1)[-1],
+            )
         self.num_rows = len(self.train_data["input_ids"])
         batch, accum = training.per_device_batch_size, training.gradient_accumulation_steps
         # An incomplete accumulation group at the end of an epoch is dropped, so that every optimizer step
@@ -375,7 +388,7 @@ class Recipe:
             rows = np.concatenate(
                 eval_batches(
                     len(self.eval_data["input_ids"]),
-                    rank=self.rank,
+                    self.eval_rows,
                     world=self.world,
                     batch=batch,
                     max_batches=training.max_eval_batches,
@@ -488,6 +501,7 @@ class Recipe:
                 self.client,
                 self.tokenizer,
                 self.eval_data,
+                total_rows=self.eval_rows,
                 rank=self.rank,
                 device=self.device,
                 lora=self.lora,
@@ -724,7 +738,7 @@ class Recipe:
                 self.dpo.evaluate(
                     self.engine,
                     self.eval_data,
-                    rank=self.rank,
+                    total=self.eval_rows,
                     world=self.world,
                     batch=self.training.per_device_batch_size,
                     max_batches=self.training.max_eval_batches,
@@ -733,7 +747,7 @@ class Recipe:
         return _evaluate(
             self.engine,
             self.eval_data,
-            rank=self.rank,
+            total=self.eval_rows,
             world=self.world,
             batch=self.training.per_device_batch_size,
             device=self.device,
@@ -1062,7 +1076,7 @@ def _evaluate(
     engine: Any,
     data: dict[str, Any] | None,
     *,
-    rank: int,
+    total: int,
     world: int,
     batch: int,
     device: Any,
@@ -1071,26 +1085,22 @@ def _evaluate(
 ) -> dict[str, float]:
     """Loss (token-weighted), perplexity, and accuracy for classification, over the validation rows.
 
-    Rank r takes rows r, r+world, ...; every rank runs the same number of forward passes (ZeRO-3 gathers
-    weights collectively inside each one), padding its last batches with a zero-weight row when it has
-    fewer rows than the others.
+    Each rank takes the rows of its own held-out shard (`total` over all of them); every rank runs the same
+    number of forward passes (ZeRO-3 gathers weights collectively inside each one), padding its last batches
+    with a zero-weight row when it has fewer rows than the others.
     """
     import numpy as np
     import torch
     import torch.distributed as dist
 
+    from kubetune_trainer.preference import eval_batches
+
     assert data is not None
-    n = len(data["input_ids"])
-    mine = np.arange(rank, n, world)
-    num_batches = math.ceil(math.ceil(n / world) / batch)
-    if max_batches:
-        num_batches = min(num_batches, max_batches)
-    # On the device: NCCL reduces only GPU tensors. loss x weight, weight, correct.
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    # On the device: NCCL reduces only GPU tensors. loss x weight, weight, correct, rows.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
-        for b in range(num_batches):
-            rows = mine[b * batch : (b + 1) * batch]
+        for rows in eval_batches(len(data["input_ids"]), total, world=world, batch=batch, max_batches=max_batches):
             real = len(rows) > 0
             inputs = _to_tensors(data, rows if real else np.arange(1), device, classification)
             out = engine(**inputs)
@@ -1101,6 +1111,7 @@ def _evaluate(
                 sums[2] += float((out.logits.argmax(-1) == inputs["labels"]).sum())
             else:
                 weight = float((inputs["labels"][:, 1:] != -100).sum())  # the targets after the shift
+            sums[3] += len(rows)
             if weight:
                 sums[0] += out.loss.item() * weight
                 sums[1] += weight
@@ -1109,6 +1120,5 @@ def _evaluate(
     loss = (sums[0] / sums[1]).item() if sums[1] else float("nan")
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if classification:
-        total = min(n, num_batches * batch * world)
-        metrics["accuracy"] = sums[2].item() / total if total else float("nan")
+        metrics["accuracy"] = (sums[2] / sums[3]).item() if sums[3] else float("nan")
     return metrics
