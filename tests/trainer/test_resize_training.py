@@ -1,7 +1,8 @@
 """Resuming on a different number of ranks (kubetune_trainer.resize).
 
 ZeRO-3: a 2-rank run stops after its step-3 checkpoint, and the same job comes back on 1 rank. The 1-rank run
-rebuilds the weights from both ranks' shards and restores the LR schedule and RNG, continues the loss curve
+rebuilds the weights and Adam's moments from both ranks' shards (what lands in the new partitions sums, squared,
+to the checkpoint's), restores the LR schedule and RNG, continues the loss curve
 (its first loss is well below the untrained model's), and trains the rest of the epoch on rows the 2 ranks had
 not trained on (by content: its data is prepared anew for 1 shard), none twice.
 
@@ -13,6 +14,7 @@ docs/scaling.md)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,21 @@ def _rows(env: TrainerEnv, run_uri: str, trace: Path, world: int) -> dict[int, l
             rec = json.loads(line)
             out.setdefault(rec["step"], []).extend(shards[rank][r].tobytes() for r in rec["rows"])
     return out
+
+
+def _moment_sums(env: TrainerEnv, ds_uri: str, dest: Path) -> tuple[float, float]:
+    """The sums of squares of Adam's exp_avg and exp_avg_sq over every old rank's optimizer file of a
+    checkpoint (torch AdamW's flat state per partition; their padding is zero)."""
+    import torch
+
+    sums = [0.0, 0.0]
+    for path in sorted(env.download(ds_uri, dest).glob("*optim_states.pt")):
+        saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        inner = saved.get("base_optimizer_state") or saved["optimizer_state_dict"]  # ZeRO-2 / ZeRO-3
+        for state in inner["state"].values():
+            sums[0] += float(state["exp_avg"].double().pow(2).sum())
+            sums[1] += float(state["exp_avg_sq"].double().pow(2).sum())
+    return sums[0], sums[1]
 
 
 @pytest.mark.timeout(1200)
@@ -75,6 +92,17 @@ def test_checkpoint_resumes_on_another_number_of_ranks(
     second = env.run(new, env={"KUBETUNE_TRACE_DIR": str(trace_new)})
     assert second.returncode == 0, second.output[-6000:]
     assert f"from {before} to {after} ranks (ZeRO-{stage})" in second.output
+    restored = re.search(
+        r"Adam's moments restored for \d+ parameters \(step 3; sum of squares over all partitions: "
+        r"exp_avg (\S+), exp_avg_sq (\S+)\)",
+        second.output,
+    )
+    assert restored, second.output[-6000:]
+    saved = _moment_sums(env, f"{old['runUri']}/checkpoints/step-00000003/ds", tmp_path / "step-3")
+    print(f"Adam's moments, sums of squares: checkpoint {saved}, restored {restored.groups()}")
+    assert saved[0] > 0 and saved[1] > 0
+    assert float(restored.group(1)) == pytest.approx(saved[0], rel=1e-6)
+    assert float(restored.group(2)) == pytest.approx(saved[1], rel=1e-6)
 
     steps = {m["step"]: m for m in env.metrics(old["runUri"]) if "loss" in m and "event" not in m}
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]

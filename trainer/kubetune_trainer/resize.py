@@ -14,8 +14,8 @@ ZeRO-2 and ZeRO-3 alike:
   gathered parameter beyond its usual share. The optimizer's fp32 partitions are then refreshed from the 16-bit
   ones (under ZeRO-3 these are views of the same flat buffer as the parameters' `ds_tensor`s). The LR schedule
   and step counters come from the checkpoint's model states (read by rank 0, broadcast); the other ranks
-  download only their RNG file. Adam's moment estimates start again from zero (they are partitioned by the old
-  world size): the loss curve continues, the first steps move like the first steps after a warm restart. LoRA
+  download only their RNG file. Adam's moment estimates and step count follow the same way, one parameter at
+  a time (adam_moments.py); moments that cannot be read restart from zero, with a warning. LoRA
   checkpoints hold only the trainable weights (the frozen ones are the base model's, already loaded); a
   trainable weight missing from the checkpoint is an error on every rank.
 - Data: a checkpoint says, per old rank, how far into its shard's permutation of the current epoch it got.
@@ -79,6 +79,7 @@ def load_resized(
     # Rank 0 rebuilds the weights from every old rank's shards; the others need only their RNG file.
     storage.download(client, uri, local, want=lambda rel: rel == rng or (rank == 0 and rel.startswith(f"{_DS_TAG}/")))
     saved = _load_weights(engine, local / _DS_TAG, uri, rank=rank, world=world, exclude_frozen=exclude_frozen)
+    moments = _load_moments(engine, local / _DS_TAG, uri, rank=rank, world=world)
     if engine.lr_scheduler is not None and saved.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     engine.global_steps = saved.get("global_steps", engine.global_steps)
@@ -92,12 +93,13 @@ def load_resized(
         "fingerprint": state.data_fingerprint,
     }
     log.info(
-        "resized %s from %d to %d ranks (ZeRO-%d): weights, schedule and RNG restored, Adam moments "
-        "restarted; epoch %d continues without the rows the %d old ranks had trained on",
+        "resized %s from %d to %d ranks (ZeRO-%d): weights, %s, schedule and RNG restored; epoch %d "
+        "continues without the rows the %d old ranks had trained on",
         uri,
         old,
         world,
         zero_stage,
+        "Adam's moments" if moments else "not Adam's moments (restarted)",
         state.epoch,
         old,
     )
@@ -177,6 +179,35 @@ def _read_checkpoint(
         raise FileNotFoundError(f"no model states ({' or '.join(_MODEL_STATES)}) in {ds_dir}")
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # ZeRO-2: + the 16-bit weights
     return weights, names, {k: saved[k] for k in _ENGINE_STATE if k in saved}
+
+
+def _load_moments(engine: Any, ds_dir: Path, uri: str, *, rank: int, world: int) -> bool:
+    """Every rank: Adam's moments and step count from the checkpoint (rank 0 reads them from `ds_dir`) into
+    the engine's optimizer; whether they were. Moments that cannot be read (an optimizer whose state is laid
+    out otherwise) restart from zero, as the first steps of a run do, rather than fail the resume. A
+    collective."""
+    import torch.distributed as dist
+
+    from kubetune_trainer import adam_moments
+
+    names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    moments: dict[str, Any] = {}
+    shared: list[Any] = [None]  # Adam's step, or None when the moments could not be read
+    if rank == 0:
+        try:
+            moments, step = adam_moments.read_moments(ds_dir)
+            missing = [n for n in names if any(n not in moments[key] for key in adam_moments.MOMENTS)]
+            if missing:
+                raise KeyError(f"no moments for {missing[:3]}")
+            shared[0] = step
+        except Exception as exc:  # noqa: BLE001 - the weights are restored; the moments are worth a warning
+            log.warning("cannot read Adam's moments from %s (%s: %s): they restart", uri, type(exc).__name__, exc)
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[0] is None:
+        return False
+    adam_moments.load_moments(engine, moments, names, shared[0], rank=rank, world=world)
+    return True
 
 
 @contextlib.contextmanager
