@@ -18,7 +18,9 @@ from typing import Any
 import kopf
 
 from kubetune_operator import certs, handlers, metrics, webhook
+from kubetune_operator.builders.shared_server import LABEL_SERVER
 from kubetune_operator.kube import Kube, load_configuration
+from kubetune_operator.meta import LABEL_JOB
 from kubetune_operator.reconcile import Reconciler
 from kubetune_operator.settings import Settings
 
@@ -58,6 +60,7 @@ def configure(kopf_settings: kopf.OperatorSettings, op: Settings, cert_dir: Path
     # Our own Events describe transitions; kopf's per-handler "succeeded" Events would double the API traffic.
     s.posting.level = logging.WARNING
     s.posting.reporting_component = "kubetune-operator"
+    _configure_watching(s)
     s.peering.standalone = op.peering is None
     if op.peering is not None:
         s.peering.name = op.peering
@@ -81,6 +84,23 @@ def configure(kopf_settings: kopf.OperatorSettings, op: Settings, cert_dir: Path
         )
         if op.webhook_managed:
             s.admission.managed = op.webhook_config_name
+
+
+def _configure_watching(s: kopf.OperatorSettings) -> None:
+    """What the watch streams bring in, and how long kopf keeps it (docs/operator.md, "Memory per job").
+
+    kopf filters handlers' labels on the client: without a server-side selector every ConfigMap in the watched
+    namespaces (each job's trainer config, its history) is sent, parsed, queued to a worker of its own and
+    remembered for good, only to match no handler. The only ConfigMap handler wants the shared-server label, and
+    the only RayJob handler our job label, so the API server may filter them. (Deployments have two handlers
+    with different labels, and a selector cannot say "either": they stay unfiltered; there are few.)
+    """
+    s.watching.label_selectors["configmaps"] = LABEL_SERVER
+    s.watching.label_selectors["ray.io", "rayjobs"] = LABEL_JOB
+    # kopf's per-object worker keeps the last event's body until it exits, idle_timeout seconds after that
+    # event (default 5 s): in a burst of new jobs that pins one full body per recently seen object. Events of
+    # one object arrive well within a second of each other; a later one simply starts a new worker.
+    s.queueing.idle_timeout = 1.0
 
 
 def make_registry(op: Settings, configuration: Any) -> kopf.OperatorRegistry:
