@@ -23,6 +23,8 @@ Everything is truncated to maxSeqLength tokens.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,29 +179,17 @@ class Encoder:
 
     # -------------------------------------------------------------------------------------- encoding
 
-    def _tokenize(
-        self, texts: list[str], special: bool, offsets: bool = False
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Token ids (and, if asked, each token's first character) per text, truncated to maxSeqLength.
+    def _tokenize(self, texts: list[str], special: bool) -> list[np.ndarray]:
+        """Token ids per text, truncated to maxSeqLength.
 
         Each encoding becomes a small int32 array right away: a batch of Python int lists would cost ~36 bytes
         a token, the arrays 4.
         """
         if self._fast is not None:
             encs = self._fast.encode_batch(texts, add_special_tokens=special)
-            ids = [np.asarray(e.ids[: self.max_len], dtype=np.int32) for e in encs]
-            starts = (
-                [np.asarray([o[0] for o in e.offsets[: self.max_len]], dtype=np.int64) for e in encs] if offsets else []
-            )
-            return ids, starts
-        out = self.tok(texts, add_special_tokens=special, return_offsets_mapping=offsets)
-        ids = [np.asarray(x[: self.max_len], dtype=np.int32) for x in out["input_ids"]]
-        starts = (
-            [np.asarray([o[0] for o in x[: self.max_len]], dtype=np.int64) for x in out["offset_mapping"]]
-            if offsets
-            else []
-        )
-        return ids, starts
+            return [np.asarray(e.ids[: self.max_len], dtype=np.int32) for e in encs]
+        out = self.tok(texts, add_special_tokens=special)
+        return [np.asarray(x[: self.max_len], dtype=np.int32) for x in out["input_ids"]]
 
     def has_control_token(self, ex: Example) -> bool:
         if self._special_re is None or ex.messages is None:
@@ -216,7 +206,7 @@ class Encoder:
             return self._encode_turns(examples)
         if self.fmt == "preference":
             return self._encode_pairs(examples)
-        ids_list, _ = self._tokenize([ex.text or "" for ex in examples], special=True)
+        ids_list = self._tokenize([ex.text or "" for ex in examples], special=True)
         out: list[Encoded | None] = []
         for ex, ids in zip(examples, ids_list):
             if self.fmt == "completion":
@@ -261,26 +251,46 @@ class Encoder:
     def _encode_turns_of(self, convs: list[list[tuple[str, str]]], skips: list[int]) -> list[Encoded | None]:
         rendered = [self.render_with_spans(turns, skip) for turns, skip in zip(convs, skips)]
         # A chat template writes its own BOS if the model wants one (as vLLM renders it, without adding another).
-        ids_list, starts_list = self._tokenize([r[0] for r in rendered], special=False, offsets=True)
+        ids, starts, ends = self._tokenize_flat([text for text, _ in rendered])
+        # The targets of the whole batch at once: per-record numpy calls cost more than the arithmetic here.
+        target = _in_record_spans(starts, ends, [spans for _, spans in rendered])
+        labels = np.where(target, ids, np.int32(IGNORE))  # int32 like ids
+        targets_before = np.concatenate([[0], np.cumsum(target)])
+        targets_per_record = np.diff(targets_before[np.concatenate([[0], ends])])
         out: list[Encoded | None] = []
-        ignore = np.int32(IGNORE)
-        for (_, spans), ids, starts in zip(rendered, ids_list, starts_list):
-            target = _in_spans(starts, spans)
-            if not target.any():
-                out.append(None)
-                continue
-            out.append(Encoded(ids, np.where(target, ids, ignore), None))  # int32 like ids
+        begin = 0
+        for end, targets in zip(ends.tolist(), targets_per_record.tolist()):
+            out.append(Encoded(ids[begin:end], labels[begin:end], None) if targets else None)
+            begin = end
         return out
 
+    def _tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's token ids (int32) and each token's first character (int64), every text's truncated to
+        maxSeqLength, concatenated; and where each text's tokens end in them. One array per batch rather than
+        two per text: the fast tokenizer hands back Python lists, and filling one array from all of them
+        costs less than building thousands of small ones."""
+        assert self._fast is not None  # conversational formats refuse a slow tokenizer (__init__)
+        encs = self._fast.encode_batch(texts, add_special_tokens=False)
+        ids = [e.ids[: self.max_len] for e in encs]
+        ends = np.cumsum([len(x) for x in ids], dtype=np.int64)
+        total = int(ends[-1]) if len(ends) else 0
+        flat_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total)
+        offsets = itertools.chain.from_iterable([e.offsets[: self.max_len] for e in encs])
+        starts = np.fromiter(map(operator.itemgetter(0), offsets), dtype=np.int64, count=total)
+        return flat_ids, starts, ends
 
-def _in_spans(starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Which tokens start inside one of the character spans."""
-    if len(spans) == 1:  # the usual single answer: no array to start from and OR into
-        s, e = spans[0]
-        return (starts >= s) & (starts < e)
+
+def _in_record_spans(starts: np.ndarray, ends: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
+    """Which tokens start inside one of their own record's character spans (records' tokens concatenated,
+    record i's ending at ends[i]). The k-th spans of all records are compared in one pass, so a batch of
+    single-answer chats takes one pass; a record without a k-th span gets the empty span (0, 0)."""
+    lengths = np.diff(ends, prepend=0)
     target = np.zeros(len(starts), dtype=bool)
-    for s, e in spans:
-        target |= (starts >= s) & (starts < e)
+    for k in range(max((len(s) for s in spans), default=0)):
+        kth = [s[k] if k < len(s) else (0, 0) for s in spans]
+        lo = np.repeat(np.fromiter((a for a, _ in kth), dtype=np.int64, count=len(kth)), lengths)
+        hi = np.repeat(np.fromiter((b for _, b in kth), dtype=np.int64, count=len(kth)), lengths)
+        target |= (starts >= lo) & (starts < hi)
     return target
 
 
