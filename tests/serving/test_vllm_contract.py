@@ -276,7 +276,7 @@ def test_trainer_and_vllm_render_the_same_token_ids(server, trainer_tokenizer) -
     tok = trainer_tokenizer[0]
     enc = Encoder(tok, "chat", 512)
     messages = [{"role": r, "content": c} for r, c in CONVERSATION]
-    prompt_ids, _ = enc._tokenize([enc._render(CONVERSATION, True)], special=False)
+    prompt_ids = enc._tokenize([enc._render(CONVERSATION, True)], special=False)
     answered = CONVERSATION + [("assistant", "Anyone who orders dessert.")]
     (trained,) = enc.encode([Example(answered, None, None, "", 0)])
     assert trained is not None
