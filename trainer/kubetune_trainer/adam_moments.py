@@ -39,6 +39,7 @@ def read_moments(ds_dir: Path) -> tuple[dict[str, dict[str, Any]], float]:
     stage = int(saved[0]["zero_stage"])
     inner = [s["base_optimizer_state" if stage <= 2 else "optimizer_state_dict"] for s in saved]
     step = float(_step(inner[0]))
+    trainable = {name for shapes in model_states[0].param_shapes for name in shapes}
     moments: dict[str, dict[str, Any]] = {}
     for key in MOMENTS:
         # Per old rank, the moment of each flat group, in the groups' order (one flat tensor per group).
@@ -49,7 +50,6 @@ def read_moments(ds_dir: Path) -> tuple[dict[str, dict[str, Any]], float]:
             )
         else:
             whole = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(len(files), flat, model_states, True)
-        trainable = {name for shapes in model_states[0].param_shapes for name in shapes}
         moments[key] = {name: value for name, value in whole.items() if name in trainable}
     return moments, step
 
@@ -63,8 +63,8 @@ def _step(optimizer_state: dict[str, Any]) -> Any:
 def load_moments(
     engine: Any, moments: dict[str, dict[str, Any]], names: list[str], step: float, *, rank: int, world: int
 ) -> None:
-    """Every rank: the whole moments of parameters `names` (rank 0's `moments`; empty elsewhere) into this
-    engine's optimizer partitions, and the step count into every partition's state. A collective."""
+    """Every rank: the whole moments of trainable parameters `names` (rank 0's `moments`; empty elsewhere) into
+    this engine's optimizer partitions, and the step count into every partition's state. A collective."""
     import torch
     import torch.distributed as dist
 
@@ -76,8 +76,6 @@ def load_moments(
         values = moments.get(key, {})
         for name in names:
             param = params[name]
-            if not param.requires_grad:
-                continue
             shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
             if rank == 0:
                 value = values.pop(name).contiguous().to(device=device, dtype=torch.float32)
