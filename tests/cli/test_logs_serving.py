@@ -43,7 +43,7 @@ def _job(name: str, server: str | None) -> dict[str, Any]:
 
 def _deployment(name: str, labels: dict[str, str], replicas: int, says: str) -> dict[str, Any]:
     """A Deployment whose server container prints `says` and stays up (a pod of the kubelet stand-in)."""
-    program = f"print({says!r}, flush=True); import time; time.sleep(600)"
+    program = f"print({says!r}, flush=True); import signal; signal.pause()"  # up until stopped
     container = {"name": SERVER_CONTAINER, "image": "unused", "command": ["python3", "-c", program]}
     return {
         "apiVersion": "apps/v1",
