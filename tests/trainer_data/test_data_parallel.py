@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 from test_data_quality import BAD_CHAT_LINES, GOOD, _expected, chat
 
@@ -17,6 +18,7 @@ from kubetune_trainer.data import load_shard, prepare
 pytestmark = pytest.mark.integration
 
 prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
+executors_module = importlib.import_module("kubetune_trainer.data.executors")
 cache_module = importlib.import_module("kubetune_trainer.data.cache")
 
 
@@ -107,17 +109,45 @@ def local_ray(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     ray.shutdown()
 
 
+def _actor_processes() -> list[psutil.Process]:
+    """The preparation's Ray actors (Ray titles a worker process after the actor class it hosts)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::PrepareActor"):
+            found.append(proc)
+    return found
+
+
 def test_ray_actors_give_the_same_output_as_one_process(tokenizer, s3, put, prefix, make_cfg, monkeypatch, local_ray):
-    """Two Ray actors, 2 KB byte ranges, units of 64 examples: equal to the one-process path on the same input."""
+    """Two Ray actors, 2 KB byte ranges, units of 64 examples: equal to the one-process path on the same input.
+
+    The fault: once every unit is packed, and before the shards are cut and written, every actor process is
+    killed (SIGKILL, as the OOM killer does). What is lost: the actors' processes, which Ray starts again (each
+    loads the tokenizer anew). What is kept: the packed rows, which Ray's object store holds for the driver, not
+    the actor; the cut and write tasks are retried on the new processes, and the output is still the
+    one-process output, row for row."""
     monkeypatch.setattr(prepare_module, "UNIT_EXAMPLES", 64)
     monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # tiny data: Ray all the same
     cfg, a_uri = _mixture(put, prefix, make_cfg, "inline")
     inline = prepare(cfg, tokenizer, num_shards=2, client=s3)
     monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 2048)
     _uncached(monkeypatch)
+    killed: list[int] = []
+    real_write = executors_module.RayExecutor.write
+
+    def kill_actors_then_write(self: Any, split: str, *args: Any) -> Any:
+        if split == "train":
+            for proc in _actor_processes():
+                proc.kill()
+                killed.append(proc.pid)
+        return real_write(self, split, *args)
+
+    monkeypatch.setattr(executors_module.RayExecutor, "write", kill_actors_then_write)
     parallel = prepare(_mixture(put, prefix, make_cfg, "ray")[0], tokenizer, num_shards=2, client=s3, parallelism=2)
+    assert len(killed) == 2  # both actors died between packing and writing...
     _check_counts(parallel, a_uri)
-    _same(inline, parallel, s3)
+    _same(inline, parallel, s3)  # ...and the shards are the same all the same
     # The actors are gone once the preparation is done: nothing holds CPUs the training workers need.
     deadline = time.monotonic() + 60
     while local_ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:

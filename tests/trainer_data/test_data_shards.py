@@ -16,7 +16,7 @@ from kubetune_trainer.data.s3 import list_objects, parse_uri
 pytestmark = pytest.mark.integration
 
 # The package re-exports the function prepare(), which shadows the submodule as an attribute.
-prepare_module = importlib.import_module("kubetune_trainer.data.prepare")
+executors_module = importlib.import_module("kubetune_trainer.data.executors")
 shards_module = importlib.import_module("kubetune_trainer.data.shards")
 cache_module = importlib.import_module("kubetune_trainer.data.cache")
 worker_module = importlib.import_module("kubetune_trainer.data.worker")  # where every block is read
@@ -96,16 +96,14 @@ def test_completed_preparation_is_reused_without_reading(tokenizer, s3, put, pre
 def test_half_written_preparation_is_never_published_nor_deleted(tokenizer, s3, put, prefix, make_cfg, monkeypatch):
     uri = put(f"{prefix}/d.jsonl", RECORDS)
     cfg = _cfg(make_cfg, uri)
-    real_write = prepare_module.write_shard
-    calls = []
+    real_write = executors_module.write_shard
 
-    def crash_after_first(*args, **kwargs):
-        if calls:
+    def crash_on_the_second_shard(columns, rows, width, local_path, client, uri):
+        if uri.endswith("part-00001.parquet"):
             raise RuntimeError("worker killed")
-        calls.append(1)
-        return real_write(*args, **kwargs)
+        return real_write(columns, rows, width, local_path, client, uri)
 
-    monkeypatch.setattr(prepare_module, "write_shard", crash_after_first)
+    monkeypatch.setattr(executors_module, "write_shard", crash_on_the_second_shard)
     with pytest.raises(RuntimeError, match="worker killed"):
         prepare(cfg, tokenizer, num_shards=2, client=s3)
     monkeypatch.undo()

@@ -1,13 +1,20 @@
-"""Where the per-record steps of worker.py run: in this process, or in a pool of Ray actors on the worker pods.
+"""Where the per-record steps of worker.py run, and where the packed rows are kept and cut into shards: in this
+process, or in a pool of Ray actors on the worker pods.
 
-Both executors run the same Worker methods on the same blocks and units and hand the results back in plan
-order, so a preparation gives the same output with either (tests/trainer_data/test_data_parallel.py).
+Both executors run the same Worker methods on the same blocks and units, hand the results back in plan order,
+and write each shard's rows in the same order, so a preparation gives byte-identical output with either
+(tests/trainer_data/test_data_parallel.py).
 
 The Ray pool: `parallelism` actors of one CPU each, spread over the cluster's nodes (the KubeRay head has
 num-cpus 0, so they land on the worker pods). An actor loads the tokenizer once and parses or encodes many
 blocks. The parsed examples of a block stay in Ray's object store (owned by the driver) until the unit that
-packs them has run; the driver only ever receives each block's per-record facts and each unit's packed rows.
-The actors are killed when the preparation ends, so their memory is free before the training workers start.
+packs them has run; so do each unit's packed rows, on the node of the actor that packed them, until the shards
+are written. The driver only ever receives each block's per-record facts and each unit's row count. Writing is
+a shuffle in two rounds: the actor that packed a unit cuts its rows into one piece per shard (the driver's plan
+says which row goes where), then one actor per shard joins that shard's pieces, in unit order, and writes and
+uploads the Parquet file. Every row crosses the network at most once, and no process holds more than one
+shard. The actors are killed when the preparation ends, so their memory is free before the training workers
+start.
 """
 
 from __future__ import annotations
@@ -15,32 +22,44 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import numpy as np
 
 from kubetune_trainer.data.blocks import Block
 from kubetune_trainer.data.records import Example
-from kubetune_trainer.data.worker import BlockFacts, Settings, UnitRows, Worker
+from kubetune_trainer.data.shards import shard_of_row, write_shard
+from kubetune_trainer.data.spill import RowSpill
+from kubetune_trainer.data.worker import BlockFacts, Settings, UnitRows, Worker, row_columns
 
 log = logging.getLogger(__name__)
 
 # A unit: the kept examples to pack together, as (block index, kept number) in the global order.
 Unit = list[tuple[int, int]]
+# Shards written at once in one process: Parquet's compression and the upload let go of the GIL, so a few
+# threads overlap one shard's compression with another's upload.
+WRITE_THREADS = 4
 
 
 class InlineExecutor:
     """The steps in this process, one after the other. A parsed block's examples wait on local disk (pickled)
-    until their unit is packed, so memory holds about one block of examples, not the dataset."""
+    until their unit is packed, so memory holds about one block of examples, not the dataset; the packed rows
+    of each split are spilled to local disk until the shards are cut."""
 
     def __init__(self, settings: Settings, tokenizer: Any, client: Any, directory: str):
         self.worker = Worker(settings, tokenizer, client)
         self.directory = directory
+        os.makedirs(os.path.join(directory, "parsed"))
         self._loaded: dict[int, list[Example]] = {}
         # A mixture alternates between its sources: one block of each stays loaded.
         self.keep_blocks = max(1, len(settings.source_rules))
+        self._spills: dict[str, RowSpill] = {}
 
     def _path(self, block: int) -> str:
-        return os.path.join(self.directory, f"block-{block}.pickle")
+        return os.path.join(self.directory, "parsed", f"block-{block}.pickle")
 
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
         facts = []
@@ -60,9 +79,28 @@ class InlineExecutor:
                     self._loaded[b] = pickle.load(f)
             yield self._loaded[b][k]
 
-    def encode(self, units: Iterable[Unit], spill: Any) -> Iterator[UnitRows]:
+    def encode(self, split: str, units: Iterable[Unit]) -> Iterator[UnitRows]:
+        """Pack the units of one split, in order; their rows are kept for write() (a UnitRows carries only the
+        counts). Consume the iterator to the end."""
+        spill = self._spills[split] = RowSpill(os.path.join(self.directory, split), row_columns(self.worker.settings))
         for unit in units:
-            yield self.worker.encode_unit(self._examples(unit), spill)  # rows go straight to the spill
+            before = spill.rows
+            counts = self.worker.encode_unit(self._examples(unit), spill)  # rows go straight to the spill
+            counts.rows = spill.rows - before
+            yield counts
+        spill.close()
+
+    def write(self, split: str, shards: list[np.ndarray], width: int, uris: list[str]) -> list[int]:
+        """Write shard r (the split's rows shards[r], in that order, trimmed to `width`) to uris[r]; the tokens
+        in each."""
+        columns = self._spills[split].read()
+
+        def one(r: int) -> int:
+            local = os.path.join(self.directory, f"{split}-{r}.parquet")
+            return write_shard(columns, shards[r], width, local, self.worker.client, uris[r])
+
+        with ThreadPoolExecutor(max_workers=min(len(uris), WRITE_THREADS)) as pool:
+            return list(pool.map(one, range(len(uris))))
 
     def close(self) -> None:
         self._loaded.clear()
@@ -77,8 +115,32 @@ class PrepareActor:
     def parse(self, block: Block) -> tuple[BlockFacts, list[Example]]:
         return self.worker.parse_block(block)
 
-    def encode(self, picks: list[tuple[int, int]], *example_lists: list[Example]) -> UnitRows:
-        return self.worker.encode_unit([example_lists[p][k] for p, k in picks])
+    def encode(self, picks: list[tuple[int, int]], *example_lists: list[Example]) -> tuple[UnitRows, list[Any]]:
+        """The unit's counts (to the driver) and its packed rows (left in the object store)."""
+        unit = self.worker.encode_unit([example_lists[p][k] for p, k in picks])
+        blocks, unit.blocks = unit.blocks, []
+        return unit, blocks
+
+    def cut(self, blocks: list[dict[str, np.ndarray]], owner: np.ndarray, num_shards: int) -> Any:
+        """A unit's rows, one piece per shard (owner: the shard of each row, -1 for a dropped one), each in the
+        unit's order. One piece is returned as itself: Ray hands back a single object for num_returns=1."""
+        columns = row_columns(self.worker.settings)
+        rows = {
+            name: np.concatenate([b[name] for b in blocks])
+            if blocks
+            else np.zeros((0, width) if width else (0,), dtype=dtype)
+            for name, (dtype, width) in columns.items()
+        }
+        pieces = [{name: col[owner == r] for name, col in rows.items()} for r in range(num_shards)]
+        return pieces[0] if num_shards == 1 else tuple(pieces)
+
+    def write(self, uri: str, width: int, *pieces: dict[str, np.ndarray]) -> int:
+        """One shard from its pieces, joined in unit order (so the rows are in ascending global order, as in
+        one process); the tokens in it."""
+        columns = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+        rows = np.arange(len(next(iter(columns.values()))))
+        with tempfile.TemporaryDirectory(prefix="kubetune-shard-") as tmp:
+            return write_shard(columns, rows, width, os.path.join(tmp, "shard.parquet"), self.worker.client, uri)
 
 
 class RayExecutor:
@@ -92,7 +154,9 @@ class RayExecutor:
         actor = actor.options(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2)
         self.tokenizer_ref = ray.put(tokenizer)  # held while the actors live: a restarted actor needs it again
         self.actors: list[Any] = [actor.remote(settings, self.tokenizer_ref) for _ in range(parallelism)]
-        self.refs: dict[int, Any] = {}
+        self.refs: dict[int, Any] = {}  # block index -> its parsed examples
+        # split -> (actor that packed the unit, its rows, its row count) per unit, in order
+        self.units: dict[str, list[tuple[int, Any, int]]] = {}
         log.info("preparing the data in %d Ray actors", parallelism)
 
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
@@ -103,26 +167,46 @@ class RayExecutor:
             self.refs[b.index] = examples_ref
         return list(self.ray.get(fact_refs))
 
-    def encode(self, units: Iterable[Unit], spill: Any = None) -> Iterator[UnitRows]:
-        # A bounded window of units in flight: the packed rows reach the driver in order, and no more than a
-        # few units' rows wait in the object store at a time.
-        window = 2 * len(self.actors)
-        pending: list[Any] = []
+    def encode(self, split: str, units: Iterable[Unit]) -> Iterator[UnitRows]:
+        """As InlineExecutor.encode; the rows stay in the object store, on the node that packed them."""
+        done = self.units[split] = []
+        submitted = []
         for i, unit in enumerate(units):
-            pending.append(self._submit(i, unit))
-            if len(pending) >= window:
-                yield self.ray.get(pending.pop(0))
-        while pending:
-            yield self.ray.get(pending.pop(0))
+            a = i % len(self.actors)
+            blocks = sorted({b for b, _ in unit})
+            position = {b: p for p, b in enumerate(blocks)}
+            picks = [(position[b], k) for b, k in unit]
+            counts_ref, rows_ref = (
+                self.actors[a].encode.options(num_returns=2).remote(picks, *[self.refs[b] for b in blocks])
+            )
+            submitted.append((a, counts_ref, rows_ref))
+        for a, counts_ref, rows_ref in submitted:
+            counts: UnitRows = self.ray.get(counts_ref)
+            done.append((a, rows_ref, counts.rows))
+            yield counts
 
-    def _submit(self, i: int, unit: Unit) -> Any:
-        blocks = sorted({b for b, _ in unit})
-        position = {b: p for p, b in enumerate(blocks)}
-        picks = [(position[b], k) for b, k in unit]
-        return self.actors[i % len(self.actors)].encode.remote(picks, *[self.refs[b] for b in blocks])
+    def write(self, split: str, shards: list[np.ndarray], width: int, uris: list[str]) -> list[int]:
+        """As InlineExecutor.write, in the actors: each unit cut where it was packed, each shard joined and
+        written by one actor."""
+        self.refs.clear()  # every unit is packed by now: the parsed examples can go
+        units = self.units.pop(split)
+        owner = shard_of_row(sum(n for _, _, n in units), shards)
+        pieces, start = [], 0
+        for a, rows_ref, n in units:
+            cut = (
+                self.actors[a].cut.options(num_returns=len(uris)).remote(rows_ref, owner[start : start + n], len(uris))
+            )
+            pieces.append([cut] if len(uris) == 1 else cut)
+            start += n
+        tokens = [
+            self.actors[r % len(self.actors)].write.remote(uris[r], width, *[p[r] for p in pieces])
+            for r in range(len(uris))
+        ]
+        return list(self.ray.get(tokens))
 
     def close(self) -> None:
         self.refs.clear()
+        self.units.clear()
         for a in self.actors:
             self.ray.kill(a)
         self.actors = []

@@ -22,9 +22,12 @@ The pass over the data has three steps (docs/data.md, "Preparation on the cluste
    tokenise, mask, pack.
 Steps 1 and 3 run in this process (parallelism 0) or in Ray actors (executors.py): same code, same output.
 
+Then the driver plans the shards from the row count alone (shards.train_shard_rows: a seeded shuffle into
+equal shards) and the executor writes them where the rows are: in this process from the rows spilled to local
+disk (tempfile's directory, TMPDIR), or in the actors from the rows they left in Ray's object store.
+
 Memory here: the per-record facts (a status byte and a 64-bit hash per record; with near-dedup the MinHash
-signatures) and the packed rows, spilled to local disk (tempfile's directory, TMPDIR) until the row count is
-known and the shards are cut.
+signatures) and the shard plan (a few bytes per row); with Ray actors, no row.
 """
 
 from __future__ import annotations
@@ -33,14 +36,11 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
 
 from kubetune.api import TrainerConfig
 from kubetune_trainer.data import cache
@@ -57,9 +57,8 @@ from kubetune_trainer.data.s3 import (
     s3_client,
 )
 from kubetune_trainer.data.selection import Selection, select
-from kubetune_trainer.data.shards import batch_indices, load_shard, write_shard
-from kubetune_trainer.data.spill import RowSpill
-from kubetune_trainer.data.worker import Settings, row_columns
+from kubetune_trainer.data.shards import batch_indices, load_shard, train_shard_rows, validation_shard_rows
+from kubetune_trainer.data.worker import Settings
 
 __all__ = ["PreparedData", "prepare", "load_shard", "batch_indices", "DataError"]
 
@@ -132,9 +131,13 @@ def _prepare_attempt(
     ds = cfg.spec.dataset
     root = cache_root(cfg.spec.output.uri)
     prefix = cache.new_attempt(root, fp)
-    with tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp, _old_objects_frozen():
+    with (
+        tempfile.TemporaryDirectory(prefix="kubetune-prepare-") as tmp,
+        _old_objects_frozen(),
+        _executor(cfg, tokenizer, client, per_source, validation_objects, tmp, parallelism) as (executor, blocks),
+    ):
         started = time.monotonic()
-        run = _rows(cfg, tokenizer, client, per_source, validation_objects, tmp, parallelism)
+        run = _rows(cfg, executor, blocks)
         log.info(
             "prepare: %d records in %.1f s, %d invalid, %d duplicates, %d filtered",
             run.sel.records,
@@ -144,7 +147,7 @@ def _prepare_attempt(
             run.filtered,
         )
         has_validation = bool(ds.validation or ds.validation_split)
-        manifest = _write_outputs(run, cfg, client, prefix, fp, num_shards, tmp, has_validation)
+        manifest = _write_outputs(run, cfg, executor, client, prefix, fp, num_shards, has_validation)
     published = cache.publish(client, root, fp, manifest["manifest_uri"])
     if published == manifest["manifest_uri"]:
         return manifest
@@ -177,16 +180,18 @@ def _sources(client: Any, uri: str, what: str) -> list[dict[str, Any]]:
 
 @dataclass
 class _Run:
-    """What a pass over the data produced: the selection's counts and the packed rows of each split."""
+    """What a pass over the data produced: the selection's counts and the packed rows of each split (the rows
+    themselves stay with the executor)."""
 
     sel: Selection
-    spills: dict[str, RowSpill]
+    rows: dict[str, int]
     examples: dict[str, int]
     filtered: int  # length filters and truncation
     max_fill: int
 
 
-def _rows(
+@contextlib.contextmanager
+def _executor(
     cfg: TrainerConfig,
     tokenizer: Any,
     client: Any,
@@ -194,8 +199,8 @@ def _rows(
     validation_objects: list[dict[str, Any]],
     tmp: str,
     parallelism: int,
-) -> _Run:
-    """Parse the blocks (in parallel), select globally (here), tokenise and pack the units (in parallel)."""
+) -> Iterator[tuple[InlineExecutor | RayExecutor, list[Block]]]:
+    """The blocks of the input and the executor that works on them (closed on the way out)."""
     ds = cfg.spec.dataset
     settings = Settings.from_config(cfg)
     blocks: list[Block] = []
@@ -209,64 +214,71 @@ def _rows(
     else:
         if parallelism > 0:
             log.info("%d bytes of data: prepared in this process (starting Ray actors would take longer)", size)
-        os.makedirs(os.path.join(tmp, "parsed"))
-        executor = InlineExecutor(settings, tokenizer, client, os.path.join(tmp, "parsed"))
+        executor = InlineExecutor(settings, tokenizer, client, tmp)
     try:
-        t0 = time.monotonic()
-        facts = executor.parse(blocks)
-        t1 = time.monotonic()
-        pp = ds.preprocessing
-        weights = [s.weight for s in ds.train_sources()]
-        sel = select(
-            blocks,
-            facts,
-            weights,
-            pp.deduplicate,
-            pp.near_duplicate_threshold,
-            ds.validation_split,
-            cfg.spec.training.seed,
-        )
-        if len(weights) > 1:
-            log.info(
-                "mixture: kept %s examples per source (weights %s); source %s ran out first",
-                sel.source_kept,
-                weights,
-                sel.first_out,
-            )
-        sel.invalid.check(sel.records, pp.max_invalid_fraction)
-        t2 = time.monotonic()
-        run = _Run(sel, {}, {}, sel.filtered, 0)
-        for split, picks in (("train", sel.train), ("validation", sel.validation)):
-            spill = run.spills[split] = RowSpill(os.path.join(tmp, split), row_columns(settings))
-            units = (picks[i : i + UNIT_EXAMPLES].tolist() for i in range(0, len(picks), UNIT_EXAMPLES))
-            run.examples[split] = 0
-            for rows in executor.encode(units, spill):  # in this process: rows written to the spill directly
-                for block in rows.blocks:
-                    spill.append(block)
-                run.examples[split] += rows.examples
-                run.filtered += rows.filtered
-                run.max_fill = max(run.max_fill, rows.max_fill)
-            spill.close()
-        log.info(
-            "prepare: %d blocks parsed in %.1f s, selected in %.1f s, packed in %.1f s (%s)",
-            len(blocks),
-            t1 - t0,
-            t2 - t1,
-            time.monotonic() - t2,
-            f"{parallelism} Ray actors" if isinstance(executor, RayExecutor) else "this process",
-        )
-        return run
+        yield executor, blocks
     finally:
         executor.close()
 
 
+def _rows(cfg: TrainerConfig, executor: InlineExecutor | RayExecutor, blocks: list[Block]) -> _Run:
+    """Parse the blocks (in parallel), select globally (here), tokenise and pack the units (in parallel)."""
+    ds = cfg.spec.dataset
+    t0 = time.monotonic()
+    facts = executor.parse(blocks)
+    t1 = time.monotonic()
+    pp = ds.preprocessing
+    weights = [s.weight for s in ds.train_sources()]
+    sel = select(
+        blocks,
+        facts,
+        weights,
+        pp.deduplicate,
+        pp.near_duplicate_threshold,
+        ds.validation_split,
+        cfg.spec.training.seed,
+    )
+    if len(weights) > 1:
+        log.info(
+            "mixture: kept %s examples per source (weights %s); source %s ran out first",
+            sel.source_kept,
+            weights,
+            sel.first_out,
+        )
+    sel.invalid.check(sel.records, pp.max_invalid_fraction)
+    t2 = time.monotonic()
+    run = _Run(sel, {}, {}, sel.filtered, 0)
+    for split, picks in (("train", sel.train), ("validation", sel.validation)):
+        units = (picks[i : i + UNIT_EXAMPLES].tolist() for i in range(0, len(picks), UNIT_EXAMPLES))
+        run.rows[split] = run.examples[split] = 0
+        for unit in executor.encode(split, units):
+            run.rows[split] += unit.rows
+            run.examples[split] += unit.examples
+            run.filtered += unit.filtered
+            run.max_fill = max(run.max_fill, unit.max_fill)
+    log.info(
+        "prepare: %d blocks parsed in %.1f s, selected in %.1f s, packed in %.1f s (%s)",
+        len(blocks),
+        t1 - t0,
+        t2 - t1,
+        time.monotonic() - t2,
+        f"{len(executor.actors)} Ray actors" if isinstance(executor, RayExecutor) else "this process",
+    )
+    return run
+
+
 def _write_outputs(
-    run: _Run, cfg: TrainerConfig, client: Any, prefix: str, fp: str, num_shards: int, tmp: str, has_validation: bool
+    run: _Run,
+    cfg: TrainerConfig,
+    executor: InlineExecutor | RayExecutor,
+    client: Any,
+    prefix: str,
+    fp: str,
+    num_shards: int,
+    has_validation: bool,
 ) -> dict[str, Any]:
     """Cut the rows into shards and write them, stats.json and manifest.json under the attempt's prefix."""
-    train_spill = run.spills["train"]
-    val_spill = run.spills["validation"]
-    n = train_spill.rows
+    n = run.rows["train"]
     per_shard = n // num_shards
     if per_shard == 0:
         raise DataError(
@@ -276,8 +288,16 @@ def _write_outputs(
         )
     # Rows are only as wide as the longest one actually used (small data does not pay for maxSeqLength).
     width = run.max_fill
-    train_uris, tokens = _write_train_shards(run, cfg, client, prefix, num_shards, per_shard, width, tmp)
-    val_uris = _write_validation_shards(run, client, prefix, num_shards, width, tmp) if has_validation else []
+    train_uris = _shard_uris(prefix, "train", num_shards)
+    tokens = sum(executor.write("train", train_shard_rows(n, num_shards, cfg.spec.training.seed), width, train_uris))
+    val_uris: list[str] = []
+    if has_validation and run.rows["validation"] == 0:
+        # Too little data for the split to hold anything out: say so, and train without evaluation rather
+        # than hand the trainer empty evaluation shards.
+        log.warning("no validation sequences (validationSplit on %d records held none out)", run.sel.records)
+    elif has_validation:
+        val_uris = _shard_uris(prefix, "validation", num_shards)
+        executor.write("validation", validation_shard_rows(run.rows["validation"], num_shards), width, val_uris)
     stats = {
         "records": run.sel.records,
         "trainRecords": run.examples["train"],
@@ -300,7 +320,7 @@ def _write_outputs(
         fingerprint=fp,
         seq_length=width,
         rows_per_shard=per_shard,
-        num_validation_sequences=val_spill.rows if val_uris else 0,
+        num_validation_sequences=run.rows["validation"] if val_uris else 0,
         dropped_sequences=n - per_shard * num_shards,
         task=cfg.spec.model.task,
         invalid_samples=dict(sorted(run.sel.invalid.samples.items())),
@@ -320,39 +340,8 @@ def _write_outputs(
     return manifest
 
 
-def _write_train_shards(
-    run: _Run, cfg: TrainerConfig, client: Any, prefix: str, num_shards: int, per_shard: int, width: int, tmp: str
-) -> tuple[list[str], int]:
-    """The training shards (their URIs, and the tokens they hold). Rows are shuffled across shards (files are
-    often sorted by source or topic) and the remainder dropped at random rather than always the tail; each
-    shard's rows are read in sorted order for locality."""
-    n = run.spills["train"].rows
-    perm = np.random.default_rng(np.random.SeedSequence([cfg.spec.training.seed, 7919])).permutation(n)
-    cols = run.spills["train"].read()
-    uris, tokens = [], 0
-    for r in range(num_shards):
-        rows = np.sort(perm[r * per_shard : (r + 1) * per_shard])
-        uri = join_uri(prefix, "train", f"part-{r:05d}.parquet")
-        tokens += write_shard(cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
-        uris.append(uri)
-    return uris, tokens
-
-
-def _write_validation_shards(run: _Run, client: Any, prefix: str, num_shards: int, width: int, tmp: str) -> list[str]:
-    """The held-out shards, one per worker, in order."""
-    spill = run.spills["validation"]
-    if spill.rows == 0:
-        # Too little data for the split to hold anything out: say so, and train without evaluation rather
-        # than hand the trainer empty evaluation shards.
-        log.warning("no validation sequences (validationSplit on %d records held none out)", run.sel.records)
-        return []
-    cols = spill.read()
-    uris = []
-    for r, rows in enumerate(np.array_split(np.arange(spill.rows), num_shards)):
-        uri = join_uri(prefix, "validation", f"part-{r:05d}.parquet")
-        write_shard(cols, rows, width, os.path.join(tmp, "shard.parquet"), client, uri)
-        uris.append(uri)
-    return uris
+def _shard_uris(prefix: str, split: str, num_shards: int) -> list[str]:
+    return [join_uri(prefix, split, f"part-{r:05d}.parquet") for r in range(num_shards)]
 
 
 def _from_manifest(manifest: dict[str, Any]) -> PreparedData:

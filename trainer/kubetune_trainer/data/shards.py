@@ -69,6 +69,30 @@ def write_shard(
     return tokens
 
 
+def train_shard_rows(num_rows: int, num_shards: int, seed: int) -> list[np.ndarray]:
+    """Which rows go into each training shard: the same number in each, shuffled across shards (files are
+    often sorted by source or topic), the remainder dropped at random rather than always the tail; each shard's
+    rows in ascending order, so a shard reads its rows front to back. A pure function of its arguments: the
+    driver decides the plan from the row count alone, wherever the rows themselves are."""
+    per_shard = num_rows // num_shards
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 7919])).permutation(num_rows)
+    return [np.sort(perm[r * per_shard : (r + 1) * per_shard]) for r in range(num_shards)]
+
+
+def validation_shard_rows(num_rows: int, num_shards: int) -> list[np.ndarray]:
+    """Which rows go into each held-out shard: consecutive runs whose sizes differ by at most one row."""
+    return list(np.array_split(np.arange(num_rows), num_shards))
+
+
+def shard_of_row(num_rows: int, shards: list[np.ndarray]) -> np.ndarray:
+    """The shard each row goes to (-1: dropped), the inverse of a plan above, as one int32 per row: what a
+    worker holding a run of consecutive rows needs to cut its own rows into the shards."""
+    owner = np.full(num_rows, -1, dtype=np.int32)
+    for r, rows in enumerate(shards):
+        owner[rows] = r
+    return owner
+
+
 def load_shard(uri_list: list[str], client: Any = None) -> dict[str, np.ndarray]:
     """Read prepared shards (s3:// URIs, or local paths) into arrays: input_ids, attention_mask and, for causal
     LM, labels, position_ids, segment_ids as 2-D [rows, seq_length] arrays; for classification a 1-D label.
