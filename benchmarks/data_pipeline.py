@@ -18,8 +18,10 @@ What is compared, on the same records and the same tokenizer (SmolLM2's):
 - bare tokenise: the batched tokenizer alone on the pre-rendered texts (the floor).
 
 Printed: records/s of each, and the ratios `ratio NAME: X (target: Y)`: scaling from 1 to 2 workers, and the
-one-process rate against bare render+tokenise. Start-up (S3 server, Ray, tokenizer load, upload of the raw
-data) is outside every timing. On a shared machine the numbers move with other load (the load average is
+one-process rate against bare render+tokenise. The one-process preparation runs --repeat times (3), each time
+followed at once by bare render+tokenise, so that each pair shares the machine's load of the moment; the ratio
+is the median of the pairs' ratios (each pair's is printed too). Start-up (S3 server, Ray, tokenizer load,
+upload of the raw data) is outside every timing. On a shared machine the numbers move with other load (the load average is
 printed): run it more than once before trusting a ratio; 2 workers cannot scale on a machine whose 2 cores
 are already busy.
 """
@@ -31,6 +33,7 @@ import importlib
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -97,6 +100,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--format", choices=["chat", "instruction"], default="chat")
     ap.add_argument("--seq", type=int, default=512, help="maxSeqLength")
     ap.add_argument("--shards", type=int, default=2, help="training workers (equal shards)")
+    ap.add_argument("--repeat", type=int, default=3, help="one-process preparations, each paired with bare")
     ap.add_argument("--near-dedup", type=float, default=None, help="also run MinHash near-dedup at this threshold")
     ap.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     return ap.parse_args()
@@ -104,9 +108,10 @@ def _args() -> argparse.Namespace:
 
 def measure(
     args: argparse.Namespace, tokenizer: Any, records: list[dict[str, Any]]
-) -> tuple[dict[str, float], Any, int]:
-    """Prepare the same records in one process, on 1 and on 2 Ray workers: records/s of each, the last
-    preparation, and the JSONL size."""
+) -> tuple[dict[str, float], list[float], Any, int]:
+    """Prepare the same records in one process (--repeat times, each followed by bare render+tokenise), on 1
+    and on 2 Ray workers: records/s of each (one process: the median), the one-process rate against bare
+    render+tokenise of each repeat, the last preparation, and the JSONL size."""
     import ray
 
     from kubetune.api import parse_spec, resolve_trainer_config
@@ -137,18 +142,27 @@ def measure(
         }
         prepare_module.PARALLEL_MIN_BYTES = 0  # measure the Ray path whatever the data size
         rates: dict[str, float] = {}
+        one_process: list[float] = []  # seconds of each one-process preparation
+        per_process: list[float] = []  # each one's rate against bare render+tokenise measured right after it
         prepared = None
-        for label, parallelism in (("one process", 0), ("1 worker", 1), ("2 workers", 2)):
+        runs = [("one process", 0, i) for i in range(args.repeat)] + [("1 worker", 1, 0), ("2 workers", 2, 0)]
+        for label, parallelism, i in runs:
             if parallelism and not ray.is_initialized():
                 _start_ray(s3)
             # An output location per measurement: no preparation finds another's in the cache.
-            out = parse_spec({**spec, "output": {"uri": f"s3://{BUCKET}/out-{parallelism}"}})
+            out = parse_spec({**spec, "output": {"uri": f"s3://{BUCKET}/out-{parallelism}-{i}"}})
             cfg = resolve_trainer_config("bench", "default", None, out)
             t0 = time.perf_counter()
             prepared = prepare(cfg, tokenizer, args.shards, client=client, parallelism=parallelism)
-            rates[label] = len(records) / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            rates[label] = len(records) / seconds
+            if not parallelism:
+                # Its baseline right after it, so that each pair ran under the same load.
+                one_process.append(seconds)
+                per_process.append(bare(tokenizer, records)[0] / seconds)
         ray.shutdown()
-    return rates, prepared, size
+    rates["one process"] = len(records) / statistics.median(one_process)
+    return rates, per_process, prepared, size
 
 
 def main() -> int:
@@ -158,7 +172,7 @@ def main() -> int:
 
     tokenizer = smollm2_tokenizer()
     records = build_records(args.records, args.format)
-    rates, prepared, size = measure(args, tokenizer, records)
+    rates, per_process_runs, prepared, size = measure(args, tokenizer, records)
 
     render_s, tokenize_s, bare_tokens = bare(tokenizer, records)
     n = len(records)
@@ -176,9 +190,12 @@ def main() -> int:
     print(f"bare render+tokenise:     {n / render_s:8.0f} records/s  ({bare_tokens / render_s:.0f} tokens/s)")
     print(f"bare tokenise only:       {n / tokenize_s:8.0f} records/s")
     scaling = rates["2 workers"] / rates["1 worker"]
-    per_process = rates["one process"] * render_s / n
+    per_process = statistics.median(per_process_runs)
     print(f"ratio prepare_2_workers_vs_1_worker: {scaling:.2f} (target: 1.8)")
-    print(f"ratio prepare_per_process_vs_bare_render_tokenize: {per_process:.2f} (target: 0.8)")
+    print(
+        f"ratio prepare_per_process_vs_bare_render_tokenize: {per_process:.2f} (target: 0.8)  "
+        f"[median of {len(per_process_runs)} pairs: {' '.join(f'{x:.2f}' for x in per_process_runs)}]"
+    )
     print(f"ratio prepare_1_worker_vs_bare_render_tokenize: {rates['1 worker'] * render_s / n:.2f} (target: 0.8)")
     print(f"ratio prepare_per_process_vs_bare_tokenize: {rates['one process'] * tokenize_s / n:.2f} (shown)")
     if args.json:
