@@ -1,5 +1,6 @@
 """Preparation in parallel (Ray actors, JSONL cut into byte ranges) gives exactly what one process gives: the
-same records, counts per reason with the same first locations, the same duplicates, split and shards."""
+same records, counts per reason with the same first locations, the same duplicates, split and shards, also
+when a node is lost half-way."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 from test_data_quality import BAD_CHAT_LINES, GOOD, _expected, chat
 
@@ -97,59 +97,67 @@ def test_byte_ranges_and_units_give_the_same_output_in_one_process(tokenizer, s3
 
 
 @pytest.fixture
-def local_ray(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A two-CPU local Ray whose workers have the S3 credentials in their environment (as worker pods do)."""
+def ray_nodes(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A local Ray cluster of a head without CPUs (as KubeRay's) and two worker nodes of one CPU each: separate
+    raylets with object stores of their own, which a test can remove as a node drain removes a pod."""
     import ray
+    from ray.cluster_utils import Cluster
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield ray
+    # A lost node is noticed after a second rather than Ray's default 15 s (health checks every 3 s, 5 missed).
+    health = {"health_check_period_ms": 250, "health_check_failure_threshold": 4}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": health}
+    )
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, logging_level=logging.WARNING)
+    yield cluster, nodes
     ray.shutdown()
+    cluster.shutdown()
 
 
-def _actor_processes() -> list[psutil.Process]:
-    """The preparation's Ray actors (Ray titles a worker process after the actor class it hosts)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::PrepareActor"):
-            found.append(proc)
-    return found
+def test_ray_actors_give_the_same_output_as_one_process_though_a_node_is_lost(
+    tokenizer, s3, put, prefix, make_cfg, monkeypatch, ray_nodes
+):
+    """Two Ray actors on two worker nodes, 2 KB byte ranges, units of 64 examples: equal to the one-process path
+    on the same input, though a node is lost on the way.
 
+    The fault: once every unit is packed, and before the shards are cut and written, one worker node is removed
+    at once (its raylet, its object store with the rows its actor packed, and the actor), and a new node joins,
+    as a drained pod is replaced. What is lost: that node's packed rows and its actor. What is recovered: Ray
+    starts the actor again on a live node and rebuilds the lost rows from their lineage (the blocks are parsed
+    and the units packed again); the cut and write tasks wait for it. The shards are the one-process shards,
+    row for row."""
+    import ray
 
-def test_ray_actors_give_the_same_output_as_one_process(tokenizer, s3, put, prefix, make_cfg, monkeypatch, local_ray):
-    """Two Ray actors, 2 KB byte ranges, units of 64 examples: equal to the one-process path on the same input.
-
-    The fault: once every unit is packed, and before the shards are cut and written, every actor process is
-    killed (SIGKILL, as the OOM killer does). What is lost: the actors' processes, which Ray starts again (each
-    loads the tokenizer anew). What is kept: the packed rows, which Ray's object store holds for the driver, not
-    the actor; the cut and write tasks are retried on the new processes, and the output is still the
-    one-process output, row for row."""
+    cluster, nodes = ray_nodes
     monkeypatch.setattr(prepare_module, "UNIT_EXAMPLES", 64)
     monkeypatch.setattr(prepare_module, "PARALLEL_MIN_BYTES", 0)  # tiny data: Ray all the same
     cfg, a_uri = _mixture(put, prefix, make_cfg, "inline")
     inline = prepare(cfg, tokenizer, num_shards=2, client=s3)
     monkeypatch.setattr(prepare_module, "BLOCK_BYTES", 2048)
     _uncached(monkeypatch)
-    killed: list[int] = []
+    lost: list[Any] = []
     real_write = executors_module.RayExecutor.write
 
-    def kill_actors_then_write(self: Any, split: str, *args: Any) -> Any:
+    def drain_a_node_then_write(self: Any, split: str, *args: Any) -> Any:
         if split == "train":
-            for proc in _actor_processes():
-                proc.kill()
-                killed.append(proc.pid)
+            refs = [rows for _, rows, _ in self.units["train"]]
+            where = ray.experimental.get_object_locations(refs)
+            lost.extend(r for r in refs if where[r]["node_ids"] == [nodes[0].node_id])
+            cluster.remove_node(nodes[0], allow_graceful=False)
+            cluster.add_node(num_cpus=1)
         return real_write(self, split, *args)
 
-    monkeypatch.setattr(executors_module.RayExecutor, "write", kill_actors_then_write)
+    monkeypatch.setattr(executors_module.RayExecutor, "write", drain_a_node_then_write)
     parallel = prepare(_mixture(put, prefix, make_cfg, "ray")[0], tokenizer, num_shards=2, client=s3, parallelism=2)
-    assert len(killed) == 2  # both actors died between packing and writing...
+    assert lost  # packed rows that lived only on the removed node...
     _check_counts(parallel, a_uri)
-    _same(inline, parallel, s3)  # ...and the shards are the same all the same
+    _same(inline, parallel, s3)  # ...were rebuilt: the shards are the one-process shards
     # The actors are gone once the preparation is done: nothing holds CPUs the training workers need.
     deadline = time.monotonic() + 60
-    while local_ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+    while ray.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert local_ray.available_resources().get("CPU") == 2
+    assert ray.available_resources().get("CPU") == 2

@@ -151,7 +151,11 @@ class RayExecutor:
 
         self.ray = ray
         actor: Any = ray.remote(PrepareActor)
-        actor = actor.options(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2)
+        # A lost actor (its process killed, or its node drained) is started again on a live node, and its tasks
+        # wait for it and run again, however often the restart takes to be noticed: a fixed number of task
+        # retries runs out while a dead node's actor is still "temporarily unavailable". The packed rows that
+        # died with a node are rebuilt from their lineage (parse and encode again), which needs the same.
+        actor = actor.options(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=4, max_task_retries=-1)
         self.tokenizer_ref = ray.put(tokenizer)  # held while the actors live: a restarted actor needs it again
         self.actors: list[Any] = [actor.remote(settings, self.tokenizer_ref) for _ in range(parallelism)]
         self.refs: dict[int, Any] = {}  # block index -> its parsed examples
