@@ -155,7 +155,15 @@ class RayExecutor:
         # wait for it and run again, however often the restart takes to be noticed: a fixed number of task
         # retries runs out while a dead node's actor is still "temporarily unavailable". The packed rows that
         # died with a node are rebuilt from their lineage (parse and encode again), which needs the same.
-        actor = actor.options(num_cpus=1, scheduling_strategy="SPREAD", max_restarts=4, max_task_retries=-1)
+        actor = actor.options(
+            num_cpus=1,
+            scheduling_strategy="SPREAD",
+            max_restarts=4,
+            max_task_retries=-1,
+            # One CPU reserved, one tokenizer thread: the fast tokenizer's batch call otherwise starts a thread
+            # per core of the node in every actor (64 actors on a 64-core node: 4,096 threads on 64 cores).
+            runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1"}},
+        )
         self.tokenizer_ref = ray.put(tokenizer)  # held while the actors live: a restarted actor needs it again
         self.actors: list[Any] = [actor.remote(settings, self.tokenizer_ref) for _ in range(parallelism)]
         self.refs: dict[int, Any] = {}  # block index -> its parsed examples
