@@ -15,7 +15,9 @@ What is compared, on the same records and the same tokenizer (SmolLM2's):
   actors (each imports transformers and loads the tokenizer);
 - bare render+tokenise: what any chat pipeline must do at the least: `apply_chat_template(tokenize=False)` for
   each record and one batched call of the fast tokenizer per 256 records, in memory;
-- bare tokenise: the batched tokenizer alone on the pre-rendered texts (the floor).
+- bare tokenise: the batched tokenizer alone on the pre-rendered texts (the floor);
+- bare render+tokenise on one tokenizer thread (in a child process with RAYON_NUM_THREADS=1): the baseline of
+  one Ray worker, which reserves one CPU and tokenises on one thread.
 
 Printed: records/s of each, and the ratios `ratio NAME: X (target: Y)`: scaling from 1 to 2 workers, and the
 one-process rate against bare render+tokenise. The one-process preparation runs --repeat times (3), each time
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +87,15 @@ def bare(tokenizer, records: list[dict]) -> tuple[float, float, int]:
     return render_and_tokenize, tokenize_only, tokens
 
 
+def bare_one_thread(args: argparse.Namespace) -> float:
+    """Seconds of bare render+tokenise with the tokenizer on one thread, as a preparation actor runs it: in a
+    child process, since the tokenizer's thread pool is sized once per process."""
+    env = {**os.environ, "RAYON_NUM_THREADS": "1"}
+    cmd = [sys.executable, __file__, "--bare-only", "--records", str(args.records), "--format", args.format]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
 def _start_ray(s3: object) -> None:
     """A local Ray of 2 CPUs whose workers can read the benchmark's S3 (credentials in their environment)."""
     import ray
@@ -101,6 +113,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=512, help="maxSeqLength")
     ap.add_argument("--shards", type=int, default=2, help="training workers (equal shards)")
     ap.add_argument("--repeat", type=int, default=3, help="one-process preparations, each paired with bare")
+    ap.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)  # bare_one_thread's child
     ap.add_argument("--near-dedup", type=float, default=None, help="also run MinHash near-dedup at this threshold")
     ap.add_argument("--json", action="store_true", help="print one JSON line with the figures at the end")
     return ap.parse_args()
@@ -172,6 +185,9 @@ def main() -> int:
 
     tokenizer = smollm2_tokenizer()
     records = build_records(args.records, args.format)
+    if args.bare_only:
+        print(bare(tokenizer, records)[0])
+        return 0
     rates, per_process_runs, prepared, size = measure(args, tokenizer, records)
 
     render_s, tokenize_s, bare_tokens = bare(tokenizer, records)
@@ -196,7 +212,13 @@ def main() -> int:
         f"ratio prepare_per_process_vs_bare_render_tokenize: {per_process:.2f} (target: 0.8)  "
         f"[median of {len(per_process_runs)} pairs: {' '.join(f'{x:.2f}' for x in per_process_runs)}]"
     )
-    print(f"ratio prepare_1_worker_vs_bare_render_tokenize: {rates['1 worker'] * render_s / n:.2f} (target: 0.8)")
+    # An actor tokenises on one thread (the CPU it reserves): its baseline is bare on one thread too.
+    render_1t = bare_one_thread(args)
+    print(f"bare render+tokenise, 1 thread: {n / render_1t:6.0f} records/s")
+    print(
+        f"ratio prepare_1_worker_vs_bare_render_tokenize_1_thread: {rates['1 worker'] * render_1t / n:.2f} "
+        "(target: 0.8; the actor's start is included)"
+    )
     print(f"ratio prepare_per_process_vs_bare_tokenize: {rates['one process'] * tokenize_s / n:.2f} (shown)")
     if args.json:
         figures = {
