@@ -124,14 +124,20 @@ class PrepareActor:
     def cut(self, blocks: list[dict[str, np.ndarray]], owner: np.ndarray, num_shards: int) -> Any:
         """A unit's rows, one piece per shard (owner: the shard of each row, -1 for a dropped one), each in the
         unit's order. One piece is returned as itself: Ray hands back a single object for num_returns=1."""
-        columns = row_columns(self.worker.settings)
-        rows = {
-            name: np.concatenate([b[name] for b in blocks])
-            if blocks
-            else np.zeros((0, width) if width else (0,), dtype=dtype)
-            for name, (dtype, width) in columns.items()
+        empty = {
+            name: np.zeros((0, width) if width else (0,), dtype=dtype)
+            for name, (dtype, width) in row_columns(self.worker.settings).items()
         }
-        pieces = [{name: col[owner == r] for name, col in rows.items()} for r in range(num_shards)]
+        parts: list[dict[str, list[np.ndarray]]] = [{name: [] for name in empty} for _ in range(num_shards)]
+        start = 0
+        for block in blocks:  # block by block: the unit's rows are never copied whole
+            n = len(next(iter(block.values())))
+            mine = owner[start : start + n]
+            for r in range(num_shards):
+                for name, col in block.items():
+                    parts[r][name].append(col[mine == r])
+            start += n
+        pieces = [{name: np.concatenate([empty[name], *cols]) for name, cols in p.items()} for p in parts]
         return pieces[0] if num_shards == 1 else tuple(pieces)
 
     def write(self, uri: str, width: int, *pieces: dict[str, np.ndarray]) -> int:
