@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +120,31 @@ def _args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def measure(
-    args: argparse.Namespace, tokenizer: Any, records: list[dict[str, Any]]
-) -> tuple[dict[str, float], list[float], Any, int]:
-    """Prepare the same records in one process (--repeat times, each followed by bare render+tokenise), on 1
-    and on 2 Ray workers: records/s of each (one process: the median), the one-process rate against bare
-    render+tokenise of each repeat, the last preparation, and the JSONL size."""
+@dataclass
+class Measured:
+    rates: dict[str, float]  # records/s of each preparation (one process: the median of the repeats)
+    per_process: list[float]  # each one-process preparation's rate against bare render+tokenise right after it
+    packed_s: dict[str, float]  # seconds of the encode step (render, tokenise, pack) of each preparation
+    prepared: Any  # the last preparation
+    size: int  # bytes of JSONL
+
+
+class _PackedSeconds(logging.Handler):
+    """Takes the encode step's seconds from prepare()'s summary line: with the actors' start-up left out, the
+    step whose scaling is the workers' own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("prepare: %d blocks parsed"):
+            self.seconds.append(float(record.args[3]))  # type: ignore[index]
+
+
+def measure(args: argparse.Namespace, tokenizer: Any, records: list[dict[str, Any]]) -> Measured:
+    """Prepare the same records in one process (--repeat times, each followed by bare render+tokenise), then on
+    1 and on 2 Ray workers."""
     import ray
 
     from kubetune.api import parse_spec, resolve_trainer_config
@@ -154,6 +174,11 @@ def measure(
             },
         }
         prepare_module.PARALLEL_MIN_BYTES = 0  # measure the Ray path whatever the data size
+        packed = _PackedSeconds()
+        prepare_log = logging.getLogger("kubetune_trainer.data.prepare")
+        prepare_log.addHandler(packed)
+        prepare_log.setLevel(logging.INFO)
+        packed_s: dict[str, float] = {}
         rates: dict[str, float] = {}
         one_process: list[float] = []  # seconds of each one-process preparation
         per_process: list[float] = []  # each one's rate against bare render+tokenise measured right after it
@@ -169,13 +194,15 @@ def measure(
             prepared = prepare(cfg, tokenizer, args.shards, client=client, parallelism=parallelism)
             seconds = time.perf_counter() - t0
             rates[label] = len(records) / seconds
+            packed_s[label] = packed.seconds[-1]
             if not parallelism:
                 # Its baseline right after it, so that each pair ran under the same load.
                 one_process.append(seconds)
                 per_process.append(bare(tokenizer, records)[0] / seconds)
         ray.shutdown()
+        prepare_log.removeHandler(packed)
     rates["one process"] = len(records) / statistics.median(one_process)
-    return rates, per_process, prepared, size
+    return Measured(rates, per_process, packed_s, prepared, size)
 
 
 def main() -> int:
@@ -188,7 +215,8 @@ def main() -> int:
     if args.bare_only:
         print(bare(tokenizer, records)[0])
         return 0
-    rates, per_process_runs, prepared, size = measure(args, tokenizer, records)
+    measured = measure(args, tokenizer, records)
+    rates, per_process_runs, prepared, size = measured.rates, measured.per_process, measured.prepared, measured.size
 
     render_s, tokenize_s, bare_tokens = bare(tokenizer, records)
     n = len(records)
@@ -208,6 +236,11 @@ def main() -> int:
     scaling = rates["2 workers"] / rates["1 worker"]
     per_process = statistics.median(per_process_runs)
     print(f"ratio prepare_2_workers_vs_1_worker: {scaling:.2f} (target: 1.8)")
+    packed_1, packed_2 = measured.packed_s["1 worker"], measured.packed_s["2 workers"]
+    print(
+        f"ratio prepare_encode_step_2_workers_vs_1_worker: {packed_1 / packed_2:.2f} (shown; render, tokenise and "
+        f"pack alone, the actors' start-up left out: {packed_1:.2f} s / {packed_2:.2f} s)"
+    )
     print(
         f"ratio prepare_per_process_vs_bare_render_tokenize: {per_process:.2f} (target: 0.8)  "
         f"[median of {len(per_process_runs)} pairs: {' '.join(f'{x:.2f}' for x in per_process_runs)}]"
@@ -228,6 +261,7 @@ def main() -> int:
             "render_tokenize_records_per_s": n / render_s,
             "tokenize_records_per_s": n / tokenize_s,
             "scaling_2_vs_1": scaling,
+            "encode_step_scaling_2_vs_1": measured.packed_s["1 worker"] / measured.packed_s["2 workers"],
             "per_process_vs_render_tokenize": per_process,
         }
         print(json.dumps(figures))
