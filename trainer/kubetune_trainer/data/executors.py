@@ -10,10 +10,10 @@ num-cpus 0, so they land on the worker pods). An actor loads the tokenizer once 
 blocks. The parsed examples of a block stay in Ray's object store (owned by the driver) until the unit that
 packs them has run; so do each unit's packed rows, on the node of the actor that packed them, until the shards
 are written. The driver only ever receives each block's per-record facts and each unit's row count. Writing is
-a shuffle in two rounds: the actor that packed a unit cuts its rows into one piece per shard (the driver's plan
-says which row goes where), then one actor per shard joins that shard's pieces, in unit order, and writes and
-uploads the Parquet file. Every row crosses the network at most once, and no process holds more than one
-shard. The actors are killed when the preparation ends, so their memory is free before the training workers
+a shuffle in two rounds: each actor cuts the rows of the units it packed into one piece per shard (the
+driver's plan says which row goes where), then one actor per shard joins that shard's pieces back into global
+order and writes and uploads the Parquet file. Every row crosses the network at most once, and no process holds
+more than one shard. The actors are killed when the preparation ends, so their memory is free before the training workers
 start.
 """
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # A unit: the kept examples to pack together, as (block index, kept number) in the global order.
 Unit = list[tuple[int, int]]
+# The column of a shard piece that numbers its rows in the split's global order (never written to a shard).
+ROW = "row"
 # Shards written at once in one process: Parquet's compression and the upload let go of the GIL, so a few
 # threads overlap one shard's compression with another's upload.
 WRITE_THREADS = 4
@@ -121,32 +123,34 @@ class PrepareActor:
         blocks, unit.blocks = unit.blocks, []
         return unit, blocks
 
-    def cut(self, blocks: list[dict[str, np.ndarray]], owner: np.ndarray, num_shards: int) -> Any:
-        """A unit's rows, one piece per shard (owner: the shard of each row, -1 for a dropped one), each in the
-        unit's order. One piece is returned as itself: Ray hands back a single object for num_returns=1."""
-        empty = {
-            name: np.zeros((0, width) if width else (0,), dtype=dtype)
-            for name, (dtype, width) in row_columns(self.worker.settings).items()
-        }
-        parts: list[dict[str, list[np.ndarray]]] = [{name: [] for name in empty} for _ in range(num_shards)]
+    def cut(self, rows: np.ndarray, owner: np.ndarray, num_shards: int, *units: list[dict[str, np.ndarray]]) -> Any:
+        """The rows of units this actor packed, one piece per shard: rows gives the global number of each of
+        their rows (in order), owner its shard (-1: dropped). Each piece carries its rows' numbers ("row"), so
+        that a shard's writer can put pieces from several actors back in global order. One piece is returned
+        as itself: Ray hands back a single object for num_returns=1."""
+        columns = row_columns(self.worker.settings)
+        parts: list[dict[str, list[np.ndarray]]] = [{name: [] for name in [*columns, ROW]} for _ in range(num_shards)]
         start = 0
-        for block in blocks:  # block by block: the unit's rows are never copied whole
+        for block in (b for unit in units for b in unit):  # block by block: the rows are never copied whole
             n = len(next(iter(block.values())))
             mine = owner[start : start + n]
             for r in range(num_shards):
-                for name, col in block.items():
-                    parts[r][name].append(col[mine == r])
+                take = mine == r
+                for name in columns:
+                    parts[r][name].append(block[name][take])
+                parts[r][ROW].append(rows[start : start + n][take])
             start += n
+        empty = {name: np.zeros((0, w) if w else (0,), dtype=dtype) for name, (dtype, w) in columns.items()}
+        empty[ROW] = np.zeros(0, dtype=np.int64)
         pieces = [{name: np.concatenate([empty[name], *cols]) for name, cols in p.items()} for p in parts]
         return pieces[0] if num_shards == 1 else tuple(pieces)
 
     def write(self, uri: str, width: int, *pieces: dict[str, np.ndarray]) -> int:
-        """One shard from its pieces, joined in unit order (so the rows are in ascending global order, as in
-        one process); the tokens in it."""
+        """One shard from its pieces, its rows in ascending global order (as in one process); the tokens in it."""
         columns = {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
-        rows = np.arange(len(next(iter(columns.values()))))
+        order = np.argsort(columns.pop(ROW), kind="stable")
         with tempfile.TemporaryDirectory(prefix="kubetune-shard-") as tmp:
-            return write_shard(columns, rows, width, os.path.join(tmp, "shard.parquet"), self.worker.client, uri)
+            return write_shard(columns, order, width, os.path.join(tmp, "shard.parquet"), self.worker.client, uri)
 
 
 class RayExecutor:
@@ -204,18 +208,24 @@ class RayExecutor:
             yield counts
 
     def write(self, split: str, shards: list[np.ndarray], width: int, uris: list[str]) -> list[int]:
-        """As InlineExecutor.write, in the actors: each unit cut where it was packed, each shard joined and
-        written by one actor."""
+        """As InlineExecutor.write, in the actors: each actor cuts the units it packed into one piece per shard,
+        each shard is joined and written by one actor."""
         self.refs.clear()  # every unit is packed by now: the parsed examples can go
         units = self.units.pop(split)
         owner = shard_of_row(sum(n for _, _, n in units), shards)
-        pieces, start = [], 0
-        for a, rows_ref, n in units:
-            cut = (
-                self.actors[a].cut.options(num_returns=len(uris)).remote(rows_ref, owner[start : start + n], len(uris))
+        starts = np.cumsum([0] + [n for _, _, n in units])
+        pieces = []
+        for a, actor in enumerate(self.actors):
+            # One cut per actor, not per unit: pieces stay few and large whatever the number of shards (Ray
+            # hands a task's small results to the driver; thousands of small pieces would bring it the rows).
+            mine = [u for u, (packer, _, _) in enumerate(units) if packer == a]
+            if not mine:
+                continue
+            rows = np.concatenate([np.arange(starts[u], starts[u + 1]) for u in mine])
+            cut = actor.cut.options(num_returns=len(uris)).remote(
+                rows, owner[rows], len(uris), *[units[u][1] for u in mine]
             )
             pieces.append([cut] if len(uris) == 1 else cut)
-            start += n
         tokens = [
             self.actors[r % len(self.actors)].write.remote(uris[r], width, *[p[r] for p in pieces])
             for r in range(len(uris))
