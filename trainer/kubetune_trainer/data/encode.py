@@ -26,7 +26,8 @@ from __future__ import annotations
 import itertools
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -36,6 +37,10 @@ from kubetune_trainer.data.errors import DataError
 from kubetune_trainer.data.records import Example
 
 IGNORE = -100  # the label value torch's cross-entropy skips
+CONVERSATIONAL = ("chat", "instruction", "preference")  # rendered with the chat template, masked by spans
+
+# Rendered conversations: (text, assistant character spans) each.
+_Rendered = list[tuple[str, list[tuple[int, int]]]]
 
 
 @dataclass(slots=True)
@@ -60,7 +65,7 @@ class Encoder:
         # would be tokenised as the real end-of-turn token and silently change what the model learns.
         specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        conversational = fmt in ("chat", "instruction", "preference")
+        conversational = fmt in CONVERSATIONAL
         if conversational and not getattr(tokenizer, "chat_template", None):
             raise DataError(
                 f"format {fmt}: the base model's tokenizer has no chat template; set spec.dataset.chatTemplate "
@@ -72,6 +77,7 @@ class Encoder:
         if self._direct is not None and not self._direct_agrees():
             self._direct = None
         self._turn_markers = self._probe_template() if conversational else None
+        self._starts_in_order = self._fast is not None and _starts_in_order(self._fast)
 
     # -------------------------------------------------------------------------------------- rendering
 
@@ -202,10 +208,9 @@ class Encoder:
         than maxSeqLength leaves no response tokens)."""
         if not examples:
             return []
-        if self.fmt in ("chat", "instruction"):
-            return self._encode_turns(examples)
-        if self.fmt == "preference":
-            return self._encode_pairs(examples)
+        if self.fmt in CONVERSATIONAL:
+            rendered = self._render_batch(examples)
+            return self._finish_turns(rendered, self._tokenize_rendered(rendered))
         ids_list = self._tokenize([ex.text or "" for ex in examples], special=True)
         out: list[Encoded | None] = []
         for ex, ids in zip(examples, ids_list):
@@ -220,40 +225,53 @@ class Encoder:
                 out.append(Encoded(ids, None, ex.label))
         return out
 
-    def _encode_pairs(self, examples: list[Example]) -> list[Encoded | None]:
-        """Each pair as one Encoded: prompt + chosen, then prompt + rejected from `boundary` on."""
-        convs = [
-            c
-            for ex in examples
-            for c in ((ex.messages or []) + (ex.chosen or []), (ex.messages or []) + (ex.rejected or []))
-        ]
-        skips = [len(ex.messages or []) for ex in examples for _ in range(2)]
-        sides = self._encode_turns_of(convs, skips)
-        out: list[Encoded | None] = []
-        for chosen, rejected in zip(sides[0::2], sides[1::2]):
-            if chosen is None or rejected is None:
-                out.append(None)  # truncation left one side without response tokens: no comparison
-                continue
-            assert chosen.labels is not None and rejected.labels is not None
-            out.append(
-                Encoded(
-                    np.concatenate([chosen.input_ids, rejected.input_ids]),
-                    np.concatenate([chosen.labels, rejected.labels]),
-                    None,
-                    len(chosen.input_ids),
-                )
-            )
-        return out
+    def encode_batches(self, batches: Iterable[list[Example]]) -> Iterator[list[Encoded | None]]:
+        """encode() of each batch, in order.
 
-    def _encode_turns(self, examples: list[Example]) -> list[Encoded | None]:
-        return self._encode_turns_of([ex.messages or [] for ex in examples], [0] * len(examples))
+        For conversations the tokenizer works on one batch in a thread of its own while this one finishes the
+        batch before (targets, and whatever the caller does with it: packing) and renders the next: the
+        tokenizer runs native code without the GIL, so the two overlap where a core is free. Same work, same
+        order of results."""
+        if self.fmt not in CONVERSATIONAL:
+            yield from map(self.encode, batches)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-tokenize") as pool:
+            pending: tuple[_Rendered, Future[list[Any]]] | None = None
+            for batch in batches:
+                rendered = self._render_batch(batch)
+                started = (rendered, pool.submit(self._tokenize_rendered, rendered))
+                if pending is not None:
+                    yield self._finish_turns(pending[0], pending[1].result())
+                pending = started
+            if pending is not None:
+                yield self._finish_turns(pending[0], pending[1].result())
 
-    def _encode_turns_of(self, convs: list[list[tuple[str, str]]], skips: list[int]) -> list[Encoded | None]:
-        rendered = [self.render_with_spans(turns, skip) for turns, skip in zip(convs, skips)]
+    def _render_batch(self, examples: list[Example]) -> _Rendered:
+        """The batch's conversations rendered with their assistant spans; a preference pair is two of them
+        (prompt + chosen, prompt + rejected)."""
+        if self.fmt == "preference":
+            convs = [
+                c
+                for ex in examples
+                for c in ((ex.messages or []) + (ex.chosen or []), (ex.messages or []) + (ex.rejected or []))
+            ]
+            skips = [len(ex.messages or []) for ex in examples for _ in range(2)]
+        else:
+            convs, skips = [ex.messages or [] for ex in examples], [0] * len(examples)
+        return [self.render_with_spans(turns, skip) for turns, skip in zip(convs, skips)]
+
+    def _tokenize_rendered(self, rendered: _Rendered) -> list[Any]:
+        assert self._fast is not None  # conversational formats refuse a slow tokenizer (__init__)
         # A chat template writes its own BOS if the model wants one (as vLLM renders it, without adding another).
-        ids, starts, ends = self._tokenize_flat([text for text, _ in rendered])
-        # The targets of the whole batch at once: per-record numpy calls cost more than the arithmetic here.
-        target = _in_record_spans(starts, ends, [spans for _, spans in rendered])
+        return cast(list[Any], self._fast.encode_batch([text for text, _ in rendered], add_special_tokens=False))
+
+    def _finish_turns(self, rendered: _Rendered, encs: list[Any]) -> list[Encoded | None]:
+        sides = self._encoded_turns(rendered, encs)
+        return _pairs(sides) if self.fmt == "preference" else sides
+
+    def _encoded_turns(self, rendered: _Rendered, encs: list[Any]) -> list[Encoded | None]:
+        ids, ends = self._flat_ids(encs)
+        target = self._targets(encs, rendered, ends)
         labels = np.where(target, ids, np.int32(IGNORE))  # int32 like ids
         targets_before = np.concatenate([[0], np.cumsum(target)])
         targets_per_record = np.diff(targets_before[np.concatenate([[0], ends])])
@@ -264,32 +282,125 @@ class Encoder:
             begin = end
         return out
 
-    def _tokenize_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The batch's token ids (int32) and each token's first character (int64), every text's truncated to
-        maxSeqLength, concatenated; and where each text's tokens end in them. One array per batch rather than
-        two per text: the fast tokenizer hands back Python lists, and filling one array from all of them
-        costs less than building thousands of small ones."""
-        assert self._fast is not None  # conversational formats refuse a slow tokenizer (__init__)
-        encs = self._fast.encode_batch(texts, add_special_tokens=False)
+    def _flat_ids(self, encs: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's token ids (int32), every text's truncated to maxSeqLength, concatenated; and where each
+        text's tokens end in them. One array per batch rather than one per text: the fast tokenizer hands back
+        Python lists, and filling one array from all of them costs less than building thousands of small ones."""
         ids = [e.ids[: self.max_len] for e in encs]
         ends = np.cumsum([len(x) for x in ids], dtype=np.int64)
         total = int(ends[-1]) if len(ends) else 0
-        flat_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total)
-        offsets = itertools.chain.from_iterable([e.offsets[: self.max_len] for e in encs])
-        starts = np.fromiter(map(operator.itemgetter(0), offsets), dtype=np.int64, count=total)
-        return flat_ids, starts, ends
+        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=total), ends
+
+    def _targets(self, encs: list[Any], rendered: _Rendered, ends: np.ndarray) -> np.ndarray:
+        """Which tokens of the batch (records' tokens concatenated, record i's ending at ends[i]) start inside
+        one of their own record's assistant spans.
+
+        Reading every token's offsets costs more than the tokenizer's own work on them (a Python tuple per
+        token), so where token starts never decrease along the text, a span's targets are the run of tokens
+        from the first one starting at or after its start to the first one starting at or after its end, found
+        with a few lookups at the two edges. A record whose edges do not show that plainly takes every offset.
+        """
+        total = int(ends[-1]) if len(ends) else 0
+        opens: list[int] = []
+        closes: list[int] = []
+        by_offsets: list[int] = []
+        begin = 0
+        for i, (enc, (text, spans), end) in enumerate(zip(encs, rendered, ends.tolist())):
+            runs = _span_runs(enc, len(text), spans, end - begin) if self._starts_in_order else None
+            if runs is None:
+                by_offsets.append(i)
+            else:
+                opens.extend(begin + a for a, _ in runs)
+                closes.extend(begin + b for _, b in runs)
+            begin = end
+        # Runs never overlap (spans do not), so +1 where one opens and -1 where it closes sum to 1 inside it.
+        edges = np.bincount(opens, minlength=total + 1) - np.bincount(closes, minlength=total + 1)
+        target = np.cumsum(edges[:total]) > 0
+        for i in by_offsets:
+            begin = int(ends[i - 1]) if i else 0
+            target[begin : ends[i]] = _in_spans(encs[i].offsets[: ends[i] - begin], rendered[i][1])
+        return target
 
 
-def _in_record_spans(starts: np.ndarray, ends: np.ndarray, spans: list[list[tuple[int, int]]]) -> np.ndarray:
-    """Which tokens start inside one of their own record's character spans (records' tokens concatenated,
-    record i's ending at ends[i]). The k-th spans of all records are compared in one pass, so a batch of
-    single-answer chats takes one pass; a record without a k-th span gets the empty span (0, 0)."""
-    lengths = np.diff(ends, prepend=0)
+def _pairs(sides: list[Encoded | None]) -> list[Encoded | None]:
+    """Each preference pair (its two sides consecutive) as one Encoded: prompt + chosen, then prompt + rejected
+    from `boundary` on."""
+    out: list[Encoded | None] = []
+    for chosen, rejected in zip(sides[0::2], sides[1::2]):
+        if chosen is None or rejected is None:
+            out.append(None)  # truncation left one side without response tokens: no comparison
+            continue
+        assert chosen.labels is not None and rejected.labels is not None
+        out.append(
+            Encoded(
+                np.concatenate([chosen.input_ids, rejected.input_ids]),
+                np.concatenate([chosen.labels, rejected.labels]),
+                None,
+                len(chosen.input_ids),
+            )
+        )
+    return out
+
+
+def _starts_in_order(backend: Any) -> bool:
+    """Whether token starts never decrease along the text, whatever the text: true of every pre-tokenizer and
+    model (they split and merge in order), but not once a Unicode normaliser may reorder combining marks."""
+    normalizer = getattr(backend, "normalizer", None)
+    if normalizer is None:
+        return True
+    try:
+        state = normalizer.__getstate__()  # the normaliser's JSON (a Sequence lists its parts)
+    except Exception:  # noqa: BLE001 - a normaliser that cannot describe itself: read every offset
+        return False
+    return re.search(rb'"type"\s*:\s*"NFK?[CD]"', state) is None
+
+
+def _span_runs(enc: Any, length: int, spans: list[tuple[int, int]], kept: int) -> list[tuple[int, int]] | None:
+    """The target tokens of each span as a run [a, b) of token indices below `kept` (the tokens left after
+    truncation); None when an edge is not plain (see _first_starting_at)."""
+    count = len(enc)
+    runs = []
+    for lo, hi in spans:
+        a = _first_starting_at(enc, lo, length, count)
+        b = _first_starting_at(enc, hi, length, count)
+        if a is None or b is None:
+            return None
+        runs.append((min(a, kept), min(b, kept)))
+    return runs
+
+
+def _first_starting_at(enc: Any, x: int, length: int, count: int) -> int | None:
+    """The index of the first token that starts at or after character x (count when none does), given token
+    starts that never decrease; None when the tokens around x do not show it plainly (x in no token, a token
+    without offsets, an empty token at x), so that the caller reads every offset instead."""
+    if x >= length:  # past the text: no token starts there unless one is empty at its very end
+        last = _start(enc, count - 1) if count else -1
+        return count if last is not None and last < x else None
+    t = enc.char_to_token(x)  # the first token holding character x
+    if t is None:
+        return None
+    start = _start(enc, t)
+    if start is None:
+        return None
+    if start < x:
+        # The token holding x began before it: it straddles the edge and belongs to what comes before.
+        t += 1
+        after = _start(enc, t) if t < count else x
+        return t if after is not None and after >= x else None
+    before = _start(enc, t - 1) if t else -1
+    return t if before is not None and before < x else None
+
+
+def _start(enc: Any, t: int) -> int | None:
+    chars = enc.token_to_chars(t)
+    return None if chars is None else int(chars[0])
+
+
+def _in_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens (by their character offsets) start inside one of the spans."""
+    starts = np.fromiter(map(operator.itemgetter(0), offsets), dtype=np.int64, count=len(offsets))
     target = np.zeros(len(starts), dtype=bool)
-    for k in range(max((len(s) for s in spans), default=0)):
-        kth = [s[k] if k < len(s) else (0, 0) for s in spans]
-        lo = np.repeat(np.fromiter((a for a, _ in kth), dtype=np.int64, count=len(kth)), lengths)
-        hi = np.repeat(np.fromiter((b for _, b in kth), dtype=np.int64, count=len(kth)), lengths)
+    for lo, hi in spans:
         target |= (starts >= lo) & (starts < hi)
     return target
 
@@ -311,12 +422,29 @@ def _direct_renderer(tokenizer: Any) -> Callable[[list[dict[str, str]], bool], s
         variables = ctu._plain_template_data(dict(tokenizer.special_tokens_map))
     except Exception:  # noqa: BLE001 - a private API that may move: fall back to the public one
         return None
-    render = template.render
+    env = template.environment
+    if env.is_async:
+        return None
+    # What Template.render does, less its copies of the template's globals (a ChainMap, slow to iterate) into
+    # every call's context: transformers caches the compiled template and never changes it, so one flat copy
+    # serves every call. The variables are laid out as render(**kwargs) lays them.
+    globals_ = dict(template.globals)
+    name, blocks, root = template.name, template.blocks, template.root_render_func
 
     def direct(messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return cast(
-            str,
-            render(messages=messages, tools=None, documents=None, add_generation_prompt=generation_prompt, **variables),
-        )
+        parent = {
+            **globals_,
+            "messages": messages,
+            "tools": None,
+            "documents": None,
+            "add_generation_prompt": generation_prompt,
+            **variables,
+        }
+        ctx = env.context_class(env, parent, name, blocks, globals=globals_)
+        try:
+            return cast(str, env.concat(root(ctx)))
+        except Exception:  # re-raised by jinja with the template's own line numbers, as render does
+            env.handle_exception()
+            raise  # not reached: handle_exception raises
 
     return direct

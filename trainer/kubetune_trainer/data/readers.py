@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+import orjson
 import pyarrow.parquet as pq
 
 from kubetune_trainer.data.errors import DataError
@@ -138,6 +139,13 @@ def _jsonl_records(lines: Iterable[bytes], uri: str, strip_bom: bool) -> Iterato
     try:
         for lineno, raw in enumerate(lines, start=1):
             where = f"{uri} line {lineno}"
+            value = _parsed_fast(raw)
+            if value is not _UNPARSED:
+                if isinstance(value, dict):
+                    yield where, value, None
+                else:
+                    yield where, None, "not_an_object"
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -159,6 +167,26 @@ def _jsonl_records(lines: Iterable[bytes], uri: str, strip_bom: bool) -> Iterato
             yield where, value, None
     except (OSError, EOFError) as exc:  # gzip's "not a gzipped file" / truncated stream
         raise DataError(f"cannot read {uri}: {exc}") from None
+
+
+_UNPARSED = object()
+
+
+def _parsed_fast(raw: bytes) -> Any:
+    """A JSONL line parsed by orjson (about twice as fast as json on records), or _UNPARSED when the line takes
+    the json path below, which decides what counts as bad JSON: whatever orjson refuses (blank lines, a
+    byte-order mark, NaN, Infinity, integers beyond 64 bits, invalid UTF-8, lone surrogates...).
+
+    Where both accept a line they give the same values but one: an integer beyond 64 bits is a float from
+    orjson and an int from json. The only number any record format reads is a top-level field (the
+    classification label), so a record with a top-level float is parsed again by json."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _UNPARSED
+    if isinstance(value, dict) and float in map(type, value.values()):
+        return _UNPARSED
+    return value
 
 
 def read_jsonl_range(client: Any, obj: dict[str, Any], start: int, end: int) -> tuple[Iterator[RawRecord], Any]:

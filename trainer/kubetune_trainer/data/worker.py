@@ -204,8 +204,9 @@ class Worker:
         packer = Packer(target, s.width, self.encoder.pad_id, s.packing, s.classification)  # type: ignore[arg-type]
         out = UnitRows()
         it = iter(examples)
-        while batch := list(itertools.islice(it, BATCH_RECORDS)):
-            for enc in self.encoder.encode(batch):
+        batches = iter(lambda: list(itertools.islice(it, BATCH_RECORDS)), [])
+        for encoded in self.encoder.encode_batches(batches):
+            for enc in encoded:
                 if enc is None:
                     out.filtered += 1  # truncation to maxSeqLength left no target tokens (a long prompt)
                 else:
