@@ -38,6 +38,7 @@ BAD_CHAT_LINES: list[tuple[object, str | None]] = (
         ("not json at all", "bad_json"),  # 14
         ('"a JSON string"', "not_an_object"),  # 15
         ({"messages": [["user", "hi"]]}, "wrong_type"),  # 16
+        (chat("half of a surrogate pair \ud800", "a"), "bad_encoding"),  # 17: valid JSON, no valid UTF-8
     ]
     + [(g, None) for g in GOOD[1:]]
 )
@@ -61,7 +62,7 @@ def test_every_invalid_kind_counted_with_sample_line(tokenizer, s3, put, prefix,
     p = prepare(cfg, tokenizer, num_shards=1, client=s3)
     invalid = sum(counts.values())
     assert p.stats["invalidByReason"] == counts
-    assert p.stats["invalidRecords"] == invalid == 14
+    assert p.stats["invalidRecords"] == invalid == 15
     assert p.stats["records"] == len(BAD_CHAT_LINES) - 1  # the blank line is not a record
     assert p.stats["trainRecords"] == len(GOOD)
     assert p.invalid_samples == {r: f"{uri} line {n}" for r, n in first.items()}
@@ -78,7 +79,7 @@ def test_over_threshold_fails_naming_reason_and_line(tokenizer, s3, put, prefix,
     with pytest.raises(DataError) as e:
         prepare(cfg, tokenizer, num_shards=1, client=s3)
     msg = str(e.value)
-    assert "14 of 55 records (25.5%) are invalid" in msg and "maxInvalidFraction 10.0%" in msg
+    assert "15 of 56 records (26.8%) are invalid" in msg and "maxInvalidFraction 10.0%" in msg
     for reason, n in counts.items():
         assert f"{reason}: {n} (" in msg and f"first at {uri} line {first[reason]}" in msg
     # Most frequent first (wrong_type, 3), ties by name.

@@ -6,7 +6,7 @@ from kubetune_trainer.data.errors import DataError
 
 # The vocabulary of reasons, in the order a record is checked. Status and stats.json use these names.
 REASONS: dict[str, str] = {
-    "bad_encoding": "the line is not valid UTF-8",
+    "bad_encoding": "the line is not valid UTF-8, or a text holds a lone surrogate escape (\\ud800) UTF-8 cannot carry",
     "bad_json": "the line is not valid JSON",
     "not_an_object": "the line is valid JSON but not an object",
     "missing_field": "a required field is absent or null",

@@ -157,9 +157,16 @@ class Worker:
         examples: list[Example] = []
         for record in records:
             code = self._check(record, rules, examples, invalid, len(status))
-            status.append(code)
             if code == KEPT:
-                hashes.append(content_hash(examples[-1].content))
+                try:
+                    hashes.append(content_hash(examples[-1].content))
+                except UnicodeEncodeError:
+                    # A lone surrogate escape ("\ud800") parses into a str that no UTF-8 can carry: neither the
+                    # hash nor the tokenizer could take it.
+                    examples.pop()
+                    invalid.append((len(status), "bad_encoding", record[0]))
+                    code = INVALID
+            status.append(code)
         sigs = np.stack([signature(ex.content) for ex in examples]) if s.near_dedup and examples else None
         facts = BlockFacts(
             block.index,
