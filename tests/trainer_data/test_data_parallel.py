@@ -106,8 +106,9 @@ def ray_nodes(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    # A lost node is noticed after a second rather than Ray's default 15 s (health checks every 3 s, 5 missed).
-    health = {"health_check_period_ms": 250, "health_check_failure_threshold": 4}
+    # A lost node is noticed after 3 s rather than Ray's default 15 s (health checks every 3 s, 5 missed); not
+    # sooner, so that a live node busy importing transformers on a loaded machine is not taken for dead.
+    health = {"health_check_period_ms": 500, "health_check_failure_threshold": 6}
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": health}
     )
