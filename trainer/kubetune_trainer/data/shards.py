@@ -85,8 +85,8 @@ def validation_shard_rows(num_rows: int, num_shards: int) -> list[np.ndarray]:
 
 
 def shard_of_row(num_rows: int, shards: list[np.ndarray]) -> np.ndarray:
-    """The shard each row goes to (-1: dropped), the inverse of a plan above, as one int32 per row: what a
-    worker holding a run of consecutive rows needs to cut its own rows into the shards."""
+    """The shard each row goes to (-1: dropped), the inverse of a plan above, as one int32 per row: what an
+    actor holding some of the rows needs to cut them into the shards."""
     owner = np.full(num_rows, -1, dtype=np.int32)
     for r, rows in enumerate(shards):
         owner[rows] = r
