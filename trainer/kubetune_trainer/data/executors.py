@@ -13,8 +13,8 @@ are written. The driver only ever receives each block's per-record facts and eac
 a shuffle in two rounds: each actor cuts the rows of the units it packed into one piece per shard (the
 driver's plan says which row goes where), then one actor per shard joins that shard's pieces back into global
 order and writes and uploads the Parquet file. Every row crosses the network at most once, and no process holds
-more than one shard. The actors are killed when the preparation ends, so their memory is free before the training workers
-start.
+more than one shard. The actors are killed when the preparation ends, so their memory is free before the
+training workers start.
 """
 
 from __future__ import annotations
@@ -86,10 +86,7 @@ class InlineExecutor:
         counts). Consume the iterator to the end."""
         spill = self._spills[split] = RowSpill(os.path.join(self.directory, split), row_columns(self.worker.settings))
         for unit in units:
-            before = spill.rows
-            counts = self.worker.encode_unit(self._examples(unit), spill)  # rows go straight to the spill
-            counts.rows = spill.rows - before
-            yield counts
+            yield self.worker.encode_unit(self._examples(unit), spill)  # rows go straight to the spill
         spill.close()
 
     def write(self, split: str, shards: list[np.ndarray], width: int, uris: list[str]) -> list[int]:

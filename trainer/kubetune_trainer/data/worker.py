@@ -105,7 +105,7 @@ class BlockFacts:
 
 @dataclass
 class UnitRows:
-    """The packed rows of one unit of consecutive examples."""
+    """The packed rows of one unit of consecutive examples (blocks stays empty when they went to a sink)."""
 
     blocks: list[dict[str, np.ndarray]] = field(default_factory=list)
     rows: int = 0
@@ -219,19 +219,21 @@ class Worker:
                 else:
                     packer.add(enc)
         packer.finish()
-        out.blocks, out.rows = collect.blocks, collect.rows
+        out.blocks, out.rows = collect.blocks, target.rows
         out.examples, out.max_fill = packer.examples, packer.max_fill
         return out
 
 
 class _Forward:
-    """Passes packed blocks on to a spill that stays open for the next unit."""
+    """Passes packed blocks on to a spill that stays open for the next unit, counting this unit's rows."""
 
     def __init__(self, spill: Any):
         self.spill = spill
+        self.rows = 0
 
     def append(self, batch: dict[str, np.ndarray]) -> None:
         self.spill.append(batch)
+        self.rows += len(next(iter(batch.values())))
 
     def close(self) -> None:
         pass
