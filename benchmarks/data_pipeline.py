@@ -23,9 +23,9 @@ Printed: records/s of each, and the ratios `ratio NAME: X (target: Y)`: scaling 
 one-process rate against bare render+tokenise. The one-process preparation runs --repeat times (3), each time
 followed at once by bare render+tokenise, so that each pair shares the machine's load of the moment; the ratio
 is the median of the pairs' ratios (each pair's is printed too). Start-up (S3 server, Ray, tokenizer load,
-upload of the raw data) is outside every timing. On a shared machine the numbers move with other load (the load average is
-printed): run it more than once before trusting a ratio; 2 workers cannot scale on a machine whose 2 cores
-are already busy.
+upload of the raw data) is outside every timing. On a shared machine the numbers move with other load (the
+load average is printed): run it more than once before trusting a ratio; 2 workers cannot scale on a machine
+whose 2 cores are already busy.
 """
 
 from __future__ import annotations
@@ -237,8 +237,9 @@ def main() -> int:
     per_process = statistics.median(per_process_runs)
     print(f"ratio prepare_2_workers_vs_1_worker: {scaling:.2f} (target: 1.8)")
     packed_1, packed_2 = measured.packed_s["1 worker"], measured.packed_s["2 workers"]
+    encode_scaling = packed_1 / packed_2
     print(
-        f"ratio prepare_encode_step_2_workers_vs_1_worker: {packed_1 / packed_2:.2f} (shown; render, tokenise and "
+        f"ratio prepare_encode_step_2_workers_vs_1_worker: {encode_scaling:.2f} (shown; render, tokenise and "
         f"pack alone, the actors' start-up left out: {packed_1:.2f} s / {packed_2:.2f} s)"
     )
     print(
@@ -261,7 +262,7 @@ def main() -> int:
             "render_tokenize_records_per_s": n / render_s,
             "tokenize_records_per_s": n / tokenize_s,
             "scaling_2_vs_1": scaling,
-            "encode_step_scaling_2_vs_1": measured.packed_s["1 worker"] / measured.packed_s["2 workers"],
+            "encode_step_scaling_2_vs_1": encode_scaling,
             "per_process_vs_render_tokenize": per_process,
         }
         print(json.dumps(figures))
