@@ -8,7 +8,7 @@ from data_test_helpers import BUCKET, parquet_bytes
 
 from kubetune_trainer.data import DataError, list_objects, prepare, s3_client
 from kubetune_trainer.data.readers import read_records
-from kubetune_trainer.data.s3 import ObjectStream, RangeFile
+from kubetune_trainer.data.s3 import ObjectStream, RangeFile, open_stream
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +100,38 @@ def test_stream_refuses_an_object_rewritten_while_read(s3, put, prefix):
     stream._body._raw_stream.close()
     with pytest.raises(DataError, match="changed while it was being read"):
         stream.read(1000)
+
+
+def test_a_ranged_block_asks_for_its_bytes_only(s3, put, prefix):
+    # Lines of 1 KB, and one of 300 KB that starts inside the first block and ends far past it.
+    lines = [b'{"text": "%s"}\n' % (b"a" * 1000) for _ in range(200)]
+    lines.insert(150, b'{"text": "%s"}\n' % (b"b" * 300_000))
+    data = b"".join(lines)
+    uri = put(f"{prefix}/ranged.jsonl", data, "raw")
+    (obj,) = list_objects(s3, uri)
+    ranges: list[str] = []
+    s3.meta.events.register("before-send.s3.GetObject", lambda request, **_: ranges.append(request.headers["Range"].decode()))
+    tail = ObjectStream.TAIL_BYTES
+    end = 100_000
+    stream = open_stream(s3, obj, start=0, stop=end)
+    got, pos = [], 0
+    while pos < end:  # what read_jsonl_range does: the lines that start before `end`
+        got.append(stream.readline())
+        pos += len(got[-1])
+    stream.close()
+    assert got == lines[: len(got)] and len(got) == 99
+    assert ranges == [f"bytes=0-{end + tail - 1}"]
+
+    # The long line: the first range ends inside it, each next one reaches twice as far as the one before.
+    ranges.clear()
+    start = sum(map(len, lines[:150]))
+    stream = open_stream(s3, obj, start=start, stop=start + 10)
+    assert stream.readline() == lines[150]
+    stream.close()
+    first = start + 10 + tail
+    # 300 KB: ranges of 64, 128 and up to 256 KB (the object's end) cover it.
+    assert ranges == [
+        f"bytes={start}-{first - 1}",
+        f"bytes={first}-{first + 2 * tail - 1}",
+        f"bytes={first + 2 * tail}-{min(first + 6 * tail, len(data)) - 1}",
+    ]

@@ -196,7 +196,7 @@ def read_jsonl_range(client: Any, obj: dict[str, Any], start: int, end: int) -> 
     counter = [0]
 
     def lines() -> Iterator[bytes]:
-        stream = open_stream(client, obj, start=max(start - 1, 0))
+        stream = open_stream(client, obj, start=max(start - 1, 0), stop=end)
         try:
             pos = max(start - 1, 0)
             if start > 0:

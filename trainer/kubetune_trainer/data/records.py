@@ -23,16 +23,18 @@ class Example:
     messages: list[tuple[str, str]] | None  # chat and instruction: (role, content) turns
     text: str | None  # completion and classification
     label: int | None  # classification class id
-    content: str  # every text of the record joined (with role tags for chat): what dedup hashes
+    content: str  # every text of the record joined (with role tags for chat): what dedup hashes; not pickled
     chars: int  # characters of text, summed over the record's text fields: what the length filters measure
     # preference: messages is the prompt; chosen and rejected are the two continuations (assistant turns)
     chosen: list[tuple[str, str]] | None = None
     rejected: list[tuple[str, str]] | None = None
 
     def __reduce__(self) -> tuple[type[Example], tuple[Any, ...]]:
-        # Examples travel between processes (Ray's object store) and to local disk: rebuilding one from its
-        # fields is about twice as fast as the slots dataclass's default __setstate__.
-        return (Example, (self.messages, self.text, self.label, self.content, self.chars, self.chosen, self.rejected))
+        # Examples travel (Ray's object store, local disk) only from the parse step, which has hashed and signed
+        # `content` already, to the encode step, which renders the fields: content, a second copy of every text,
+        # stays behind, halving what travels (and the pickling: 138 -> 84 ms for 20,000 chats). Rebuilding an
+        # example from its fields is also about twice as fast as the slots dataclass's default __setstate__.
+        return (Example, (self.messages, self.text, self.label, "", self.chars, self.chosen, self.rejected))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ a request, a header or an exception's full repr, so a key can never reach a log 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -188,19 +189,34 @@ class ObjectStream(io.RawIOBase):
 
     A multi-gigabyte GET can break half-way; instead of failing the job (or starting over) it re-opens the
     object at the byte it had reached, pinned to the same ETag so a rewritten object is never spliced in.
+
+    A reader that needs the bytes only up to about `stop` (a block of a large object: its lines end a little
+    past its range) asks for [start, stop + TAIL_BYTES), then, if it reads on (a long last line), for twice as
+    many bytes each time. An open-ended GET would have the server send the rest of the object to be thrown away, for every block, and
+    the connection it came on could not serve the next block.
     """
 
-    def __init__(self, client: Any, obj: dict[str, Any], start: int = 0):
+    TAIL_BYTES = 64 << 10
+
+    def __init__(self, client: Any, obj: dict[str, Any], start: int = 0, stop: int | None = None):
         self._client = client
         self._obj = obj
         self._pos = start
-        self._body = retrying(f"opening {obj['uri']}", self._open)
+        self._size = int(obj["size"])
+        self._stop = stop
+        self._range_end = self._size  # where the open GET's bytes end
+        self._tail = self.TAIL_BYTES  # how far past stop (or past the last range) the next GET reaches
+        self._body = retrying(f"opening {obj['uri']}", self._open) if start < self._size else None
 
     def _open(self) -> Any:
         kw: dict[str, Any] = {"Bucket": self._obj["bucket"], "Key": self._obj["key"]}
         if self._obj.get("etag"):
             kw["IfMatch"] = f'"{self._obj["etag"]}"'
-        if self._pos:
+        self._range_end = self._size
+        if self._stop is not None:
+            self._range_end = min(max(self._stop, self._pos) + self._tail, self._size)
+            kw["Range"] = f"bytes={self._pos}-{self._range_end - 1}"
+        elif self._pos:
             kw["Range"] = f"bytes={self._pos}-"
         try:
             return self._client.get_object(**kw)["Body"]
@@ -213,9 +229,14 @@ class ObjectStream(io.RawIOBase):
         return True
 
     def readinto(self, buf: Any) -> int:
+        if self._pos >= self._size or self._body is None:
+            return 0
+        if self._pos >= self._range_end:  # a bounded range read to its end: a range twice as long
+            self._tail *= 2
+            self._body = retrying(f"reading {self._obj['uri']}", self._open)
         for attempt in range(_STREAM_RETRIES + 1):
             try:
-                data = self._body.read(len(buf))
+                data = self._body.read(min(len(buf), self._range_end - self._pos))
                 break
             except _STREAM_ERRORS as exc:
                 if attempt == _STREAM_RETRIES:
@@ -229,14 +250,21 @@ class ObjectStream(io.RawIOBase):
 
     def close(self) -> None:
         try:
-            self._body.close()
+            if self._body is not None and self._range_end - self._pos <= self.TAIL_BYTES:
+                with contextlib.suppress(*_STREAM_ERRORS):
+                    self._body.read()  # the few bytes left: read out, the connection goes back to the pool
+            if self._body is not None:
+                self._body.close()
         finally:
             super().close()
 
 
-def open_stream(client: Any, obj: dict[str, Any], buffer_size: int = 256 << 10, start: int = 0) -> io.BufferedReader:
-    """A buffered, line-iterable stream of one listed object (see list_objects), from byte `start` on."""
-    return io.BufferedReader(ObjectStream(client, obj, start), buffer_size=buffer_size)
+def open_stream(
+    client: Any, obj: dict[str, Any], buffer_size: int = 256 << 10, start: int = 0, stop: int | None = None
+) -> io.BufferedReader:
+    """A buffered, line-iterable stream of one listed object (see list_objects), from byte `start` on (needed
+    up to about `stop`: see ObjectStream)."""
+    return io.BufferedReader(ObjectStream(client, obj, start, stop), buffer_size=buffer_size)
 
 
 class RangeFile(io.RawIOBase):
