@@ -110,7 +110,9 @@ def test_a_ranged_block_asks_for_its_bytes_only(s3, put, prefix):
     uri = put(f"{prefix}/ranged.jsonl", data, "raw")
     (obj,) = list_objects(s3, uri)
     ranges: list[str] = []
-    s3.meta.events.register("before-send.s3.GetObject", lambda request, **_: ranges.append(request.headers["Range"].decode()))
+    s3.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **_: ranges.append(request.headers["Range"].decode())
+    )
     tail = ObjectStream.TAIL_BYTES
     end = 100_000
     stream = open_stream(s3, obj, start=0, stop=end)
