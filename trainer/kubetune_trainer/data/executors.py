@@ -64,12 +64,23 @@ class InlineExecutor:
         return os.path.join(self.directory, "parsed", f"block-{block}.pickle")
 
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
+        """Parse the blocks in order; each next block's GET is sent (in a thread) while this one is parsed."""
         facts = []
-        for b in blocks:
-            f, examples = self.worker.parse_block(b)
-            with open(self._path(b.index), "wb") as out:
-                pickle.dump(examples, out, protocol=pickle.HIGHEST_PROTOCOL)
-            facts.append(f)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-open") as pool:
+            ahead = pool.submit(self.worker.open_ahead, blocks[0]) if blocks else None
+            try:
+                for i, b in enumerate(blocks):
+                    assert ahead is not None
+                    opened, ahead = ahead.result(), None
+                    if i + 1 < len(blocks):
+                        ahead = pool.submit(self.worker.open_ahead, blocks[i + 1])
+                    f, examples = self.worker.parse_block(b, opened)
+                    with open(self._path(b.index), "wb") as out:
+                        pickle.dump(examples, out, protocol=pickle.HIGHEST_PROTOCOL)
+                    facts.append(f)
+            finally:
+                if ahead is not None and ahead.exception() is None and ahead.result() is not None:
+                    ahead.result().close()  # a stream opened for a block that will not be parsed (an error)
         return facts
 
     def _examples(self, unit: Unit) -> Iterator[Example]:

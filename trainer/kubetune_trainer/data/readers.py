@@ -46,14 +46,14 @@ def file_format_of(key: str, configured: str) -> str:
 
 
 def read_records(
-    client: Any, obj: dict[str, Any], configured_format: str, columns: list[str] | None = None
+    client: Any, obj: dict[str, Any], configured_format: str, columns: list[str] | None = None, opened: Any = None
 ) -> Iterator[RawRecord]:
-    """Every record of one listed object (see s3.list_objects)."""
+    """Every record of one listed object (see s3.list_objects); `opened`: its stream from open_ahead, if any."""
     fmt = file_format_of(obj["key"], configured_format)
     if fmt == "parquet":
         yield from _read_parquet(client, obj, columns)
         return
-    stream: Any = open_stream(client, obj)
+    stream: Any = opened or open_stream(client, obj)
     try:
         if obj["key"].lower().endswith(".gz"):
             stream = gzip.GzipFile(fileobj=stream, mode="rb")
@@ -189,14 +189,17 @@ def _parsed_fast(raw: bytes) -> Any:
     return value
 
 
-def read_jsonl_range(client: Any, obj: dict[str, Any], start: int, end: int) -> tuple[Iterator[RawRecord], Any]:
+def read_jsonl_range(
+    client: Any, obj: dict[str, Any], start: int, end: int, opened: Any = None
+) -> tuple[Iterator[RawRecord], Any]:
     """The records of the JSONL lines that START in bytes [start, end) of an uncompressed object, with line
     numbers counted from the range's first line, and a callable giving the number of lines read (valid once
-    the iterator is exhausted). Ranges that tile an object read every line exactly once."""
+    the iterator is exhausted). Ranges that tile an object read every line exactly once. `opened`: the range's
+    stream from open_ahead, if any."""
     counter = [0]
 
     def lines() -> Iterator[bytes]:
-        stream = open_stream(client, obj, start=max(start - 1, 0), stop=end)
+        stream = opened or _open_range(client, obj, start, end)
         try:
             pos = max(start - 1, 0)
             if start > 0:
@@ -213,6 +216,23 @@ def read_jsonl_range(client: Any, obj: dict[str, Any], start: int, end: int) -> 
             stream.close()
 
     return _jsonl_records(lines(), obj["uri"], strip_bom=start == 0), lambda: counter[0]
+
+
+def _open_range(client: Any, obj: dict[str, Any], start: int, end: int) -> Any:
+    # From the byte before the range: whether a line starts at `start` shows in it.
+    return open_stream(client, obj, start=max(start - 1, 0), stop=end)
+
+
+def open_ahead(client: Any, obj: dict[str, Any], configured_format: str, start: int | None, end: int | None) -> Any:
+    """The stream read_records (whole object: start None) or read_jsonl_range would open for this object or
+    range, opened now: its GET sent and answered, so that a reader that opens the next one while it parses this
+    one does not wait for the server's first byte (tens of ms per GET, per block). None for Parquet, which
+    reads by ranges of its own. The caller hands it to the reader, or closes it."""
+    if start is not None and end is not None:
+        return _open_range(client, obj, start, end)
+    if file_format_of(obj["key"], configured_format) == "parquet":
+        return None
+    return open_stream(client, obj)
 
 
 def _read_parquet(client: Any, obj: dict[str, Any], columns: list[str] | None) -> Iterator[RawRecord]:

@@ -25,7 +25,7 @@ from kubetune_trainer.data.blocks import Block
 from kubetune_trainer.data.dedup import content_hash, signature
 from kubetune_trainer.data.encode import Encoder
 from kubetune_trainer.data.packing import Packer, spill_columns
-from kubetune_trainer.data.readers import RawRecord, read_jsonl_range, read_records
+from kubetune_trainer.data.readers import RawRecord, open_ahead, read_jsonl_range, read_records
 from kubetune_trainer.data.records import Example, RecordRules, parse_record
 from kubetune_trainer.data.s3 import s3_client
 
@@ -137,20 +137,25 @@ class Worker:
         self.encoder = Encoder(tokenizer, settings.fmt, settings.max_seq_length)
         self.client = client or s3_client(settings.endpoint, settings.region)
 
-    def records(self, block: Block, rules: RecordRules) -> tuple[Any, Any]:
+    def records(self, block: Block, rules: RecordRules, opened: Any = None) -> tuple[Any, Any]:
         if block.ranged:
             assert block.start is not None and block.end is not None
-            return read_jsonl_range(self.client, block.obj, block.start, block.end)
-        return read_records(self.client, block.obj, block.file_format, rules.columns()), lambda: 0
+            return read_jsonl_range(self.client, block.obj, block.start, block.end, opened)
+        return read_records(self.client, block.obj, block.file_format, rules.columns(), opened), lambda: 0
 
-    def parse_block(self, block: Block) -> tuple[BlockFacts, list[Example]]:
+    def open_ahead(self, block: Block) -> Any:
+        """The block's stream, opened before parse_block needs it (readers.open_ahead)."""
+        return open_ahead(self.client, block.obj, block.file_format, block.start, block.end)
+
+    def parse_block(self, block: Block, opened: Any = None) -> tuple[BlockFacts, list[Example]]:
+        """opened: the block's stream from open_ahead, if any (parse_block reads and closes it)."""
         with paused_gc():
-            return self._parse_block(block)
+            return self._parse_block(block, opened)
 
-    def _parse_block(self, block: Block) -> tuple[BlockFacts, list[Example]]:
+    def _parse_block(self, block: Block, opened: Any) -> tuple[BlockFacts, list[Example]]:
         s = self.settings
         rules = s.validation_rules if block.source < 0 else s.source_rules[block.source]
-        records, lines = self.records(block, rules)
+        records, lines = self.records(block, rules, opened)
         status: list[int] = []
         hashes: list[int] = []
         invalid: list[tuple[int, str, str]] = []
