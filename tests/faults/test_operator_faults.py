@@ -23,7 +23,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -288,40 +288,84 @@ def test_inline_keys_are_refused_by_the_api_server(env: dict[str, Any], fault_ro
     )
 
 
-def test_missing_secret_then_missing_key(env: dict[str, Any], fault_row: Any) -> None:
-    kube, ns = env["kube"], env["ns"]
-    spec = job_manifest("needs-creds", ns)["spec"]
-    spec["dataset"]["credentialsSecret"] = "later-creds"
+def _create_job(kube: Kube, ns: str, name: str, spec: dict[str, Any]) -> None:
     kube.create(
         {
             "apiVersion": "kubetune.io/v1alpha1",
             "kind": "FineTuneJob",
-            "metadata": {"name": "needs-creds", "namespace": ns},
+            "metadata": {"name": name, "namespace": ns},
             "spec": spec,
         }
     )
-    blocked = wait_for(
-        "Blocked SecretNotFound",
-        lambda: (
-            condition(kube.get(FINETUNEJOB, ns, "needs-creds"), "Blocked").get("reason") == "SecretNotFound"
-            and kube.get(FINETUNEJOB, ns, "needs-creds")
+
+
+def _blocked(kube: Kube, ns: str, job: str, reason: str) -> dict[str, Any]:
+    return cast(
+        "dict[str, Any]",
+        wait_for(
+            f"{job} Blocked {reason}",
+            lambda: (
+                condition(kube.get(FINETUNEJOB, ns, job), "Blocked").get("reason") == reason
+                and kube.get(FINETUNEJOB, ns, job)
+            ),
+            timeout=60,
         ),
-        timeout=60,
     )
+
+
+def test_missing_secret_then_missing_key_and_names_taken(env: dict[str, Any], fault_row: Any) -> None:
+    """Two faults whose recoveries wait on the operator's timers, caused in the same window so the timers run
+    side by side instead of one after the other: a job whose credentials Secret is missing, then lacks a key
+    (each fix is seen at the next Secret re-check, every 15 s), and jobs whose ConfigMap / ServiceAccount names
+    are taken by objects that are not theirs (NameConflict, tried again after 30 s). Each fault keeps its own
+    asserts and its own row of the recovery table."""
+    kube, ns = env["kube"], env["ns"]
+    spec = job_manifest("needs-creds", ns)["spec"]
+    spec["dataset"]["credentialsSecret"] = "later-creds"
+    _create_job(kube, ns, "needs-creds", spec)
+    squatters = {
+        "cm-taken": {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": names.config_map("cm-taken"), "namespace": ns},
+            "data": {"mine": "yes"},
+        },
+        "sa-taken": {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": names.service_account("sa-taken"), "namespace": ns},
+        },
+    }
+    for job, obj in squatters.items():
+        kube.create(obj)
+        _create_job(kube, ns, job, job_manifest(job, ns)["spec"])
+
+    # Missing Secret: Blocked, naming it and the key; nothing runs without its keys.
+    blocked = _blocked(kube, ns, "needs-creds", "SecretNotFound")
     message = condition(blocked, "Blocked")["message"]
     assert f"{ns}/later-creds" in message and "AWS_ACCESS_KEY_ID" in message
     assert kube.get(RAYJOB, ns, names.ray_job("needs-creds")) is None  # nothing runs without its keys
     key_id = "AKIALATER" + secrets.token_hex(5).upper()
     SECRET_VALUES.append(key_id)
     kube.create(_secret(ns, "later-creds", {"AWS_ACCESS_KEY_ID": key_id}))
-    half = wait_for(
-        "Blocked SecretKeyMissing",
-        lambda: (
-            condition(kube.get(FINETUNEJOB, ns, "needs-creds"), "Blocked").get("reason") == "SecretKeyMissing"
-            and kube.get(FINETUNEJOB, ns, "needs-creds")
-        ),
-        timeout=60,
-    )
+
+    # Names taken (meanwhile the Secret re-check runs): Blocked NameConflict, the objects neither adopted nor
+    # changed, no RayJob; then the objects are removed.
+    for job, obj in squatters.items():
+        got = _blocked(kube, ns, job, "NameConflict")
+        assert f"{obj['kind']} {ns}/{obj['metadata']['name']}" in condition(got, "Blocked")["message"]
+        kind = CONFIGMAP if obj["kind"] == "ConfigMap" else SERVICEACCOUNT
+        now = kube.get(kind, ns, obj["metadata"]["name"])
+        assert not now["metadata"].get("ownerReferences"), "the job adopted an object it does not own"
+        assert now.get("data") == obj.get("data")  # untouched
+        assert kube.get(RAYJOB, ns, names.ray_job(job)) is None
+    t_freed = time.monotonic()
+    for obj in squatters.values():
+        kind = CONFIGMAP if obj["kind"] == "ConfigMap" else SERVICEACCOUNT
+        kube.delete(kind, ns, obj["metadata"]["name"])
+
+    # Back to the Secret: it exists without the second key, then gets it.
+    half = _blocked(kube, ns, "needs-creds", "SecretKeyMissing")
     assert "later-creds" in condition(half, "Blocked")["message"]
     assert "AWS_SECRET_ACCESS_KEY" in condition(half, "Blocked")["message"]
     fixed_value = "later-" + secrets.token_urlsafe(20)
@@ -350,51 +394,7 @@ def test_missing_secret_then_missing_key(env: dict[str, Any], fault_row: Any) ->
         recover_s=recovered,
     )
 
-
-def test_names_taken_by_objects_that_are_not_the_jobs(env: dict[str, Any], fault_row: Any) -> None:
-    kube, ns = env["kube"], env["ns"]
-    squatters = {
-        "cm-taken": {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": names.config_map("cm-taken"), "namespace": ns},
-            "data": {"mine": "yes"},
-        },
-        "sa-taken": {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": names.service_account("sa-taken"), "namespace": ns},
-        },
-    }
-    for job, obj in squatters.items():
-        kube.create(obj)
-        kube.create(
-            {
-                "apiVersion": "kubetune.io/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": job, "namespace": ns},
-                "spec": job_manifest(job, ns)["spec"],
-            }
-        )
-    for job, obj in squatters.items():
-        got = wait_for(
-            f"{job} Blocked NameConflict",
-            lambda j=job: (
-                condition(kube.get(FINETUNEJOB, ns, j), "Blocked").get("reason") == "NameConflict"
-                and kube.get(FINETUNEJOB, ns, j)
-            ),
-            timeout=60,
-        )
-        assert f"{obj['kind']} {ns}/{obj['metadata']['name']}" in condition(got, "Blocked")["message"]
-        kind = CONFIGMAP if obj["kind"] == "ConfigMap" else SERVICEACCOUNT
-        now = kube.get(kind, ns, obj["metadata"]["name"])
-        assert not now["metadata"].get("ownerReferences"), "the job adopted an object it does not own"
-        assert now.get("data") == obj.get("data")  # untouched
-        assert kube.get(RAYJOB, ns, names.ray_job(job)) is None
-    t0 = time.monotonic()
-    for obj in squatters.values():
-        kind = CONFIGMAP if obj["kind"] == "ConfigMap" else SERVICEACCOUNT
-        kube.delete(kind, ns, obj["metadata"]["name"])
+    # The names' jobs run once the names are free (at their next try).
     for job in squatters:
         wait_for(f"{job} to run once the name is free", lambda j=job: ray_job_made(kube, ns, j), timeout=120)
         assert_one_of_each_and_owned(kube, ns, job)
@@ -403,7 +403,7 @@ def test_names_taken_by_objects_that_are_not_the_jobs(env: dict[str, Any], fault
         "Blocked NameConflict, left untouched; ran once removed",
         steps_redone=0,
         records_twice=0,
-        recover_s=time.monotonic() - t0,
+        recover_s=time.monotonic() - t_freed,
     )
 
 
@@ -581,7 +581,14 @@ def test_leader_killed_during_20_creations(env: dict[str, Any], fault_row: Any) 
             ns,
             env["logs"],
             name=f"replica-{i}",
-            extra_env={"KUBETUNE_PEERING": "kt-faults", "KUBETUNE_PEERING_PRIORITY": str(p)},
+            # A killed leader counts as alive for the peering lifetime after its last keep-alive: 10 s (default
+            # 20) makes the takeover wait ~5-10 s instead of ~10-20 s. kopf keeps alive every lifetime - 5..10 s,
+            # so a live leader's record still has the same 5-10 s to spare as with 20 s.
+            extra_env={
+                "KUBETUNE_PEERING": "kt-faults",
+                "KUBETUNE_PEERING_PRIORITY": str(p),
+                "KUBETUNE_PEERING_LIFETIME": "10",
+            },
         )
         for i, p in ((0, 200), (1, 100))
     ]  # replica-0 leads (the higher priority)

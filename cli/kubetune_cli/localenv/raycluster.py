@@ -35,6 +35,11 @@ RAY_BASE_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_DEDUP_LOGS": "0",
+    # `ray start --block` answers SIGTERM by draining its node for up to this many seconds (default 30) before
+    # stopping, so every stop of a local cluster waited out stop()'s 10 s grace. A local cluster being stopped
+    # has no other node to drain to; 0 means no drain, immediate teardown (ray/_private/node.py). Draining a
+    # node on purpose (`ray drain-node`, the node-drain fault) is a different mechanism and is unaffected.
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 _READY_LINE = "Ray runtime started."
 _OBJECT_STORE_BYTES = 512 * 1024 * 1024  # the trainer moves data through S3, not the object store
