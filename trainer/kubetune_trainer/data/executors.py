@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -187,7 +188,11 @@ class RayExecutor:
         self.refs: dict[int, Any] = {}  # block index -> its parsed examples
         # split -> (actor that packed the unit, its rows, its row count) per unit, in order
         self.units: dict[str, list[tuple[int, Any, int]]] = {}
-        log.info("preparing the data in %d Ray actors", parallelism)
+        # Waited for here, so that the log tells start-up (a process importing transformers and loading the
+        # tokenizer, on a node that may first pull the image) from the work; the tasks would wait for it anyway.
+        started = time.monotonic()
+        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        log.info("preparing the data in %d Ray actors (started in %.1f s)", parallelism, time.monotonic() - started)
 
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
         fact_refs = []
