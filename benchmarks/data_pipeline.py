@@ -143,10 +143,12 @@ class _StepSeconds(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         msg, args = str(record.msg), record.args
+        if not isinstance(args, tuple):
+            return
         if msg.startswith("prepare: %d blocks parsed"):
-            self.packed.append(float(args[3]))  # type: ignore[index]
+            self.packed.append(float(args[3]))
         elif msg.startswith("preparing the data in %d Ray actors"):
-            self.started.append(float(args[1]))  # type: ignore[index]
+            self.started.append(float(args[1]))
 
 
 def measure(args: argparse.Namespace, tokenizer: Any, records: list[dict[str, Any]]) -> Measured:
