@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "trainer"))  # runnable from a checkout without installing
@@ -146,9 +146,9 @@ class _StepSeconds(logging.Handler):
         if not isinstance(args, tuple):
             return
         if msg.startswith("prepare: %d blocks parsed"):
-            self.packed.append(float(args[3]))
+            self.packed.append(cast(float, args[3]))
         elif msg.startswith("preparing the data in %d Ray actors"):
-            self.started.append(float(args[1]))
+            self.started.append(cast(float, args[1]))
 
 
 def measure(args: argparse.Namespace, tokenizer: Any, records: list[dict[str, Any]]) -> Measured:
