@@ -19,6 +19,7 @@ training workers start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -122,6 +123,11 @@ class PrepareActor:
 
     def __init__(self, settings: Settings, tokenizer: Any):
         self.worker = Worker(settings, tokenizer)
+        # Everything alive now (transformers, the tokenizer, Ray's own: ~300k objects) lives as long as the actor:
+        # out of the garbage collector's full collections. Ray unpickles a task's examples (thousands of objects
+        # per block) before our code can pause the collector, and each full collection it sets off walks the
+        # whole heap: 0.30 s of unpickling 20,000 examples, 0.06 s with the old objects frozen.
+        gc.freeze()
 
     def parse(self, block: Block) -> tuple[BlockFacts, list[Example]]:
         return self.worker.parse_block(block)
