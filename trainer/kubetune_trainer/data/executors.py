@@ -7,8 +7,9 @@ and write each shard's rows in the same order, so a preparation gives byte-ident
 
 The Ray pool: `parallelism` actors of one CPU each, spread over the cluster's nodes (the KubeRay head has
 num-cpus 0, so they land on the worker pods). An actor loads the tokenizer once and parses or encodes many
-blocks. The parsed examples of a block stay in Ray's object store (owned by the driver) until the unit that
-packs them has run; so do each unit's packed rows, on the node of the actor that packed them, until the shards
+blocks. The parsed examples of a block stay in Ray's object store (owned by the driver), as two lists, one
+per side of the held-out split, until the units that pack them have run (a held-out unit gathers its few
+examples from many blocks, and fetches only their held-out lists); so do each unit's packed rows, on the node of the actor that packed them, until the shards
 are written. The driver only ever receives each block's per-record facts and each unit's row count. Writing is
 a shuffle in two rounds: each actor cuts the rows of the units it packed into one piece per shard (the
 driver's plan says which row goes where), then one actor per shard joins that shard's pieces back into global
@@ -39,8 +40,9 @@ from kubetune_trainer.data.worker import BlockFacts, Settings, UnitRows, Worker,
 
 log = logging.getLogger(__name__)
 
-# A unit: the kept examples to pack together, as (block index, kept number) in the global order.
-Unit = list[tuple[int, int]]
+# A unit: the selected examples to pack together, in the global order, as (block index, side, place in that
+# side's list: worker.Sides).
+Unit = list[tuple[int, int, int]]
 # The column of a shard piece that numbers its rows in the split's global order (never written to a shard).
 ROW = "row"
 # Shards written at once in one process: Parquet's compression and the upload let go of the GIL, so a few
@@ -49,21 +51,22 @@ WRITE_THREADS = 4
 
 
 class InlineExecutor:
-    """The steps in this process, one after the other. A parsed block's examples wait on local disk (pickled)
-    until their unit is packed, so memory holds about one block of examples, not the dataset; the packed rows
-    of each split are spilled to local disk until the shards are cut."""
+    """The steps in this process, one after the other. A parsed block's examples wait on local disk (pickled,
+    one file per side of the held-out split) until their unit is packed, so memory holds about one block of
+    examples, not the dataset, and packing the held-out split reads only held-out examples; the packed rows of
+    each split are spilled to local disk until the shards are cut."""
 
     def __init__(self, settings: Settings, tokenizer: Any, client: Any, directory: str):
         self.worker = Worker(settings, tokenizer, client)
         self.directory = directory
         os.makedirs(os.path.join(directory, "parsed"))
-        self._loaded: dict[int, list[Example]] = {}
+        self._loaded: dict[tuple[int, int], list[Example]] = {}
         # A mixture alternates between its sources: one block of each stays loaded.
         self.keep_blocks = max(1, len(settings.source_rules))
         self._spills: dict[str, RowSpill] = {}
 
-    def _path(self, block: int) -> str:
-        return os.path.join(self.directory, "parsed", f"block-{block}.pickle")
+    def _path(self, block: int, side: int) -> str:
+        return os.path.join(self.directory, "parsed", f"block-{block}-{side}.pickle")
 
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
         """Parse the blocks in order; each next block's GET is sent (in a thread) while this one is parsed."""
@@ -76,9 +79,10 @@ class InlineExecutor:
                     opened, ahead = ahead.result(), None
                     if i + 1 < len(blocks):
                         ahead = pool.submit(self.worker.open_ahead, blocks[i + 1])
-                    f, examples = self.worker.parse_block(b, opened)
-                    with open(self._path(b.index), "wb") as out:
-                        pickle.dump(examples, out, protocol=pickle.HIGHEST_PROTOCOL)
+                    f, sides = self.worker.parse_block(b, opened)
+                    for side, examples in enumerate(sides):
+                        with open(self._path(b.index, side), "wb") as out:
+                            pickle.dump(examples, out, protocol=pickle.HIGHEST_PROTOCOL)
                     facts.append(f)
             finally:
                 if ahead is not None and ahead.exception() is None and ahead.result() is not None:
@@ -86,13 +90,13 @@ class InlineExecutor:
         return facts
 
     def _examples(self, unit: Unit) -> Iterator[Example]:
-        for b, k in unit:
-            if b not in self._loaded:
+        for b, side, k in unit:
+            if (b, side) not in self._loaded:
                 if len(self._loaded) >= self.keep_blocks:
                     self._loaded.pop(next(iter(self._loaded)))
-                with open(self._path(b), "rb") as f:
-                    self._loaded[b] = pickle.load(f)
-            yield self._loaded[b][k]
+                with open(self._path(b, side), "rb") as f:
+                    self._loaded[b, side] = pickle.load(f)
+            yield self._loaded[b, side][k]
 
     def encode(self, split: str, units: Iterable[Unit]) -> Iterator[UnitRows]:
         """Pack the units of one split, in order; their rows are kept for write() (a UnitRows carries only the
@@ -129,8 +133,9 @@ class PrepareActor:
         # whole heap: 0.30 s of unpickling 20,000 examples, 0.06 s with the old objects frozen.
         gc.freeze()
 
-    def parse(self, block: Block) -> tuple[BlockFacts, list[Example]]:
-        return self.worker.parse_block(block)
+    def parse(self, block: Block) -> tuple[BlockFacts, list[Example], list[Example]]:
+        facts, (train_side, held_side) = self.worker.parse_block(block)
+        return facts, train_side, held_side
 
     def encode(self, picks: list[tuple[int, int]], *example_lists: list[Example]) -> tuple[UnitRows, list[Any]]:
         """The unit's counts (to the driver) and its packed rows (left in the object store)."""
@@ -191,7 +196,7 @@ class RayExecutor:
         )
         self.tokenizer_ref = ray.put(tokenizer)  # held while the actors live: a restarted actor needs it again
         self.actors: list[Any] = [actor.remote(settings, self.tokenizer_ref) for _ in range(parallelism)]
-        self.refs: dict[int, Any] = {}  # block index -> its parsed examples
+        self.refs: dict[tuple[int, int], Any] = {}  # (block index, side) -> that side's parsed examples
         # split -> (actor that packed the unit, its rows, its row count) per unit, in order
         self.units: dict[str, list[tuple[int, Any, int]]] = {}
         # Waited for here, so that the log tells start-up (a process importing transformers and loading the
@@ -203,9 +208,10 @@ class RayExecutor:
     def parse(self, blocks: list[Block]) -> list[BlockFacts]:
         fact_refs = []
         for i, b in enumerate(blocks):
-            facts_ref, examples_ref = self.actors[i % len(self.actors)].parse.options(num_returns=2).remote(b)
+            facts_ref, *sides = self.actors[i % len(self.actors)].parse.options(num_returns=3).remote(b)
             fact_refs.append(facts_ref)
-            self.refs[b.index] = examples_ref
+            for side, ref in enumerate(sides):
+                self.refs[b.index, side] = ref
         return list(self.ray.get(fact_refs))
 
     def encode(self, split: str, units: Iterable[Unit]) -> Iterator[UnitRows]:
@@ -214,11 +220,11 @@ class RayExecutor:
         submitted = []
         for i, unit in enumerate(units):
             a = i % len(self.actors)
-            blocks = sorted({b for b, _ in unit})
-            position = {b: p for p, b in enumerate(blocks)}
-            picks = [(position[b], k) for b, k in unit]
+            lists = sorted({(b, side) for b, side, _ in unit})
+            position = {key: p for p, key in enumerate(lists)}
+            picks = [(position[b, side], k) for b, side, k in unit]
             counts_ref, rows_ref = (
-                self.actors[a].encode.options(num_returns=2).remote(picks, *[self.refs[b] for b in blocks])
+                self.actors[a].encode.options(num_returns=2).remote(picks, *[self.refs[key] for key in lists])
             )
             submitted.append((a, counts_ref, rows_ref))
         for a, counts_ref, rows_ref in submitted:

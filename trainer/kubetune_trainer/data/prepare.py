@@ -229,15 +229,7 @@ def _rows(cfg: TrainerConfig, executor: InlineExecutor | RayExecutor, blocks: li
     t1 = time.monotonic()
     pp = ds.preprocessing
     weights = [s.weight for s in ds.train_sources()]
-    sel = select(
-        blocks,
-        facts,
-        weights,
-        pp.deduplicate,
-        pp.near_duplicate_threshold,
-        ds.validation_split,
-        cfg.spec.training.seed,
-    )
+    sel = select(blocks, facts, weights, pp.deduplicate, pp.near_duplicate_threshold)
     if len(weights) > 1:
         log.info(
             "mixture: kept %s examples per source (weights %s); source %s ran out first",

@@ -1,9 +1,9 @@
 """The global, sequential part of a preparation, on the driver: which parsed records are read (the mixture),
 which are duplicates, and which side of the split each lands on, in one deterministic order.
 
-It sees only the per-record facts of the parsed blocks (status codes, 64-bit content hashes, MinHash
-signatures with near-dedup, the invalid records' locations), never the records themselves: a few bytes per
-record. The order is the one reading the sources one record at a time would give: the training sources
+It sees only the per-record facts of the parsed blocks (status codes, 64-bit content hashes, the side of the
+held-out split each would land on, MinHash signatures with near-dedup, the invalid records' locations), never
+the records themselves: a few bytes per record. The order is the one reading the sources one record at a time would give: the training sources
 interleaved by weight (mixture.py), then the validation data. Dedup keeps the first occurrence in that order,
 so the result does not depend on how many processes parsed the blocks or in which order they finished.
 """
@@ -11,7 +11,6 @@ so the result does not depend on how many processes parsed the blocks or in whic
 from __future__ import annotations
 
 import array
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +20,11 @@ from kubetune_trainer.data.blocks import Block
 from kubetune_trainer.data.dedup import HashSet64, NearDedup
 from kubetune_trainer.data.invalid import InvalidTally
 from kubetune_trainer.data.mixture import consume
-from kubetune_trainer.data.worker import FILTERED, KEPT, BlockFacts
+from kubetune_trainer.data.worker import FILTERED, KEPT, BlockFacts, side_positions
 
-# Kept records' places, one row each: (block index, its number among the block's kept records), int32, so
-# the driver spends 8 bytes per selected record.
-_NO_PICKS = np.zeros((0, 2), dtype=np.int32)
+# Selected records' places, one row each: (block index, side, its place in that side's list: worker.Sides),
+# int32, so the driver spends 12 bytes per selected record.
+_NO_PICKS = np.zeros((0, 3), dtype=np.int32)
 
 
 @dataclass
@@ -46,8 +45,6 @@ def select(
     weights: list[float],
     exact_dedup: bool,
     near_threshold: float | None,
-    validation_split: float | None,
-    seed: int,
 ) -> Selection:
     sel = Selection()
     sources: list[list[int]] = [[] for _ in weights]
@@ -73,7 +70,7 @@ def select(
         for number, kept_number in _numbered(facts[block]):
             accept(-1, (block, number, kept_number))
     kept = np.stack([np.frombuffer(kept_blocks, np.int32), np.frombuffer(kept_numbers, np.int32)], axis=1)
-    _dedup_and_split(sel, kept, n_train, facts, exact_dedup, near_threshold, validation_split, seed)
+    _dedup_and_split(sel, kept, n_train, facts, exact_dedup, near_threshold)
     return sel
 
 
@@ -133,11 +130,12 @@ def _dedup_and_split(
     facts: list[BlockFacts],
     exact_dedup: bool,
     near_threshold: float | None,
-    validation_split: float | None,
-    seed: int,
 ) -> None:
     starts = np.cumsum([0] + [len(f.hashes) for f in facts])
-    hashes = np.concatenate([f.hashes for f in facts] + [np.zeros(0, np.uint64)])[starts[kept[:, 0]] + kept[:, 1]]
+    at = starts[kept[:, 0]] + kept[:, 1]  # each kept record's place among all blocks' kept records
+    hashes = np.concatenate([f.hashes for f in facts] + [np.zeros(0, np.uint64)])[at]
+    held = np.concatenate([f.held for f in facts] + [np.zeros(0, bool)])[at]
+    positions = np.concatenate([side_positions(f.held) for f in facts] + [np.zeros(0, np.int64)])[at]
     # One vectorised pass over the hashes in the global order: the first occurrence is kept.
     dup = HashSet64().check_and_add(hashes) if exact_dedup and len(hashes) else np.zeros(len(kept), dtype=bool)
     near = NearDedup(near_threshold) if near_threshold is not None else None
@@ -147,14 +145,7 @@ def _dedup_and_split(
         if dup[i] or (near is not None and sig is not None and near.is_duplicate_signature(sig[kept[i, 1]])):
             sel.duplicates += 1
             continue
-        side[i] = 2 if i >= n_train or _held_out(int(hashes[i]), seed, validation_split) else 1
-    sel.train, sel.validation = kept[side == 1], kept[side == 2]
-
-
-def _held_out(h: int, seed: int, validation_split: float | None) -> bool:
-    # A pure function of the seed and the content: the same record lands on the same side in every run,
-    # whatever the file order or sharding.
-    if not validation_split:
-        return False
-    d = hashlib.blake2b(f"{seed}:{h}".encode(), digest_size=8).digest()
-    return int.from_bytes(d, "little") / 2.0**64 < validation_split
+        # The held-out side of a training source's record was decided when it was parsed (worker.held_out).
+        side[i] = 2 if i >= n_train or held[i] else 1
+    picks = np.stack([kept[:, 0], held, positions], axis=1).astype(np.int32)
+    sel.train, sel.validation = picks[side == 1], picks[side == 2]

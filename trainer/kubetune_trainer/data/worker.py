@@ -3,8 +3,10 @@
 Two steps, each a pure function of its input (so their results do not depend on where or in which order they
 run):
 - parse_block: read one block (blocks.py), parse, validate, normalise, check control tokens and the length
-  filters of each record; hash what is kept (and sign it for near-dedup). Returns the small per-record facts the
-  driver needs for the global steps (BlockFacts) and, apart, the kept examples themselves.
+  filters of each record; hash what is kept (and sign it for near-dedup), and tell which side of the held-out
+  split it falls on (a function of its hash). Returns the small per-record facts the driver needs for the
+  global steps (BlockFacts) and, apart, the kept examples themselves in two lists, one per side, so that
+  packing either split loads only its own examples.
 - encode_unit: render, tokenise, mask and pack a run of consecutive examples (in the global order the driver
   decided) into fixed-width rows.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +36,8 @@ BATCH_RECORDS = 256  # examples tokenised per tokenizer call: amortises the call
 
 # Per-record status in BlockFacts.status.
 KEPT, FILTERED, INVALID = 0, 1, 2
+# A block's kept examples by side of the held-out split: (train side, held-out side), each in block order.
+Sides = tuple[list[Example], list[Example]]
 
 
 @contextlib.contextmanager
@@ -65,6 +70,8 @@ class Settings:
     min_chars: int
     max_chars: int | None
     near_dedup: bool
+    validation_split: float | None  # the held-out fraction of the training sources
+    seed: int
     max_seq_length: int
     width: int  # row width: maxSeqLength, twice that for a preference pair
     packing: bool
@@ -84,6 +91,8 @@ class Settings:
             min_chars=pp.min_chars,
             max_chars=pp.max_chars,
             near_dedup=pp.near_duplicate_threshold is not None,
+            validation_split=ds.validation_split,
+            seed=cfg.spec.training.seed,
             max_seq_length=pp.max_seq_length,
             width=pp.max_seq_length * (2 if preference else 1),
             packing=pp.packing and not preference,  # a preference row holds one pair, never packed
@@ -98,6 +107,7 @@ class BlockFacts:
     index: int
     status: np.ndarray  # uint8 per record read: KEPT, FILTERED or INVALID
     hashes: np.ndarray  # uint64 content hash per kept record
+    held: np.ndarray  # bool per kept record: on the held-out side (all of a validation source's records)
     invalid: list[tuple[int, str, str]]  # (record number in the block, reason, location) per invalid record
     lines: int = 0  # lines owned by a ranged JSONL block (its locations count from the range's first line)
     signatures: np.ndarray | None = None  # [kept, NUM_PERM] MinHash values, with near-dedup
@@ -147,12 +157,12 @@ class Worker:
         """The block's stream, opened before parse_block needs it (readers.open_ahead)."""
         return open_ahead(self.client, block.obj, block.file_format, block.start, block.end)
 
-    def parse_block(self, block: Block, opened: Any = None) -> tuple[BlockFacts, list[Example]]:
+    def parse_block(self, block: Block, opened: Any = None) -> tuple[BlockFacts, Sides]:
         """opened: the block's stream from open_ahead, if any (parse_block reads and closes it)."""
         with paused_gc():
             return self._parse_block(block, opened)
 
-    def _parse_block(self, block: Block, opened: Any) -> tuple[BlockFacts, list[Example]]:
+    def _parse_block(self, block: Block, opened: Any) -> tuple[BlockFacts, Sides]:
         s = self.settings
         rules = s.validation_rules if block.source < 0 else s.source_rules[block.source]
         records, lines = self.records(block, rules, opened)
@@ -173,15 +183,20 @@ class Worker:
                     code = INVALID
             status.append(code)
         sigs = np.stack([signature(ex.content) for ex in examples]) if s.near_dedup and examples else None
+        held = [block.source < 0 or held_out(h, s.seed, s.validation_split) for h in hashes]
         facts = BlockFacts(
             block.index,
             np.asarray(status, dtype=np.uint8),
             np.asarray(hashes, dtype=np.uint64),
+            np.asarray(held, dtype=bool),
             invalid,
             lines(),
             sigs,
         )
-        return facts, examples
+        sides: Sides = ([], [])
+        for ex, h in zip(examples, held):
+            sides[h].append(ex)
+        return facts, sides
 
     def _check(
         self, record: RawRecord, rules: RecordRules, examples: list[Example], invalid: list[Any], number: int
@@ -242,6 +257,21 @@ class _Forward:
 
     def close(self) -> None:
         pass
+
+
+def held_out(content_hash: int, seed: int, validation_split: float | None) -> bool:
+    """Whether a training source's record goes to the held-out split (if it is kept): a pure function of the
+    seed and the content, so the same record lands on the same side in every run, whatever the file order,
+    the sharding or the process that parsed it."""
+    if not validation_split:
+        return False
+    d = hashlib.blake2b(f"{seed}:{content_hash}".encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") / 2.0**64 < validation_split
+
+
+def side_positions(held: np.ndarray) -> np.ndarray:
+    """Each kept record's place in its side's list (Sides), from the block's held flags."""
+    return np.where(held, np.cumsum(held) - 1, np.cumsum(~held) - 1)
 
 
 def row_columns(settings: Settings) -> dict[str, tuple[np.dtype, int]]:
