@@ -1,11 +1,12 @@
 """The trainer's faults, caused for real: a Ray Train worker killed with SIGKILL, SeaweedFS stopped during a
 checkpoint upload and during data streaming, a job re-created with the same name and a new spec.
 
-Lean on purpose (CI has 2 cores): one module-wide SeaweedFS and Ray cluster, a tiny random Llama, and runs
-shared between tests. The uninterrupted reference run is job `faults` incarnation A; the faulted run is the
-same spec as incarnation B (a worker killed after its step-4 checkpoint, then S3 stopped for 15 s as the
-step-12 checkpoint is written); the re-created job is incarnation C with another spec, started while S3 is
-down (its start-up requests wait: the base model's listing and the data's). Each test records one row of the recovery table (tests/faults/conftest.py).
+Lean on purpose (CI has 2 cores): one module-wide SeaweedFS and Ray cluster, a tiny random Llama, and runs shared
+between tests. The uninterrupted reference run is job `faults` incarnation A; the faulted run is the same spec as
+incarnation B (a worker killed after its step-4 checkpoint, then S3 stopped for 15 s as the step-12 checkpoint is
+written); the re-created job is incarnation C with another spec, started while S3 is down (its start-up requests
+wait: the base model's listing and the data's). Each test records one row of the recovery table
+(tests/faults/conftest.py).
 """
 
 from __future__ import annotations

@@ -5,17 +5,17 @@ Both executors run the same Worker methods on the same blocks and units, hand th
 and write each shard's rows in the same order, so a preparation gives byte-identical output with either
 (tests/trainer_data/test_data_parallel.py).
 
-The Ray pool: `parallelism` actors of one CPU each, spread over the cluster's nodes (the KubeRay head has
-num-cpus 0, so they land on the worker pods). An actor loads the tokenizer once and parses or encodes many
-blocks. The parsed examples of a block stay in Ray's object store (owned by the driver), as two lists, one
-per side of the held-out split, until the units that pack them have run (a held-out unit gathers its few
-examples from many blocks, and fetches only their held-out lists); so do each unit's packed rows, on the node of the actor that packed them, until the shards
-are written. The driver only ever receives each block's per-record facts and each unit's row count. Writing is
-a shuffle in two rounds: each actor cuts the rows of the units it packed into one piece per shard (the
-driver's plan says which row goes where), then one actor per shard joins that shard's pieces back into global
-order and writes and uploads the Parquet file. Every row crosses the network at most once, and no process holds
-more than one shard. The actors are killed when the preparation ends, so their memory is free before the
-training workers start.
+The Ray pool: `parallelism` actors of one CPU each, spread over the cluster's nodes (the KubeRay head has num-cpus
+0, so they land on the worker pods). An actor loads the tokenizer once and parses or encodes many blocks. The parsed
+examples of a block stay in Ray's object store (owned by the driver), as two lists, one per side of the held-out
+split, until the units that pack them have run (a held-out unit gathers its few examples from many blocks, and
+fetches only their held-out lists); so do each unit's packed rows, on the node of the actor that packed them, until
+the shards are written. The driver only ever receives each block's per-record facts and each unit's row count.
+Writing is a shuffle in two rounds: each actor cuts the rows of the units it packed into one piece per shard (the
+driver's plan says which row goes where), then one actor per shard joins that shard's pieces back into global order
+and writes and uploads the Parquet file. Every row crosses the network at most once, and no process holds more than
+one shard. The actors are killed when the preparation ends, so their memory is free before the training workers
+start.
 """
 
 from __future__ import annotations

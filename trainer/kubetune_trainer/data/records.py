@@ -1,7 +1,7 @@
 """Turning one raw record into a clean example of its format, or the reason it cannot be used.
 
-Formats: chat (a list of {role, content}), instruction (prompt/response, optional system and input),
-completion (text), classification (text + label id or name). Instruction records become a three-turn chat so one code path
+Formats: chat (a list of {role, content}), instruction (prompt/response, optional system and input), completion
+(text), classification (text + label id or name). Instruction records become a three-turn chat so one code path
 renders and masks both (see encode.py). Every text is normalised here, before dedup and length filters.
 """
 

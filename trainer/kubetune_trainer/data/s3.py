@@ -190,10 +190,10 @@ class ObjectStream(io.RawIOBase):
     A multi-gigabyte GET can break half-way; instead of failing the job (or starting over) it re-opens the
     object at the byte it had reached, pinned to the same ETag so a rewritten object is never spliced in.
 
-    A reader that needs the bytes only up to about `stop` (a block of a large object: its lines end a little
-    past its range) asks for [start, stop + TAIL_BYTES), then, if it reads on (a long last line), for twice as
-    many bytes each time. An open-ended GET would have the server send the rest of the object to be thrown away, for every block, and
-    the connection it came on could not serve the next block.
+    A reader that needs the bytes only up to about `stop` (a block of a large object: its lines end a little past
+    its range) asks for [start, stop + TAIL_BYTES), then, if it reads on (a long last line), for twice as many bytes
+    each time. An open-ended GET would have the server send the rest of the object to be thrown away, for every
+    block, and the connection it came on could not serve the next block.
     """
 
     TAIL_BYTES = 64 << 10

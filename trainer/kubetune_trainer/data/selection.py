@@ -2,10 +2,11 @@
 which are duplicates, and which side of the split each lands on, in one deterministic order.
 
 It sees only the per-record facts of the parsed blocks (status codes, 64-bit content hashes, the side of the
-held-out split each would land on, MinHash signatures with near-dedup, the invalid records' locations), never
-the records themselves: a few bytes per record. The order is the one reading the sources one record at a time would give: the training sources
-interleaved by weight (mixture.py), then the validation data. Dedup keeps the first occurrence in that order,
-so the result does not depend on how many processes parsed the blocks or in which order they finished.
+held-out split each would land on, MinHash signatures with near-dedup, the invalid records' locations), never the
+records themselves: a few bytes per record. The order is the one reading the sources one record at a time would
+give: the training sources interleaved by weight (mixture.py), then the validation data. Dedup keeps the first
+occurrence in that order, so the result does not depend on how many processes parsed the blocks or in which order
+they finished.
 """
 
 from __future__ import annotations
