@@ -7,8 +7,11 @@ from botocore.exceptions import ClientError
 from data_test_helpers import BUCKET, parquet_bytes
 
 from kubetune_trainer.data import DataError, list_objects, prepare, s3_client
+from kubetune_trainer.data.blocks import BLOCK_BYTES, plan_blocks
+from kubetune_trainer.data.executors import InlineExecutor
 from kubetune_trainer.data.readers import read_records
 from kubetune_trainer.data.s3 import ObjectStream, RangeFile, open_stream
+from kubetune_trainer.data.worker import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +140,18 @@ def test_a_ranged_block_asks_for_its_bytes_only(s3, put, prefix):
         f"bytes={first}-{first + 2 * tail - 1}",
         f"bytes={first + 2 * tail}-{min(first + 6 * tail, len(data)) - 1}",
     ]
+
+
+def test_a_file_rewritten_after_listing_is_refused_when_read_ahead(tokenizer, s3, put, prefix, make_cfg, tmp_path):
+    # In one process the next block's GET is sent (in a thread) while this one is parsed: the second file,
+    # rewritten after it was listed, is refused there, and the error reaches the preparation unchanged.
+    rows = [{"text": f"record {i}"} for i in range(50)]
+    put(f"{prefix}/two/a.jsonl", rows)
+    put(f"{prefix}/two/b.jsonl", rows)
+    cfg = make_cfg({"train": f"s3://{BUCKET}/{prefix}/two", "format": "completion"})
+    blocks = plan_blocks(s3, list_objects(s3, f"s3://{BUCKET}/{prefix}/two"), "auto", 0, 0, BLOCK_BYTES)
+    assert len(blocks) == 2
+    put(f"{prefix}/two/b.jsonl", rows[::-1])
+    executor = InlineExecutor(Settings.from_config(cfg), tokenizer, s3, str(tmp_path))
+    with pytest.raises(DataError, match=r"two/b\.jsonl changed while it was being read"):
+        executor.parse(blocks)
