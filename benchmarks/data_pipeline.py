@@ -244,17 +244,16 @@ def main() -> int:
         f"({stats['tokens']} train tokens, {stats['duplicatesRemoved']} duplicates, "
         f"{stats['validationRecords']} held out)"
     )
+    # The Ray preparations' seconds with the actors' start-up left out (each actor imports transformers and
+    # loads the tokenizer, all in parallel, once per preparation): what more data would scale with.
+    busy = {k: measured.seconds[k] - started for k, started in measured.started_s.items()}
     for label, rate in rates.items():
         line = f"prepare, {label + ':':<14} {rate:8.0f} records/s"
-        if label in measured.started_s:
-            started = measured.started_s[label]
-            line += f"  ({n / (measured.seconds[label] - started):.0f} after {started:.1f} s of actor start-up)"
+        if label in busy:
+            line += f"  ({n / busy[label]:.0f} after {measured.started_s[label]:.1f} s of actor start-up)"
         print(line)
     print(f"bare render+tokenise:     {n / render_s:8.0f} records/s  ({bare_tokens / render_s:.0f} tokens/s)")
     print(f"bare tokenise only:       {n / tokenize_s:8.0f} records/s")
-    # Start-up left out (each actor imports transformers and loads the tokenizer, in parallel): what more data
-    # would scale with.
-    busy = {k: measured.seconds[k] - measured.started_s[k] for k in ("1 worker", "2 workers")}
     scaling = busy["1 worker"] / busy["2 workers"]
     per_process = statistics.median(per_process_runs)
     print(f"ratio prepare_2_workers_vs_1_worker: {scaling:.2f} (target: 1.8; the actors' start-up left out)")
@@ -281,6 +280,7 @@ def main() -> int:
             "records": n,
             "format": args.format,
             "prepare_records_per_s": rates,
+            "prepare_records_per_s_after_start_up": {k: n / s for k, s in busy.items()},
             "render_tokenize_records_per_s": n / render_s,
             "tokenize_records_per_s": n / tokenize_s,
             "scaling_2_vs_1": scaling,
