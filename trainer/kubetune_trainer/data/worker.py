@@ -124,19 +124,25 @@ class UnitRows:
     max_fill: int = 0
 
 
-class _Collect:
-    """A RowSpill stand-in that keeps the packed blocks in memory (a unit is a few thousand examples)."""
+class _UnitSink:
+    """Where the packer puts one unit's packed blocks (a RowSpill stand-in): kept in memory (a unit is a few
+    thousand examples), or passed on to a spill that stays open for the next unit; this unit's rows are counted
+    either way."""
 
-    def __init__(self) -> None:
+    def __init__(self, spill: Any = None):
+        self.spill = spill
         self.blocks: list[dict[str, np.ndarray]] = []
         self.rows = 0
 
     def append(self, batch: dict[str, np.ndarray]) -> None:
-        self.blocks.append({k: np.ascontiguousarray(v) for k, v in batch.items()})
+        if self.spill is None:
+            self.blocks.append({k: np.ascontiguousarray(v) for k, v in batch.items()})
+        else:
+            self.spill.append(batch)
         self.rows += len(next(iter(batch.values())))
 
     def close(self) -> None:
-        pass
+        pass  # a spill is closed by its owner, after the last unit
 
 
 class Worker:
@@ -226,8 +232,7 @@ class Worker:
 
     def _encode_unit(self, examples: Iterable[Example], sink: Any) -> UnitRows:
         s = self.settings
-        collect = _Collect()
-        target = collect if sink is None else _Forward(sink)
+        target = _UnitSink(sink)
         packer = Packer(target, s.width, self.encoder.pad_id, s.packing, s.classification)  # type: ignore[arg-type]
         out = UnitRows()
         it = iter(examples)
@@ -239,24 +244,9 @@ class Worker:
                 else:
                     packer.add(enc)
         packer.finish()
-        out.blocks, out.rows = collect.blocks, target.rows
+        out.blocks, out.rows = target.blocks, target.rows
         out.examples, out.max_fill = packer.examples, packer.max_fill
         return out
-
-
-class _Forward:
-    """Passes packed blocks on to a spill that stays open for the next unit, counting this unit's rows."""
-
-    def __init__(self, spill: Any):
-        self.spill = spill
-        self.rows = 0
-
-    def append(self, batch: dict[str, np.ndarray]) -> None:
-        self.spill.append(batch)
-        self.rows += len(next(iter(batch.values())))
-
-    def close(self) -> None:
-        pass
 
 
 def held_out(content_hash: int, seed: int, validation_split: float | None) -> bool:
