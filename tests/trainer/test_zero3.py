@@ -105,6 +105,10 @@ def _rank(rank: int, port: int, big: str, tiny: str, out: str) -> None:
         result["different"] = sorted(k for k in reference if k in state and not torch.equal(reference[k], state[k]))
         result["dtypes"] = sorted({str(t.dtype) for t in state.values()})
     Path(out, f"rank-{rank}.json").write_text(json.dumps(result))
+    # Leave together and tear gloo down before the interpreter does: a rank that exits while its peer still
+    # gathers can die in gloo's static destructors (SIGABRT, "terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _random_llama(folder: Path, **shape: int) -> Path:
