@@ -39,7 +39,8 @@ if [ "${KUBETUNE_LINT:-1}" != 0 ] || [ -n "${CI:-}" ]; then
   bash tools/lint.sh
   lint_rc=$?
 fi
-"$venv/bin/python" -m pytest "$@"
+# Two workers by default (tests/conftest.py says why); KUBETUNE_TEST_WORKERS=0 runs in this one process.
+"$venv/bin/python" -m pytest -n "${KUBETUNE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 set -e
 [ "$rc" = 5 ] && { echo "test: pytest collected no tests"; exit 1; }

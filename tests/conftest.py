@@ -32,7 +32,6 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
-    config.stash[_TIER_SECONDS] = {}
 
 
 # --- CI: a skipped real-component test is a failure ---------------------------------------------------------
@@ -41,7 +40,6 @@ def pytest_configure(config: pytest.Config) -> None:
 REAL_COMPONENT_TIERS = ("integration", "training", "serving", "e2e", "faults", "slow")
 # The tiers of the timing line, in the order they are printed; a test counts under the first it carries.
 TIERS = ("unit", "integration", "training", "serving", "e2e", "faults")
-_TIER_SECONDS = pytest.StashKey[dict[str, list[float]]]()
 
 
 def in_ci() -> bool:
@@ -57,10 +55,9 @@ def _tier(item: pytest.Item) -> str:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]  # pluggy's Result, untyped here
-    seconds = item.config.stash[_TIER_SECONDS].setdefault(_tier(item), [0.0, 0])
-    seconds[0] += report.duration
-    if report.when == "call":
-        seconds[1] += 1
+    # The tier travels with the report to xdist's controller (a report's attributes are serialised with it; its
+    # keywords would not do: they hold the folder names too, so every test under tests/serving/ says "serving").
+    report.tier = _tier(item)  # type: ignore[attr-defined]  # an extra attribute, as TestReport(**extra) allows
     real = any(item.get_closest_marker(name) for name in REAL_COMPONENT_TIERS)
     if in_ci() and report.skipped and real and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
@@ -68,9 +65,49 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"CI: a real-component test may not skip ({reason})"
 
 
+# --- Two workers (pytest-xdist, scripts/test.sh) ---------------------------------------------------------------
+# Much of the suite waits (on operator timers, server starts, outages it causes), so two workers on CI's 2 cores
+# finish it well before one. Files go whole to one worker (--dist loadfile: a module's fixtures, such as the
+# faults' shared runs, are made once), heaviest tiers first (--no-loadscope-reorder keeps this order), so that
+# what is left at the end for one worker alone is short. Reports come back to the controller, which sums the
+# tier timings and prints the recovery table: both are gathered from reports, never from a worker's memory.
+_ORDER = ("faults", "e2e", "training", "serving", "integration", "unit", "unmarked")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # only an xdist worker's order schedules anything
+        return
+    rank: dict[Path, int] = {}  # a file ranks by its heaviest test; its tests keep their order (a stable sort)
+    for item in items:
+        rank[item.path] = min(rank.get(item.path, len(_ORDER)), _ORDER.index(_tier(item)))
+    items.sort(key=lambda item: rank[item.path])  # every worker sorts alike, so their collections agree
+
+
+_TIER_SECONDS: dict[str, list[float]] = {}  # tier -> [seconds, tests]
+_FAULT_ROWS: list[list[str]] = []  # the recovery table (tests/faults/conftest.py: fault_row)
+FAULT_COLUMNS = ("fault", "outcome", "steps redone", "records trained twice", "time to recover")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    seconds = _TIER_SECONDS.setdefault(getattr(report, "tier", "unmarked"), [0.0, 0])
+    seconds[0] += report.duration
+    if report.when == "call":
+        seconds[1] += 1
+        _FAULT_ROWS.extend(list(value) for name, value in report.user_properties if name == "fault_row")
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    """One line: seconds per tier (setup, call and teardown of its tests, session fixtures included)."""
-    per_tier = config.stash.get(_TIER_SECONDS, {})
+    """The recovery table of the faults tier, then one line: seconds per tier (setup, call and teardown of its
+    tests, session fixtures included; with two workers, the sum of both workers' seconds)."""
+    if _FAULT_ROWS:
+        widths = [max(len(c), *(len(r[i]) for r in _FAULT_ROWS)) for i, c in enumerate(FAULT_COLUMNS)]
+        line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731 - local formatter
+        terminalreporter.section("faults: what was recovered and what was lost")
+        terminalreporter.write_line(line(FAULT_COLUMNS))
+        terminalreporter.write_line("-+-".join("-" * w for w in widths))
+        for row in _FAULT_ROWS:
+            terminalreporter.write_line(line(row))
+    per_tier = _TIER_SECONDS
     if not per_tier:
         return
     order = [*TIERS, "unmarked"]

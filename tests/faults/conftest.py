@@ -5,9 +5,10 @@ Every fault test asks for the `fault_row` fixture and calls it once with what it
     fault_row("kill -9 a Ray Train worker", "completed in the same attempt", steps_redone=2,
               records_twice=0, recover_s=14.2)
 
-The whole table is printed at the end of the session (`fault | outcome | steps redone | records trained
-twice | time to recover`), so a CI log shows at a glance what each fault cost. A test that fails records
-nothing: the table holds only observed outcomes, never expected ones.
+The row travels with the test's report (its user_properties), so that the whole table is printed at the end of
+the session by tests/conftest.py, from whichever worker ran the test (`fault | outcome | steps redone | records
+trained twice | time to recover`): a CI log shows at a glance what each fault cost. A test that fails before it
+calls fault_row records nothing: the table holds only observed outcomes, never expected ones.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-COLUMNS = ("fault", "outcome", "steps redone", "records trained twice", "time to recover")
-_ROWS: list[tuple[str, ...]] = []
 
 
 def _cell(value: Any) -> str:
@@ -30,7 +28,7 @@ def _cell(value: Any) -> str:
 
 
 @pytest.fixture
-def fault_row() -> Callable[..., None]:
+def fault_row(request: pytest.FixtureRequest) -> Callable[..., None]:
     """Record one row of the recovery table (call once per observed fault)."""
 
     def record(
@@ -41,18 +39,7 @@ def fault_row() -> Callable[..., None]:
         records_twice: int | str | None = None,
         recover_s: float | str | None = None,
     ) -> None:
-        _ROWS.append((fault, outcome, _cell(steps_redone), _cell(records_twice), _cell(recover_s)))
+        row = (fault, outcome, _cell(steps_redone), _cell(records_twice), _cell(recover_s))
+        request.node.user_properties.append(("fault_row", row))
 
     return record
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _ROWS:
-        return
-    widths = [max(len(c), *(len(r[i]) for r in _ROWS)) for i, c in enumerate(COLUMNS)]
-    line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731 - local formatter
-    terminalreporter.section("faults: what was recovered and what was lost")
-    terminalreporter.write_line(line(COLUMNS))
-    terminalreporter.write_line("-+-".join("-" * w for w in widths))
-    for row in _ROWS:
-        terminalreporter.write_line(line(row))

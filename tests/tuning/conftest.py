@@ -9,15 +9,12 @@ actors ask for no CPU: they only drive their Ray Train run).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.support.trainer import BUCKET, TrainerEnv, process_env
-
-TIMINGS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="session")
@@ -37,23 +34,3 @@ def tuning_env(s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     cluster_env.pop("KUBECONFIG", None)
     with LocalRayCluster(workdir / "ray-head.log", num_cpus=2, env=cluster_env) as cluster:
         yield TrainerEnv(s3=s3_server, client=client, model_uri=model_uri, workdir=workdir, ray_cluster=cluster)
-
-
-@pytest.fixture(autouse=True)
-def _timed(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Each test's wall time (fixtures included), printed at the end of the session (-s or -rA shows it)."""
-    t0 = time.monotonic()
-    yield
-    TIMINGS[request.node.nodeid] = time.monotonic() - t0
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if TIMINGS:
-        terminalreporter.write_sep("-", "tuning/evaluation test times")
-        quick = [s for s in TIMINGS.values() if s < 1.0]
-        for node, seconds in sorted(TIMINGS.items(), key=lambda kv: -kv[1]):
-            if seconds >= 1.0:
-                terminalreporter.write_line(f"{seconds:7.1f}s  {node}")
-        if quick:
-            terminalreporter.write_line(f"{sum(quick):7.1f}s  {len(quick)} more tests under a second each")
-        terminalreporter.write_line(f"{sum(TIMINGS.values()):7.1f}s  in all (session fixtures not included)")
