@@ -412,7 +412,8 @@ def test_drained_node_checkpoints_just_in_time(fenv: Any, fault_row: Any) -> Non
 def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -> None:
     """A tuning job's driver killed (SIGKILL) once its first trial has finished and exported: the retried driver
     (what KubeRay's backoffLimit runs) restores Tune's experiment from S3, keeps the finished trial (its model
-    is not written again), resumes the interrupted one from its checkpoint, and runs the rest."""
+    is not written again) and resumes the interrupted one from its checkpoint. Two trials, one at a time: a
+    third would only be started afresh by the retry, as any trial of a first attempt is."""
     client = fenv["client"]
     cfg = _config(
         fenv,
@@ -423,10 +424,10 @@ def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -
     cfg["spec"]["tuning"] = {
         "objective": {"metric": "evalLoss", "mode": "min"},
         "algorithm": "grid",
-        "trials": 3,
+        "trials": 2,
         "maxConcurrentTrials": 1,
         "maxStepsPerTrial": 6,
-        "searchSpace": {"lora.r": {"type": "choice", "values": [2, 4, 8]}},
+        "searchSpace": {"lora.r": {"type": "choice", "values": [2, 4]}},
     }
     run = cfg["runUri"]
     first_model = f"{run}/trials/trial-00/model"
@@ -454,7 +455,7 @@ def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -
     retry = start_driver(cfg, fenv["workdir"], fenv["env"], "tune-2")
     rc = retry.wait()
     assert rc == 0, retry.output()[-6000:]
-    assert "best of 3 trials" in retry.final_line(), retry.final_line()
+    assert "best of 2 trials" in retry.final_line(), retry.final_line()
     metrics = _metrics(client, run)
     restored = [m for m in metrics if m.get("event") == "tuningRestored"]
     assert restored and "trial-00" in restored[0]["keptTrials"], restored
@@ -466,12 +467,11 @@ def test_tuning_driver_killed_keeps_finished_trials(fenv: Any, fault_row: Any) -
     rows = trace_rows(driver.trace_dir)[0]
     last_start = max(i for i, r in enumerate(rows) if r["step"] == 1)
     redone = max(0, max(r["step"] for r in rows[last_start:]) - resumed[0]["resumedStep"])
-    for tid in ("trial-01", "trial-02"):
-        assert any(k.endswith("adapter_model.safetensors") for k in _keys(client, f"{run}/trials/{tid}/model"))
+    assert any(k.endswith("adapter_model.safetensors") for k in _keys(client, f"{run}/trials/trial-01/model"))
     fault_row(
         "tuning driver killed after its first trial finished",
         f"retry restored Tune's experiment from S3: {', '.join(restored[0]['keptTrials'])} kept, trial-01 "
-        f"resumed at step {resumed[0]['resumedStep']}, all 3 trials done",
+        f"resumed at step {resumed[0]['resumedStep']}, both trials done",
         steps_redone=redone,
         records_twice="-",
         recover_s=time.monotonic() - t_killed,
